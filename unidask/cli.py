@@ -1,0 +1,102 @@
+"""The ``unidask`` command: each subcommand a few lines over the Python API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .errors import UnidaskError
+
+set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                          help="Override a config key (repeatable), e.g. --set run.count=1000.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="unidask")
+def cli() -> None:
+    """Generate millions of unitary matrices on a cluster, into one SQLite database."""
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--resume", is_flag=True, help="Skip tasks already staged in the run dir and finish the rest.")
+@click.option("--no-merge", is_flag=True, help="Stop after staging the shards.")
+def run(config: str, overrides: tuple[str, ...], resume: bool, no_merge: bool) -> None:
+    """Run CONFIG: generate, stage every node's shard, merge."""
+    from .config import load_config
+    from .driver import run as run_spec
+
+    spec = load_config(config, list(overrides))
+    click.echo(f"unidask {__version__}: {spec.count:,} x {spec.kind} {spec.dtype} in "
+               f"{spec.n_tasks} task(s) -> {spec.run_dir}", err=True)
+    result = run_spec(spec, resume=resume, merge=not no_merge)
+    click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
+               f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
+               f"{len(result.shards)} shard(s) staged in {spec.run_dir / 'shards'}")
+    if result.merged is not None:
+        click.echo(result.merged.summary())
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Output database (default RUN_DIR/NAME.db).")
+@click.option("--append", is_flag=True, help="Add shards to an existing output instead of rebuilding it.")
+@click.option("--skip-bad", is_flag=True, help="Merge the good shards, list the rejected ones.")
+def merge(run_dir: str, out: str | None, append: bool, skip_bad: bool) -> int:
+    """Merge the staged shards of RUN_DIR into one database. Exits 1 when tasks are missing."""
+    from .merge import merge as merge_run
+
+    report = merge_run(run_dir, out, append=append, skip_bad=skip_bad)
+    click.echo(report.summary())
+    return 0 if report.complete and not report.rejected else 1
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(run_dir: str, as_json: bool) -> int:
+    """Tasks done and missing in RUN_DIR, per node."""
+    from .status import format_status, status as run_status
+
+    st = run_status(run_dir)
+    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+    return 0
+
+
+@cli.command()
+@click.argument("db", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["npy", "txt"]), required=True)
+@click.argument("out", type=click.Path())
+@click.option("--ids", metavar="A:B", help="Export ids A to B-1 only.")
+def export(db: str, fmt: str, out: str, ids: str | None) -> None:
+    """Export DB as one .npy array (k, n, n) or one .txt file per unitary in OUT."""
+    from .dataset import export as export_db
+
+    n = export_db(db, fmt, out, ids)
+    click.echo(f"exported {n:,} unitaries to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and an exit status, never a traceback."""
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    try:
+        code = cli.main(args=argv, prog_name="unidask", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except UnidaskError as e:
+        click.echo(f"unidask: error: {e}", err=True)
+        code = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("unidask: interrupted", err=True)
+        code = 130
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Read a merged unidask database as numpy arrays, and export it for np.load / np.loadtxt users."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import InputError
+from .shard import connect_readonly, read_meta
+
+
+class Dataset:
+    """A unidask database (merged, or a staged shard), read-only.
+
+    ``ds[i]`` is the unitary with global id ``i`` (``task * task_size + idx``; in a complete
+    dataset ids run from 0 to ``len(ds) - 1``), ``ds[a:b]`` a ``(k, n, n)`` array.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: no such database file")
+        try:
+            self.con = connect_readonly(self.path)
+            self.meta = read_meta(self.con)
+            self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+            self.spec: dict[str, Any] = json.loads(self.meta["spec"])
+            self.meta["schema_version"]
+        except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{self.path}: not a unidask database ({e})") from None
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.path)!r}, {len(self)} x {self.dim}x{self.dim} {self.dtype.name})"
+
+    def __len__(self) -> int:
+        return self._len
+
+    @cached_property
+    def _len(self) -> int:
+        if "rows" in self.meta:  # recorded by the merge, saves a full scan
+            return int(self.meta["rows"])
+        return self.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
+
+    @cached_property
+    def dim(self) -> int:
+        row = self.con.execute("SELECT dim FROM unitaries LIMIT 1").fetchone()
+        return row[0] if row else 0
+
+    @cached_property
+    def id_range(self) -> tuple[int, int]:
+        """(smallest id, largest id + 1)."""
+        lo, hi = self.con.execute("SELECT min(id), max(id) FROM unitaries").fetchone()
+        return (0, 0) if lo is None else (lo, hi + 1)
+
+    def _read(self, sql: str, args: tuple) -> tuple[list[int], np.ndarray]:
+        rows = self.con.execute(sql, args).fetchall()
+        ids = [r[0] for r in rows]
+        flat = np.frombuffer(b"".join(r[1] for r in rows), dtype=self.dtype)
+        return ids, flat.reshape(len(rows), self.dim, self.dim)
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.id_range[1])
+            if step != 1:
+                return self[start:stop][::step]
+            ids, out = self._read("SELECT id, data FROM unitaries WHERE id >= ? AND id < ? ORDER BY id",
+                                  (start, stop))
+            if len(ids) != max(0, stop - start):
+                raise IndexError(f"{self.path}: ids {start}:{stop} are not all present "
+                                 f"({len(ids)} of {stop - start})")
+            return out
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.id_range[1] if key < 0 else 0)
+            ids, out = self._read("SELECT id, data FROM unitaries WHERE id = ?", (i,))
+            if not ids:
+                raise IndexError(f"{self.path}: no unitary with id {key}")
+            return out[0]
+        raise TypeError(f"Dataset indices must be integers or slices, not {type(key).__name__}")
+
+    def meta_of(self, i: int) -> Any:
+        """The JSON metadata stored with unitary ``i`` (e.g. its circuit), or None."""
+        row = self.con.execute("SELECT meta FROM unitaries WHERE id = ?", (i,)).fetchone()
+        if row is None:
+            raise IndexError(f"{self.path}: no unitary with id {i}")
+        return None if row[0] is None else json.loads(row[0])
+
+    def batches(self, size: int = 10_000, start: int = 0, stop: int | None = None
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, unitaries) in id order, ``size`` at a time, over ids in [start, stop)."""
+        stop = self.id_range[1] if stop is None else stop
+        last = start - 1
+        while True:
+            ids, out = self._read("SELECT id, data FROM unitaries WHERE id > ? AND id < ? "
+                                  "ORDER BY id LIMIT ?", (last, stop, size))
+            if not ids:
+                return
+            last = ids[-1]
+            yield np.asarray(ids), out
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for _, batch in self.batches():
+            yield from batch
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Dataset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def parse_ids(text: str | None, ds: Dataset) -> tuple[int, int]:
+    """``"A:B"`` (either end may be left out) -> a checked id range within the dataset."""
+    lo, hi = ds.id_range
+    if not text:
+        return lo, hi
+    a, sep, b = text.partition(":")
+    try:
+        start = int(a) if a.strip() else lo
+        stop = int(b) if b.strip() else hi
+    except ValueError:
+        start = stop = None
+    if not sep or start is None:
+        raise InputError(f"--ids {text!r}: expected A:B, e.g. 0:1000")
+    if not (lo <= start < stop <= hi):
+        raise InputError(f"--ids {text!r} is out of range: {ds.path} holds ids {lo}:{hi}")
+    return start, stop
+
+
+def export(db: str | os.PathLike, fmt: str, out: str | os.PathLike, ids: str | None = None) -> int:
+    """Write unitaries of ``db`` as one ``.npy`` array ``(k, n, n)``, or as one ``.txt`` file per
+    unitary (``OUT/ID.txt``) that ``np.loadtxt(f, dtype=complex)`` reads back exactly."""
+    out = Path(out)
+    with Dataset(db) as ds:
+        start, stop = parse_ids(ids, ds)
+        if fmt == "npy":
+            present = ds.con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?",
+                                     (start, stop)).fetchone()[0]
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+            try:
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=ds.dtype.newbyteorder("="),
+                                                  shape=(present, ds.dim, ds.dim))
+                k = 0
+                for _, batch in ds.batches(start=start, stop=stop):
+                    array[k:k + len(batch)] = batch
+                    k += len(batch)
+                array.flush()
+                del array
+                os.replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return present
+        if fmt == "txt":
+            out.mkdir(parents=True, exist_ok=True)
+            width = len(str(ds.id_range[1] - 1))
+            k = 0
+            for ids_, batch in ds.batches(start=start, stop=stop):
+                for i, u in zip(ids_, batch):
+                    # %.18e keeps every bit of a float64 (and of a float32 widened to it)
+                    np.savetxt(out / f"{i:0{width}d}.txt", u.astype(np.complex128), fmt="%.18e")
+                    k += 1
+            return k
+        raise InputError(f"unknown export format {fmt!r} (npy or txt)")

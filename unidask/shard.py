@@ -1,0 +1,268 @@
+"""The shard: one node's WAL SQLite database on node-local disk, written one task per transaction,
+and staged out to shared storage as whole, consistent snapshots.
+
+Several worker processes of a node share its shard: WAL lets them read while one writes,
+``BEGIN IMMEDIATE`` takes the write lock up front (no deadlocking upgrade), ``busy_timeout`` makes
+a writer wait instead of failing, and generation happens before the transaction so the lock is held
+only for the inserts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import secrets
+import shutil
+import socket
+import sqlite3
+import time
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import InputError, RunError
+
+SCHEMA_VERSION = 1
+SCHEMA = files("unidask").joinpath("schema.sql").read_text()
+TABLES = ("meta", "unitaries", "tasks")
+
+# Filesystems where WAL's shared-memory index does not work across hosts (or at all).
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+              "fuse.cephfs", "glusterfs", "fuse.glusterfs", "afs", "9p", "fuse.sshfs", "panfs",
+              "orangefs", "pvfs2", "wekafs"}
+
+
+def node_name() -> str:
+    """This node's identity: ``UNIDASK_NODE``, else SLURM's node name, else the host name."""
+    return os.environ.get("UNIDASK_NODE") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def new_attempt() -> str:
+    """An id unique to this allocation, so a resumed run never overwrites an earlier staged shard."""
+    return os.environ.get("SLURM_JOB_ID") or secrets.token_hex(4)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (its longest mount point in /proc/mounts)."""
+    path = Path(os.path.realpath(path))
+    best, fstype = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return fstype
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+            best, fstype = mnt, parts[2]
+    return fstype
+
+
+def checksum(data: bytes, metas: Sequence[str | None] | None) -> str:
+    h = hashlib.blake2b(data, digest_size=16)
+    for m in metas or ():
+        h.update(b"\0" if m is None else m.encode())
+    return h.hexdigest()
+
+
+def connect_readonly(path: str | os.PathLike) -> sqlite3.Connection:
+    """Open a finished database (a staged shard, a merged result) read-only, without locking, and
+    without trusting its schema: nothing in the file gets to run."""
+    uri = f"file:{Path(path).absolute()}?mode=ro&immutable=1"
+    con = sqlite3.connect(uri, uri=True)
+    con.execute("PRAGMA trusted_schema = OFF")
+    return con
+
+
+def database_meta(spec: dict[str, Any], fingerprint: str) -> dict[str, str]:
+    """The ``meta`` rows every database of a run (shard or merged) starts with."""
+    from . import __version__
+
+    return {"schema_version": str(SCHEMA_VERSION), "dtype": spec["generator"]["dtype"],
+            "fingerprint": fingerprint, "task_size": str(spec["run"]["task_size"]),
+            "spec": json.dumps(spec, sort_keys=True), "unidask_version": __version__}
+
+
+def read_meta(con: sqlite3.Connection, schema: str = "main") -> dict[str, str]:
+    return dict(con.execute(f"SELECT key, value FROM {schema}.meta"))
+
+
+class Shard:
+    """One node's live shard. Cache one per process with :func:`open_shard`."""
+
+    def __init__(self, path: str | os.PathLike, meta: dict[str, str], *, synchronous: str = "NORMAL",
+                 busy_timeout: float = 60.0, allow_network_fs: bool = False):
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create local dir {self.path.parent}: {e.strerror}") from None
+        fstype = filesystem_type(self.path.parent)
+        if fstype in NETWORK_FS and not allow_network_fs:
+            raise InputError(f"local dir {self.path.parent} is on a network filesystem ({fstype}); "
+                             "a live WAL shard needs node-local disk (set storage.local_dir, or "
+                             "storage.allow_network_fs = true to insist)")
+        try:
+            self.con = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                       check_same_thread=False)
+            self.con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            mode = self._retry(lambda: self.con.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            if mode.lower() != "wal":
+                raise RunError(f"{self.path}: the filesystem does not support WAL (journal_mode={mode})")
+            self.con.execute(f"PRAGMA synchronous = {synchronous}")
+            # the first real write doubles as the probe that WAL works on this filesystem
+            self._retry(self.con.executescript, SCHEMA)
+            self._transaction(self.con.executemany,
+                              "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", meta.items())
+        except sqlite3.Error as e:
+            raise RunError(f"{self.path}: cannot open shard: {e}") from None
+        found = read_meta(self.con)
+        if found.get("fingerprint") != meta["fingerprint"]:
+            raise RunError(f"{self.path}: shard belongs to another run "
+                           f"(fingerprint {found.get('fingerprint')}, expected {meta['fingerprint']})")
+
+    def _retry(self, fn, *args):
+        """Run ``fn`` retrying 'database is locked' with jittered backoff beyond busy_timeout."""
+        deadline = time.monotonic() + 4 * self.busy_timeout
+        delay = 0.01
+        while True:
+            try:
+                return fn(*args)
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (1 + random.random()))
+                delay = min(delay * 2, 1.0)
+
+    def _transaction(self, fn, *args):
+        def attempt():
+            self.con.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(*args)
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+            self.con.execute("COMMIT")
+            return result
+
+        return self._retry(attempt)
+
+    def write_task(self, task: int, base_id: int, array: np.ndarray, metas: Sequence[str | None] | None,
+                   info: dict[str, Any]) -> bool:
+        """Write one task's unitaries and its ``tasks`` row in one transaction.
+
+        Returns False when the task was already there with the same checksum (a retried task);
+        raises when it was there with different data, which would mean generation is not
+        reproducible.
+        """
+        n = array.shape[-1]
+        data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        step = len(data) // len(array) if len(array) else 0
+        digest = checksum(data, metas)
+        rows = ((base_id + i, task, i, n, data[i * step:(i + 1) * step], None if metas is None else metas[i])
+                for i in range(len(array)))
+
+        def insert() -> bool:
+            found = self.con.execute("SELECT checksum FROM tasks WHERE task = ?", (task,)).fetchone()
+            if found is not None:
+                if found[0] != digest:
+                    raise RunError(f"{self.path}: task {task} written twice with different data "
+                                   f"(checksums {found[0]} and {digest})")
+                return False
+            self.con.executemany("INSERT INTO unitaries(id, task, idx, dim, data, meta) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self.con.execute("INSERT INTO tasks(task, seed, count, node, worker, started, finished, checksum) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (task, info["seed"], len(array), info["node"], info["worker"],
+                              info["started"], info["finished"], digest))
+            return True
+
+        return self._transaction(insert)
+
+    def snapshot(self, dest: str | os.PathLike) -> int:
+        """Stage out: write a consistent copy of the shard to ``dest`` (temp name, fsync, rename),
+        so ``dest`` is always a whole database. Returns the number of tasks in the copy."""
+        dest = Path(dest)
+        local_tmp = self.path.with_name(f".{self.path.stem}.snapshot-{os.getpid()}.db")
+        shared_tmp = dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        local_tmp.unlink(missing_ok=True)
+        try:
+            # VACUUM INTO reads one snapshot of the WAL database: writers go on meanwhile
+            self._retry(self.con.execute, "VACUUM INTO ?", (str(local_tmp),))
+            with sqlite3.connect(local_tmp, isolation_level=None) as snap:
+                # a copy of a WAL database is marked WAL; readers of a staged shard need none
+                snap.execute("PRAGMA journal_mode = DELETE")
+                tasks = snap.execute("SELECT count(*) FROM tasks").fetchone()[0]
+            snap.close()
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                copy_durably(local_tmp, shared_tmp)
+                os.replace(shared_tmp, dest)
+                fsync_path(dest.parent)
+            except OSError as e:
+                shared_tmp.unlink(missing_ok=True)
+                raise RunError(f"cannot stage {self.path} to {dest}: {e.strerror or e}") from None
+        finally:
+            local_tmp.unlink(missing_ok=True)
+        return tasks
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def copy_durably(src: Path, dst: Path) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (after a rename, so the new name survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_open: dict[Path, Shard] = {}
+
+
+def open_shard(path: Path, meta: dict[str, str], **options: Any) -> Shard:
+    """This process's shard at ``path``, opened once and kept (worker processes live long)."""
+    shard = _open.get(path)
+    if shard is None:
+        shard = _open[path] = Shard(path, meta, **options)
+    return shard
+
+
+def close_shards() -> list[str]:
+    """Close every shard this process holds (before a final stage-out or removal)."""
+    paths = [str(p) for p in _open]
+    while _open:
+        _open.popitem()[1].close()
+    return paths
+
+
+def staged_tasks(paths: Iterable[Path]) -> dict[int, str]:
+    """Task -> checksum over staged shards (read-only; unreadable files are skipped here and
+    reported by the merge)."""
+    out: dict[int, str] = {}
+    for p in paths:
+        try:
+            con = connect_readonly(p)
+            try:
+                out.update(con.execute("SELECT task, checksum FROM tasks"))
+            finally:
+                con.close()
+        except sqlite3.Error:
+            continue
+    return out

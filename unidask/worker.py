@@ -1,0 +1,85 @@
+"""What runs on a Dask worker: generate one task into this node's shard, stage the shard out.
+
+Only small summaries go back to the driver; the matrices never leave the node except inside a
+staged shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import generators, plan, shard
+from .config import Spec
+from .errors import RunError
+
+
+def local_shard_path(spec: Spec, attempt: str, node: str | None = None) -> Path:
+    return spec.local_dir / spec.name / f"{node or shard.node_name()}-{attempt}.db"
+
+
+def node_shard(spec: Spec, attempt: str) -> shard.Shard:
+    s = spec.storage
+    return shard.open_shard(local_shard_path(spec, attempt), shard.database_meta(spec.to_dict(), spec.fingerprint),
+                            synchronous=s["synchronous"], busy_timeout=s["busy_timeout"],
+                            allow_network_fs=s["allow_network_fs"])
+
+
+def generate(spec: Spec, task: int) -> tuple[np.ndarray, list[str | None] | None]:
+    """Task ``task``'s unitaries and their meta strings, checked for shape, dtype and finiteness."""
+    count = spec.task_count(task)
+    out = generators.get(spec.kind).function(plan.rng(spec, task), count, dtype=spec.dtype, **spec.params)
+    array, metas = out if isinstance(out, tuple) else (out, None)
+    if not isinstance(array, np.ndarray) or array.ndim != 3 or array.shape[0] != count \
+            or array.shape[1] != array.shape[2]:
+        raise RunError(f"generator {spec.kind!r} returned {getattr(array, 'shape', type(array))}, "
+                       f"expected ({count}, n, n)")
+    if array.dtype != np.dtype(spec.dtype):
+        raise RunError(f"generator {spec.kind!r} returned dtype {array.dtype}, expected {spec.dtype}")
+    if not np.isfinite(array).all():
+        raise RunError(f"generator {spec.kind!r} returned non-finite values in task {task}")
+    if metas is not None:
+        if len(metas) != count:
+            raise RunError(f"generator {spec.kind!r} returned {len(metas)} metas for {count} unitaries")
+        metas = [None if m is None else json.dumps(m, sort_keys=True) for m in metas]
+    return array, metas
+
+
+def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
+    """Generate task ``task`` and commit it to this node's shard; return a small summary."""
+    started = time.time()
+    array, metas = generate(spec, task)
+    node = shard.node_name()
+    info = {"seed": plan.seed_label(spec, task), "node": node,
+            "worker": f"{socket.gethostname()}:{os.getpid()}", "started": started,
+            "finished": time.time()}
+    written = node_shard(spec, attempt).write_task(task, task * spec.task_size, array, metas, info)
+    return {"task": task, "count": len(array), "node": node, "written": written,
+            "nbytes": array.nbytes, "seconds": time.time() - started}
+
+
+def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
+    """Copy this node's shard to ``RUN_DIR/shards/`` as a whole snapshot.
+
+    ``final``: close this process's connection first and delete the local shard after staging
+    (the driver closes the other processes' connections before calling it).
+    """
+    node = shard.node_name()
+    path = local_shard_path(spec, attempt, node)
+    if not path.exists():
+        return None
+    dest = plan.shard_dir(spec.run_dir) / path.name
+    s = node_shard(spec, attempt)
+    tasks = s.snapshot(dest)
+    if final:
+        shard.close_shards()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return {"node": node, "path": str(dest), "tasks": tasks, "bytes": dest.stat().st_size,
+            "time": time.time()}
