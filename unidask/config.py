@@ -13,7 +13,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -48,6 +48,12 @@ class Spec:
     cluster: Mapping[str, Any]
     source: str = field(default="", compare=False)
 
+    def __reduce__(self):
+        # mappingproxy does not pickle; rebuild from plain dicts (for multiprocessing, Dask)
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return _rebuild_spec, ({k: dict(v) if isinstance(v, MappingProxyType) else v
+                                for k, v in values.items()},)
+
     @property
     def n_tasks(self) -> int:
         return -(-self.count // self.task_size)
@@ -77,6 +83,10 @@ class Spec:
     def local_dir(self) -> Path:
         """The node-local dir, expanded with this process's environment (call it on the node)."""
         return Path(expand_vars(self.storage["local_dir"]))
+
+
+def _rebuild_spec(values: dict[str, Any]) -> Spec:
+    return Spec(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in values.items()})
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | list[str] = (),

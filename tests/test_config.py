@@ -1,0 +1,122 @@
+"""Bad input: one clear line, exit status 2, no traceback, nothing written."""
+
+import os
+
+import pytest
+
+import unidask
+
+from conftest import run_main, write_config
+
+
+def one_error(err: str) -> str:
+    """The single error line of a failed command (a banner may come before it)."""
+    errors = [line for line in err.splitlines() if line.startswith("unidask: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_quickstart_config_is_valid():
+    from conftest import REPO
+
+    spec = unidask.load_config(REPO / "configs" / "quickstart.toml")
+    assert (spec.count, spec.task_size, spec.n_tasks, spec.kind, spec.params["dim"]) == \
+        (20000, 1000, 20, "haar", 4)
+    assert spec.cluster["nodes"] == 2 and spec.storage["synchronous"] == "NORMAL"
+
+
+def test_overrides_and_expansion(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCH_X", str(tmp_path / "scratch"))
+    cfg = write_config(tmp_path / "c.toml", storage={"local_dir": "${SCRATCH_X}/u"})
+    spec = unidask.load_config(cfg, ["run.count=777", "generator.dim=3", "storage.synchronous=off"])
+    assert spec.count == 777 and spec.params["dim"] == 3 and spec.storage["synchronous"] == "OFF"
+    assert spec.local_dir == tmp_path / "scratch" / "u"
+    monkeypatch.delenv("TMPDIR", raising=False)
+    cfg = write_config(tmp_path / "d.toml", storage={"local_dir": "${TMPDIR:-/var/tmp}/u"})
+    assert unidask.load_config(cfg).local_dir.as_posix() == "/var/tmp/u"
+
+
+def test_fingerprint_is_the_data_not_the_layout(tmp_path):
+    a = unidask.load_config(write_config(tmp_path / "a.toml"))
+    b = unidask.load_config(write_config(tmp_path / "b.toml", cluster={"nodes": 5}), ["run.run_dir=\"x\""])
+    c = unidask.load_config(write_config(tmp_path / "c.toml"), ["run.seed=8"])
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+BAD = [
+    ({"run": {"count": 0}}, "run.count must be an integer >= 1"),
+    ({"run": {"count": -5}}, "run.count must be an integer >= 1"),
+    ({"run": {"count": 1.5}}, "run.count must be an integer >= 1"),
+    ({"run": {"task_size": "10"}}, "run.task_size must be an integer >= 1"),
+    ({"generator": {"dim": 0}}, "generator.dim must be int >= 1"),
+    ({"generator": {"dim": True}}, "generator.dim must be int"),
+    ({"generator": {"kind": "nope"}}, "unknown generator kind 'nope'"),
+    ({"generator": {"dtype": "float64"}}, "generator.dtype must be one of complex128, complex64"),
+    ({"generator": {"colour": 1}}, "unknown key generator.colour"),
+    ({"storage": {"synchronous": "SOMETIMES"}}, "storage.synchronous must be one of"),
+    ({"storage": {"stage_every": 0}}, "storage.stage_every must be a number of seconds > 0"),
+    ({"storage": {"local_dir": "${UNIDASK_SURELY_UNSET}/x"}}, "UNIDASK_SURELY_UNSET"),
+    ({"run": {"name": "a b/c"}}, "run.name must be"),
+    ({"cluster": {"mode": "cloud"}}, "cluster.mode must be one of"),
+    ({"cluster": {"nodes": 0}}, "cluster.nodes must be an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("sections,message", BAD, ids=[m for _, m in BAD])
+def test_bad_config_values(tmp_path, capsys, sections, message):
+    cfg = write_config(tmp_path / "bad.toml", **sections)
+    code, out, err = run_main("run", cfg, capsys=capsys)
+    assert code == 2, err
+    assert message in err and str(cfg) in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_files(tmp_path, capsys):
+    cases = {"missing.toml": None, "broken.toml": "[run\ncount = 3", "unknown.toml": "[run]\ncolour = 1\n",
+             "section.toml": "[extra]\na = 1\n", "notable.toml": "run = 3\n",
+             "nocount.toml": "[generator]\ndim = 2\n"}
+    expect = {"missing.toml": "config file not found", "broken.toml": "not valid TOML",
+              "unknown.toml": "unknown key run.colour", "section.toml": "unknown section [extra]",
+              "notable.toml": "[run] must be a table", "nocount.toml": "run.count is required"}
+    for name, text in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        code, _, err = run_main("run", path, capsys=capsys)
+        assert code == 2 and expect[name] in err and err.count("\n") == 1, (name, err)
+
+
+def test_bad_set_override(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.toml")
+    code, _, err = run_main("run", cfg, "--set", "count=5", capsys=capsys)
+    assert code == 2 and "expected section.key=value" in err
+    code, _, err = run_main("run", cfg, "--set", "run.count=abc", capsys=capsys)
+    assert code == 2 and "run.count must be an integer" in err
+
+
+def test_unwritable_run_dir_and_local_dir(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cfg = write_config(tmp_path / "c.toml", run={"run_dir": str(blocker / "run")})
+    code, _, err = run_main("run", cfg, capsys=capsys)
+    assert code == 2 and f"run_dir {blocker / 'run'} is not writable" in one_error(err)
+    cfg = write_config(tmp_path / "d.toml", storage={"local_dir": str(blocker / "local")})
+    code, _, err = run_main("run", cfg, capsys=capsys)
+    assert code == 2 and f"local_dir {blocker / 'local'} is not writable" in one_error(err)
+
+
+def test_run_dir_of_another_run_is_refused(tmp_path, capsys):
+    from unidask.driver import prepare_run_dir
+
+    prepare_run_dir(unidask.load_config(write_config(tmp_path / "a.toml")), resume=False)
+    cfg = write_config(tmp_path / "b.toml", run={"seed": 99})
+    code, _, err = run_main("run", cfg, capsys=capsys)
+    assert code == 2 and "holds another run" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run_main("export", "x.db", capsys=capsys)
+    assert code == 2 and "Missing" in err
+    code, _, err = run_main("frobnicate", capsys=capsys)
+    assert code == 2

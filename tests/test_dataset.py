@@ -1,0 +1,80 @@
+"""Reading the merged database back: Dataset, export to .npy and .txt."""
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+import unidask
+
+from conftest import run_main
+
+
+def test_dataset_indexing_and_batches(haar_run):
+    _, db = haar_run
+    with unidask.Dataset(db) as ds:
+        con = sqlite3.connect(db)
+        raw = con.execute("SELECT data FROM unitaries WHERE id = 12345").fetchone()[0]
+        assert ds[12345].tobytes() == raw and ds[12345].shape == (4, 4)
+        assert np.array_equal(ds[-1], ds[19999])
+        assert np.array_equal(ds[10:20], np.stack([ds[i] for i in range(10, 20)]))
+        assert np.array_equal(ds[0:10:3], ds[0:10][::3])
+        batches = list(ds.batches(size=7000))
+        assert [len(b) for _, b in batches] == [7000, 7000, 6000]
+        assert np.array_equal(np.concatenate([i for i, _ in batches]), np.arange(20000))
+        assert sum(1 for _ in ds) == 20000
+        assert ds.meta_of(5) is None
+        with pytest.raises(IndexError):
+            ds[20000]
+
+
+def test_export_npy_round_trip(haar_run, tmp_path, capsys):
+    _, db = haar_run
+    out = tmp_path / "u.npy"
+    code, stdout, _ = run_main("export", db, "--format", "npy", out, "--ids", "100:1100", capsys=capsys)
+    assert code == 0 and "exported 1,000" in stdout
+    with unidask.Dataset(db) as ds:
+        assert np.array_equal(np.load(out), ds[100:1100])
+
+
+def test_export_txt_round_trip(haar_run, tmp_path, capsys):
+    _, db = haar_run
+    out = tmp_path / "txt"
+    code, _, _ = run_main("export", db, "--format", "txt", out, "--ids", "5:25", capsys=capsys)
+    assert code == 0
+    files = sorted(out.iterdir())
+    assert [f.name for f in files[:2]] == ["00005.txt", "00006.txt"] and len(files) == 20
+    with unidask.Dataset(db) as ds:
+        for f, i in zip(files, range(5, 25)):
+            assert np.array_equal(np.loadtxt(f, dtype=complex), ds[i])   # exact, bit for bit
+
+
+def test_export_txt_of_complex64_is_exact(config, tmp_path):
+    spec = config(run={"count": 50, "task_size": 25}, generator={"dtype": "complex64", "dim": 3})
+    db = unidask.run(spec, echo=lambda s: None).merged.out
+    unidask.dataset.export(db, "txt", tmp_path / "t")
+    with unidask.Dataset(db) as ds:
+        assert ds[0].dtype == np.complex64
+        back = np.loadtxt(tmp_path / "t" / "00.txt", dtype=complex)
+        assert np.array_equal(back, ds[0].astype(complex))
+        assert np.array_equal(back.astype(np.complex64), ds[0])
+
+
+@pytest.mark.parametrize("ids", ["0:20001", "5:5", "-1:3", "abc", "3"])
+def test_export_refuses_bad_ids(haar_run, tmp_path, ids, capsys):
+    _, db = haar_run
+    code, _, err = run_main("export", db, "--format", "npy", tmp_path / "x.npy", "--ids", ids, capsys=capsys)
+    assert code == 2 and "--ids" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_export_refuses_what_is_not_a_unidask_database(tmp_path, capsys):
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE x(a)")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite at all" * 100)
+    for path in (other, junk, tmp_path / "missing.db"):
+        code, _, err = run_main("export", path, "--format", "npy", tmp_path / "x.npy", capsys=capsys)
+        assert code == 2 and str(path) in err and err.count("\n") == 1, err
+        with pytest.raises(unidask.InputError):
+            unidask.Dataset(path)

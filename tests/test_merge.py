@@ -1,0 +1,131 @@
+"""Merge real staged shards: duplicates, conflicts, bad files, append, atomic output."""
+
+import shutil
+import sqlite3
+
+import pytest
+
+import unidask
+from unidask import plan, shard, worker
+from unidask.driver import prepare_run_dir
+
+from conftest import merged_data, run_main
+
+
+def stage(spec, node, tasks, monkeypatch, attempt="a"):
+    """Write ``tasks`` into node ``node``'s shard and stage it, as the workers of a run would."""
+    monkeypatch.setenv("UNIDASK_NODE", node)
+    for t in tasks:
+        worker.generate_task(spec, t, attempt)
+    out = worker.stage_out(spec, attempt, final=True)
+    return plan.shard_dir(spec.run_dir) / out["path"].rsplit("/", 1)[1]
+
+
+@pytest.fixture
+def staged_run(config, monkeypatch):
+    """A run dir with two staged shards covering all 20 tasks, task 5 in both."""
+    spec = config()
+    prepare_run_dir(spec, resume=False)
+    a = stage(spec, "n1", range(0, 10), monkeypatch)
+    b = stage(spec, "n2", range(5, 20), monkeypatch)
+    return spec, a, b
+
+
+def test_duplicate_tasks_are_kept_once(staged_run):
+    spec, a, b = staged_run
+    report = unidask.merge(spec.run_dir, echo=lambda s: None)
+    assert report.complete and report.rows == 2000 and report.tasks == 20
+    assert report.duplicates == 5
+    data = merged_data(report.out)
+    assert [i for i, _ in data] == list(range(2000))
+    with unidask.Dataset(report.out) as ds:
+        assert len(ds) == 2000
+
+
+def test_differing_copies_fail_and_leave_no_output(staged_run, capsys):
+    spec, a, b = staged_run
+    con = sqlite3.connect(b)
+    con.execute("UPDATE unitaries SET data = zeroblob(256) WHERE id = 777")
+    con.execute("UPDATE tasks SET checksum = 'tampered' WHERE task = 7")
+    con.commit()
+    con.close()
+    code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
+    assert code == 2
+    assert str(b) in err and "differ" in err and err.count("\n") == 1
+    assert not any(spec.run_dir.glob("*.db")) and not any(spec.run_dir.glob(".*tmp*"))
+
+
+def test_missing_tasks_are_reported(config, monkeypatch, capsys):
+    spec = config()
+    prepare_run_dir(spec, resume=False)
+    stage(spec, "n1", [0, 1, 2, 7], monkeypatch)
+    code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
+    assert code == 1
+    assert "16 task(s) missing: 3-6, 8-19" in out
+    with unidask.Dataset(spec.run_dir / "t.db") as ds:
+        assert len(ds) == 400
+        with pytest.raises(IndexError, match="not all present"):
+            ds[0:800]
+
+
+def test_append_adds_new_shards(config, monkeypatch, tmp_path):
+    spec = config()
+    prepare_run_dir(spec, resume=False)
+    stage(spec, "n1", range(0, 10), monkeypatch)
+    out = tmp_path / "merged.db"
+    first = unidask.merge(spec.run_dir, out, echo=lambda s: None)
+    assert first.tasks == 10 and not first.complete
+    stage(spec, "n2", range(10, 20), monkeypatch)
+    second = unidask.merge(spec.run_dir, out, append=True, echo=lambda s: None)
+    assert second.complete and second.rows == 2000 and second.duplicates == 10
+
+
+BAD_SHARDS = {
+    "truncated": lambda good, p: p.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 3]),
+    "random bytes": lambda good, p: p.write_bytes(bytes(range(256)) * 64),
+    "not a unidask shard": lambda good, p: sqlite3.connect(p).execute("CREATE TABLE x(a)"),
+    "trigger": lambda good, p: (shutil.copy(good, p), _sql(p, "CREATE TRIGGER t AFTER INSERT ON meta "
+                                                          "BEGIN DELETE FROM meta; END")),
+    "view": lambda good, p: (shutil.copy(good, p), _sql(p, "CREATE VIEW v AS SELECT * FROM tasks")),
+    "newer schema": lambda good, p: (shutil.copy(good, p),
+                                     _sql(p, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")),
+    "another run": lambda good, p: (shutil.copy(good, p),
+                                    _sql(p, "UPDATE meta SET value = 'x' WHERE key = 'fingerprint'")),
+}
+REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "not a readable",
+           "not a unidask shard": "not a unidask shard", "trigger": "trigger t", "view": "view v",
+           "newer schema": "newer", "another run": "another run"}
+
+
+def _sql(path, statement):
+    con = sqlite3.connect(path)
+    con.execute(statement)
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("kind", BAD_SHARDS)
+def test_bad_shards_are_refused_then_skipped(kind, config, monkeypatch, capsys):
+    import re
+
+    spec = config()
+    prepare_run_dir(spec, resume=False)
+    good = stage(spec, "n1", range(0, 10), monkeypatch)
+    bad = plan.shard_dir(spec.run_dir) / "zz-bad.db"
+    BAD_SHARDS[kind](good, bad)
+    code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
+    assert code == 2 and str(bad) in err and re.search(REASONS[kind], err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (spec.run_dir / "t.db").exists()
+    code, out, err = run_main("merge", spec.run_dir, "--skip-bad", capsys=capsys)
+    assert code == 1 and f"rejected {bad}" in out and "missing: 10-19" in out
+    assert len(merged_data(spec.run_dir / "t.db")) == 1000
+
+
+def test_merge_of_nothing(tmp_path, config, capsys):
+    code, _, err = run_main("merge", tmp_path / "nowhere", capsys=capsys)
+    assert code == 2 and "not a unidask run directory" in err
+    spec = config()
+    prepare_run_dir(spec, resume=False)
+    code, _, err = run_main("merge", spec.run_dir, capsys=capsys)
+    assert code == 2 and "no staged shards to merge" in err

@@ -1,0 +1,119 @@
+"""End to end on a real local Dask cluster: worker processes, shards on disk, stage-out, merge."""
+
+import json
+import sqlite3
+
+import numpy as np
+from scipy import stats
+
+import unidask
+from unidask import plan
+
+from conftest import cli, merged_data, unitarity_error, write_config
+
+
+def test_run_writes_unitary_haar_data(haar_run):
+    spec, db = haar_run
+    with unidask.Dataset(db) as ds:
+        assert len(ds) == 20000
+        u = ds[0:20000]
+        assert u.shape == (20000, 4, 4)
+        assert unitarity_error(u) < 1e-10
+        # |U_00|^2 ~ Beta(1, n - 1) for Haar U(n)
+        assert stats.kstest(np.abs(u[:, 0, 0]) ** 2, stats.beta(1, 3).cdf).pvalue > 0.01
+        assert ds.spec["run"]["seed"] == spec.seed
+
+
+def test_run_layout_and_public_format(haar_run):
+    spec, db = haar_run
+    shards = plan.staged_shards(spec.run_dir)
+    assert sorted(p.name.split("-")[0] for p in shards) == ["node1", "node2"]  # one per simulated node
+    assert not list(plan.shard_dir(spec.run_dir).glob(".*"))                   # no temp files left
+    record = json.loads((spec.run_dir / "run.json").read_text())
+    assert record["fingerprint"] == spec.fingerprint
+    # the merged file is readable with nothing but sqlite3 and numpy
+    con = sqlite3.connect(db)
+    meta = dict(con.execute("SELECT key, value FROM meta"))
+    assert meta["dtype"] == "complex128" and meta["schema_version"] == "1"
+    assert json.loads(meta["spec"])["generator"] == {"kind": "haar", "dtype": "complex128", "dim": 4}
+    i, task, idx, dim, data = con.execute(
+        "SELECT id, task, idx, dim, data FROM unitaries WHERE id = 4321").fetchone()
+    assert (i, task, idx, dim) == (4321, 4, 321, 4)
+    u = np.frombuffer(data, meta["dtype"]).reshape(dim, dim)
+    assert unitarity_error(u[None]) < 1e-10
+    rows = con.execute("SELECT task, seed, count, node FROM tasks ORDER BY task").fetchall()
+    assert [r[0] for r in rows] == list(range(20)) and rows[3][1:3] == ("7/3", 1000)
+    assert {r[3] for r in rows} == {"node1", "node2"}
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_same_config_same_bytes_whatever_the_layout(config, tmp_path):
+    """1 node of 2 workers and 3 nodes of 1 worker give byte-identical merged data."""
+    results = []
+    for name, layout in (("a", {"nodes": 1, "workers": 2}), ("b", {"nodes": 3, "workers": 1})):
+        spec = config(f"{name}.toml", run={"run_dir": str(tmp_path / f"run-{name}"),
+                                            "count": 2050, "task_size": 100},
+                      storage={"local_dir": str(tmp_path / f"local-{name}")}, cluster=layout)
+        result = unidask.run(spec, echo=lambda s: None)
+        assert len(result.shards) == layout["nodes"]
+        results.append(merged_data(result.merged.out))
+    assert len(results[0]) == 2050
+    assert results[0] == results[1]
+
+
+def test_four_workers_share_one_node_shard(config):
+    spec = config(run={"count": 6000, "task_size": 20}, cluster={"nodes": 1, "workers": 4})
+    result = unidask.run(spec, echo=lambda s: None)
+    assert len(result.shards) == 1
+    con = sqlite3.connect(result.shards[0])
+    workers = {w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}
+    assert len(workers) >= 2                      # several processes wrote this one shard
+    assert con.execute("SELECT count(*) FROM tasks").fetchone()[0] == 300
+    assert result.merged.rows == 6000 and result.merged.complete
+
+
+def test_resume_skips_staged_tasks_and_matches(config, tmp_path):
+    full = config("full.toml", run={"run_dir": str(tmp_path / "full")})
+    reference = merged_data(unidask.run(full, echo=lambda s: None).merged.out)
+
+    # a run cut short: only one node's shard made it to the run dir
+    spec = config("part.toml", run={"run_dir": str(tmp_path / "part")})
+    unidask.run(spec, merge=False, echo=lambda s: None)
+    kept, *lost = plan.staged_shards(spec.run_dir)
+    for p in lost:
+        p.unlink()
+    done_before = plan.done(spec)
+    assert 0 < len(done_before) < spec.n_tasks
+    finished_before = dict(sqlite3.connect(kept).execute("SELECT task, finished FROM tasks"))
+
+    result = unidask.run(spec, resume=True, echo=lambda s: None)
+    assert result.skipped_tasks == len(done_before)
+    assert result.written == sum(spec.task_count(t) for t in range(spec.n_tasks) if t not in done_before)
+    assert merged_data(result.merged.out) == reference
+    # what was staged before was not generated again
+    con = sqlite3.connect(result.merged.out)
+    for task, finished in finished_before.items():
+        assert con.execute("SELECT finished FROM tasks WHERE task = ?", (task,)).fetchone()[0] == finished
+
+
+def test_cli_run_status_and_rerun_refusal(tmp_path):
+    cfg = write_config(tmp_path / "cli.toml", run={"count": 1000, "task_size": 250})
+    r = cli("run", cfg, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 1,000 unitaries" in r.stdout and "merged 2 shard(s)" in r.stdout
+    assert "dashboard: http://127.0.0.1:" in r.stderr
+    assert (tmp_path / "run" / "t.db").exists()
+
+    r = cli("status", tmp_path / "run", "--json")
+    st = json.loads(r.stdout)
+    assert r.returncode == 0 and st["tasks_done"] == 4 and st["tasks_missing"] == 0
+    assert st["unitaries"] == 1000 and {s["node"] for s in st["shards"]} == {"node1", "node2"}
+    r = cli("status", tmp_path / "run")
+    assert "4/4 done" in r.stdout
+
+    # running the same config into the same run dir again must not mix attempts silently
+    r = cli("run", cfg, cwd=tmp_path)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    r = cli("run", cfg, "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 0 unitaries" in r.stdout

@@ -1,0 +1,99 @@
+"""The shard on real SQLite files: one task per transaction, shared by processes, staged whole."""
+
+import multiprocessing
+import os
+import sqlite3
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from unidask import shard, worker
+from unidask.errors import InputError, RunError
+
+
+def write_tasks(spec, tasks, attempt):
+    os.environ["UNIDASK_NODE"] = "shared"
+    return [worker.generate_task(spec, t, attempt)["written"] for t in tasks]
+
+
+def test_four_processes_write_one_shard(config):
+    spec = config(run={"count": 4000, "task_size": 10}, storage={"busy_timeout": 30})
+    tasks = list(range(spec.n_tasks))
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        written = list(pool.map(write_tasks, [spec] * 4, [tasks[i::4] for i in range(4)], ["a1"] * 4))
+    assert all(all(w) for w in written)
+    path = worker.local_shard_path(spec, "a1", "shared")
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 4000
+    assert sorted(t for (t,) in con.execute("SELECT task FROM tasks")) == tasks
+    assert len({w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}) == 4
+    # every task's rows are complete: count matches the tasks row
+    bad = con.execute("SELECT t.task FROM tasks t JOIN (SELECT task, count(*) AS n FROM unitaries "
+                      "GROUP BY task) u USING (task) WHERE u.n != t.count").fetchall()
+    assert bad == []
+
+
+def test_task_written_twice_is_kept_once(config, monkeypatch):
+    monkeypatch.setenv("UNIDASK_NODE", "n")
+    spec = config()
+    first = worker.generate_task(spec, 3, "x")
+    again = worker.generate_task(spec, 3, "x")
+    assert first["written"] and not again["written"]
+    con = sqlite3.connect(worker.local_shard_path(spec, "x"))
+    assert con.execute("SELECT count(*) FROM unitaries WHERE task = 3").fetchone()[0] == 100
+    assert con.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
+    shard.close_shards()
+
+
+def test_task_written_twice_with_other_data_fails(config, monkeypatch):
+    monkeypatch.setenv("UNIDASK_NODE", "n")
+    spec = config()
+    s = worker.node_shard(spec, "y")
+    array, metas = worker.generate(spec, 1)
+    info = {"seed": "7/1", "node": "n", "worker": "w", "started": 0.0, "finished": 1.0}
+    assert s.write_task(1, 100, array, metas, info)
+    array[0, 0, 0] += 1e-9
+    with pytest.raises(RunError, match="task 1 written twice with different data"):
+        s.write_task(1, 100, array, metas, info)
+    shard.close_shards()
+
+
+def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path):
+    monkeypatch.setenv("UNIDASK_NODE", "n")
+    spec = config()
+    for t in range(5):
+        worker.generate_task(spec, t, "z")
+    staged = worker.stage_out(spec, "z")
+    dest = spec.run_dir / "shards" / "n-z.db"
+    assert staged["path"] == str(dest) and staged["tasks"] == 5
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["n-z.db"]   # no temp left behind
+    con = shard.connect_readonly(dest)
+    assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 500
+    with open(dest, "rb") as f:
+        header = f.read(20)
+    assert header[18:20] == b"\x01\x01"   # rollback-journal file format: readable without -wal/-shm
+    # the final stage-out removes the live local shard
+    worker.stage_out(spec, "z", final=True)
+    assert not worker.local_shard_path(spec, "z").exists()
+
+
+def test_network_filesystem_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(shard, "filesystem_type", lambda path: "nfs4")
+    meta = {"fingerprint": "f"}
+    with pytest.raises(InputError, match="network filesystem \\(nfs4\\)"):
+        shard.Shard(tmp_path / "x.db", meta)
+
+
+def test_filesystem_type_reads_proc_mounts(tmp_path):
+    assert shard.filesystem_type(tmp_path) == shard.filesystem_type(tmp_path / "not-yet-there")
+    assert shard.filesystem_type("/proc") == "proc"
+
+
+def test_node_name_precedence(monkeypatch):
+    monkeypatch.setenv("SLURMD_NODENAME", "cn042")
+    monkeypatch.setenv("UNIDASK_NODE", "sim3")
+    assert shard.node_name() == "sim3"
+    monkeypatch.delenv("UNIDASK_NODE")
+    assert shard.node_name() == "cn042"
