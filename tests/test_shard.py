@@ -65,9 +65,9 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path)
     for t in range(5):
         worker.generate_task(spec, t, "z")
     staged = worker.stage_out(spec, "z")
-    dest = spec.run_dir / "shards" / "n-z.db"
-    assert staged["path"] == str(dest) and staged["tasks"] == 5
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["n-z.db"]   # no temp left behind
+    dest = spec.run_dir / "shards" / worker.node_shard(spec, "z").staged_name
+    assert dest.name.startswith("n-z-") and staged["path"] == str(dest) and staged["tasks"] == 5
+    assert [p.name for p in dest.parent.iterdir()] == [dest.name]   # no temp left behind
     con = shard.connect_readonly(dest)
     assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
     assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 500

@@ -21,6 +21,9 @@ from .merge import MergeReport, merge as merge_run
 from .progress import Progress
 
 
+REDO_ROUNDS = 3
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -29,6 +32,7 @@ class RunResult:
     seconds: float = 0.0
     shards: list[str] = field(default_factory=list)
     per_node: dict[str, int] = field(default_factory=dict)
+    redone: list[int] = field(default_factory=list)   # tasks lost with a node and generated again
     merged: MergeReport | None = None
 
     @property
@@ -95,6 +99,9 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
     prepare_run_dir(spec, resume)
     if spec.cluster["mode"] == "local":
         check_local_dir(spec)
+    if resume and spec.cluster["mode"] == "local":
+        if salvaged := worker.salvage(spec):
+            echo(f"resume: staged {len(salvaged)} shard(s) an earlier run left on local disk")
     staged = plan.done(spec) if resume else set()
     tasks = plan.todo(spec, staged)
     result = RunResult(spec.run_dir, skipped_tasks=len(staged))
@@ -104,10 +111,18 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
     start = time.monotonic()
     with cluster.connect(spec) as client:
         echo(f"dashboard: {client.dashboard_link}")
-        if tasks:
-            _generate(client, spec, tasks, attempt, result, echo)
-        finals = client.gather(stage_all(client, spec, attempt, final=True))
-        result.shards = [s["path"] for s in finals if s]
+        for round in range(REDO_ROUNDS + 1):
+            if tasks:
+                _generate(client, spec, tasks, attempt, result, echo)
+            finals = client.gather(stage_all(client, spec, attempt, final=True))
+            result.shards += [s["path"] for s in finals if s and s["path"] not in result.shards]
+            # a node that lost its disk took its unstaged tasks with it: generate them again
+            tasks = plan.todo(spec, plan.done(spec))
+            if not tasks or round == REDO_ROUNDS:
+                break
+            result.redone += list(tasks)
+            echo(f"{len(tasks)} finished task(s) were lost before their stage-out "
+                 f"({plan.ranges(tasks)}): generating them again")
     result.seconds = time.monotonic() - start
     missing = sorted(set(range(spec.n_tasks)) - plan.done(spec))
     if missing:

@@ -24,7 +24,8 @@ def shard_dir(run_dir: Path) -> Path:
 
 
 def staged_shards(run_dir: Path) -> list[Path]:
-    return sorted(shard_dir(run_dir).glob("*.db"))
+    # temporary files of a stage-out in progress start with "." and never end in .db
+    return sorted(shard_dir(run_dir).glob("[!.]*.db"))
 
 
 def todo(spec: Spec, staged: set[int] = frozenset()) -> range | list[int]:

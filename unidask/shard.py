@@ -14,7 +14,6 @@ import json
 import os
 import random
 import secrets
-import shutil
 import socket
 import sqlite3
 import time
@@ -119,11 +118,15 @@ class Shard:
             self.con.execute(f"PRAGMA synchronous = {synchronous}")
             # the first real write doubles as the probe that WAL works on this filesystem
             self._retry(self.con.executescript, SCHEMA)
+            # shard_uid tells this file from a later one at the same path (after a node lost its
+            # disk), so their staged snapshots get different names and neither overwrites the other
+            rows = {**meta, "shard_uid": secrets.token_hex(3)}
             self._transaction(self.con.executemany,
-                              "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", meta.items())
+                              "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", rows.items())
+            found = read_meta(self.con)
         except sqlite3.Error as e:
             raise RunError(f"{self.path}: cannot open shard: {e}") from None
-        found = read_meta(self.con)
+        self.uid = found["shard_uid"]
         if found.get("fingerprint") != meta["fingerprint"]:
             raise RunError(f"{self.path}: shard belongs to another run "
                            f"(fingerprint {found.get('fingerprint')}, expected {meta['fingerprint']})")
@@ -184,44 +187,43 @@ class Shard:
                               info["started"], info["finished"], digest))
             return True
 
-        return self._transaction(insert)
-
-    def snapshot(self, dest: str | os.PathLike) -> int:
-        """Stage out: write a consistent copy of the shard to ``dest`` (temp name, fsync, rename),
-        so ``dest`` is always a whole database. Returns the number of tasks in the copy."""
-        dest = Path(dest)
-        local_tmp = self.path.with_name(f".{self.path.stem}.snapshot-{os.getpid()}.db")
-        shared_tmp = dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        local_tmp.unlink(missing_ok=True)
         try:
-            # VACUUM INTO reads one snapshot of the WAL database: writers go on meanwhile
-            self._retry(self.con.execute, "VACUUM INTO ?", (str(local_tmp),))
-            with sqlite3.connect(local_tmp, isolation_level=None) as snap:
-                # a copy of a WAL database is marked WAL; readers of a staged shard need none
-                snap.execute("PRAGMA journal_mode = DELETE")
-                tasks = snap.execute("SELECT count(*) FROM tasks").fetchone()[0]
-            snap.close()
+            return self._transaction(insert)
+        except sqlite3.Error as e:
+            raise RunError(f"{self.path}: cannot write task {task}: {e}") from None
+
+    @property
+    def staged_name(self) -> str:
+        return f"{self.path.stem}-{self.uid}.db"
+
+    def snapshot(self, staging_dir: str | os.PathLike) -> tuple[Path, int]:
+        """Stage out: write a consistent copy of the shard into ``staging_dir`` under a temporary
+        name, fsync it and rename it into place, so the staged name only ever holds a whole
+        database. Returns the staged path and the number of tasks in the copy."""
+        dest = Path(staging_dir) / self.staged_name
+        tmp = dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp.unlink(missing_ok=True)
+            # VACUUM INTO copies one read snapshot of the WAL database (writers go on meanwhile)
+            # into a compact file with a rollback journal: readers of it need no -wal or -shm
+            self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
+            check = connect_readonly(tmp)
             try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                copy_durably(local_tmp, shared_tmp)
-                os.replace(shared_tmp, dest)
-                fsync_path(dest.parent)
-            except OSError as e:
-                shared_tmp.unlink(missing_ok=True)
-                raise RunError(f"cannot stage {self.path} to {dest}: {e.strerror or e}") from None
-        finally:
-            local_tmp.unlink(missing_ok=True)
-        return tasks
+                tasks = check.execute("SELECT count(*) FROM tasks").fetchone()[0]
+            finally:
+                check.close()
+            fsync_path(tmp)
+            os.replace(tmp, dest)
+            fsync_path(dest.parent)
+        except (sqlite3.Error, OSError) as e:
+            tmp.unlink(missing_ok=True)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise RunError(f"cannot stage {self.path} to {dest}: {reason}") from None
+        return dest, tasks
 
     def close(self) -> None:
         self.con.close()
-
-
-def copy_durably(src: Path, dst: Path) -> None:
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 16 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
 
 
 def fsync_path(path: Path) -> None:
@@ -234,6 +236,10 @@ def fsync_path(path: Path) -> None:
 
 
 _open: dict[Path, Shard] = {}
+
+
+def is_open(path: Path) -> bool:
+    return path in _open
 
 
 def open_shard(path: Path, meta: dict[str, str], **options: Any) -> Shard:

@@ -24,11 +24,17 @@ def local_shard_path(spec: Spec, attempt: str, node: str | None = None) -> Path:
     return spec.local_dir / spec.name / f"{node or shard.node_name()}-{attempt}.db"
 
 
-def node_shard(spec: Spec, attempt: str) -> shard.Shard:
+def shard_args(spec: Spec) -> tuple[dict[str, str], dict[str, Any]]:
+    """The meta rows and the open options of this run's shards."""
     s = spec.storage
-    return shard.open_shard(local_shard_path(spec, attempt), shard.database_meta(spec.to_dict(), spec.fingerprint),
-                            synchronous=s["synchronous"], busy_timeout=s["busy_timeout"],
-                            allow_network_fs=s["allow_network_fs"])
+    return (shard.database_meta(spec.to_dict(), spec.fingerprint),
+            {"synchronous": s["synchronous"], "busy_timeout": s["busy_timeout"],
+             "allow_network_fs": s["allow_network_fs"]})
+
+
+def node_shard(spec: Spec, attempt: str) -> shard.Shard:
+    meta, options = shard_args(spec)
+    return shard.open_shard(local_shard_path(spec, attempt), meta, **options)
 
 
 def generate(spec: Spec, task: int) -> tuple[np.ndarray, list[str | None] | None]:
@@ -72,14 +78,35 @@ def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any
     """
     node = shard.node_name()
     path = local_shard_path(spec, attempt, node)
-    if not path.exists():
+    if not path.exists() and not shard.is_open(path):
         return None
-    dest = plan.shard_dir(spec.run_dir) / path.name
     s = node_shard(spec, attempt)
-    tasks = s.snapshot(dest)
+    dest, tasks = s.snapshot(plan.shard_dir(spec.run_dir))
     if final:
         shard.close_shards()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        remove_shard_files(path)
     return {"node": node, "path": str(dest), "tasks": tasks, "bytes": dest.stat().st_size,
             "time": time.time()}
+
+
+def remove_shard_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def salvage(spec: Spec) -> list[Path]:
+    """Stage the shards an earlier, killed driver left in this machine's local dir, then remove them.
+
+    Used on ``--resume`` in local mode, where the local dir of every simulated node is on this
+    machine; opening a shard replays its WAL, so every committed task is kept.
+    """
+    staged = []
+    meta, options = shard_args(spec)
+    for path in sorted((spec.local_dir / spec.name).glob("[!.]*.db")):
+        live = shard.Shard(path, meta, **options)
+        try:
+            staged.append(live.snapshot(plan.shard_dir(spec.run_dir))[0])
+        finally:
+            live.close()
+        remove_shard_files(path)
+    return staged
