@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from distributed import Client, as_completed
+from distributed import Client, as_completed, wait
 
 from . import __version__, cluster, plan, shard, worker
 from .config import Spec
@@ -79,18 +79,46 @@ def check_local_dir(spec: Spec) -> None:
         raise InputError(f"local_dir {path} is not writable: {e.strerror or e}") from None
 
 
-def stage_all(client: Client, spec: Spec, attempt: str, *, final: bool = False) -> list:
-    """One stage-out future per node, each on one of that node's workers."""
-    nodes = client.run(shard.node_name)
+def stage_all(client: Client, spec: Spec, attempt: str, *, final: bool = False) -> dict:
+    """Start one stage-out per node, each on one of that node's workers: {future: worker address}."""
+    # a worker that died a moment ago must not fail the stage-out of the others
+    nodes = client.run(shard.node_name, on_error="ignore")
     one_worker: dict[str, str] = {}
     for address, node in sorted(nodes.items()):
-        one_worker.setdefault(node, address)
+        if isinstance(node, str):
+            one_worker.setdefault(node, address)
     if final:
-        client.run(shard.close_shards)
-    return [client.submit(worker.stage_out, spec, attempt, final=final, workers=[address],
+        client.run(shard.close_shards, on_error="ignore")
+    return {client.submit(worker.stage_out, spec, attempt, final=final, workers=[address],
                           allow_other_workers=False, pure=False, priority=10,
-                          key=f"stage-out-{node}-{time.time_ns()}")
-            for node, address in one_worker.items()]
+                          key=f"stage-out-{node}-{time.time_ns()}"): address
+            for node, address in one_worker.items()}
+
+
+def settle(client: Client, stages: dict, *, block: bool) -> list[dict]:
+    """Collect finished stage-outs from ``stages`` (removing them); drop those whose worker died
+    (the task is pinned to it and would wait forever; its node's tasks are redone if lost).
+    Raises on a failed stage-out; ``block`` waits until none is left."""
+    results = []
+    while stages:
+        alive = client.scheduler_info()["workers"]
+        for future, address in list(stages.items()):
+            if future.done():
+                del stages[future]
+                if future.status == "error":
+                    raise RunError(str(future.exception()))
+                if (r := future.result()) is not None:
+                    results.append(r)
+            elif address not in alive:
+                del stages[future]
+                future.cancel()
+        if not block or not stages:
+            break
+        try:
+            wait(list(stages), timeout=1, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            pass
+    return results
 
 
 def run(spec: Spec, *, resume: bool = False, merge: bool = True,
@@ -114,8 +142,8 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
         for round in range(REDO_ROUNDS + 1):
             if tasks:
                 _generate(client, spec, tasks, attempt, result, echo)
-            finals = client.gather(stage_all(client, spec, attempt, final=True))
-            result.shards += [s["path"] for s in finals if s and s["path"] not in result.shards]
+            finals = settle(client, stage_all(client, spec, attempt, final=True), block=True)
+            result.shards += [s["path"] for s in finals if s["path"] not in result.shards]
             # a node that lost its disk took its unstaged tasks with it: generate them again
             tasks = plan.todo(spec, plan.done(spec))
             if not tasks or round == REDO_ROUNDS:
@@ -154,7 +182,7 @@ def _generate(client: Client, spec: Spec, tasks, attempt: str, result: RunResult
 
     for _ in range(window):
         submit_next()
-    last_stage, staging = time.monotonic(), 0
+    last_stage, stages = time.monotonic(), {}
     n_done = 0
     try:
         for future in futures:
@@ -163,26 +191,31 @@ def _generate(client: Client, spec: Spec, tasks, attempt: str, result: RunResult
             summary = future.result()
             inflight.discard(future)
             future.release()
-            if "path" in (summary or {}) or summary is None:     # a periodic stage-out came back
-                staging -= 1
-                continue
             submit_next()
             n_done += 1
             result.written += summary["count"]
             result.per_node[summary["node"]] = result.per_node.get(summary["node"], 0) + summary["count"]
             progress.update(summary["count"], f"{n_done}/{len(tasks)} tasks")
-            if staging == 0 and time.monotonic() - last_stage >= spec.storage["stage_every"]:
+            _settle_periodic(client, stages, echo, block=False)
+            if not stages and time.monotonic() - last_stage >= spec.storage["stage_every"]:
                 stages = stage_all(client, spec, attempt)
-                staging, last_stage = len(stages), time.monotonic()
-                futures.update(stages)
+                last_stage = time.monotonic()
+        _settle_periodic(client, stages, echo, block=True)  # before the final one closes the shards
     except BaseException:
         # keep what the workers finished: cancel the rest and stage every shard out
         futures.clear()
-        client.cancel(list(inflight))
+        client.cancel(list(inflight) + list(stages))
         try:
-            client.gather(stage_all(client, spec, attempt, final=True))
+            settle(client, stage_all(client, spec, attempt, final=True), block=True)
         except Exception as e:  # the original error matters more
             echo(f"warning: final stage-out after the failure failed too: {e}")
         raise
     finally:
         progress.close()
+
+
+def _settle_periodic(client: Client, stages: dict, echo: Callable[[str], None], *, block: bool) -> None:
+    try:
+        settle(client, stages, block=block)
+    except RunError as e:  # not fatal: the next stage-out, or the final one, tries again
+        echo(f"warning: periodic stage-out failed: {e}")
