@@ -81,6 +81,21 @@ def export(db: str, fmt: str, out: str, ids: str | None) -> None:
     click.echo(f"exported {n:,} unitaries to {out}")
 
 
+@cli.command()
+@click.argument("db", type=click.Path(dir_okay=False))
+@click.option("--against", type=click.Path(dir_okay=False), metavar="CONFIG",
+              help="Also check it is the data CONFIG makes (some tasks are generated again).")
+@set_option
+def verify(db: str, against: str | None, overrides: tuple[str, ...]) -> int:
+    """Check DB: checksums, ids, unitarity, completeness. Exit 0 only when all holds."""
+    from .config import load_config
+    from .verify import verify as verify_db
+
+    verdict = verify_db(db, load_config(against, list(overrides)) if against else None)
+    click.echo(verdict.line())
+    return 0 if verdict.ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and an exit status, never a traceback."""
     logging.getLogger("distributed").setLevel(logging.WARNING)

@@ -63,9 +63,11 @@ def filesystem_type(path: Path) -> str:
     return fstype
 
 
-def checksum(data: bytes, metas: Sequence[str | None] | None) -> str:
+def checksum(data: bytes, metas: Sequence[str | None]) -> str:
+    """A task's checksum: blake2b-128 of its data blobs in idx order, then each row's meta (NUL
+    for none)."""
     h = hashlib.blake2b(data, digest_size=16)
-    for m in metas or ():
+    for m in metas:
         h.update(b"\0" if m is None else m.encode())
     return h.hexdigest()
 
@@ -168,7 +170,7 @@ class Shard:
         n = array.shape[-1]
         data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
         step = len(data) // len(array) if len(array) else 0
-        digest = checksum(data, metas)
+        digest = checksum(data, [None] * len(array) if metas is None else metas)
         rows = ((base_id + i, task, i, n, data[i * step:(i + 1) * step], None if metas is None else metas[i])
                 for i in range(len(array)))
 

@@ -1,0 +1,237 @@
+"""Fault injection on the real local cluster: killed workers, a killed driver, a lost node, kills
+during stage-out and merge, full disks, many writers. The promise: every task ends up in the merged
+database exactly once, byte-identical to a fault-free run, or the user is told what is missing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import pickle
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import unidask
+from unidask import plan, shard, worker
+from unidask.driver import prepare_run_dir
+
+from conftest import merged_data, write_config
+
+# slow enough tasks (n = 64) that faults land mid-run on 2 cores
+SLOW = {"run": {"count": 12000, "task_size": 100}, "generator": {"dim": 64}}
+
+
+def reference(spec) -> list[tuple[int, bytes]]:
+    """What a fault-free run writes: every task generated once, in id order."""
+    rows = []
+    for t in range(spec.n_tasks):
+        array, _ = worker.generate(spec, t)
+        rows += [(t * spec.task_size + i, u.tobytes()) for i, u in enumerate(array)]
+    return rows
+
+
+def worker_processes(node: str | None = None) -> list[psutil.Process]:
+    """This test process's Dask worker processes (optionally those holding ``node``'s shard)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "spawn_main" not in " ".join(p.cmdline()):
+                continue
+            if node is None or any(f"/{node}-" in f.path for f in p.open_files()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def staged_tasks(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for p in plan.staged_shards(run_dir):
+        try:
+            con = shard.connect_readonly(p)
+            out.update(con.execute("SELECT task, finished FROM tasks"))
+            con.close()
+        except sqlite3.Error:
+            pass
+    return out
+
+
+def wait_for(predicate, timeout: float = 60.0, step: float = 0.05):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := predicate():
+            return value
+        time.sleep(step)
+    raise AssertionError("timed out waiting for a condition")
+
+
+def in_background(fn):
+    errors = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as e:  # surfaced in the test below
+            errors.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, errors
+
+
+def test_workers_killed_mid_run(config):
+    spec = config(**SLOW, cluster={"nodes": 2, "workers": 1}, storage={"stage_every": 1})
+    killed = []
+
+    def killer():
+        wait_for(lambda: any(spec.local_dir.rglob("*.db")))
+        for _ in range(3):
+            victims = wait_for(worker_processes)
+            victims[len(killed) % len(victims)].kill()
+            killed.append(1)
+            time.sleep(1.0)
+
+    thread, errors = in_background(killer)
+    result = unidask.run(spec, echo=lambda s: None)
+    thread.join()
+    assert not errors and len(killed) == 3
+    assert result.merged.complete
+    assert merged_data(result.merged.out) == reference(spec)
+
+
+def test_driver_killed_then_resume(tmp_path):
+    cfg = write_config(tmp_path / "c.toml", **SLOW, storage={"local_dir": str(tmp_path / "local"),
+                                                              "stage_every": 0.5})
+    spec = unidask.load_config(cfg)
+    driver = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: len(staged_tasks(spec.run_dir)) >= 10, timeout=120)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)   # the driver, its scheduler and every worker
+        driver.wait()
+    before = staged_tasks(spec.run_dir)
+    assert 0 < len(before) < spec.n_tasks
+
+    result = unidask.run(spec, resume=True, echo=lambda s: None)
+    assert result.merged.complete
+    assert merged_data(result.merged.out) == reference(spec)
+    # nothing staged before the kill was generated again: every copy of it has its old timings
+    assert result.skipped_tasks >= len(before)
+    for p in plan.staged_shards(spec.run_dir):
+        con = shard.connect_readonly(p)
+        for task, finished in con.execute("SELECT task, finished FROM tasks"):
+            if task in before:
+                assert finished == before[task]
+        con.close()
+
+
+def test_node_lost_mid_run(config):
+    spec = config(**SLOW, cluster={"nodes": 2, "workers": 1}, storage={"stage_every": 0.5})
+    at_loss: dict[int, float] = {}
+
+    def lose_node2():
+        wait_for(lambda: any(p.name.startswith("node2-") for p in plan.staged_shards(spec.run_dir)))
+        time.sleep(0.3)  # let it finish a few tasks past its last stage-out
+        victims = wait_for(lambda: worker_processes("node2"))
+        at_loss.update(staged_tasks(spec.run_dir))
+        for f in (spec.local_dir / spec.name).glob("node2-*"):
+            f.unlink()
+        for p in victims:
+            p.kill()
+
+    thread, errors = in_background(lose_node2)
+    result = unidask.run(spec, echo=lambda s: None)
+    thread.join()
+    assert not errors
+    assert result.merged.complete
+    assert merged_data(result.merged.out) == reference(spec)
+    # what was lost was generated again; nothing staged before the loss was
+    assert result.redone, "the lost node had finished tasks that were not staged yet"
+    assert not set(result.redone) & set(at_loss)
+
+
+def test_killed_during_stage_out_and_merge(config, monkeypatch):
+    monkeypatch.setenv("UNIDASK_NODE", "n1")
+    spec = config(run={"count": 6000, "task_size": 500}, generator={"dim": 48})  # ~220 MB shard
+    prepare_run_dir(spec, resume=False)
+    for t in range(spec.n_tasks):
+        worker.generate_task(spec, t, "k")
+    shard.close_shards()
+    shards = plan.shard_dir(spec.run_dir)
+    stage = "import pickle, sys; from unidask import worker; worker.stage_out(pickle.loads(bytes.fromhex(sys.argv[1])), 'k')"
+
+    def kill_when(cmd, temp_glob):
+        proc = subprocess.Popen(cmd, env={**os.environ, "UNIDASK_NODE": "n1"}, start_new_session=True)
+        try:
+            wait_for(lambda: any(p.stat().st_size > 0 for p in temp_glob()), timeout=60, step=0.005)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    kill_when([sys.executable, "-c", stage, pickle.dumps(spec).hex()], lambda: shards.glob(".*tmp*"))
+    assert plan.staged_shards(spec.run_dir) == []          # nothing under a final name
+    worker.stage_out(spec, "k")                            # again: completes
+    assert len(staged_tasks(spec.run_dir)) == spec.n_tasks
+
+    out = spec.run_dir / "t.db"
+    kill_when([sys.executable, "-m", "unidask.cli", "merge", str(spec.run_dir)],
+              lambda: spec.run_dir.glob(".t.db.tmp-*"))
+    assert not out.exists()
+    report = unidask.merge(spec.run_dir, echo=lambda s: None)
+    assert report.complete and merged_data(out) == reference(spec)
+    shard.close_shards()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 3 MB to fill up; grows with ``.grow()``. Needs root (CI runs as root)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {r.stderr.decode().strip()}")
+
+    class Disk:
+        path = mnt
+
+        def grow(self):
+            subprocess.run(["mount", "-o", "remount,size=256m", str(mnt)], check=True)
+
+    yield Disk()
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.mark.parametrize("full", ["local_dir", "run_dir"])
+def test_full_disk_then_resume(config, small_disk, full):
+    where = {"run": {"count": 6000, "task_size": 200, "run_dir": str(small_disk.path / "run")}} \
+        if full == "run_dir" else {"storage": {"local_dir": str(small_disk.path / "local")}}
+    sections = {"generator": {"dim": 8}, "cluster": {"nodes": 2, "workers": 1}, **where}
+    sections.setdefault("run", {"count": 6000, "task_size": 200})
+    spec = config(**sections)
+    with pytest.raises(unidask.RunError) as e:
+        unidask.run(spec, echo=lambda s: None)
+    assert str(small_disk.path) in str(e.value)
+    assert "full" in str(e.value) or "No space" in str(e.value)
+    for p in plan.staged_shards(spec.run_dir):          # whatever was staged is whole
+        assert shard.connect_readonly(p).execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    small_disk.grow()
+    result = unidask.run(spec, resume=True, echo=lambda s: None)
+    assert result.merged.complete
+    assert merged_data(result.merged.out) == reference(spec)
+
+
+def test_eight_writers_on_one_node(config):
+    spec = config(run={"count": 4000, "task_size": 5}, cluster={"nodes": 1, "workers": 8},
+                  storage={"stage_every": 0.5})
+    result = unidask.run(spec, echo=lambda s: None)
+    assert result.merged.complete and result.merged.rows == 4000
+    con = sqlite3.connect(result.merged.out)
+    assert len({w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}) >= 6
+    assert merged_data(result.merged.out) == reference(spec)
