@@ -25,6 +25,8 @@ def write_config(path: Path, *, run: dict | None = None, generator: dict | None 
         "storage": {"local_dir": str(base / "local")},
         "cluster": {"nodes": 2, "workers": 1, "dashboard_address": "127.0.0.1:0"},
     }
+    if generator and "kind" in generator:  # another kind: its own parameters, not haar's dim
+        sections["generator"] = {}
     for name, extra in (("run", run), ("generator", generator), ("storage", storage), ("cluster", cluster)):
         sections[name].update(extra or {})
     lines = []
@@ -41,6 +43,8 @@ def toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return str(v)
 
 

@@ -96,6 +96,22 @@ def verify(db: str, against: str | None, overrides: tuple[str, ...]) -> int:
     return 0 if verdict.ok else 1
 
 
+@cli.command("generators")
+def list_generators() -> None:
+    """List the generators and their parameters."""
+    from .generators import PLUGIN_PARAMS, REGISTRY
+
+    for g in REGISTRY.values():
+        click.echo(f"{g.kind}: {g.doc}")
+        for name, p in g.params.items():
+            click.echo(f"    {name}: {p.describe()}")
+    click.echo("module:function: your own function(rng, count, **params) -> (count, n, n) array "
+               "[, list of meta dicts]; its keyword parameters become generator keys, and")
+    for name, p in PLUGIN_PARAMS.items():
+        click.echo(f"    {name}: {p.describe()}")
+    click.echo("every kind also takes dtype: complex128 (default) or complex64")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and an exit status, never a traceback."""
     logging.getLogger("distributed").setLevel(logging.WARNING)

@@ -14,7 +14,7 @@ from typing import Callable
 
 from distributed import Client, as_completed, wait
 
-from . import __version__, cluster, plan, shard, worker
+from . import __version__, cluster, generators, plan, shard, worker
 from .config import Spec
 from .errors import InputError, RunError
 from .merge import MergeReport, merge as merge_run
@@ -165,7 +165,7 @@ def _generate(client: Client, spec: Spec, tasks, attempt: str, result: RunResult
               echo: Callable[[str], None]) -> None:
     threads = sum(client.nthreads().values()) or 1
     window = spec.cluster["max_in_flight"] or 2 * threads + 4
-    prefix = f"generate-{spec.kind}-{spec.params.get('dim', '')}".rstrip("-")
+    prefix = generators.get(spec.kind).label(spec.params)
     todo = iter(tasks)
     done_units = spec.count - sum(spec.task_count(t) for t in tasks)
     progress = Progress(spec.count, initial=done_units)

@@ -40,8 +40,7 @@ def node_shard(spec: Spec, attempt: str) -> shard.Shard:
 def generate(spec: Spec, task: int) -> tuple[np.ndarray, list[str | None] | None]:
     """Task ``task``'s unitaries and their meta strings, checked for shape, dtype and finiteness."""
     count = spec.task_count(task)
-    out = generators.get(spec.kind).function(plan.rng(spec, task), count, dtype=spec.dtype, **spec.params)
-    array, metas = out if isinstance(out, tuple) else (out, None)
+    array, metas = generators.get(spec.kind)(plan.rng(spec, task), count, spec.dtype, spec.params)
     if not isinstance(array, np.ndarray) or array.ndim != 3 or array.shape[0] != count \
             or array.shape[1] != array.shape[2]:
         raise RunError(f"generator {spec.kind!r} returned {getattr(array, 'shape', type(array))}, "
@@ -53,7 +52,10 @@ def generate(spec: Spec, task: int) -> tuple[np.ndarray, list[str | None] | None
     if metas is not None:
         if len(metas) != count:
             raise RunError(f"generator {spec.kind!r} returned {len(metas)} metas for {count} unitaries")
-        metas = [None if m is None else json.dumps(m, sort_keys=True) for m in metas]
+        try:
+            metas = [None if m is None else json.dumps(m, sort_keys=True) for m in metas]
+        except TypeError as e:
+            raise RunError(f"generator {spec.kind!r} returned meta that is not JSON: {e}") from None
     return array, metas
 
 

@@ -1,16 +1,21 @@
-"""Generator families and their registry: ``kind`` -> a function ``f(rng, count, *, dtype, **params)``.
+"""Generator families and their registry: ``kind`` -> a :class:`Generator`.
 
-A generator returns a ``(count, n, n)`` array of the requested dtype, or a pair
-``(array, metas)`` where ``metas`` is a list of JSON-able dicts (one per unitary) or None.
+A built-in generator is ``f(rng, count, *, dtype, **params)``. A user's generator, named in the
+config as ``kind = "module:function"``, is ``function(rng, count, **params)``; both return a
+``(count, n, n)`` array, or a pair ``(array, metas)`` with one JSON-able dict (or None) per unitary.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from ..errors import InputError
-from . import haar as _haar
+import numpy as np
+
+from ..errors import InputError, RunError
+from . import circuits, groups, haar as _haar
 
 REQUIRED = object()
 
@@ -19,10 +24,16 @@ REQUIRED = object()
 class Param:
     """One generator parameter: its type, default (or REQUIRED), smallest value and meaning."""
 
-    type: type
+    type: type | tuple[type, ...]
     default: Any = REQUIRED
     minimum: float | None = None
     doc: str = ""
+
+    def describe(self) -> str:
+        name = self.type.__name__ if isinstance(self.type, type) else "/".join(t.__name__ for t in self.type)
+        default = "required" if self.default is REQUIRED else f"default {self.default!r}"
+        low = f", >= {self.minimum}" if self.minimum is not None else ""
+        return f"{name}{low}, {default}" + (f": {self.doc}" if self.doc else "")
 
 
 @dataclass(frozen=True)
@@ -31,38 +42,122 @@ class Generator:
     function: Callable[..., Any]
     params: Mapping[str, Param] = field(default_factory=dict)
     doc: str = ""
+    check: Callable[[dict[str, Any]], None] | None = None   # cross-parameter checks
+    plugin: bool = False
 
     def validate(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Check ``given`` against the parameters; return them with defaults filled in."""
         unknown = set(given) - set(self.params)
-        if unknown:
+        if unknown and not (self.plugin and _takes_kwargs(self.function)):
             known = ", ".join(["kind", "dtype", *self.params])
             raise InputError(f"unknown key generator.{sorted(unknown)[0]} for kind {self.kind!r} "
                              f"(known: {known})")
-        out = {}
+        out = {k: given[k] for k in unknown}
         for name, p in self.params.items():
             value = given.get(name, p.default)
             if value is REQUIRED:
                 raise InputError(f"generator.{name} is required for kind {self.kind!r}")
-            ok = isinstance(value, p.type) and not (isinstance(value, bool) and p.type is not bool)
-            if p.type is float and isinstance(value, int) and not isinstance(value, bool):
-                value, ok = float(value), True
-            if not ok or (p.minimum is not None and value < p.minimum):
-                want = f"{p.type.__name__}" + (f" >= {p.minimum}" if p.minimum is not None else "")
-                raise InputError(f"generator.{name} must be {want}, got {value!r}")
+            types = p.type if isinstance(p.type, tuple) else (p.type,)
+            if float in types and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+            if p.type is not object and (not ok or (p.minimum is not None and value < p.minimum)):
+                raise InputError(f"generator.{name} must be {p.describe().split(',')[0]}"
+                                 + (f" >= {p.minimum}" if p.minimum is not None else "") + f", got {value!r}")
             out[name] = value
+        if self.check is not None:
+            self.check(out)
         return out
 
+    def label(self, params: Mapping[str, Any]) -> str:
+        """A readable task-name prefix for Dask's pages, e.g. ``generate-haar-4``."""
+        size = params.get("dim") or (f"{params['qubits']}q" if "qubits" in params else "")
+        return f"generate-{self.kind.replace(':', '.')}" + (f"-{size}" if size else "")
 
-REGISTRY: dict[str, Generator] = {
-    "haar": Generator("haar", _haar.haar, {"dim": Param(int, minimum=1, doc="matrix size n")},
-                      "Haar-random U(n): batched QR with Mezzadri's phase correction"),
+    def __call__(self, rng: np.random.Generator, count: int, dtype: str,
+                 params: Mapping[str, Any]) -> tuple[np.ndarray, list | None]:
+        if not self.plugin:
+            out = self.function(rng, count, dtype=dtype, **params)
+            return out if isinstance(out, tuple) else (out, None)
+        return _call_plugin(self, rng, count, dtype, params)
+
+
+dim = Param(int, minimum=1, doc="matrix size n")
+REGISTRY: dict[str, Generator] = {g.kind: g for g in [
+    Generator("haar", _haar.haar, {"dim": dim},
+              "Haar-random U(n): batched QR with Mezzadri's phase correction"),
+    Generator("special", groups.special, {"dim": dim}, "Haar-random SU(n)"),
+    Generator("orthogonal", groups.orthogonal, {"dim": dim},
+              "Haar-random O(n) (real, stored as complex), both determinant signs"),
+    Generator("diagonal", groups.diagonal, {"dim": dim}, "diagonal unitaries with uniform random phases"),
+    Generator("circuit", circuits.circuit, {
+        "qubits": Param(int, minimum=1, doc="qubits q; unitaries are 2^q x 2^q"),
+        "depth": Param(int, 10, minimum=0, doc="layers, each touching a qubit at most once"),
+        "gates": Param(int, 0, minimum=0, doc="if > 0: this many gates instead of depth layers"),
+        "gate_set": Param(list, list(circuits.GATES), doc="gates to draw from"),
+        "two_qubit_density": Param(float, 0.3, doc="chance a slot gets a two-qubit gate"),
+        "coupling_map": Param(list, [], doc="allowed [a, b] qubit pairs (default: all)"),
+    }, "random circuits; meta holds the circuit as OpenQASM 2 (qubit 0 = least significant bit)",
+        check=circuits.check),
+]}
+
+PLUGIN_PARAMS = {
+    "check_unitary": Param(bool, True, doc="check every returned matrix is unitary"),
+    "tolerance": Param(float, 1e-8, doc="max |U^H U - I| allowed"),
 }
 
 
 def get(kind: str) -> Generator:
-    """The generator registered under ``kind``."""
+    """The generator registered under ``kind``, or the user's ``module:function``."""
+    if isinstance(kind, str) and ":" in kind:
+        return plugin(kind)
     try:
         return REGISTRY[kind]
     except (KeyError, TypeError):
-        raise InputError(f"unknown generator kind {kind!r} (known: {', '.join(REGISTRY)})") from None
+        raise InputError(f"unknown generator kind {kind!r} (known: {', '.join(REGISTRY)}, "
+                         "or module:function)") from None
+
+
+def plugin(kind: str) -> Generator:
+    """Load a user generator ``module:function``; its keyword parameters become config keys."""
+    module, _, name = kind.partition(":")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise InputError(f"generator {kind!r}: cannot import {module!r} ({e})") from None
+    except AttributeError:
+        raise InputError(f"generator {kind!r}: module {module!r} has no {name!r}") from None
+    if not callable(function):
+        raise InputError(f"generator {kind!r} is not a function")
+    params = dict(PLUGIN_PARAMS)
+    for p in list(inspect.signature(function).parameters.values())[2:]:
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            params[p.name] = Param(object, REQUIRED if p.default is p.empty else p.default)
+    return Generator(kind, function, params, (inspect.getdoc(function) or "").split("\n")[0], plugin=True)
+
+
+def _takes_kwargs(function: Callable) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(function).parameters.values())
+
+
+def _call_plugin(gen: Generator, rng, count: int, dtype: str, params: Mapping[str, Any]):
+    own = {k: v for k, v in params.items() if k not in PLUGIN_PARAMS}
+    out = gen.function(rng, count, **own)
+    array, metas = out if isinstance(out, tuple) else (out, None)
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.number):
+        raise RunError(f"generator {gen.kind!r} returned dtype {array.dtype}, expected numbers")
+    if array.ndim != 3 or array.shape[0] != count or array.shape[1] != array.shape[2]:
+        raise RunError(f"generator {gen.kind!r} returned shape {array.shape}, expected ({count}, n, n)")
+    if not np.isfinite(array).all():
+        raise RunError(f"generator {gen.kind!r} returned non-finite values (NaN or inf)")
+    array = array.astype(dtype)
+    if params["check_unitary"] and count:
+        n = array.shape[-1]
+        u = array.astype(np.complex128)
+        err = np.abs(np.einsum("kji,kjl->kil", u.conj(), u) - np.eye(n)).max(axis=(1, 2))
+        bad = int(np.argmax(err))
+        if err[bad] > params["tolerance"]:
+            raise RunError(f"generator {gen.kind!r} returned a matrix that is not unitary (#{bad}: "
+                           f"max |U^H U - I| = {err[bad]:.1e} > tolerance {params['tolerance']:g})")
+    return array, metas

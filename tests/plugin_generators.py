@@ -1,0 +1,24 @@
+"""User generators for the plugin tests: one good, three broken."""
+
+import numpy as np
+
+
+def rotations(rng, count, *, scale=1.0):
+    """Random SO(2) rotations, with their angle as meta."""
+    theta = scale * rng.uniform(0, 2 * np.pi, count)
+    c, s = np.cos(theta), np.sin(theta)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2), [{"theta": t} for t in theta]
+
+
+def wrong_shape(rng, count):
+    return np.zeros((count, 2, 3))
+
+
+def with_nan(rng, count):
+    out = np.stack([np.eye(2)] * count)
+    out[-1, 0, 0] = np.nan
+    return out
+
+
+def not_unitary(rng, count):
+    return 2 * np.stack([np.eye(3)] * count)
