@@ -69,6 +69,16 @@ def status(run_dir: str, as_json: bool) -> int:
 
 
 @cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--out", type=click.Path(dir_okay=False), default="report.html", show_default=True)
+def report(run_dir: str, out: str) -> None:
+    """Write a self-contained HTML report of how RUN_DIR's run went."""
+    from .report import report as write_report
+
+    click.echo(f"report written to {write_report(run_dir, out)}")
+
+
+@cli.command()
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["npy", "txt"]), required=True)
 @click.argument("out", type=click.Path())

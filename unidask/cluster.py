@@ -9,6 +9,7 @@ from typing import Iterator
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
+from . import dashboard
 from .config import Spec
 from .errors import InputError
 
@@ -23,6 +24,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
     Each simulated node is told its name through ``UNIDASK_NODE``, so it gets its own shard, as a
     real node would with its own local disk.
     """
+    dashboard.install()
     c = spec.cluster
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1",
                                                "dashboard_address": c["dashboard_address"]}}

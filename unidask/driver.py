@@ -14,7 +14,7 @@ from typing import Callable
 
 from distributed import Client, as_completed, wait
 
-from . import __version__, cluster, generators, plan, shard, worker
+from . import __version__, cluster, dashboard, generators, plan, shard, worker
 from .config import Spec
 from .errors import InputError, RunError
 from .merge import MergeReport, merge as merge_run
@@ -79,46 +79,120 @@ def check_local_dir(spec: Spec) -> None:
         raise InputError(f"local_dir {path} is not writable: {e.strerror or e}") from None
 
 
-def stage_all(client: Client, spec: Spec, attempt: str, *, final: bool = False) -> dict:
-    """Start one stage-out per node, each on one of that node's workers: {future: worker address}."""
-    # a worker that died a moment ago must not fail the stage-out of the others
-    nodes = client.run(shard.node_name, on_error="ignore")
-    one_worker: dict[str, str] = {}
-    for address, node in sorted(nodes.items()):
-        if isinstance(node, str):
-            one_worker.setdefault(node, address)
-    if final:
-        client.run(shard.close_shards, on_error="ignore")
-    return {client.submit(worker.stage_out, spec, attempt, final=final, workers=[address],
-                          allow_other_workers=False, pure=False, priority=10,
-                          key=f"stage-out-{node}-{time.time_ns()}"): address
-            for node, address in one_worker.items()}
+class Driver:
+    """One invocation's work on a connected client: keep tasks in flight, stage shards out, and
+    report progress (progress bar, dashboard page, ``RUN_DIR/stages.jsonl``)."""
 
+    def __init__(self, client: Client, spec: Spec, attempt: str, result: RunResult,
+                 echo: Callable[[str], None], done_tasks: int):
+        self.client, self.spec, self.attempt, self.result, self.echo = client, spec, attempt, result, echo
+        done_units = sum(spec.task_count(t) for t in plan.done(spec)) if done_tasks else 0
+        self.tracker = dashboard.Tracker(client, spec, done_units, done_tasks)
+        self.stage_log = spec.run_dir / "stages.jsonl"
 
-def settle(client: Client, stages: dict, *, block: bool) -> list[dict]:
-    """Collect finished stage-outs from ``stages`` (removing them); drop those whose worker died
-    (the task is pinned to it and would wait forever; its node's tasks are redone if lost).
-    Raises on a failed stage-out; ``block`` waits until none is left."""
-    results = []
-    while stages:
-        alive = client.scheduler_info()["workers"]
-        for future, address in list(stages.items()):
-            if future.done():
-                del stages[future]
-                if future.status == "error":
-                    raise RunError(str(future.exception()))
-                if (r := future.result()) is not None:
-                    results.append(r)
-            elif address not in alive:
-                del stages[future]
-                future.cancel()
-        if not block or not stages:
-            break
+    def stage_all(self, *, final: bool = False) -> dict:
+        """Start one stage-out per node, each on one of its workers: {future: worker address}."""
+        client = self.client
+        # a worker that died a moment ago must not fail the stage-out of the others
+        nodes = client.run(shard.node_name, on_error="ignore")
+        one_worker: dict[str, str] = {}
+        for address, node in sorted(nodes.items()):
+            if isinstance(node, str):
+                one_worker.setdefault(node, address)
+        if final:
+            client.run(shard.close_shards, on_error="ignore")
+        return {client.submit(worker.stage_out, self.spec, self.attempt, final=final, workers=[address],
+                              allow_other_workers=False, pure=False, priority=10,
+                              key=f"stage-out-{node}-{time.time_ns()}"): address
+                for node, address in one_worker.items()}
+
+    def settle(self, stages: dict, *, block: bool) -> list[dict]:
+        """Collect finished stage-outs from ``stages`` (removing them); drop those whose worker
+        died (pinned to it, they would wait forever; a lost node's tasks are redone). Raises on a
+        failed stage-out; ``block`` waits until none is left."""
+        results = []
+        while stages:
+            alive = self.client.scheduler_info()["workers"]
+            for future, address in list(stages.items()):
+                if future.done():
+                    del stages[future]
+                    if future.status == "error":
+                        raise RunError(str(future.exception()))
+                    if (r := future.result()) is not None:
+                        results.append(r)
+                elif address not in alive:
+                    del stages[future]
+                    future.cancel()
+            if not block or not stages:
+                break
+            try:
+                wait(list(stages), timeout=1, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+        if results:
+            self.tracker.staged(results)
+            with open(self.stage_log, "a") as f:
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in results)
+        return results
+
+    def settle_periodic(self, stages: dict, *, block: bool) -> None:
         try:
-            wait(list(stages), timeout=1, return_when="FIRST_COMPLETED")
-        except TimeoutError:
-            pass
-    return results
+            self.settle(stages, block=block)
+        except RunError as e:  # not fatal: the next stage-out, or the final one, tries again
+            self.echo(f"warning: periodic stage-out failed: {e}")
+
+    def generate(self, tasks) -> None:
+        """Run ``tasks`` with a bounded number in flight, staging every ``stage_every`` seconds."""
+        client, spec, result = self.client, self.spec, self.result
+        threads = sum(client.nthreads().values()) or 1
+        window = spec.cluster["max_in_flight"] or 2 * threads + 4
+        prefix = generators.get(spec.kind).label(spec.params)
+        todo = iter(tasks)
+        progress = Progress(spec.count, initial=spec.count - sum(spec.task_count(t) for t in tasks))
+        futures = as_completed()
+        inflight: set = set()
+
+        def submit_next() -> None:
+            task = next(todo, None)
+            if task is not None:
+                future = client.submit(worker.generate_task, spec, task, self.attempt,
+                                       key=(prefix, task), pure=False, retries=2)
+                inflight.add(future)
+                futures.add(future)
+
+        for _ in range(window):
+            submit_next()
+        last_stage, stages = time.monotonic(), {}
+        n_done = 0
+        try:
+            for future in futures:
+                if future.status == "error":
+                    raise RunError(f"task {future.key} failed: {future.exception()}")
+                summary = future.result()
+                inflight.discard(future)
+                future.release()
+                submit_next()
+                n_done += 1
+                result.written += summary["count"]
+                result.per_node[summary["node"]] = result.per_node.get(summary["node"], 0) + summary["count"]
+                progress.update(summary["count"], f"{n_done}/{len(tasks)} tasks")
+                self.tracker.task_done(summary, len(inflight))
+                self.settle_periodic(stages, block=False)
+                if not stages and time.monotonic() - last_stage >= spec.storage["stage_every"]:
+                    stages = self.stage_all()
+                    last_stage = time.monotonic()
+            self.settle_periodic(stages, block=True)  # before the final one closes the shards
+        except BaseException:
+            # keep what the workers finished: cancel the rest and stage every shard out
+            futures.clear()
+            client.cancel(list(inflight) + list(stages))
+            try:
+                self.settle(self.stage_all(final=True), block=True)
+            except Exception as e:  # the original error matters more
+                self.echo(f"warning: final stage-out after the failure failed too: {e}")
+            raise
+        finally:
+            progress.close()
 
 
 def run(spec: Spec, *, resume: bool = False, merge: bool = True,
@@ -139,10 +213,13 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
     start = time.monotonic()
     with cluster.connect(spec) as client:
         echo(f"dashboard: {client.dashboard_link}")
+        if spec.cluster["mode"] == "local":
+            echo(f"unidask page: {client.dashboard_link.rsplit('/', 1)[0]}/unidask")
+        driver = Driver(client, spec, attempt, result, echo, len(staged))
         for round in range(REDO_ROUNDS + 1):
             if tasks:
-                _generate(client, spec, tasks, attempt, result, echo)
-            finals = settle(client, stage_all(client, spec, attempt, final=True), block=True)
+                driver.generate(tasks)
+            finals = driver.settle(driver.stage_all(final=True), block=True)
             result.shards += [s["path"] for s in finals if s["path"] not in result.shards]
             # a node that lost its disk took its unstaged tasks with it: generate them again
             tasks = plan.todo(spec, plan.done(spec))
@@ -159,63 +236,3 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
     if merge:
         result.merged = merge_run(spec.run_dir, echo=echo)
     return result
-
-
-def _generate(client: Client, spec: Spec, tasks, attempt: str, result: RunResult,
-              echo: Callable[[str], None]) -> None:
-    threads = sum(client.nthreads().values()) or 1
-    window = spec.cluster["max_in_flight"] or 2 * threads + 4
-    prefix = generators.get(spec.kind).label(spec.params)
-    todo = iter(tasks)
-    done_units = spec.count - sum(spec.task_count(t) for t in tasks)
-    progress = Progress(spec.count, initial=done_units)
-    futures = as_completed()
-    inflight: set = set()
-
-    def submit_next() -> None:
-        task = next(todo, None)
-        if task is not None:
-            future = client.submit(worker.generate_task, spec, task, attempt, key=(prefix, task),
-                                   pure=False, retries=2)
-            inflight.add(future)
-            futures.add(future)
-
-    for _ in range(window):
-        submit_next()
-    last_stage, stages = time.monotonic(), {}
-    n_done = 0
-    try:
-        for future in futures:
-            if future.status == "error":
-                raise RunError(f"task {future.key} failed: {future.exception()}")
-            summary = future.result()
-            inflight.discard(future)
-            future.release()
-            submit_next()
-            n_done += 1
-            result.written += summary["count"]
-            result.per_node[summary["node"]] = result.per_node.get(summary["node"], 0) + summary["count"]
-            progress.update(summary["count"], f"{n_done}/{len(tasks)} tasks")
-            _settle_periodic(client, stages, echo, block=False)
-            if not stages and time.monotonic() - last_stage >= spec.storage["stage_every"]:
-                stages = stage_all(client, spec, attempt)
-                last_stage = time.monotonic()
-        _settle_periodic(client, stages, echo, block=True)  # before the final one closes the shards
-    except BaseException:
-        # keep what the workers finished: cancel the rest and stage every shard out
-        futures.clear()
-        client.cancel(list(inflight) + list(stages))
-        try:
-            settle(client, stage_all(client, spec, attempt, final=True), block=True)
-        except Exception as e:  # the original error matters more
-            echo(f"warning: final stage-out after the failure failed too: {e}")
-        raise
-    finally:
-        progress.close()
-
-
-def _settle_periodic(client: Client, stages: dict, echo: Callable[[str], None], *, block: bool) -> None:
-    try:
-        settle(client, stages, block=block)
-    except RunError as e:  # not fatal: the next stage-out, or the final one, tries again
-        echo(f"warning: periodic stage-out failed: {e}")

@@ -198,7 +198,7 @@ class Shard:
     def staged_name(self) -> str:
         return f"{self.path.stem}-{self.uid}.db"
 
-    def snapshot(self, staging_dir: str | os.PathLike) -> tuple[Path, int]:
+    def snapshot(self, staging_dir: str | os.PathLike) -> tuple[Path, int, int]:
         """Stage out: write a consistent copy of the shard into ``staging_dir`` under a temporary
         name, fsync it and rename it into place, so the staged name only ever holds a whole
         database. Returns the staged path and the number of tasks in the copy."""
@@ -212,7 +212,7 @@ class Shard:
             self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
             check = connect_readonly(tmp)
             try:
-                tasks = check.execute("SELECT count(*) FROM tasks").fetchone()[0]
+                tasks, rows = check.execute("SELECT count(*), coalesce(sum(count), 0) FROM tasks").fetchone()
             finally:
                 check.close()
             fsync_path(tmp)
@@ -222,7 +222,13 @@ class Shard:
             tmp.unlink(missing_ok=True)
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise RunError(f"cannot stage {self.path} to {dest}: {reason}") from None
-        return dest, tasks
+        return dest, tasks, rows
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on local disk, WAL included."""
+        return sum(os.stat(f"{self.path}{suffix}").st_size for suffix in ("", "-wal")
+                   if os.path.exists(f"{self.path}{suffix}"))
 
     def close(self) -> None:
         self.con.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,10 @@ def format_status(st: dict[str, Any]) -> str:
              + (f" ({st['missing']})" if st["tasks_missing"] else ""),
              f"unitaries: {st['unitaries']:,}/{st['count']:,} staged, {st['bytes'] / 1e6:,.1f} MB"
              + (f", {st['rate']:,.0f}/s" if st["rate"] else ""),
-             "", f"{'node':<16} {'tasks':>7} {'unitaries':>12} {'MB':>9}  shard"]
+             "", f"{'node':<16} {'tasks':>7} {'unitaries':>12} {'MB':>9}  {'staged at':<19}  shard"]
     for s in st["shards"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["staged"]))
         lines.append(f"{s['node']:<16} {s['tasks']:>7} {s['unitaries']:>12,} {s['bytes'] / 1e6:>9.1f}  "
-                     f"{Path(s['path']).name}" + (f"  (unreadable: {s['error']})" if "error" in s else ""))
+                     f"{when:<19}  {Path(s['path']).name}"
+                     + (f"  (unreadable: {s['error']})" if "error" in s else ""))
     return "\n".join(lines)

@@ -67,9 +67,10 @@ def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
     info = {"seed": plan.seed_label(spec, task), "node": node,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "started": started,
             "finished": time.time()}
-    written = node_shard(spec, attempt).write_task(task, task * spec.task_size, array, metas, info)
+    s = node_shard(spec, attempt)
+    written = s.write_task(task, task * spec.task_size, array, metas, info)
     return {"task": task, "count": len(array), "node": node, "written": written,
-            "nbytes": array.nbytes, "seconds": time.time() - started}
+            "nbytes": array.nbytes, "shard_bytes": s.nbytes, "seconds": time.time() - started}
 
 
 def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
@@ -82,13 +83,13 @@ def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any
     path = local_shard_path(spec, attempt, node)
     if not path.exists() and not shard.is_open(path):
         return None
-    s = node_shard(spec, attempt)
-    dest, tasks = s.snapshot(plan.shard_dir(spec.run_dir))
+    start = time.time()
+    dest, tasks, rows = node_shard(spec, attempt).snapshot(plan.shard_dir(spec.run_dir))
     if final:
         shard.close_shards()
         remove_shard_files(path)
-    return {"node": node, "path": str(dest), "tasks": tasks, "bytes": dest.stat().st_size,
-            "time": time.time()}
+    return {"node": node, "path": str(dest), "tasks": tasks, "rows": rows,
+            "bytes": dest.stat().st_size, "time": time.time(), "seconds": time.time() - start}
 
 
 def remove_shard_files(path: Path) -> None:
