@@ -133,12 +133,12 @@ def test_driver_killed_then_resume(tmp_path):
 
 
 def test_node_lost_mid_run(config):
-    spec = config(**SLOW, cluster={"nodes": 2, "workers": 1}, storage={"stage_every": 0.5})
+    spec = config(**SLOW, cluster={"nodes": 2, "workers": 1}, storage={"stage_every": 2})
     at_loss: dict[int, float] = {}
 
     def lose_node2():
         wait_for(lambda: any(p.name.startswith("node2-") for p in plan.staged_shards(spec.run_dir)))
-        time.sleep(0.3)  # let it finish a few tasks past its last stage-out
+        time.sleep(0.5)  # well before the next stage-out: some finished tasks are not staged yet
         victims = wait_for(lambda: worker_processes("node2"))
         at_loss.update(staged_tasks(spec.run_dir))
         for f in (spec.local_dir / spec.name).glob("node2-*"):

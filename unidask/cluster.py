@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
+from urllib.parse import urlsplit
 from typing import Iterator
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
@@ -36,6 +39,20 @@ def local_cluster(spec: Spec) -> SpecCluster:
         for node in local_node_names(c["nodes"]) for j in range(c["workers"])
     }
     return SpecCluster(workers=workers, scheduler=scheduler, name=f"unidask-{spec.name}")
+
+
+def dashboard_lines(client: Client, spec: Spec) -> list[str]:
+    """Where to watch the run; on a cluster, also the ssh tunnel to reach a compute node."""
+    link = client.dashboard_link
+    base = link.rsplit("/", 1)[0]
+    lines = [f"dashboard: {link}", f"unidask page: {base}/unidask"]
+    if spec.cluster["mode"] != "local":
+        host_port = urlsplit(link).netloc
+        host, _, port = host_port.rpartition(":")
+        login = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
+        lines.append(f"from your machine: ssh -N -L {port}:{host}:{port} {login}, then open "
+                     f"http://localhost:{port}/unidask")
+    return lines
 
 
 @contextlib.contextmanager

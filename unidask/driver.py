@@ -212,9 +212,8 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
     attempt = shard.new_attempt()
     start = time.monotonic()
     with cluster.connect(spec) as client:
-        echo(f"dashboard: {client.dashboard_link}")
-        if spec.cluster["mode"] == "local":
-            echo(f"unidask page: {client.dashboard_link.rsplit('/', 1)[0]}/unidask")
+        for line in cluster.dashboard_lines(client, spec):
+            echo(line)
         driver = Driver(client, spec, attempt, result, echo, len(staged))
         for round in range(REDO_ROUNDS + 1):
             if tasks:

@@ -1,0 +1,64 @@
+"""scheduler_file mode against a scheduler and workers started as separate `dask` processes, as a
+job script starts them: the data is the same as in local mode and the unidask page is served."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import unidask
+
+from conftest import merged_data
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def external_cluster(tmp_path):
+    """`dask scheduler --preload unidask.preload` and two workers on two simulated nodes."""
+    sched_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "warning"}
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file),
+                               "--preload", "unidask.preload"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    deadline = time.monotonic() + 60
+    while not sched_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for node in ("cn1", "cn2"):
+        procs.append(subprocess.Popen(
+            [str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file), "--nthreads", "1",
+             "--nworkers", "1", "--host", "127.0.0.1", "--local-directory", str(tmp_path / node)],
+            env={**env, "UNIDASK_NODE": node}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    with Client(scheduler_file=str(sched_file), timeout="60s") as c:
+        c.wait_for_workers(2, timeout=60)
+    yield sched_file
+    for p in procs[::-1]:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+
+
+def test_scheduler_file_mode(config, tmp_path, external_cluster):
+    spec = config(run={"count": 3000, "task_size": 100},
+                  cluster={"mode": "scheduler_file", "scheduler_file": str(external_cluster)})
+    lines = []
+    result = unidask.run(spec, echo=lines.append)
+    assert result.merged.complete and set(result.per_node) == {"cn1", "cn2"}
+    page = next(line.split(": ", 1)[1] for line in lines if line.startswith("unidask page: "))
+    assert any(line.startswith("from your machine: ssh -N -L ") for line in lines)
+    with urllib.request.urlopen(page + "/json", timeout=10) as r:
+        figures = json.loads(r.read())
+    assert figures["written"] == 3000 and set(figures["nodes"]) == {"cn1", "cn2"}
+    with urllib.request.urlopen(page, timeout=10) as r:
+        assert r.status == 200
+
+    local = config("local.toml", run={"count": 3000, "task_size": 100, "run_dir": str(tmp_path / "local-run")})
+    assert merged_data(result.merged.out) == merged_data(unidask.run(local, echo=lambda s: None).merged.out)
