@@ -1,6 +1,5 @@
 """Bad input: one clear line, exit status 2, no traceback, nothing written."""
 
-import os
 
 import pytest
 

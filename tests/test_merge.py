@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 import unidask
-from unidask import plan, shard, worker
+from unidask import plan, worker
 from unidask.driver import prepare_run_dir
 
 from conftest import merged_data, run_main

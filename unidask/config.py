@@ -200,11 +200,6 @@ def _validate(c: dict, where: str) -> Spec:
                 storage=MappingProxyType(storage), cluster=MappingProxyType(cluster), source=where)
 
 
-def spec_from_dict(data: Mapping[str, Any]) -> Spec:
-    """Rebuild a spec from ``Spec.to_dict()`` (run.json, a database's meta), defaults not applied."""
-    return _validate(copy.deepcopy(dict(data)), "recorded spec")
-
-
 _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}"
                   r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
 

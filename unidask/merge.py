@@ -214,7 +214,7 @@ def _merge_one(con: sqlite3.Connection, alias: str, path: Path) -> int:
             raise BadShard(f"{path}: task(s) {plan.ranges(differ)} differ from the copy already "
                            "merged from another shard; refusing to choose")
         if overlap:
-            new = f"WHERE task NOT IN (SELECT task FROM main.tasks)"
+            new = "WHERE task NOT IN (SELECT task FROM main.tasks)"
             con.execute(f"INSERT INTO main.unitaries SELECT * FROM {alias}.unitaries {new}")
             con.execute(f"INSERT INTO main.tasks SELECT * FROM {alias}.tasks {new}")
         else:

@@ -67,7 +67,7 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
 
         cursor = ds.con.execute("SELECT id, task, idx, dim, data, meta FROM unitaries ORDER BY id")
         while rows := cursor.fetchmany(20_000):
-            for i, task, idx, dim, data, meta in rows:
+            for i, task, idx, _, data, meta in rows:
                 if task != current:
                     close_task()
                     current, chunks, metas, expect_idx = task, [], [], 0

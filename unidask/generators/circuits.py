@@ -133,8 +133,8 @@ def qasm(qubits: int, ops) -> str:
 
 
 def circuit(rng: np.random.Generator, count: int, *, qubits: int, depth: int = 10, gates: int = 0,
-            gate_set: list[str] = list(GATES), two_qubit_density: float = 0.3,
-            coupling_map: list[list[int]] = (), dtype: str = "complex128"
+            gate_set: list[str] | tuple[str, ...] = GATES, two_qubit_density: float = 0.3,
+            coupling_map: list[list[int]] | tuple = (), dtype: str = "complex128"
             ) -> tuple[np.ndarray, list[dict]]:
     """``count`` random circuits on ``qubits`` qubits and their unitaries; meta holds the QASM."""
     pairs = [tuple(p) for p in coupling_map] or [(a, b) for a in range(qubits) for b in range(qubits) if a != b]
