@@ -210,10 +210,10 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
     if resume and staged:
         echo(f"resume: {len(staged)} of {spec.n_tasks} tasks already staged")
     attempt = shard.new_attempt()
-    start = time.monotonic()
     with cluster.connect(spec) as client:
         for line in cluster.dashboard_lines(client, spec):
             echo(line)
+        start = time.monotonic()  # the rate is of generating and staging, not of starting workers
         driver = Driver(client, spec, attempt, result, echo, len(staged))
         for round in range(REDO_ROUNDS + 1):
             if tasks:
@@ -227,7 +227,7 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
             result.redone += list(tasks)
             echo(f"{len(tasks)} finished task(s) were lost before their stage-out "
                  f"({plan.ranges(tasks)}): generating them again")
-    result.seconds = time.monotonic() - start
+        result.seconds = time.monotonic() - start
     missing = sorted(set(range(spec.n_tasks)) - plan.done(spec))
     if missing:
         raise RunError(f"{len(missing)} task(s) not staged ({plan.ranges(missing)}): "
