@@ -84,10 +84,9 @@ class Driver:
     report progress (progress bar, dashboard page, ``RUN_DIR/stages.jsonl``)."""
 
     def __init__(self, client: Client, spec: Spec, attempt: str, result: RunResult,
-                 echo: Callable[[str], None], done_tasks: int):
+                 echo: Callable[[str], None], staged: set[int]):
         self.client, self.spec, self.attempt, self.result, self.echo = client, spec, attempt, result, echo
-        done_units = sum(spec.task_count(t) for t in plan.done(spec)) if done_tasks else 0
-        self.tracker = dashboard.Tracker(client, spec, done_units, done_tasks)
+        self.tracker = dashboard.Tracker(client, spec, sum(spec.task_count(t) for t in staged), len(staged))
         self.stage_log = spec.run_dir / "stages.jsonl"
 
     def stage_all(self, *, final: bool = False) -> dict:
@@ -214,7 +213,7 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
         for line in cluster.dashboard_lines(client, spec):
             echo(line)
         start = time.monotonic()  # the rate is of generating and staging, not of starting workers
-        driver = Driver(client, spec, attempt, result, echo, len(staged))
+        driver = Driver(client, spec, attempt, result, echo, staged)
         for round in range(REDO_ROUNDS + 1):
             if tasks:
                 driver.generate(tasks)

@@ -246,15 +246,14 @@ def fsync_path(path: Path) -> None:
 _open: dict[Path, Shard] = {}
 
 
-def is_open(path: Path) -> bool:
-    return path in _open
+def cached(path: Path) -> Shard | None:
+    """This process's open shard at ``path``, if any (worker processes live long: open once)."""
+    return _open.get(path)
 
 
 def open_shard(path: Path, meta: dict[str, str], **options: Any) -> Shard:
-    """This process's shard at ``path``, opened once and kept (worker processes live long)."""
-    shard = _open.get(path)
-    if shard is None:
-        shard = _open[path] = Shard(path, meta, **options)
+    """Open the shard at ``path`` and keep it for :func:`cached`."""
+    shard = _open[path] = Shard(path, meta, **options)
     return shard
 
 

@@ -33,8 +33,11 @@ def shard_args(spec: Spec) -> tuple[dict[str, str], dict[str, Any]]:
 
 
 def node_shard(spec: Spec, attempt: str) -> shard.Shard:
+    path = local_shard_path(spec, attempt)
+    if (open_ := shard.cached(path)) is not None:
+        return open_
     meta, options = shard_args(spec)
-    return shard.open_shard(local_shard_path(spec, attempt), meta, **options)
+    return shard.open_shard(path, meta, **options)
 
 
 def generate(spec: Spec, task: int) -> tuple[np.ndarray, list[str | None] | None]:
@@ -81,7 +84,7 @@ def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any
     """
     node = shard.node_name()
     path = local_shard_path(spec, attempt, node)
-    if not path.exists() and not shard.is_open(path):
+    if not path.exists() and shard.cached(path) is None:
         return None
     start = time.time()
     dest, tasks, rows = node_shard(spec, attempt).snapshot(plan.shard_dir(spec.run_dir))
