@@ -177,15 +177,18 @@ def test_killed_during_stage_out_and_merge(config, monkeypatch):
 
     kill_when([sys.executable, "-c", stage, pickle.dumps(spec).hex()], lambda: shards.glob(".*tmp*"))
     assert plan.staged_shards(spec.run_dir) == []          # nothing under a final name
+    assert list(shards.glob(".*tmp*"))                     # only the killed process's temporary
     worker.stage_out(spec, "k")                            # again: completes
     assert len(staged_tasks(spec.run_dir)) == spec.n_tasks
+    assert list(shards.glob(".*tmp*")) == []               # and the stale temporary is gone
 
     out = spec.run_dir / "t.db"
     kill_when([sys.executable, "-m", "unidask.cli", "merge", str(spec.run_dir)],
               lambda: spec.run_dir.glob(".t.db.tmp-*"))
-    assert not out.exists()
+    assert not out.exists() and list(spec.run_dir.glob(".t.db.tmp-*"))
     report = unidask.merge(spec.run_dir, echo=lambda s: None)
     assert report.complete and merged_data(out) == reference(spec)
+    assert list(spec.run_dir.glob(".t.db.tmp-*")) == []
     shard.close_shards()
 
 

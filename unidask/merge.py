@@ -140,7 +140,8 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
         raise InputError(f"{run_dir}: no shard could be merged")
 
     start = time.monotonic()
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = shard.temp_name(out)
+    shard.remove_stale_temps(out)
     try:
         con = _open_target(tmp, out if append and out.exists() else None, record)
         try:

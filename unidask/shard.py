@@ -9,6 +9,7 @@ only for the inserts.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -203,10 +204,10 @@ class Shard:
         name, fsync it and rename it into place, so the staged name only ever holds a whole
         database. Returns the staged path and the number of tasks in the copy."""
         dest = Path(staging_dir) / self.staged_name
-        tmp = dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        tmp = temp_name(dest)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp.unlink(missing_ok=True)
+            remove_stale_temps(dest)
             # VACUUM INTO copies one read snapshot of the WAL database (writers go on meanwhile)
             # into a compact file with a rollback journal: readers of it need no -wal or -shm
             self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
@@ -232,6 +233,20 @@ class Shard:
 
     def close(self) -> None:
         self.con.close()
+
+
+def temp_name(dest: Path) -> Path:
+    """Where ``dest`` is built before its rename: hidden, and naming the host and process."""
+    return dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_stale_temps(dest: Path) -> None:
+    """Remove temporaries of ``dest`` left by killed processes of this host (and our own)."""
+    prefix = f".{dest.name}.tmp-{socket.gethostname()}-"
+    for tmp in dest.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split("-")[0]  # also its -journal, -wal
+        if pid.isdigit() and (int(pid) == os.getpid() or not os.path.exists(f"/proc/{pid}")):
+            tmp.unlink(missing_ok=True)
 
 
 def fsync_path(path: Path) -> None:
