@@ -22,3 +22,13 @@ def with_nan(rng, count):
 
 def not_unitary(rng, count):
     return 2 * np.stack([np.eye(3)] * count)
+
+
+def slow_haar(rng, count, *, dim=2, delay=0.0):
+    """Haar U(dim), taking ``delay`` seconds a task: long runs with little data, for walltime tests."""
+    import time
+
+    from unidask.generators.haar import haar
+
+    time.sleep(delay)
+    return haar(rng, count, dim=dim)

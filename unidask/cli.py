@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 
 import click
@@ -34,12 +36,69 @@ def run(config: str, overrides: tuple[str, ...], resume: bool, no_merge: bool) -
     spec = load_config(config, list(overrides))
     click.echo(f"unidask {__version__}: {spec.count:,} x {spec.kind} {spec.dtype} in "
                f"{spec.n_tasks} task(s) -> {spec.run_dir}", err=True)
-    result = run_spec(spec, resume=resume, merge=not no_merge)
+    from .slurm import stop_on_signal
+
+    with stop_on_signal():
+        result = run_spec(spec, resume=resume, merge=not no_merge)
     click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
                f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
                f"{len(result.shards)} shard(s) staged in {spec.run_dir / 'shards'}")
     if result.merged is not None:
         click.echo(result.merged.summary())
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--time", "time_limit", default="01:00:00", show_default=True, help="Walltime, HH:MM:SS.")
+@click.option("--partition", help="SLURM partition.")
+@click.option("--account", help="SLURM account.")
+@click.option("--dry-run", is_flag=True, help="Print the job scripts, submit nothing.")
+@click.option("--wait", is_flag=True, help="Wait for both jobs; exit with the merge job's status.")
+def submit(config: str, overrides: tuple[str, ...], nodes: int, time_limit: str, partition: str | None,
+           account: str | None, dry_run: bool, wait: bool) -> int:
+    """Submit CONFIG to SLURM: the generation job, then the merge job after it."""
+    from .config import load_config
+    from .slurm import submit as submit_jobs, walltime_seconds
+
+    spec = load_config(config, list(overrides))
+    walltime_seconds(time_limit)
+    sub = submit_jobs(spec, config, list(overrides), nodes=nodes, time_limit=time_limit,
+                      partition=partition, account=account, dry_run=dry_run, wait=wait)
+    if dry_run:
+        for name, text in sub.scripts.items():
+            click.echo(f"# ---- {name}.sbatch ----\n{text}")
+        return 0
+    click.echo(f"submitted generation job {sub.generate_job} and merge job {sub.merge_job} "
+               f"(after it succeeds)\nlogs: {sub.logs}/\ndashboard: once job {sub.generate_job} runs, "
+               f"its first node N (squeue -j {sub.generate_job} -o %N) serves it on port 8787; from your "
+               f"machine: ssh -N -L 8787:N:8787 {os.environ.get('HOSTNAME') or socket.gethostname()}, "
+               "then open http://localhost:8787/unidask")
+    if wait:
+        click.echo(f"merge job {sub.merge_job} ended with status {sub.status}")
+        return sub.status or 0
+    return 0
+
+
+@cli.command("config")
+@click.argument("config", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--get", "key", metavar="SECTION.KEY", help="Print one value only.")
+def show_config(config: str, overrides: tuple[str, ...], key: str | None) -> int:
+    """Print CONFIG as unidask reads it: defaults, overrides and paths filled in (JSON)."""
+    from .config import load_config
+
+    data = load_config(config, list(overrides)).to_dict()
+    if key is None:
+        click.echo(json.dumps(data, indent=2))
+        return 0
+    section, _, name = key.partition(".")
+    try:
+        click.echo(data[section][name])
+    except KeyError:
+        raise click.UsageError(f"no config key {key!r}") from None
+    return 0
 
 
 @cli.command()

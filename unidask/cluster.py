@@ -7,14 +7,17 @@ import contextlib
 import logging
 import os
 import socket
+import subprocess
+import sys
+import time
 from urllib.parse import urlsplit
 from typing import Iterator
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
-from . import dashboard
+from . import dashboard, shard
 from .config import Spec
-from .errors import InputError
+from .errors import InputError, RunError
 
 
 def local_node_names(nodes: int) -> list[str]:
@@ -41,6 +44,16 @@ def local_cluster(spec: Spec) -> SpecCluster:
     return SpecCluster(workers=workers, scheduler=scheduler, name=f"unidask-{spec.name}")
 
 
+def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
+    """Wait until workers of ``nodes`` nodes have joined (inside a SLURM job: all of its nodes),
+    so the first tasks do not all land on the node whose workers started first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(set(client.run(shard.node_name, on_error="ignore").values())) >= nodes:
+            return
+        time.sleep(0.5)
+
+
 def dashboard_lines(client: Client, spec: Spec) -> list[str]:
     """Where to watch the run; on a cluster, also the ssh tunnel to reach a compute node."""
     link = client.dashboard_link
@@ -64,6 +77,34 @@ def connect(spec: Spec) -> Iterator[Client]:
             yield client
     elif mode == "scheduler_file":
         with Client(scheduler_file=spec.cluster["scheduler_file"], timeout="120s") as client:
+            wait_for_nodes(client, int(os.environ.get("SLURM_JOB_NUM_NODES") or 1))
             yield client
     else:
-        raise InputError(f"cluster.mode = {mode!r} is not available yet in this version")
+        with slurm_cluster(spec) as cluster, Client(cluster) as client:
+            yield client
+
+
+def slurm_cluster(spec: Spec):
+    """Workers as SLURM jobs through dask-jobqueue, one job per node of ``workers`` processes; the
+    scheduler runs here (a login node). Anything not set by the run comes from dask-jobqueue's own
+    config (``jobqueue.slurm`` in ~/.config/dask/jobqueue.yaml: queue, account, interface...)."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise InputError("cluster.mode = 'slurm' needs dask-jobqueue: pip install 'unidask[slurm]'") from None
+    dashboard.install()
+    c = spec.cluster
+    cluster = SLURMCluster(cores=c["workers"], processes=c["workers"], memory=c["memory"],
+                           walltime=c["walltime"], job_name=f"unidask-{spec.name}",
+                           log_directory=str(spec.run_dir / "logs"), python=sys.executable,
+                           scheduler_options={"dashboard_address": c["dashboard_address"]})
+    # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
+    # reason instead of leaving it waiting for workers that never come
+    check = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True,
+                           text=True)
+    if check.returncode != 0:
+        cluster.close()
+        reason = [line for line in check.stderr.splitlines() if "error" in line] or [check.stderr.strip()]
+        raise RunError(f"SLURM refuses the worker jobs: {reason[-1]}")
+    cluster.scale(jobs=c["nodes"])
+    return cluster

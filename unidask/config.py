@@ -192,6 +192,10 @@ def _validate(c: dict, where: str) -> Spec:
     positive_int("cluster", "nodes", cluster["nodes"])
     if cluster["max_in_flight"] is not None:
         positive_int("cluster", "max_in_flight", cluster["max_in_flight"])
+    positive_int("cluster", "stop_before", cluster["stop_before"])
+    for key in ("memory", "walltime"):
+        if not isinstance(cluster[key], str) or not cluster[key]:
+            raise InputError(f"{where}: cluster.{key} must be a string, e.g. \"4GB\" or \"01:00:00\"")
     if cluster["mode"] == "scheduler_file" and not cluster["scheduler_file"]:
         raise InputError(f"{where}: cluster.scheduler_file is required in scheduler_file mode")
 

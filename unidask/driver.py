@@ -90,20 +90,21 @@ class Driver:
         self.stage_log = spec.run_dir / "stages.jsonl"
 
     def stage_all(self, *, final: bool = False) -> dict:
-        """Start one stage-out per node, each on one of its workers: {future: worker address}."""
+        """Start one stage-out per local disk (per node, or per job where jobs get a private /tmp),
+        each on one of the workers that write there: {future: worker address}."""
         client = self.client
         # a worker that died a moment ago must not fail the stage-out of the others
-        nodes = client.run(shard.node_name, on_error="ignore")
+        disks = client.run(worker.disk, self.spec, on_error="ignore")
         one_worker: dict[str, str] = {}
-        for address, node in sorted(nodes.items()):
-            if isinstance(node, str):
-                one_worker.setdefault(node, address)
+        for address, disk in sorted(disks.items()):
+            if isinstance(disk, str):
+                one_worker.setdefault(disk, address)
         if final:
             client.run(shard.close_shards, on_error="ignore")
         return {client.submit(worker.stage_out, self.spec, self.attempt, final=final, workers=[address],
                               allow_other_workers=False, pure=False, priority=10,
-                              key=f"stage-out-{node}-{time.time_ns()}"): address
-                for node, address in one_worker.items()}
+                              key=f"stage-out-{disk.split(':')[0]}-{time.time_ns()}"): address
+                for disk, address in one_worker.items()}
 
     def settle(self, stages: dict, *, block: bool) -> list[dict]:
         """Collect finished stage-outs from ``stages`` (removing them); drop those whose worker
@@ -143,7 +144,8 @@ class Driver:
     def generate(self, tasks) -> None:
         """Run ``tasks`` with a bounded number in flight, staging every ``stage_every`` seconds."""
         client, spec, result = self.client, self.spec, self.result
-        threads = sum(client.nthreads().values()) or 1
+        # workers may still be starting (SLURM jobs): size the window for the ones asked for
+        threads = sum(client.nthreads().values()) or spec.cluster["nodes"] * spec.cluster["workers"]
         window = spec.cluster["max_in_flight"] or 2 * threads + 4
         prefix = generators.get(spec.kind).label(spec.params)
         todo = iter(tasks)

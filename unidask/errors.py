@@ -17,3 +17,9 @@ class RunError(UnidaskError, RuntimeError):
     """The run could not finish: missing tasks, a failing worker, a full disk."""
 
     exit_code = 1
+
+
+class Stopped(RunError):
+    """Stopped by a signal (SLURM's, before the walltime) after staging every finished task."""
+
+    exit_code = 3

@@ -76,6 +76,15 @@ def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
             "nbytes": array.nbytes, "shard_bytes": s.nbytes, "seconds": time.time() - started}
 
 
+def disk(spec: Spec) -> str:
+    """Which local disk this worker's shard is on: its node, and the device and inode of the local
+    dir. Workers of one SLURM job share it; two jobs on one node with private /tmp do not."""
+    path = spec.local_dir
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.stat()
+    return f"{shard.node_name()}:{st.st_dev}:{st.st_ino}"
+
+
 def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
     """Copy this node's shard to ``RUN_DIR/shards/`` as a whole snapshot.
 

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Bring up a real SLURM on this one machine: munge, slurmctld, and NODES slurmd daemons (node1..N),
+# each its own node with CPUS cpus. Every job gets a private /tmp on every node (job_container/tmpfs),
+# wiped when the job ends, as node-local scratch is on a real cluster.
+#
+#   cluster/start.sh [NODES=2] [CPUS=2]      then: export SLURM_CONF=<printed path>
+#   cluster/stop.sh                          ends only the daemons this started
+#
+# Everything lives under $UNIDASK_SLURM_DIR (default /var/tmp/unidask-slurm; not /tmp, which jobs
+# see privately). Starting again, or after a stale stop, starts fresh.
+set -euo pipefail
+NODES=${1:-2}
+CPUS=${2:-2}
+BASE=${UNIDASK_SLURM_DIR:-/var/tmp/unidask-slurm}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "start.sh: SLURM is not installed and we are not root to install it" >&2
+        exit 2
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        slurmctld slurmd slurm-client munge >/dev/null
+fi
+
+"$HERE/stop.sh" >/dev/null 2>&1 || true
+rm -rf "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log"
+mkdir -p "$BASE"/{state,spool,run,log,tmp}
+HOST=$(hostname -s)
+LAST=$((17000 + NODES))
+
+cat >"$BASE/slurm.conf" <<CONF
+ClusterName=unidask
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=16817
+SlurmUser=root
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobContainerType=job_container/tmpfs
+PrologFlags=Contain
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+ReturnToService=2
+JobRequeue=0
+MinJobAge=5
+KillWait=5
+InactiveLimit=0
+SlurmdParameters=config_overrides
+StateSaveLocation=$BASE/state
+SlurmdSpoolDir=$BASE/spool/%n
+SlurmctldPidFile=$BASE/run/slurmctld.pid
+SlurmdPidFile=$BASE/run/slurmd-%n.pid
+SlurmctldLogFile=$BASE/log/slurmctld.log
+SlurmdLogFile=$BASE/log/slurmd-%n.log
+NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$LAST] CPUs=$CPUS RealMemory=64000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+cat >"$BASE/job_container.conf" <<CONF
+AutoBasePath=true
+BasePath=$BASE/tmp
+CONF
+export SLURM_CONF=$BASE/slurm.conf
+
+# munge: start it only when no working munged answers (a second one cannot take its lock)
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    mkdir -p /run/munge && chown munge:munge /run/munge && chmod 0755 /run/munge
+    runuser -u munge -- /usr/sbin/munged
+    cp /run/munge/munged.pid "$BASE/run/munged.pid"
+fi
+
+slurmctld -f "$SLURM_CONF"
+for k in $(seq 1 "$NODES"); do
+    slurmd -f "$SLURM_CONF" -N "node$k"
+done
+
+for _ in $(seq 1 60); do
+    idle=$(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l)
+    [ "$idle" -ge "$NODES" ] && break
+    sleep 0.5
+done
+if [ "$idle" -lt "$NODES" ]; then
+    echo "start.sh: only $idle of $NODES nodes came up; logs in $BASE/log" >&2
+    sinfo >&2 || true
+    exit 1
+fi
+echo "export SLURM_CONF=$SLURM_CONF"

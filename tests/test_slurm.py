@@ -1,0 +1,132 @@
+"""The SLURM path against a real SLURM (cluster/start.sh: munge, slurmctld, 2 slurmd, private /tmp
+per job and node): `unidask submit`, a job ended by its walltime and resubmitted, `mode = "slurm"`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import unidask
+from unidask import plan
+
+import plugin_generators
+from conftest import REPO, merged_data, unitarity_error, write_config
+
+SLURM_DIR = "/var/tmp/unidask-slurm-tests"
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A running 2-node SLURM; its SLURM_CONF is set for this process and the jobs it submits."""
+    if shutil.which("slurmctld") is None and os.geteuid() != 0:
+        pytest.skip("SLURM is not installed and installing it needs root (CI runs as root)")
+    env = {**os.environ, "UNIDASK_SLURM_DIR": SLURM_DIR}
+    r = subprocess.run([str(REPO / "cluster" / "start.sh"), "2", "2"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"cluster/start.sh failed: {r.stderr[-2000:]}")
+    conf = f"{SLURM_DIR}/slurm.conf"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    subprocess.run([str(REPO / "cluster" / "stop.sh")], env=env, timeout=120)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture
+def shared():
+    """A directory every job can see: not under /tmp, which each job sees privately."""
+    path = Path("/var/tmp/unidask-tests") / uuid.uuid4().hex[:8]
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def unidask_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}  # the jobs import the test plugin
+    return subprocess.run([sys.executable, "-m", "unidask.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def config_in(shared: Path, name: str, **sections) -> Path:
+    sections.setdefault("storage", {})
+    sections["storage"].setdefault("local_dir", "${TMPDIR:-/tmp}/unidask")   # node-local, per job
+    cfg = write_config(shared / f"{name}.toml", **sections)
+    return cfg
+
+
+def test_dry_run_prints_both_scripts(tmp_path):
+    cfg = write_config(tmp_path / "c.toml")
+    r = subprocess.run([sys.executable, "-m", "unidask.cli", "submit", str(cfg), "--dry-run", "--nodes", "3",
+                        "--time", "00:10:00", "--partition", "short", "--set", "run.seed=9"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    gen, merge = r.stdout.split("# ---- merge.sbatch ----")
+    for line in ("#SBATCH --nodes=3", "#SBATCH --time=00:10:00", "#SBATCH --partition=short",
+                 "#SBATCH --signal=B:USR1@300", "srun --overlap", "distributed.cli.dask_worker",
+                 "--preload unidask.preload", f"export UNIDASK_PYTHON={sys.executable}", "run.seed=9"):
+        assert line in gen, line
+    assert "#SBATCH --nodes=1" in merge and "unidask.cli merge" in merge
+    assert not (tmp_path / "run").exists()                  # nothing submitted, nothing created
+    r = subprocess.run([sys.executable, "-m", "unidask.cli", "submit", str(cfg), "--time", "soon"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--time 'soon'" in r.stderr
+
+
+def test_submit_and_wait(slurm, shared):
+    cfg = config_in(shared, "gen", run={"count": 4000, "task_size": 200, "run_dir": str(shared / "run")})
+    r = unidask_cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitted generation job" in r.stdout and "ssh -N -L 8787:" in r.stdout
+    shards = plan.staged_shards(shared / "run")
+    assert sorted(p.name.split("-")[0] for p in shards) == ["node1", "node2"]   # one per node
+    db = shared / "run" / "t.db"          # run.name = "t" in the test configs
+    with unidask.Dataset(db) as ds:
+        assert len(ds) == 4000 and unitarity_error(ds[0:4000]) < 1e-10
+    local = unidask.load_config(cfg, ["run.run_dir=\"%s\"" % (shared / "local"),
+                                      "cluster.dashboard_address=\"127.0.0.1:0\""])
+    assert merged_data(db) == merged_data(unidask.run(local, echo=lambda s: None).merged.out)
+    logs = list((shared / "run" / "logs").glob("unidask-t-*.out"))
+    assert logs and "unidask page: http://" in logs[0].read_text()
+
+
+def test_walltime_ends_job_then_resubmit_finishes(slurm, shared):
+    cfg = config_in(shared, "slow", run={"count": 4000, "task_size": 10, "run_dir": str(shared / "run")},
+                    generator={"kind": "plugin_generators:slow_haar", "delay": 0.3},
+                    cluster={"stop_before": 50})
+    spec = unidask.load_config(cfg)
+    r = unidask_cli("submit", cfg, "--time", "00:01:00", "--wait", cwd=shared)
+    assert r.returncode == 1 and "did not complete" in r.stdout, r.stdout + r.stderr
+    done = plan.done(spec)
+    assert 0 < len(done) < spec.n_tasks          # stopped mid-run, and what it finished is staged
+    log = next((shared / "run" / "logs").glob("unidask-t-*.out")).read_text()
+    assert "stopped by SIGUSR1" in log or "stopped by SIGTERM" in log
+
+    r = unidask_cli("submit", cfg, "--time", "00:05:00", "--wait", cwd=shared)
+    assert r.returncode == 0, r.stdout + r.stderr
+    expected = []
+    for t in range(spec.n_tasks):
+        u = plugin_generators.slow_haar(plan.rng(spec, t), spec.task_count(t), dim=2)
+        expected += [(t * spec.task_size + i, m.astype(np.complex128).tobytes()) for i, m in enumerate(u)]
+    assert merged_data(shared / "run" / "t.db") == expected
+
+
+def test_slurm_mode(slurm, shared):
+    cfg = config_in(shared, "jq", run={"count": 3000, "task_size": 100, "run_dir": str(shared / "run")},
+                    cluster={"mode": "slurm", "nodes": 2, "workers": 1})
+    spec = unidask.load_config(cfg)
+    result = unidask.run(spec, echo=lambda s: None)
+    assert result.merged.complete and len(result.shards) >= 1
+    local = unidask.load_config(cfg, ["cluster.mode=\"local\"", "run.run_dir=\"%s\"" % (shared / "local")])
+    assert merged_data(result.merged.out) == merged_data(unidask.run(local, echo=lambda s: None).merged.out)
+    assert list((shared / "run" / "logs").glob("*.err"))   # dask-jobqueue's worker job logs
