@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Bring up a real SLURM on this one machine: munge, slurmctld, and NODES slurmd daemons (node1..N),
-# each its own node with CPUS cpus. Every job gets a private /tmp on every node (job_container/tmpfs),
-# wiped when the job ends, as node-local scratch is on a real cluster.
+# each its own node with CPUS cpus. Every job gets its own scratch dir on every node as $TMPDIR
+# (made by a TaskProlog, wiped by the Epilog when the job ends), as node-local scratch is on a real
+# cluster. (Not job_container/tmpfs: its private /tmp would hide a checkout or a venv under /tmp.)
 #
 #   cluster/start.sh [NODES=2] [CPUS=2]      then: export SLURM_CONF=<printed path>
 #   cluster/stop.sh                          ends only the daemons this started
 #
-# Everything lives under $UNIDASK_SLURM_DIR (default /var/tmp/unidask-slurm; not /tmp, which jobs
-# see privately). Starting again, or after a stale stop, starts fresh.
+# Everything lives under $UNIDASK_SLURM_DIR (default /var/tmp/unidask-slurm). Starting again, or
+# after a stale stop, starts fresh.
 set -euo pipefail
 NODES=${1:-2}
 CPUS=${2:-2}
@@ -25,8 +26,9 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
 fi
 
 "$HERE/stop.sh" >/dev/null 2>&1 || true
-rm -rf "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log"
-mkdir -p "$BASE"/{state,spool,run,log,tmp}
+rm -rf "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log" "$BASE/nodes"
+mkdir -p "$BASE"/{state,spool,run,log,nodes}
+chmod 1777 "$BASE/nodes"
 HOST=$(hostname -s)
 LAST=$((17000 + NODES))
 
@@ -38,8 +40,8 @@ SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobContainerType=job_container/tmpfs
-PrologFlags=Contain
+TaskProlog=$BASE/taskprolog.sh
+Epilog=$BASE/epilog.sh
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none
@@ -60,10 +62,18 @@ SlurmdLogFile=$BASE/log/slurmd-%n.log
 NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$LAST] CPUs=$CPUS RealMemory=64000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-cat >"$BASE/job_container.conf" <<CONF
-AutoBasePath=true
-BasePath=$BASE/tmp
-CONF
+cat >"$BASE/taskprolog.sh" <<'SH'
+#!/bin/sh
+# each task of a job sees this node's scratch dir of the job as $TMPDIR
+d="$(dirname "$0")/nodes/$SLURMD_NODENAME/job$SLURM_JOB_ID"
+mkdir -p "$d" && echo "export TMPDIR=$d"
+SH
+cat >"$BASE/epilog.sh" <<'SH'
+#!/bin/sh
+# the job ended: its scratch dir on this node is gone, as on a real cluster
+rm -rf "$(dirname "$0")/nodes/$SLURMD_NODENAME/job$SLURM_JOB_ID"
+SH
+chmod 755 "$BASE/taskprolog.sh" "$BASE/epilog.sh"
 export SLURM_CONF=$BASE/slurm.conf
 
 # munge: start it only when no working munged answers (a second one cannot take its lock)

@@ -1,5 +1,6 @@
-"""The SLURM path against a real SLURM (cluster/start.sh: munge, slurmctld, 2 slurmd, private /tmp
-per job and node): `unidask submit`, a job ended by its walltime and resubmitted, `mode = "slurm"`."""
+"""The SLURM path against a real SLURM (cluster/start.sh: munge, slurmctld, 2 slurmd, a scratch dir
+per job and node as $TMPDIR, wiped when the job ends): `unidask submit`, a job ended by its walltime
+and resubmitted, `mode = "slurm"`."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def slurm():
 
 @pytest.fixture
 def shared():
-    """A directory every job can see: not under /tmp, which each job sees privately."""
+    """A directory on "shared storage" for the run (the jobs' own scratch is $TMPDIR)."""
     path = Path("/var/tmp/unidask-tests") / uuid.uuid4().hex[:8]
     path.mkdir(parents=True)
     yield path
