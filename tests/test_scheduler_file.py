@@ -48,9 +48,11 @@ def external_cluster(tmp_path):
 
 def test_scheduler_file_mode(config, tmp_path, external_cluster):
     spec = config(run={"count": 3000, "task_size": 100},
-                  cluster={"mode": "scheduler_file", "scheduler_file": str(external_cluster)})
+                  cluster={"mode": "scheduler_file", "scheduler_file": str(external_cluster),
+                           "security": "none"})   # this scheduler speaks plain TCP
     lines = []
     result = unidask.run(spec, echo=lines.append)
+    assert any(line.startswith("warning: cluster.security = 'none'") for line in lines)
     assert result.merged.complete and set(result.per_node) == {"cn1", "cn2"}
     page = next(line.split(": ", 1)[1] for line in lines if line.startswith("unidask page: "))
     assert any(line.startswith("from your machine: ssh -N -L ") for line in lines)

@@ -131,3 +131,5 @@ def test_slurm_mode(slurm, shared):
     local = unidask.load_config(cfg, ["cluster.mode=\"local\"", "run.run_dir=\"%s\"" % (shared / "local")])
     assert merged_data(result.merged.out) == merged_data(unidask.run(local, echo=lambda s: None).merged.out)
     assert list((shared / "run" / "logs").glob("*.err"))   # dask-jobqueue's worker job logs
+    jobs = "".join(p.read_text() for p in (shared / "run" / "logs").glob("*.err"))
+    assert "tls://" in jobs and (shared / "run" / "tls" / "key.pem").exists()   # TLS by default

@@ -81,6 +81,15 @@ def submit(config: str, overrides: tuple[str, ...], nodes: int, time_limit: str,
     return 0
 
 
+@cli.command("tls")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def tls_args(run_dir: str) -> None:
+    """Make RUN_DIR's TLS certificates if missing; print the dask scheduler/worker flags for them."""
+    from .tls import cli_args
+
+    click.echo(" ".join(cli_args(run_dir)))
+
+
 @cli.command("config")
 @click.argument("config", type=click.Path(dir_okay=False))
 @set_option

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
-from . import dashboard, shard
+from . import dashboard, shard, tls
 from .config import Spec
 from .errors import InputError, RunError
 
@@ -42,6 +42,13 @@ def local_cluster(spec: Spec) -> SpecCluster:
         for node in local_node_names(c["nodes"]) for j in range(c["workers"])
     }
     return SpecCluster(workers=workers, scheduler=scheduler, name=f"unidask-{spec.name}")
+
+
+def security(spec: Spec):
+    """The run's TLS settings in the cluster modes (None: plain TCP, local or ``security = "none"``)."""
+    if spec.cluster["mode"] == "local" or spec.cluster["security"] == "none":
+        return None
+    return tls.security(spec.run_dir)
 
 
 def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
@@ -76,7 +83,8 @@ def connect(spec: Spec) -> Iterator[Client]:
         with local_cluster(spec) as cluster, Client(cluster) as client:
             yield client
     elif mode == "scheduler_file":
-        with Client(scheduler_file=spec.cluster["scheduler_file"], timeout="120s") as client:
+        with Client(scheduler_file=spec.cluster["scheduler_file"], timeout="120s",
+                    security=security(spec)) as client:
             wait_for_nodes(client, int(os.environ.get("SLURM_JOB_NUM_NODES") or 1))
             yield client
     else:
@@ -97,7 +105,8 @@ def slurm_cluster(spec: Spec):
     cluster = SLURMCluster(cores=c["workers"], processes=c["workers"], memory=c["memory"],
                            walltime=c["walltime"], job_name=f"unidask-{spec.name}",
                            log_directory=str(spec.run_dir / "logs"), python=sys.executable,
-                           scheduler_options={"dashboard_address": c["dashboard_address"]})
+                           scheduler_options={"dashboard_address": c["dashboard_address"]},
+                           **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
     # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
     # reason instead of leaving it waiting for workers that never come
     check = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True,

@@ -192,6 +192,7 @@ def _validate(c: dict, where: str) -> Spec:
     positive_int("cluster", "nodes", cluster["nodes"])
     if cluster["max_in_flight"] is not None:
         positive_int("cluster", "max_in_flight", cluster["max_in_flight"])
+    choice("cluster", "security", cluster["security"], ("tls", "none"))
     positive_int("cluster", "stop_before", cluster["stop_before"])
     for key in ("memory", "walltime"):
         if not isinstance(cluster[key], str) or not cluster[key]:

@@ -40,11 +40,15 @@ class RunResult:
         return self.written / self.seconds if self.seconds else 0.0
 
 
-def prepare_run_dir(spec: Spec, resume: bool) -> None:
-    """Create the run dir, refuse one that holds another run, record the spec in run.json."""
+def prepare_run_dir(spec: Spec, resume: bool, private: bool | None = None) -> None:
+    """Create the run dir, refuse one that holds another run, record the spec in run.json.
+    ``private`` (default: in the cluster modes) makes it owner-only: it holds the scheduler file
+    and the run's TLS key."""
     run_dir = spec.run_dir
     try:
         plan.shard_dir(run_dir).mkdir(parents=True, exist_ok=True)
+        if private or (private is None and spec.cluster["mode"] != "local"):
+            os.chmod(run_dir, 0o700)
         tempfile.TemporaryFile(dir=run_dir).close()
     except OSError as e:
         raise InputError(f"run_dir {run_dir} is not writable: {e.strerror or e}") from None
@@ -210,6 +214,9 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True,
     result = RunResult(spec.run_dir, skipped_tasks=len(staged))
     if resume and staged:
         echo(f"resume: {len(staged)} of {spec.n_tasks} tasks already staged")
+    if spec.cluster["mode"] != "local" and spec.cluster["security"] == "none":
+        echo("warning: cluster.security = 'none': anyone who can reach the scheduler can run code "
+             "as you and read your shards")
     attempt = shard.new_attempt()
     with cluster.connect(spec) as client:
         for line in cluster.dashboard_lines(client, spec):

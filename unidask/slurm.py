@@ -119,7 +119,7 @@ def submit(spec: Spec, config: str | os.PathLike, overrides: list[str] = (), *, 
         return sub
     from .driver import prepare_run_dir
 
-    prepare_run_dir(spec, resume=True)
+    prepare_run_dir(spec, resume=True, private=True)
     jobs = spec.run_dir / "jobs"
     logs.mkdir(parents=True, exist_ok=True)
     jobs.mkdir(exist_ok=True)
