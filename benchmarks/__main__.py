@@ -1,0 +1,241 @@
+"""``python -m benchmarks [--quick] [--json FILE]``: every comparison side by side in one process,
+contenders alternating, at least 3 rounds; prints medians and ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from . import work
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Bench:
+    def __init__(self, quick: bool, rounds: int, base: Path):
+        self.quick, self.rounds, self.base = quick, rounds, base
+        self.rows: list[dict] = []
+        self.pool: dict[int, ProcessPoolExecutor] = {}
+
+    def fresh(self, name: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.base))
+
+    def parallel(self, fn, procs: int, count: int, dim: int, path: str, task: int = work.TASK) -> dict:
+        """Run ``fn`` in ``procs`` processes at once; rate over the wall time of the slowest."""
+        pool = self.pool.setdefault(procs, ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")))
+        start_at = time.time() + 0.5 + count * dim * dim * 2e-7     # after every process made its data
+        futures = [pool.submit(fn, path, seed, count, dim, start_at, task) for seed in range(procs)]
+        out = [f.result() for f in futures]
+        wall = max(o["end"] for o in out) - start_at
+        return {"rate": procs * count / wall, "locked": sum(o.get("locked", 0) for o in out),
+                "stall": max(o.get("stall", 0.0) for o in out)}
+
+    def record(self, section: str, case: str, results: dict[str, list[dict]], baseline: str) -> None:
+        base = statistics.median(r["rate"] for r in results[baseline])
+        for name, rs in results.items():
+            med = statistics.median(r["rate"] for r in rs)
+            row = {"section": section, "case": case, "contender": name, "rate": med,
+                   "ratio": med / base if base else None}
+            if any("locked" in r and r["locked"] for r in rs) or name == "seed shared db":
+                row["locked"] = sum(r.get("locked", 0) for r in rs)
+                row["stall"] = max(r.get("stall", 0.0) for r in rs)
+            self.rows.append(row)
+            print(format_row(row), flush=True)
+
+    def alternate(self, contenders: dict, section: str, case: str, baseline: str) -> None:
+        results: dict[str, list[dict]] = {name: [] for name in contenders}
+        for _ in range(self.rounds):
+            for name, run in contenders.items():
+                results[name].append(run())
+        self.record(section, case, results, baseline)
+
+    # 1. write path
+    def write_path(self) -> None:
+        for dim in (4, 32):
+            count = (20_000 if dim == 4 else 2_000) * (1 if self.quick else 5)
+            txt = max(200, count // 50)
+            for procs in (1, 2, 4):
+                def unidask_(): return self.parallel(work.unidask_shard, procs, count, dim, str(self.fresh("w") / "node.db"))
+                def seed_():
+                    p = self.fresh("s") / "shared.db"
+                    con = sqlite3.connect(p)
+                    con.execute("PRAGMA journal_mode = WAL")
+                    con.execute("CREATE TABLE u(id INTEGER PRIMARY KEY, dim INTEGER, data BLOB)")
+                    con.close()
+                    return self.parallel(work.seed_shared_db, procs, count, dim, str(p))
+                def txt_(): return self.parallel(work.savetxt_files, procs, txt, dim, str(self.fresh("t")))
+                def raw_(): return self.parallel(work.raw_bytes, procs, count, dim, str(self.fresh("r") / "raw"))
+                self.alternate({"unidask shard": unidask_, "seed shared db": seed_, "np.savetxt per file": txt_,
+                                "raw sequential bytes": raw_}, "write", f"n={dim} procs={procs}", "unidask shard")
+                self.clean()
+
+    # 2. generation
+    def generation(self) -> None:
+        from scipy.stats import unitary_group
+
+        from unidask.generators.haar import haar
+
+        for dim in (2, 4, 8, 16, 32, 64):
+            count = max(200, (200_000 if not self.quick else 40_000) // (dim * dim) * 4)
+            per_call = min(count, 2000 if self.quick else 5000)
+
+            def timed(fn, n):
+                t = time.perf_counter()
+                fn(n)
+                return {"rate": n / (time.perf_counter() - t)}
+
+            rng = np.random.default_rng(0)
+            self.alternate({
+                "unidask haar": lambda: timed(lambda n: haar(rng, n, dim=dim), count),
+                "scipy rvs per call": lambda: timed(lambda n: [unitary_group.rvs(dim, random_state=rng) for _ in range(n)], per_call),
+                "scipy rvs size=": lambda: timed(lambda n: unitary_group.rvs(dim, size=n, random_state=rng), count),
+            }, "generate", f"n={dim}", "unidask haar")
+
+    # 3. end to end
+    def end_to_end(self) -> None:
+        import unidask
+
+        for dim in (4, 16):
+            count = (200_000 if dim == 4 else 20_000) * (1 if self.quick else 5)
+            task = 10_000 if dim == 4 else 1_000
+            txt = max(200, count // 100)
+            for workers in (1, 2):
+                def unidask_():
+                    d = self.fresh("e")
+                    spec = unidask.load_config(None, data={
+                        "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
+                        "generator": {"dim": dim}, "storage": {"local_dir": str(d / "local")},
+                        "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0"}})
+                    r = unidask.run(spec, merge=False, echo=lambda s: None)
+                    return {"rate": r.rate}
+                def bare_(): return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task)
+                def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")))
+                self.alternate({"unidask run": unidask_, "bare multiprocessing loop": bare_,
+                                "file per unitary": files_}, "end to end", f"n={dim} workers={workers}", "unidask run")
+                self.clean()
+
+    # 4. merge
+    def merge(self) -> None:
+        import unidask
+
+        d = self.fresh("m")
+        count = 40_000 if self.quick else 160_000
+        spec = unidask.load_config(None, data={
+            "run": {"name": "m", "count": count, "task_size": 1000, "run_dir": str(d / "run")},
+            "generator": {"dim": 16}, "storage": {"local_dir": str(d / "local")},
+            "cluster": {"nodes": 4, "workers": 1, "dashboard_address": "127.0.0.1:0"}})
+        unidask.run(spec, merge=False, echo=lambda s: None)
+        shards = sorted((d / "run" / "shards").glob("*.db"))
+        size = sum(p.stat().st_size for p in shards)
+
+        def merge_():
+            out = d / "out.db"
+            t = time.perf_counter()
+            unidask.merge(d / "run", out, echo=lambda s: None)
+            r = {"rate": size / (time.perf_counter() - t) / 1e6}
+            out.unlink()
+            return r
+
+        def cp_():
+            target = d / "copies"
+            target.mkdir(exist_ok=True)
+            t = time.perf_counter()
+            subprocess.run(["cp", *map(str, shards), str(target)], check=True)
+            r = {"rate": size / (time.perf_counter() - t) / 1e6}
+            shutil.rmtree(target)
+            return r
+
+        self.alternate({"unidask merge": merge_, "cp": cp_}, "merge MB/s", f"4 shards, {size / 1e6:.0f} MB",
+                       "unidask merge")
+        self.clean()
+
+    # 5. memory
+    def memory(self) -> None:
+        d = self.fresh("mem")
+        cfg = d / "big.toml"
+        cfg.write_text(f'[run]\nname = "big"\ncount = 100_000_000\ntask_size = 10_000\nrun_dir = "{d}/run"\n'
+                       f'[generator]\ndim = 2\n[storage]\nlocal_dir = "{d}/local"\n'
+                       '[cluster]\nnodes = 1\nworkers = 2\ndashboard_address = "127.0.0.1:0"\n')
+        proc = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        driver, workers = 0, 0
+        end = time.monotonic() + (15 if self.quick else 40)
+        ps = psutil.Process(proc.pid)
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                driver = max(driver, ps.memory_info().rss)
+                for c in ps.children(recursive=True):
+                    workers = max(workers, c.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)   # as SLURM would before the walltime: stage out, stop
+        proc.wait(120)
+        for name, value in (("driver peak RSS, plan of 1e8 in tasks of 1e4", driver),
+                            ("worker peak RSS, tasks of 1e4 x 2x2", workers)):
+            row = {"section": "memory MB", "case": name, "contender": "unidask", "rate": value / 1e6, "ratio": None}
+            self.rows.append(row)
+            print(format_row(row), flush=True)
+        self.clean()
+
+    def clean(self) -> None:
+        for p in self.base.iterdir():
+            shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        for pool in self.pool.values():
+            pool.shutdown()
+
+
+def format_row(r: dict) -> str:
+    ratio = f"{r['ratio']:6.2f}x" if r.get("ratio") is not None else "       "
+    extra = f"  locked {r['locked']}, longest stall {r['stall']:.2f} s" if "locked" in r else ""
+    return f"{r['section']:<11} {r['case']:<26} {r['contender']:<27} {r['rate']:>13,.1f}  {ratio}{extra}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "merge", "memory"])
+    args = ap.parse_args()
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    base = Path(tempfile.mkdtemp(prefix="unidask-bench-", dir=os.environ.get("UNIDASK_BENCH_DIR", "/var/tmp")))
+    bench = Bench(args.quick, max(3, args.rounds), base)
+    print(f"unidask benchmarks on {platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"numpy {np.__version__}, SQLite {sqlite3.sqlite_version}; medians of {bench.rounds} rounds; "
+          "rates in unitaries/s unless the section says otherwise; ratio = contender / unidask", flush=True)
+    print(f"{'section':<11} {'case':<26} {'contender':<27} {'median':>13}  ratio")
+    start = time.monotonic()
+    try:
+        for name in args.only:
+            getattr(bench, {"write": "write_path", "generation": "generation"}.get(name, name))()
+    finally:
+        bench.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"done in {time.monotonic() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": platform.node(), "cores": os.cpu_count(),
+                                         "quick": args.quick, "rows": bench.rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

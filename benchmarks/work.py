@@ -1,0 +1,122 @@
+"""What each contender does in its own process (importable by spawned processes). Every one gets
+the same Haar U(n) data; ``start_at`` makes the processes of one case start writing together."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from unidask import shard
+from unidask.generators.haar import haar
+
+TASK = 1000  # unitaries per task (one transaction) for every database contender
+
+
+def data(seed: int, count: int, dim: int) -> np.ndarray:
+    return haar(np.random.default_rng(seed), count, dim=dim)
+
+
+def wait_until(start_at: float) -> float:
+    time.sleep(max(0.0, start_at - time.time()))
+    return time.time()
+
+
+def done(start: float, **extra) -> dict:
+    end = time.time()
+    return {"seconds": end - start, "end": end, **extra}
+
+
+def info() -> dict:
+    return {"seed": "-", "node": "n", "worker": str(os.getpid()), "started": 0.0, "finished": 0.0}
+
+
+def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """unidask's writer: the node's WAL shard, synchronous=NORMAL, one task per transaction."""
+    u = data(seed, count, dim)
+    s = shard.Shard(Path(path), {"fingerprint": "bench", "dtype": "complex128"}, synchronous="NORMAL")
+    start = wait_until(start_at)
+    for t in range(count // task):
+        number = seed * 1_000_000 + t
+        s.write_task(number, number * task, u[t * task:(t + 1) * task], None, info())
+    s.close()
+    return done(start)
+
+
+def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """The seed's approach: every process inserts into ONE shared database (WAL, synchronous=OFF)."""
+    u = data(seed, count, dim)
+    con = sqlite3.connect(path, timeout=5.0, isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("PRAGMA synchronous = OFF")
+    locked, stall = 0, 0.0
+    start = wait_until(start_at)
+    for t in range(count // task):
+        rows = [(seed * 1_000_000_000 + t * task + i, dim, u[t * task + i].tobytes()) for i in range(task)]
+        while True:
+            t0 = time.perf_counter()
+            try:
+                con.execute("BEGIN")
+                con.executemany("INSERT INTO u(id, dim, data) VALUES (?, ?, ?)", rows)
+                con.execute("COMMIT")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e):
+                    raise
+                locked += 1
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+            finally:
+                stall = max(stall, time.perf_counter() - t0)
+    con.close()
+    return done(start, locked=locked, stall=stall)
+
+
+def savetxt_files(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """One np.savetxt file per unitary."""
+    u = data(seed, count, dim)
+    d = Path(path) / str(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    start = wait_until(start_at)
+    for i in range(count):
+        np.savetxt(d / f"{i}.txt", u[i])
+    return done(start)
+
+
+def raw_bytes(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """The disk's limit: the same bytes written sequentially to one file per process, fsynced."""
+    u = data(seed, count, dim)
+    start = wait_until(start_at)
+    with open(f"{path}.{seed}", "wb") as f:
+        for t in range(0, count, task):
+            f.write(u[t:t + task].tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return done(start)
+
+
+def bare_loop(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """End to end without Dask: generate each task and insert it into a private shard file."""
+    start = wait_until(start_at)
+    s = shard.Shard(Path(f"{path}.{seed}.db"), {"fingerprint": "bench", "dtype": "complex128"})
+    for t in range(count // task):
+        u = haar(np.random.default_rng([seed, t]), task, dim=dim)
+        s.write_task(t, (seed * 100_000 + t) * task, u, None, info())
+    s.close()
+    return done(start)
+
+
+def file_per_unitary(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """End to end the old way: one scipy call and one np.savetxt file per unitary."""
+    from scipy.stats import unitary_group
+
+    d = Path(path) / str(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    start = wait_until(start_at)
+    for i in range(count):
+        np.savetxt(d / f"{i}.txt", unitary_group.rvs(dim, random_state=rng))
+    return done(start)
