@@ -84,6 +84,19 @@ def test_dry_run_prints_both_scripts(tmp_path):
     assert r.returncode == 2 and "--time 'soon'" in r.stderr
 
 
+def test_start_twice_and_after_a_stale_stop(slurm):
+    env = {**os.environ, "UNIDASK_SLURM_DIR": SLURM_DIR}
+    start = [str(REPO / "cluster" / "start.sh"), "2", "2"]
+    assert subprocess.run(start, env=env, capture_output=True, timeout=300).returncode == 0   # again
+    # a stale stop: the controller killed behind the scripts' back, its pid file left behind
+    ctld = int(Path(SLURM_DIR, "run", "slurmctld.pid").read_text())
+    os.kill(ctld, 9)
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], capture_output=True, text=True)
+    assert sorted(set(nodes.stdout.split())) == ["node1", "node2"]
+
+
 def test_submit_and_wait(slurm, shared):
     cfg = config_in(shared, "gen", run={"count": 4000, "task_size": 200, "run_dir": str(shared / "run")})
     r = unidask_cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
