@@ -82,7 +82,9 @@ class Bench:
                     return self.parallel(work.seed_shared_db, procs, count, dim, str(p))
                 def txt_(): return self.parallel(work.savetxt_files, procs, txt, dim, str(self.fresh("t")))
                 def raw_(): return self.parallel(work.raw_bytes, procs, count, dim, str(self.fresh("r") / "raw"))
-                self.alternate({"unidask shard": unidask_, "seed shared db": seed_, "np.savetxt per file": txt_,
+                def own_(): return self.parallel(work.unidask_shard_per_process, procs, count, dim, str(self.fresh("o") / "p"))
+                self.alternate({"unidask shard": unidask_, "unidask shard per process": own_,
+                                "seed shared db": seed_, "np.savetxt per file": txt_,
                                 "raw sequential bytes": raw_}, "write", f"n={dim} procs={procs}", "unidask shard")
                 self.clean()
 
@@ -117,17 +119,20 @@ class Bench:
             task = 10_000 if dim == 4 else 1_000
             txt = max(200, count // 100)
             for workers in (1, 2):
-                def unidask_():
+                def unidask_(shard_per="node"):
                     d = self.fresh("e")
                     spec = unidask.load_config(None, data={
                         "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
-                        "generator": {"dim": dim}, "storage": {"local_dir": str(d / "local")},
+                        "generator": {"dim": dim},
+                        "storage": {"local_dir": str(d / "local"), "shard_per": shard_per},
                         "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0"}})
                     r = unidask.run(spec, merge=False, echo=lambda s: None)
                     return {"rate": r.rate}
                 def bare_(): return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task)
                 def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")))
-                self.alternate({"unidask run": unidask_, "bare multiprocessing loop": bare_,
+                self.alternate({"unidask run": unidask_,
+                                "unidask run, shard per process": lambda: unidask_("process"),
+                                "bare multiprocessing loop": bare_,
                                 "file per unitary": files_}, "end to end", f"n={dim} workers={workers}", "unidask run")
                 self.clean()
 
@@ -217,6 +222,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "merge", "memory"])
     args = ap.parse_args()
+    # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
     logging.getLogger("distributed").setLevel(logging.WARNING)
     base = Path(tempfile.mkdtemp(prefix="unidask-bench-", dir=os.environ.get("UNIDASK_BENCH_DIR", "/var/tmp")))
     bench = Bench(args.quick, max(3, args.rounds), base)

@@ -46,6 +46,12 @@ def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, t
     return done(start)
 
 
+def unidask_shard_per_process(path: str, seed: int, count: int, dim: int, start_at: float,
+                              task: int = TASK) -> dict:
+    """unidask with ``storage.shard_per = "process"``: each worker process its own shard."""
+    return unidask_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task)
+
+
 def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
     """The seed's approach: every process inserts into ONE shared database (WAL, synchronous=OFF)."""
     u = data(seed, count, dim)

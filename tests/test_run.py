@@ -117,3 +117,13 @@ def test_cli_run_status_and_rerun_refusal(tmp_path):
     r = cli("run", cfg, "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "wrote 0 unitaries" in r.stdout
+
+
+def test_shard_per_process_gives_the_same_bytes(config, tmp_path):
+    per_node = config("node.toml", run={"run_dir": str(tmp_path / "node")}, cluster={"nodes": 1, "workers": 2})
+    per_process = config("proc.toml", run={"run_dir": str(tmp_path / "proc")}, storage={"shard_per": "process"},
+                         cluster={"nodes": 1, "workers": 2})
+    a = unidask.run(per_node, echo=lambda s: None)
+    b = unidask.run(per_process, echo=lambda s: None)
+    assert len(a.shards) == 1 and len(b.shards) == 2      # one per worker process
+    assert b.merged.complete and merged_data(a.merged.out) == merged_data(b.merged.out)

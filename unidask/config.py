@@ -176,6 +176,7 @@ def _validate(c: dict, where: str) -> Spec:
     storage = dict(storage)
     storage["synchronous"] = choice("storage", "synchronous", str(storage["synchronous"]).upper(),
                                     SYNCHRONOUS)
+    choice("storage", "shard_per", storage["shard_per"], ("node", "process"))
     for key in ("stage_every", "busy_timeout"):
         value = storage[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -21,7 +21,9 @@ from .errors import RunError
 
 
 def local_shard_path(spec: Spec, attempt: str, node: str | None = None) -> Path:
-    return spec.local_dir / spec.name / f"{node or shard.node_name()}-{attempt}.db"
+    """This process's live shard: the node's, or its own with ``storage.shard_per = "process"``."""
+    own = f"-p{os.getpid()}" if spec.storage["shard_per"] == "process" else ""
+    return spec.local_dir / spec.name / f"{node or shard.node_name()}-{attempt}{own}.db"
 
 
 def shard_args(spec: Spec) -> tuple[dict[str, str], dict[str, Any]]:
@@ -77,12 +79,14 @@ def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
 
 
 def disk(spec: Spec) -> str:
-    """Which local disk this worker's shard is on: its node, and the device and inode of the local
-    dir. Workers of one SLURM job share it; two jobs on one node with private /tmp do not."""
+    """Which shard this worker writes: its node, and the device and inode of the local dir (workers
+    of one SLURM job share it; two jobs on one node with private scratch do not), and with
+    ``shard_per = "process"`` its process id."""
     path = spec.local_dir
     path.mkdir(parents=True, exist_ok=True)
     st = path.stat()
-    return f"{shard.node_name()}:{st.st_dev}:{st.st_ino}"
+    own = f":{os.getpid()}" if spec.storage["shard_per"] == "process" else ""  # each stages its own
+    return f"{shard.node_name()}:{st.st_dev}:{st.st_ino}{own}"
 
 
 def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
