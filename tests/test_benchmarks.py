@@ -1,0 +1,23 @@
+"""Keep the benchmark working: run its --quick path once (figures checked for shape, never for speed)."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_quick_benchmark_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--json", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    sections = {row["section"] for row in rows}
+    assert sections == {"write", "generate", "end to end", "merge MB/s", "memory MB"}
+    assert all(row["rate"] > 0 for row in rows)
+    contenders = {row["contender"] for row in rows}
+    assert {"unidask shard", "seed shared db", "np.savetxt per file", "raw sequential bytes",
+            "bare multiprocessing loop", "file per unitary", "cp", "scipy rvs per call"} <= contenders
+    seed = [row for row in rows if row["contender"] == "seed shared db"]
+    assert all("locked" in row and "stall" in row for row in seed)   # its errors and stalls are counted
