@@ -146,3 +146,14 @@ def test_slurm_mode(slurm, shared):
     assert list((shared / "run" / "logs").glob("*.err"))   # dask-jobqueue's worker job logs
     jobs = "".join(p.read_text() for p in (shared / "run" / "logs").glob("*.err"))
     assert "tls://" in jobs and (shared / "run" / "tls" / "key.pem").exists()   # TLS by default
+
+
+def test_slurm_mode_fails_when_worker_jobs_die(slurm, shared):
+    import dask.config
+
+    cfg = config_in(shared, "dies", run={"count": 300, "task_size": 100, "run_dir": str(shared / "run")},
+                    cluster={"mode": "slurm", "nodes": 1, "workers": 1})
+    spec = unidask.load_config(cfg)
+    with dask.config.set({"jobqueue.slurm.job-script-prologue": ["exit 1"]}):   # every job dies at start
+        with pytest.raises(unidask.RunError, match="ended before any worker joined"):
+            unidask.run(spec, echo=lambda s: None)

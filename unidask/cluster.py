@@ -116,4 +116,25 @@ def slurm_cluster(spec: Spec):
         reason = [line for line in check.stderr.splitlines() if "error" in line] or [check.stderr.strip()]
         raise RunError(f"SLURM refuses the worker jobs: {reason[-1]}")
     cluster.scale(jobs=c["nodes"])
+    try:
+        wait_for_worker_jobs(cluster, spec)
+    except BaseException:
+        cluster.close()
+        raise
     return cluster
+
+
+def wait_for_worker_jobs(cluster, spec: Spec) -> None:
+    """Block until a worker has joined; fail if every worker job left the queue before that (a job
+    that dies at start would otherwise leave the run waiting forever). Pending jobs are waited for."""
+    while not cluster.scheduler_info.get("workers"):
+        time.sleep(1.0)
+        jobs = [getattr(job, "job_id", None) for job in cluster.workers.values()]
+        jobs = [j for j in jobs if j]
+        if not jobs:
+            continue   # still being submitted
+        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
+                                text=True).stdout.split()
+        if not queued and not cluster.scheduler_info.get("workers"):
+            raise RunError(f"the worker jobs {', '.join(jobs)} ended before any worker joined; "
+                           f"see {spec.run_dir / 'logs'}")
