@@ -51,15 +51,7 @@ def worker_processes(node: str | None = None) -> list[psutil.Process]:
 
 
 def staged_tasks(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for p in plan.staged_shards(run_dir):
-        try:
-            con = shard.connect_readonly(p)
-            out.update(con.execute("SELECT task, finished FROM tasks"))
-            con.close()
-        except sqlite3.Error:
-            pass
-    return out
+    return dict(shard.staged_rows(plan.staged_shards(run_dir), "SELECT task, finished FROM tasks"))
 
 
 def wait_for(predicate, timeout: float = 60.0, step: float = 0.05):

@@ -54,11 +54,7 @@ def prepare_run_dir(spec: Spec, resume: bool, private: bool | None = None) -> No
         raise InputError(f"run_dir {run_dir} is not writable: {e.strerror or e}") from None
     run_json = run_dir / "run.json"
     if run_json.exists():
-        try:
-            recorded = json.loads(run_json.read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError) as e:
-            raise InputError(f"{run_json}: unreadable ({e}); choose another run.run_dir") from None
-        if recorded != spec.fingerprint:
+        if plan.load_run(run_dir)["fingerprint"] != spec.fingerprint:
             raise InputError(f"{run_dir} holds another run (its count, task_size, seed or generator "
                              "differ): choose another run.run_dir")
     staged = plan.staged_shards(run_dir)

@@ -7,7 +7,6 @@ filesystem), with ``trusted_schema`` off and a check that nothing in them is a v
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -61,19 +60,6 @@ class MergeReport:
         return text
 
 
-def load_run(run_dir: Path) -> dict:
-    """The run's record (run.json): its fingerprint and spec."""
-    path = Path(run_dir) / "run.json"
-    try:
-        record = json.loads(path.read_text())
-        record["fingerprint"], record["spec"]["run"]["task_size"]
-    except FileNotFoundError:
-        raise InputError(f"{run_dir}: not a unidask run directory (no run.json)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: unreadable run record ({e})") from None
-    return record
-
-
 def check_shard(path: Path, fingerprint: str) -> None:
     """Raise :class:`BadShard` unless ``path`` is a whole, intact shard of this run."""
     try:
@@ -118,7 +104,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     shards and lists the rejected ones instead of refusing the merge.
     """
     run_dir = Path(run_dir)
-    record = load_run(run_dir)
+    record = plan.load_run(run_dir)
     spec = record["spec"]
     task_size = spec["run"]["task_size"]
     expected = -(-spec["run"]["count"] // task_size)

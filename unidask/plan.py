@@ -1,13 +1,16 @@
 """Tasks and their seeds: task i makes ``spec.task_count(i)`` unitaries from
-``SeedSequence(seed, spawn_key=(i,))``, so its data depends on nothing but the config and i."""
+``SeedSequence(seed, spawn_key=(i,))``, so its data depends on nothing but the config and i.
+Also the run dir's layout: run.json, the staged shards, which tasks they hold."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from .config import Spec
+from .errors import InputError
 from .shard import staged_tasks
 
 
@@ -21,6 +24,19 @@ def seed_label(spec: Spec, task: int) -> str:
 
 def shard_dir(run_dir: Path) -> Path:
     return run_dir / "shards"
+
+
+def load_run(run_dir: Path) -> dict:
+    """The run's record (run.json): its fingerprint and spec."""
+    path = Path(run_dir) / "run.json"
+    try:
+        record = json.loads(path.read_text())
+        record["fingerprint"], record["spec"]["run"]["task_size"]
+    except FileNotFoundError:
+        raise InputError(f"{run_dir}: not a unidask run directory (no run.json)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: unreadable run record ({e})") from None
+    return record
 
 
 def staged_shards(run_dir: Path) -> list[Path]:

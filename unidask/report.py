@@ -6,7 +6,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import sqlite3
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,9 @@ from .status import status
 def task_rows(run_dir: Path) -> list[tuple[int, str, float, float, int]]:
     """(task, node, started, finished, count) of every staged task, each task once."""
     seen: dict[int, tuple] = {}
-    for p in plan.staged_shards(run_dir):
-        try:
-            con = shard.connect_readonly(p)
-            try:
-                for row in con.execute("SELECT task, node, started, finished, count FROM tasks"):
-                    seen.setdefault(row[0], row)
-            finally:
-                con.close()
-        except sqlite3.Error:
-            continue
+    for row in shard.staged_rows(plan.staged_shards(run_dir),
+                                 "SELECT task, node, started, finished, count FROM tasks"):
+        seen.setdefault(row[0], row)
     return sorted(seen.values())
 
 

@@ -20,7 +20,7 @@ import sqlite3
 import time
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -280,17 +280,21 @@ def close_shards() -> list[str]:
     return paths
 
 
-def staged_tasks(paths: Iterable[Path]) -> dict[int, str]:
-    """Task -> checksum over staged shards (read-only; unreadable files are skipped here and
-    reported by the merge)."""
-    out: dict[int, str] = {}
+def staged_rows(paths: Iterable[Path], sql: str) -> Iterator[tuple]:
+    """The rows of ``sql`` in each staged shard, read-only; unreadable files are skipped here and
+    reported by the merge."""
     for p in paths:
         try:
             con = connect_readonly(p)
             try:
-                out.update(con.execute("SELECT task, checksum FROM tasks"))
+                rows = con.execute(sql).fetchall()
             finally:
                 con.close()
         except sqlite3.Error:
             continue
-    return out
+        yield from rows
+
+
+def staged_tasks(paths: Iterable[Path]) -> dict[int, str]:
+    """Task -> checksum over staged shards."""
+    return dict(staged_rows(paths, "SELECT task, checksum FROM tasks"))

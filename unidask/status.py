@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from . import plan, shard
-from .merge import load_run
 
 
 def status(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Tasks done and missing, and per staged shard: node, tasks, unitaries, bytes, stage time."""
     run_dir = Path(run_dir)
-    record = load_run(run_dir)
+    record = plan.load_run(run_dir)
     run = record["spec"]["run"]
     expected = -(-run["count"] // run["task_size"])
     done: set[int] = set()
