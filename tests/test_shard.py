@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import sqlite3
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -59,9 +60,10 @@ def test_task_written_twice_with_other_data_fails(config, monkeypatch):
     shard.close_shards()
 
 
-def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path):
+@pytest.mark.parametrize("shard_per", ["node", "process"])   # VACUUM INTO | file copy
+def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path, shard_per):
     monkeypatch.setenv("UNIDASK_NODE", "n")
-    spec = config()
+    spec = config(storage={"shard_per": shard_per})
     for t in range(5):
         worker.generate_task(spec, t, "z")
     staged = worker.stage_out(spec, "z")
@@ -74,9 +76,42 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path)
     with open(dest, "rb") as f:
         header = f.read(20)
     assert header[18:20] == b"\x01\x01"   # rollback-journal file format: readable without -wal/-shm
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 65536
     # the final stage-out removes the live local shard
     worker.stage_out(spec, "z", final=True)
     assert not worker.local_shard_path(spec, "z").exists()
+
+
+def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
+    """A shard opened as single-writer that other processes write anyway (a misconfiguration):
+    every snapshot still holds whole tasks only, whose rows match their checksums."""
+    # small pages, so the writers' automatic checkpoints (every 1000 pages) run during the copies
+    spec = config(run={"count": 20_000, "task_size": 20}, generator={"dim": 8},
+                  storage={"busy_timeout": 30, "page_size": 1024})
+    tasks = list(range(spec.n_tasks))
+    meta, options = worker.shard_args(spec)
+    live = shard.Shard(worker.local_shard_path(spec, "c1", "shared"), meta, **{**options, "single_writer": True})
+    snapshots = []
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = [pool.submit(write_tasks, spec, tasks[i::2], "c1") for i in range(2)]
+        while not all(f.done() for f in running):
+            snapshots.append(live.snapshot(tmp_path / f"snap{len(snapshots)}")[0])
+            time.sleep(0.05)
+        assert all(all(f.result()) for f in running)
+    snapshots.append(live.snapshot(tmp_path / "last")[0])
+    live.close()
+    sizes = []
+    for path in snapshots:
+        con = shard.connect_readonly(path)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        for task, digest, count in con.execute("SELECT task, checksum, count FROM tasks"):
+            blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE task = ? ORDER BY idx", (task,))]
+            assert len(blobs) == count and shard.checksum(b"".join(blobs), [None] * count) == digest
+        assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == \
+            con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
+        sizes.append(con.execute("SELECT count(*) FROM tasks").fetchone()[0])
+        con.close()
+    assert sizes == sorted(sizes) and sizes[-1] == len(tasks) and len(set(sizes)) > 2
 
 
 def test_network_filesystem_is_refused(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ dask.config.update_defaults(yaml.safe_load(_defaults_file.read_text()))
 DTYPES = ("complex128", "complex64")
 SYNCHRONOUS = ("NORMAL", "FULL", "OFF")
 MODES = ("local", "scheduler_file", "slurm")
+PAGE_SIZES = tuple(2 ** k for k in range(9, 17))  # what SQLite accepts
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,9 @@ def _validate(c: dict, where: str) -> Spec:
     storage["synchronous"] = choice("storage", "synchronous", str(storage["synchronous"]).upper(),
                                     SYNCHRONOUS)
     choice("storage", "shard_per", storage["shard_per"], ("node", "process"))
+    if storage["page_size"] not in PAGE_SIZES or isinstance(storage["page_size"], (bool, float)):
+        raise InputError(f"{where}: storage.page_size must be a power of 2 from 512 to 65536 bytes, "
+                         f"got {storage['page_size']!r}")
     for key in ("stage_every", "busy_timeout"):
         value = storage[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import socket
 import sqlite3
 import time
@@ -99,9 +100,13 @@ class Shard:
     """One node's live shard. Cache one per process with :func:`open_shard`."""
 
     def __init__(self, path: str | os.PathLike, meta: dict[str, str], *, synchronous: str = "NORMAL",
-                 busy_timeout: float = 60.0, allow_network_fs: bool = False):
+                 busy_timeout: float = 60.0, allow_network_fs: bool = False, page_size: int = 65536,
+                 single_writer: bool = False):
+        """``single_writer``: only this process writes the shard (``shard_per = "process"``), so a
+        stage-out may copy the file instead of rebuilding it."""
         self.path = Path(path)
         self.busy_timeout = busy_timeout
+        self.single_writer = single_writer
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -115,6 +120,10 @@ class Shard:
             self.con = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
             self.con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            # large pages: fewer page headers and WAL frames per matrix, and up to n = 32
+            # (complex128) a matrix fits in a page instead of an overflow chain; only takes
+            # effect while the file is empty, so it comes before WAL
+            self.con.execute(f"PRAGMA page_size = {int(page_size)}")
             mode = self._retry(lambda: self.con.execute("PRAGMA journal_mode = WAL").fetchone()[0])
             if mode.lower() != "wal":
                 raise RunError(f"{self.path}: the filesystem does not support WAL (journal_mode={mode})")
@@ -208,9 +217,11 @@ class Shard:
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(dest)
-            # VACUUM INTO copies one read snapshot of the WAL database (writers go on meanwhile)
-            # into a compact file with a rollback journal: readers of it need no -wal or -shm
-            self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
+            if not (self.single_writer and self._copy_file(tmp)):
+                # VACUUM INTO copies one read snapshot of the WAL database (writers go on
+                # meanwhile) into a compact file with a rollback journal: readers of it need no
+                # -wal or -shm
+                self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
             check = connect_readonly(tmp)
             try:
                 tasks, rows = check.execute("SELECT count(*), coalesce(sum(count), 0) FROM tasks").fetchone()
@@ -224,6 +235,26 @@ class Shard:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise RunError(f"cannot stage {self.path} to {dest}: {reason}") from None
         return dest, tasks, rows
+
+    def _copy_file(self, tmp: Path) -> bool:
+        """Snapshot by copying the file, ~3x faster than VACUUM INTO: after a TRUNCATE checkpoint
+        the database file holds every commit, and while this connection holds the write lock with
+        the WAL still empty nothing can change it. False if another writer committed in between."""
+        self._retry(self.con.execute, "PRAGMA wal_checkpoint(TRUNCATE)")
+        self._retry(self.con.execute, "BEGIN IMMEDIATE")
+        try:
+            wal = Path(f"{self.path}-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                return False
+            shutil.copyfile(self.path, tmp)
+        finally:
+            self.con.execute("ROLLBACK")
+        # header bytes 18-19, the file format versions: 1 (rollback journal) instead of 2 (WAL),
+        # what `PRAGMA journal_mode = DELETE` writes; readers of the copy need no -wal or -shm
+        with open(tmp, "r+b") as f:
+            f.seek(18)
+            f.write(b"\x01\x01")
+        return True
 
     @property
     def nbytes(self) -> int:
