@@ -114,15 +114,19 @@ class Driver:
         while stages:
             alive = self.client.scheduler_info()["workers"]
             for future, address in list(stages.items()):
-                if future.done():
-                    del stages[future]
-                    if future.status == "error":
-                        raise RunError(str(future.exception()))
-                    if (r := future.result()) is not None:
-                        results.append(r)
-                elif address not in alive:
+                if future.status == "error":
+                    raise RunError(str(future.exception()))
+                if address not in alive:  # its result, if any, died with it (the staged file stays)
                     del stages[future]
                     future.cancel()
+                elif future.done():
+                    try:
+                        r = future.result(timeout=30)
+                    except TimeoutError:  # the worker died just now, its result with it
+                        continue
+                    del stages[future]
+                    if r is not None:
+                        results.append(r)
             if not block or not stages:
                 break
             try:
