@@ -72,7 +72,8 @@ class Bench:
             count = (20_000 if dim == 4 else 2_000) * (1 if self.quick else 5)
             txt = max(200, count // 50)
             for procs in (1, 2, 4):
-                def unidask_(): return self.parallel(work.unidask_shard, procs, count, dim, str(self.fresh("w") / "node.db"))
+                def unidask_(): return self.parallel(work.unidask_shard, procs, count, dim, str(self.fresh("w") / "p"))
+                def node_(): return self.parallel(work.unidask_node_shard, procs, count, dim, str(self.fresh("n") / "node.db"))
                 def seed_():
                     p = self.fresh("s") / "shared.db"
                     con = sqlite3.connect(p)
@@ -82,8 +83,7 @@ class Bench:
                     return self.parallel(work.seed_shared_db, procs, count, dim, str(p))
                 def txt_(): return self.parallel(work.savetxt_files, procs, txt, dim, str(self.fresh("t")))
                 def raw_(): return self.parallel(work.raw_bytes, procs, count, dim, str(self.fresh("r") / "raw"))
-                def own_(): return self.parallel(work.unidask_shard_per_process, procs, count, dim, str(self.fresh("o") / "p"))
-                self.alternate({"unidask shard": unidask_, "unidask shard per process": own_,
+                self.alternate({"unidask shard": unidask_, "unidask node shard": node_,
                                 "seed shared db": seed_, "np.savetxt per file": txt_,
                                 "raw sequential bytes": raw_}, "write", f"n={dim} procs={procs}", "unidask shard")
                 self.clean()
@@ -119,7 +119,7 @@ class Bench:
             task = 10_000 if dim == 4 else 1_000
             txt = max(200, count // 100)
             for workers in (1, 2):
-                def unidask_(shard_per="node"):
+                def unidask_(shard_per="process"):
                     d = self.fresh("e")
                     spec = unidask.load_config(None, data={
                         "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
@@ -131,7 +131,7 @@ class Bench:
                 def bare_(): return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task)
                 def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")))
                 self.alternate({"unidask run": unidask_,
-                                "unidask run, shard per process": lambda: unidask_("process"),
+                                "unidask run, node shard": lambda: unidask_("node"),
                                 "bare multiprocessing loop": bare_,
                                 "file per unitary": files_}, "end to end", f"n={dim} workers={workers}", "unidask run")
                 self.clean()
@@ -140,36 +140,39 @@ class Bench:
     def merge(self) -> None:
         import unidask
 
-        d = self.fresh("m")
-        count = 40_000 if self.quick else 160_000
-        spec = unidask.load_config(None, data={
-            "run": {"name": "m", "count": count, "task_size": 1000, "run_dir": str(d / "run")},
-            "generator": {"dim": 16}, "storage": {"local_dir": str(d / "local")},
-            "cluster": {"nodes": 4, "workers": 1, "dashboard_address": "127.0.0.1:0"}})
-        unidask.run(spec, merge=False, echo=lambda s: None)
-        shards = sorted((d / "run" / "shards").glob("*.db"))
-        size = sum(p.stat().st_size for p in shards)
+        for dim in (4, 16):
+            d = self.fresh("m")
+            count = (40_000 if self.quick else 160_000) * 16 // dim   # the same bytes for each n
+            spec = unidask.load_config(None, data={
+                "run": {"name": "m", "count": count, "task_size": 1000, "run_dir": str(d / "run")},
+                "generator": {"dim": dim}, "storage": {"local_dir": str(d / "local")},
+                "cluster": {"nodes": 4, "workers": 1, "dashboard_address": "127.0.0.1:0"}})
+            unidask.run(spec, merge=False, echo=lambda s: None)
+            shards = sorted((d / "run" / "shards").glob("*.db"))
+            size = sum(p.stat().st_size for p in shards)
 
-        def merge_():
-            out = d / "out.db"
-            t = time.perf_counter()
-            unidask.merge(d / "run", out, echo=lambda s: None)
-            r = {"rate": size / (time.perf_counter() - t) / 1e6}
-            out.unlink()
-            return r
+            def merge_():
+                out = d / "out.db"
+                t = time.perf_counter()
+                unidask.merge(d / "run", out, echo=lambda s: None)   # fsyncs its output
+                r = {"rate": size / (time.perf_counter() - t) / 1e6}
+                out.unlink()
+                return r
 
-        def cp_():
-            target = d / "copies"
-            target.mkdir(exist_ok=True)
-            t = time.perf_counter()
-            subprocess.run(["cp", *map(str, shards), str(target)], check=True)
-            r = {"rate": size / (time.perf_counter() - t) / 1e6}
-            shutil.rmtree(target)
-            return r
+            def cp_(sync=False):
+                target = d / "copies"
+                target.mkdir(exist_ok=True)
+                t = time.perf_counter()
+                subprocess.run(["cp", *map(str, shards), str(target)], check=True)
+                if sync:   # as durable as the merge's output
+                    subprocess.run(["sync", *map(str, target.iterdir())], check=True)
+                r = {"rate": size / (time.perf_counter() - t) / 1e6}
+                shutil.rmtree(target)
+                return r
 
-        self.alternate({"unidask merge": merge_, "cp": cp_}, "merge MB/s", f"4 shards, {size / 1e6:.0f} MB",
-                       "unidask merge")
-        self.clean()
+            self.alternate({"unidask merge": merge_, "cp": cp_, "cp, then sync": lambda: cp_(True)},
+                           "merge MB/s", f"n={dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")
+            self.clean()
 
     # 5. memory
     def memory(self) -> None:

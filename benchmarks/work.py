@@ -34,8 +34,9 @@ def info() -> dict:
     return {"seed": "-", "node": "n", "worker": str(os.getpid()), "started": 0.0, "finished": 0.0}
 
 
-def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
-    """unidask's writer: the node's WAL shard, synchronous=NORMAL, one task per transaction."""
+def unidask_node_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """unidask with ``storage.shard_per = "node"``: the processes of a node share its WAL shard,
+    synchronous=NORMAL, one task per transaction."""
     u = data(seed, count, dim)
     s = shard.Shard(Path(path), {"fingerprint": "bench", "dtype": "complex128"}, synchronous="NORMAL")
     start = wait_until(start_at)
@@ -46,10 +47,10 @@ def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, t
     return done(start)
 
 
-def unidask_shard_per_process(path: str, seed: int, count: int, dim: int, start_at: float,
-                              task: int = TASK) -> dict:
-    """unidask with ``storage.shard_per = "process"``: each worker process its own shard."""
-    return unidask_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task)
+def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+    """unidask's default writer (``storage.shard_per = "process"``): each worker process its own
+    WAL shard."""
+    return unidask_node_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task)
 
 
 def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:

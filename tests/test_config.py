@@ -53,6 +53,8 @@ BAD = [
     ({"generator": {"dtype": "float64"}}, "generator.dtype must be one of complex128, complex64"),
     ({"generator": {"colour": 1}}, "unknown key generator.colour"),
     ({"storage": {"synchronous": "SOMETIMES"}}, "storage.synchronous must be one of"),
+    ({"storage": {"page_size": 3000}}, "storage.page_size must be a power of 2 from 512 to 65536"),
+    ({"storage": {"page_size": 4096.0}}, "storage.page_size must be a power of 2"),
     ({"storage": {"stage_every": 0}}, "storage.stage_every must be a number of seconds > 0"),
     ({"storage": {"local_dir": "${UNIDASK_SURELY_UNSET}/x"}}, "UNIDASK_SURELY_UNSET"),
     ({"run": {"name": "a b/c"}}, "run.name must be"),

@@ -151,7 +151,9 @@ def test_node_lost_mid_run(config):
 
 def test_killed_during_stage_out_and_merge(config, monkeypatch):
     monkeypatch.setenv("UNIDASK_NODE", "n1")
-    spec = config(run={"count": 6000, "task_size": 500}, generator={"dim": 48})  # ~220 MB shard
+    # a node shard, which another process (the one killed here) can stage
+    spec = config(run={"count": 6000, "task_size": 500}, generator={"dim": 48},   # ~220 MB shard
+                  storage={"shard_per": "node"})
     prepare_run_dir(spec, resume=False)
     for t in range(spec.n_tasks):
         worker.generate_task(spec, t, "k")

@@ -91,10 +91,13 @@ BAD_SHARDS = {
                                      _sql(p, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")),
     "another run": lambda good, p: (shutil.copy(good, p),
                                     _sql(p, "UPDATE meta SET value = 'x' WHERE key = 'fingerprint'")),
+    # a tasks row whose unitaries are not in the shard
+    "rows missing": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE tasks SET task = 15 WHERE task = 3")),
 }
 REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "not a readable",
            "not a unidask shard": "not a unidask shard", "trigger": "trigger t", "view": "view v",
-           "newer schema": "newer", "another run": "another run"}
+           "newer schema": "newer", "another run": "another run",
+           "rows missing": "task 15 has 0 of its 100 unitaries"}
 
 
 def _sql(path, statement):

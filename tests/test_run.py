@@ -55,14 +55,15 @@ def test_same_config_same_bytes_whatever_the_layout(config, tmp_path):
                                             "count": 2050, "task_size": 100},
                       storage={"local_dir": str(tmp_path / f"local-{name}")}, cluster=layout)
         result = unidask.run(spec, echo=lambda s: None)
-        assert len(result.shards) == layout["nodes"]
+        assert len(result.shards) == layout["nodes"] * layout["workers"]   # a shard per process
         results.append(merged_data(result.merged.out))
     assert len(results[0]) == 2050
     assert results[0] == results[1]
 
 
 def test_four_workers_share_one_node_shard(config):
-    spec = config(run={"count": 6000, "task_size": 20}, cluster={"nodes": 1, "workers": 4})
+    spec = config(run={"count": 6000, "task_size": 20}, cluster={"nodes": 1, "workers": 4},
+                  storage={"shard_per": "node"})
     result = unidask.run(spec, echo=lambda s: None)
     assert len(result.shards) == 1
     con = sqlite3.connect(result.shards[0])
@@ -120,7 +121,8 @@ def test_cli_run_status_and_rerun_refusal(tmp_path):
 
 
 def test_shard_per_process_gives_the_same_bytes(config, tmp_path):
-    per_node = config("node.toml", run={"run_dir": str(tmp_path / "node")}, cluster={"nodes": 1, "workers": 2})
+    per_node = config("node.toml", run={"run_dir": str(tmp_path / "node")}, storage={"shard_per": "node"},
+                      cluster={"nodes": 1, "workers": 2})
     per_process = config("proc.toml", run={"run_dir": str(tmp_path / "proc")}, storage={"shard_per": "process"},
                          cluster={"nodes": 1, "workers": 2})
     a = unidask.run(per_node, echo=lambda s: None)

@@ -18,7 +18,7 @@ def write_tasks(spec, tasks, attempt):
 
 
 def test_four_processes_write_one_shard(config):
-    spec = config(run={"count": 4000, "task_size": 10}, storage={"busy_timeout": 30})
+    spec = config(run={"count": 4000, "task_size": 10}, storage={"busy_timeout": 30, "shard_per": "node"})
     tasks = list(range(spec.n_tasks))
     with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
         written = list(pool.map(write_tasks, [spec] * 4, [tasks[i::4] for i in range(4)], ["a1"] * 4))
@@ -87,7 +87,7 @@ def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
     every snapshot still holds whole tasks only, whose rows match their checksums."""
     # small pages, so the writers' automatic checkpoints (every 1000 pages) run during the copies
     spec = config(run={"count": 20_000, "task_size": 20}, generator={"dim": 8},
-                  storage={"busy_timeout": 30, "page_size": 1024})
+                  storage={"busy_timeout": 30, "page_size": 1024, "shard_per": "node"})
     tasks = list(range(spec.n_tasks))
     meta, options = worker.shard_args(spec)
     live = shard.Shard(worker.local_shard_path(spec, "c1", "shared"), meta, **{**options, "single_writer": True})

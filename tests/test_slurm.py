@@ -103,7 +103,7 @@ def test_submit_and_wait(slurm, shared):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "submitted generation job" in r.stdout and "ssh -N -L 8787:" in r.stdout
     shards = plan.staged_shards(shared / "run")
-    assert sorted(p.name.split("-")[0] for p in shards) == ["node1", "node2"]   # one per node
+    assert sorted({p.name.split("-")[0] for p in shards}) == ["node1", "node2"]   # both nodes wrote
     db = shared / "run" / "t.db"          # run.name = "t" in the test configs
     with unidask.Dataset(db) as ds:
         assert len(ds) == 4000 and unitarity_error(ds[0:4000]) < 1e-10
