@@ -77,9 +77,16 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
         header = f.read(20)
     assert header[18:20] == b"\x01\x01"   # rollback-journal file format: readable without -wal/-shm
     assert con.execute("PRAGMA page_size").fetchone()[0] == 65536
-    # the final stage-out removes the live local shard
-    worker.stage_out(spec, "z", final=True)
-    assert not worker.local_shard_path(spec, "z").exists()
+    # the final stage-out removes the live local shard (a single-writer one on the run dir's
+    # filesystem is renamed into place)
+    worker.generate_task(spec, 5, "z")
+    final = worker.stage_out(spec, "z", final=True)
+    assert not worker.local_shard_path(spec, "z").exists() and final["path"] == str(dest)
+    assert not list(spec.local_dir.rglob("*.db*"))
+    con = shard.connect_readonly(dest)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 600
+    assert dest.read_bytes()[18:20] == b"\x01\x01"
 
 
 def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):

@@ -222,19 +222,56 @@ class Shard:
                 # meanwhile) into a compact file with a rollback journal: readers of it need no
                 # -wal or -shm
                 self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
-            check = connect_readonly(tmp)
-            try:
-                tasks, rows = check.execute("SELECT count(*), coalesce(sum(count), 0) FROM tasks").fetchone()
-            finally:
-                check.close()
-            fsync_path(tmp)
-            os.replace(tmp, dest)
-            fsync_path(dest.parent)
+            return self._publish(tmp, dest)
         except (sqlite3.Error, OSError) as e:
             tmp.unlink(missing_ok=True)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise RunError(f"cannot stage {self.path} to {dest}: {reason}") from None
+            raise self._stage_error(dest, e) from None
+
+    def _stage_error(self, dest: Path, e: Exception) -> RunError:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        return RunError(f"cannot stage {self.path} to {dest}: {reason}")
+
+    @staticmethod
+    def _publish(tmp: Path, dest: Path) -> tuple[Path, int, int]:
+        """Make the staged copy at ``tmp`` a rollback-journal database (header bytes 18-19, the file
+        format versions: 1 instead of WAL's 2, what `PRAGMA journal_mode = DELETE` writes; readers
+        need no -wal or -shm), read it back, fsync it and rename it to ``dest``."""
+        with open(tmp, "r+b") as f:
+            f.seek(18)
+            f.write(b"\x01\x01")
+        check = connect_readonly(tmp)
+        try:
+            tasks, rows = check.execute("SELECT count(*), coalesce(sum(count), 0) FROM tasks").fetchone()
+        finally:
+            check.close()
+        fsync_path(tmp)
+        os.replace(tmp, dest)
+        fsync_path(dest.parent)
         return dest, tasks, rows
+
+    def close_and_move(self, staging_dir: str | os.PathLike) -> tuple[Path, int, int] | None:
+        """The final stage-out of a single-writer shard whose staging dir is on the same filesystem
+        (one machine): close it and rename the file into place instead of copying it. None, with
+        the shard still open, where that does not apply."""
+        dest = Path(staging_dir) / self.staged_name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not self.single_writer or self.path.parent.stat().st_dev != dest.parent.stat().st_dev:
+            return None
+        self.close()  # the last connection checkpoints the WAL into the file and removes it
+        if any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-shm")):
+            raise RunError(f"{self.path}: another process still has this single-writer shard open; "
+                           "left in place (`unidask run --resume` stages it)")
+        tmp = temp_name(dest)
+        remove_stale_temps(dest)
+        try:
+            os.rename(self.path, tmp)
+        except OSError as e:
+            raise self._stage_error(dest, e) from None
+        try:
+            return self._publish(tmp, dest)
+        except (sqlite3.Error, OSError) as e:
+            os.rename(tmp, self.path)  # back where `--resume` finds it
+            raise self._stage_error(dest, e) from None
 
     def _copy_file(self, tmp: Path) -> bool:
         """Snapshot by copying the file, ~3x faster than VACUUM INTO: after a TRUNCATE checkpoint
@@ -249,11 +286,6 @@ class Shard:
             shutil.copyfile(self.path, tmp)
         finally:
             self.con.execute("ROLLBACK")
-        # header bytes 18-19, the file format versions: 1 (rollback journal) instead of 2 (WAL),
-        # what `PRAGMA journal_mode = DELETE` writes; readers of the copy need no -wal or -shm
-        with open(tmp, "r+b") as f:
-            f.seek(18)
-            f.write(b"\x01\x01")
         return True
 
     @property

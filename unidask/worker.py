@@ -115,7 +115,10 @@ def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any
     if not path.exists() and shard.cached(path) is None:
         return None
     start = time.time()
-    dest, tasks, rows = node_shard(spec, attempt).snapshot(plan.shard_dir(spec.run_dir))
+    live, staging = node_shard(spec, attempt), plan.shard_dir(spec.run_dir)
+    if not final or (moved := live.close_and_move(staging)) is None:
+        moved = live.snapshot(staging)
+    dest, tasks, rows = moved
     if final:
         shard.close_shards()
         remove_shard_files(path)
