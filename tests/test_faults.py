@@ -95,6 +95,9 @@ def test_workers_killed_mid_run(config):
     assert not errors and len(killed) == 3
     assert result.merged.complete
     assert merged_data(result.merged.out) == reference(spec)
+    # a shard per process (the default): the killed processes' shards were staged by their
+    # successors, so nothing had to be generated again and nothing is left on local disk
+    assert result.redone == [] and not list(spec.local_dir.rglob("*.db*"))
 
 
 def test_driver_killed_then_resume(tmp_path):

@@ -7,7 +7,9 @@ staged shard.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
+import glob
 import json
 import os
 import socket
@@ -111,6 +113,8 @@ def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any
     (the driver closes the other processes' connections before calling it).
     """
     node = shard.node_name()
+    if spec.storage["shard_per"] == "process":
+        stage_orphans(spec, attempt, node)
     path = local_shard_path(spec, attempt, node)
     if not path.exists() and shard.cached(path) is None:
         return None
@@ -131,19 +135,50 @@ def remove_shard_files(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def stage_orphans(spec: Spec, attempt: str, node: str) -> list[Path]:
+    """Stage and remove the shards of this node's worker processes that died (``shard_per =
+    "process"``): their restarted successors write new shards, and without this every task the
+    dead ones wrote since their last stage-out would be generated again. A lock on a claim file
+    keeps two workers of the node from taking the same orphan."""
+    staged = []
+    for path in sorted((spec.local_dir / spec.name).glob(f"{glob.escape(node)}-{glob.escape(attempt)}-p*.db")):
+        pid = path.stem.rsplit("-p", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        # a lock, not a mere file, so a worker killed while staging an orphan leaves it to the next
+        claim = path.with_name(f".{path.name}.claim")
+        fd = os.open(claim, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            if path.exists():  # not yet staged and removed by the previous holder
+                staged.append(stage_and_remove(spec, path))
+        finally:
+            if not path.exists():
+                claim.unlink(missing_ok=True)
+            os.close(fd)
+    return staged
+
+
 def salvage(spec: Spec) -> list[Path]:
     """Stage the shards an earlier, killed driver left in this machine's local dir, then remove them.
 
     Used on ``--resume`` in local mode, where the local dir of every simulated node is on this
     machine; opening a shard replays its WAL, so every committed task is kept.
     """
-    staged = []
+    return [stage_and_remove(spec, path) for path in sorted((spec.local_dir / spec.name).glob("[!.]*.db"))]
+
+
+def stage_and_remove(spec: Spec, path: Path) -> Path:
+    """Stage a shard whose writer is gone, then remove it from local disk."""
     meta, options = shard_args(spec)
-    for path in sorted((spec.local_dir / spec.name).glob("[!.]*.db")):
-        live = shard.Shard(path, meta, **{**options, "single_writer": True})  # the run that wrote it is gone
-        try:
-            staged.append(live.snapshot(plan.shard_dir(spec.run_dir))[0])
-        finally:
-            live.close()
-        remove_shard_files(path)
+    live = shard.Shard(path, meta, **{**options, "single_writer": True})
+    try:
+        staged = live.snapshot(plan.shard_dir(spec.run_dir))[0]
+    finally:
+        live.close()
+    remove_shard_files(path)
     return staged
