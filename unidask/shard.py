@@ -1,7 +1,8 @@
-"""The shard: one node's WAL SQLite database on node-local disk, written one task per transaction,
-and staged out to shared storage as whole, consistent snapshots.
+"""The shard: a WAL SQLite database on node-local disk (one per worker process by default, or one
+per node), written one task per transaction, and staged out to shared storage as whole,
+consistent snapshots.
 
-Several worker processes of a node share its shard: WAL lets them read while one writes,
+Where several worker processes of a node share its shard, WAL lets them read while one writes,
 ``BEGIN IMMEDIATE`` takes the write lock up front (no deadlocking upgrade), ``busy_timeout`` makes
 a writer wait instead of failing, and generation happens before the transaction so the lock is held
 only for the inserts.
@@ -97,7 +98,7 @@ def read_meta(con: sqlite3.Connection, schema: str = "main") -> dict[str, str]:
 
 
 class Shard:
-    """One node's live shard. Cache one per process with :func:`open_shard`."""
+    """A live shard (a process's or a node's). Cache one per process with :func:`open_shard`."""
 
     def __init__(self, path: str | os.PathLike, meta: dict[str, str], *, synchronous: str = "NORMAL",
                  busy_timeout: float = 60.0, allow_network_fs: bool = False, page_size: int = 65536,
