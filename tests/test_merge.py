@@ -89,6 +89,9 @@ BAD_SHARDS = {
     "view": lambda good, p: (shutil.copy(good, p), _sql(p, "CREATE VIEW v AS SELECT * FROM tasks")),
     "newer schema": lambda good, p: (shutil.copy(good, p),
                                      _sql(p, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")),
+    "older schema": lambda good, p: (shutil.copy(good, p),   # schema 1 had task and idx columns
+                                     _sql(p, "UPDATE meta SET value = '1' WHERE key = 'schema_version'",
+                                          "ALTER TABLE unitaries ADD COLUMN task INTEGER")),
     "another run": lambda good, p: (shutil.copy(good, p),
                                     _sql(p, "UPDATE meta SET value = 'x' WHERE key = 'fingerprint'")),
     # a tasks row whose unitaries are not in the shard
@@ -96,13 +99,14 @@ BAD_SHARDS = {
 }
 REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "not a readable",
            "not a unidask shard": "not a unidask shard", "trigger": "trigger t", "view": "view v",
-           "newer schema": "newer", "another run": "another run",
+           "newer schema": "newer", "older schema": "older than this unidask reads","another run": "another run",
            "rows missing": "task 15 has 0 of its 100 unitaries"}
 
 
-def _sql(path, statement):
+def _sql(path, *statements):
     con = sqlite3.connect(path)
-    con.execute(statement)
+    for statement in statements:
+        con.execute(statement)
     con.commit()
     con.close()
 

@@ -34,11 +34,10 @@ def test_run_layout_and_public_format(haar_run):
     # the merged file is readable with nothing but sqlite3 and numpy
     con = sqlite3.connect(db)
     meta = dict(con.execute("SELECT key, value FROM meta"))
-    assert meta["dtype"] == "complex128" and meta["schema_version"] == "1"
+    assert meta["dtype"] == "complex128" and meta["schema_version"] == "2"
     assert json.loads(meta["spec"])["generator"] == {"kind": "haar", "dtype": "complex128", "dim": 4}
-    i, task, idx, dim, data = con.execute(
-        "SELECT id, task, idx, dim, data FROM unitaries WHERE id = 4321").fetchone()
-    assert (i, task, idx, dim) == (4321, 4, 321, 4)
+    i, dim, data = con.execute("SELECT id, dim, data FROM unitaries WHERE id = 4321").fetchone()
+    assert (i, dim) == (4321, 4)   # id = task * task_size + idx: task 4, its row 321
     u = np.frombuffer(data, meta["dtype"]).reshape(dim, dim)
     assert unitarity_error(u[None]) < 1e-10
     rows = con.execute("SELECT task, seed, count, node FROM tasks ORDER BY task").fetchall()

@@ -30,8 +30,8 @@ def test_four_processes_write_one_shard(config):
     assert sorted(t for (t,) in con.execute("SELECT task FROM tasks")) == tasks
     assert len({w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}) == 4
     # every task's rows are complete: count matches the tasks row
-    bad = con.execute("SELECT t.task FROM tasks t JOIN (SELECT task, count(*) AS n FROM unitaries "
-                      "GROUP BY task) u USING (task) WHERE u.n != t.count").fetchall()
+    bad = con.execute("SELECT t.task FROM tasks t JOIN (SELECT id / ? AS task, count(*) AS n FROM unitaries "
+                      "GROUP BY task) u USING (task) WHERE u.n != t.count", (spec.task_size,)).fetchall()
     assert bad == []
 
 
@@ -42,7 +42,7 @@ def test_task_written_twice_is_kept_once(config, monkeypatch):
     again = worker.generate_task(spec, 3, "x")
     assert first["written"] and not again["written"]
     con = sqlite3.connect(worker.local_shard_path(spec, "x"))
-    assert con.execute("SELECT count(*) FROM unitaries WHERE task = 3").fetchone()[0] == 100
+    assert con.execute("SELECT count(*) FROM unitaries WHERE id / ? = 3", (spec.task_size,)).fetchone()[0] == 100
     assert con.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
     shard.close_shards()
 
@@ -112,7 +112,8 @@ def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
         con = shard.connect_readonly(path)
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         for task, digest, count in con.execute("SELECT task, checksum, count FROM tasks"):
-            blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE task = ? ORDER BY idx", (task,))]
+            blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE id / ? = ? ORDER BY id",
+                                                   (spec.task_size, task))]
             assert len(blobs) == count and shard.checksum(b"".join(blobs), [None] * count) == digest
         assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == \
             con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]

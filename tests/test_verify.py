@@ -20,13 +20,22 @@ def test_verify_finds_what_is_wrong(haar_run, tmp_path, capsys):
     shutil.copy(db, bad)
     con = sqlite3.connect(bad)
     con.execute("UPDATE unitaries SET data = zeroblob(256) WHERE id = 1234")   # flipped bits
-    con.execute("DELETE FROM unitaries WHERE task = 7")
+    con.execute("DELETE FROM unitaries WHERE id >= 7000 AND id < 8000")
     con.execute("DELETE FROM tasks WHERE task = 7")                              # a missing task
     con.commit()
     con.close()
     code, out, _ = run_main("verify", bad, capsys=capsys)
     assert code == 1 and out.startswith("FAILED: ")
     assert "task 1: checksum mismatch" in out and "not unitary" in out and "1 task(s) missing: 7" in out
+
+    shutil.copy(db, bad)
+    con = sqlite3.connect(bad)
+    con.execute("DELETE FROM unitaries WHERE id = 2500")                         # a lost row
+    con.commit()
+    con.close()
+    code, out, _ = run_main("verify", bad, capsys=capsys)
+    assert code == 1 and out.endswith("row 2501: task 2 has no row 2500; task 2: checksum mismatch; " \
+        "task 2: 999 rows, tasks row says 1000\n")
 
     other = write_config(tmp_path / "other.toml", run={"count": 20000, "task_size": 1000, "seed": 8})
     code, out, _ = run_main("verify", db, "--against", other, capsys=capsys)

@@ -25,7 +25,7 @@ from .progress import Progress
 
 ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
 COLUMNS = {"meta": ["key", "value"],
-           "unitaries": ["id", "task", "idx", "dim", "data", "meta"],
+           "unitaries": ["id", "dim", "data", "meta"],
            "tasks": ["task", "seed", "count", "node", "worker", "started", "finished", "checksum"]}
 
 
@@ -83,16 +83,19 @@ def check_shard(path: Path, fingerprint: str) -> None:
                    .upper().startswith("CREATE VIRTUAL")]
         if active:
             raise BadShard(path, f"holds {', '.join(active)}; refused, nothing in a shard may run")
-        for table, columns in COLUMNS.items():
+        for table, columns in COLUMNS.items():  # meta first: its version explains other tables
             found = [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
             if found != columns:
                 raise BadShard(path, f"not a unidask shard (table {table!r} "
                                f"{'missing' if not found else 'has columns ' + ', '.join(found)})")
-        meta = shard.read_meta(con)
-        version = meta.get("schema_version", "")
-        if not version.isdigit() or int(version) > shard.SCHEMA_VERSION:
-            raise BadShard(path, f"schema_version {version!r} is newer than this unidask reads "
-                           f"({shard.SCHEMA_VERSION}); upgrade unidask")
+            if table == "meta":
+                meta = shard.read_meta(con)
+                version = meta.get("schema_version", "")
+                if version != str(shard.SCHEMA_VERSION):
+                    newer = version.isdigit() and int(version) > shard.SCHEMA_VERSION
+                    raise BadShard(path, f"schema_version {version!r} is {'newer' if newer else 'older'} than "
+                                   f"this unidask reads ({shard.SCHEMA_VERSION}); "
+                                   + ("upgrade unidask" if newer else "merge it with the unidask that wrote it"))
         if meta.get("fingerprint") != fingerprint:
             raise BadShard(path, f"belongs to another run (fingerprint {meta.get('fingerprint')}, "
                            f"this run's is {fingerprint})")

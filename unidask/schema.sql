@@ -6,8 +6,8 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 CREATE TABLE IF NOT EXISTS unitaries (
     id   INTEGER PRIMARY KEY,   -- task * task_size + idx; the rowid, so lookups by id are direct
-    task INTEGER NOT NULL,
-    idx  INTEGER NOT NULL,
+                                -- (task and idx are derived from it, not stored: every column
+                                -- costs on the write path and in the merge)
     dim  INTEGER NOT NULL,
     data BLOB NOT NULL,         -- row-major matrix, raw little-endian bytes of meta.dtype
     meta TEXT                   -- JSON (e.g. the circuit) or NULL
@@ -20,5 +20,5 @@ CREATE TABLE IF NOT EXISTS tasks (
     worker   TEXT NOT NULL,
     started  REAL NOT NULL,     -- unix time
     finished REAL NOT NULL,
-    checksum TEXT NOT NULL      -- blake2b-128 of the task's data and meta, in idx order
+    checksum TEXT NOT NULL      -- XXH3-128 of the task's data and meta, in id order
 );

@@ -65,24 +65,25 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
             if count is not None and count != seen[current]:
                 v.problems.append(f"task {current}: {seen[current]} rows, tasks row says {count}")
 
-        cursor = ds.con.execute("SELECT id, task, idx, dim, data, meta FROM unitaries ORDER BY id")
+        cursor = ds.con.execute("SELECT id, dim, data, meta FROM unitaries ORDER BY id")
         while rows := cursor.fetchmany(20_000):
-            for i, task, idx, _, data, meta in rows:
+            for i, _, data, meta in rows:
+                task, idx = divmod(i, task_size)
                 if task != current:
                     close_task()
                     current, chunks, metas, expect_idx = task, [], [], 0
                     seen[task] = 0
-                if i != task * task_size + idx or idx != expect_idx:
-                    v.problems.append(f"row {i}: id, task {task} and idx {idx} disagree")
-                expect_idx += 1
+                if idx != expect_idx:
+                    v.problems.append(f"row {i}: task {task} has no row {task * task_size + expect_idx}")
+                expect_idx = idx + 1
                 seen[task] += 1
                 chunks.append(data)
                 metas.append(meta)
-            n, itemsize = rows[0][3], np.dtype(dtype).itemsize
-            if any(r[3] != n or len(r[4]) != n * n * itemsize for r in rows):
+            n, itemsize = rows[0][1], np.dtype(dtype).itemsize
+            if any(r[1] != n or len(r[2]) != n * n * itemsize for r in rows):
                 v.problems.append("rows whose dim or data size disagree")
                 continue
-            u = np.frombuffer(b"".join(r[4] for r in rows), np.dtype(dtype).newbyteorder("<"))
+            u = np.frombuffer(b"".join(r[2] for r in rows), np.dtype(dtype).newbyteorder("<"))
             u = u.reshape(-1, n, n).astype(np.complex128)
             err = float(np.abs(np.einsum("kji,kjl->kil", u.conj(), u) - np.eye(n)).max())
             v.max_error = max(v.max_error, err)
