@@ -37,7 +37,7 @@ class Bench:
     def fresh(self, name: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.base))
 
-    def parallel(self, fn, procs: int, count: int, dim: int, path: str, task: int = work.TASK) -> dict:
+    def parallel(self, fn, procs: int, count: int, dim: int, path: str, task: int) -> dict:
         """Run ``fn`` in ``procs`` processes at once; rate over the wall time of the slowest."""
         pool = self.pool.setdefault(procs, ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")))
         start_at = time.time() + 0.5 + count * dim * dim * 2e-7     # after every process made its data
@@ -69,23 +69,25 @@ class Bench:
     # 1. write path
     def write_path(self) -> None:
         for dim in (4, 32):
-            count = (20_000 if dim == 4 else 2_000) * (1 if self.quick else 5)
-            txt = max(200, count // 50)
+            task = work.TASK_SIZE[dim]
+            count = task * (2 if self.quick else 5)   # per process
+            txt = max(200, count // 250)
             for procs in (1, 2, 4):
-                def unidask_(): return self.parallel(work.unidask_shard, procs, count, dim, str(self.fresh("w") / "p"))
-                def node_(): return self.parallel(work.unidask_node_shard, procs, count, dim, str(self.fresh("n") / "node.db"))
+                def run(fn, count=count, path=None, name="p"):
+                    return self.parallel(fn, procs, count, dim, path or str(self.fresh(name) / "p"), task)
                 def seed_():
                     p = self.fresh("s") / "shared.db"
                     con = sqlite3.connect(p)
                     con.execute("PRAGMA journal_mode = WAL")
                     con.execute("CREATE TABLE u(id INTEGER PRIMARY KEY, dim INTEGER, data BLOB)")
                     con.close()
-                    return self.parallel(work.seed_shared_db, procs, count, dim, str(p))
-                def txt_(): return self.parallel(work.savetxt_files, procs, txt, dim, str(self.fresh("t")))
-                def raw_(): return self.parallel(work.raw_bytes, procs, count, dim, str(self.fresh("r") / "raw"))
-                self.alternate({"unidask shard": unidask_, "unidask node shard": node_,
-                                "seed shared db": seed_, "np.savetxt per file": txt_,
-                                "raw sequential bytes": raw_}, "write", f"n={dim} procs={procs}", "unidask shard")
+                    return run(work.seed_shared_db, path=str(p))
+                self.alternate({"unidask shard": lambda: run(work.unidask_shard),
+                                "unidask node shard": lambda: run(work.unidask_node_shard, path=str(self.fresh("n") / "node.db")),
+                                "seed shared db": seed_,
+                                "np.savetxt per file": lambda: run(work.savetxt_files, count=txt, path=str(self.fresh("t"))),
+                                "raw sequential bytes": lambda: run(work.raw_bytes)},
+                               "write", f"n={dim} procs={procs} task={task}", "unidask shard")
                 self.clean()
 
     # 2. generation
@@ -111,30 +113,43 @@ class Bench:
             }, "generate", f"n={dim}", "unidask haar")
 
     # 3. end to end
-    def end_to_end(self) -> None:
+    def run_unidask(self, count: int, dim: int, task: int, workers: int, shard_per: str = "process") -> dict:
         import unidask
 
+        d = self.fresh("e")
+        spec = unidask.load_config(None, data={
+            "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
+            "generator": {"dim": dim},
+            "storage": {"local_dir": str(d / "local"), "shard_per": shard_per},
+            "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0"}})
+        return {"rate": unidask.run(spec, merge=False, echo=lambda s: None).rate}
+
+    def end_to_end(self) -> None:
         for dim in (4, 16):
             count = (200_000 if dim == 4 else 20_000) * (1 if self.quick else 5)
-            task = 10_000 if dim == 4 else 1_000
+            task = work.TASK_SIZE[dim]
             txt = max(200, count // 100)
             for workers in (1, 2):
-                def unidask_(shard_per="process"):
-                    d = self.fresh("e")
-                    spec = unidask.load_config(None, data={
-                        "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
-                        "generator": {"dim": dim},
-                        "storage": {"local_dir": str(d / "local"), "shard_per": shard_per},
-                        "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0"}})
-                    r = unidask.run(spec, merge=False, echo=lambda s: None)
-                    return {"rate": r.rate}
                 def bare_(): return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task)
-                def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")))
-                self.alternate({"unidask run": unidask_,
-                                "unidask run, node shard": lambda: unidask_("node"),
+                def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")), task)
+                self.alternate({"unidask run": lambda: self.run_unidask(count, dim, task, workers),
+                                "unidask run, node shard": lambda: self.run_unidask(count, dim, task, workers, "node"),
                                 "bare multiprocessing loop": bare_,
-                                "file per unitary": files_}, "end to end", f"n={dim} workers={workers}", "unidask run")
+                                "file per unitary": files_}, "end to end", f"n={dim} workers={workers} task={task}",
+                               "unidask run")
                 self.clean()
+
+    # 3b. what the task size costs: Dask spends a few ms of CPU per task, the bare loop nothing
+    def task_size(self) -> None:
+        dim, workers = 4, 2
+        count = 200_000 if self.quick else 1_000_000
+        for task in (2_000, 10_000, 50_000) if self.quick else (2_000, 10_000, 50_000, 250_000):
+            self.alternate({
+                "unidask run": lambda: self.run_unidask(count, dim, task, workers),
+                "bare multiprocessing loop": lambda: self.parallel(work.bare_loop, workers, count // workers, dim,
+                                                                   str(self.fresh("b") / "p"), task),
+            }, "task size", f"n={dim} workers={workers} task={task}", "unidask run")
+            self.clean()
 
     # 4. merge
     def merge(self) -> None:
@@ -223,7 +238,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "merge", "memory"])
+    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "merge", "memory"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -238,7 +253,9 @@ def main() -> None:
     start = time.monotonic()
     try:
         for name in args.only:
+            t = time.monotonic()
             getattr(bench, {"write": "write_path", "generation": "generation"}.get(name, name))()
+            print(f"({name}: {time.monotonic() - t:.0f} s)", flush=True)
     finally:
         bench.close()
         shutil.rmtree(base, ignore_errors=True)

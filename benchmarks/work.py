@@ -13,7 +13,10 @@ import numpy as np
 from unidask import shard
 from unidask.generators.haar import haar
 
-TASK = 1000  # unitaries per task (one transaction) for every database contender
+# unitaries per task (one transaction for every database contender): ~0.2 s of work each on this
+# machine, where Dask's few ms of CPU per task and a commit's syncs cost a few percent
+# (see the task size section)
+TASK_SIZE = {4: 50_000, 16: 5_000, 32: 2_000}
 
 
 def data(seed: int, count: int, dim: int) -> np.ndarray:
@@ -34,11 +37,13 @@ def info() -> dict:
     return {"seed": "-", "node": "n", "worker": str(os.getpid()), "started": 0.0, "finished": 0.0}
 
 
-def unidask_node_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+def unidask_node_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int,
+                       single_writer: bool = False) -> dict:
     """unidask with ``storage.shard_per = "node"``: the processes of a node share its WAL shard,
     synchronous=NORMAL, one task per transaction."""
     u = data(seed, count, dim)
-    s = shard.Shard(Path(path), {"fingerprint": "bench", "dtype": "complex128"}, synchronous="NORMAL")
+    s = shard.Shard(Path(path), {"fingerprint": "bench", "dtype": "complex128"}, synchronous="NORMAL",
+                    single_writer=single_writer)
     start = wait_until(start_at)
     for t in range(count // task):
         number = seed * 1_000_000 + t
@@ -47,13 +52,13 @@ def unidask_node_shard(path: str, seed: int, count: int, dim: int, start_at: flo
     return done(start)
 
 
-def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """unidask's default writer (``storage.shard_per = "process"``): each worker process its own
-    WAL shard."""
-    return unidask_node_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task)
+    shard, with a rollback journal."""
+    return unidask_node_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task, single_writer=True)
 
 
-def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """The seed's approach: every process inserts into ONE shared database (WAL, synchronous=OFF)."""
     u = data(seed, count, dim)
     con = sqlite3.connect(path, timeout=5.0, isolation_level=None)
@@ -82,7 +87,7 @@ def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, 
     return done(start, locked=locked, stall=stall)
 
 
-def savetxt_files(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+def savetxt_files(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """One np.savetxt file per unitary."""
     u = data(seed, count, dim)
     d = Path(path) / str(seed)
@@ -93,7 +98,7 @@ def savetxt_files(path: str, seed: int, count: int, dim: int, start_at: float, t
     return done(start)
 
 
-def raw_bytes(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+def raw_bytes(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """The disk's limit: the same bytes written sequentially to one file per process, fsynced."""
     u = data(seed, count, dim)
     start = wait_until(start_at)
@@ -105,10 +110,11 @@ def raw_bytes(path: str, seed: int, count: int, dim: int, start_at: float, task:
     return done(start)
 
 
-def bare_loop(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
-    """End to end without Dask: generate each task and insert it into a private shard file."""
+def bare_loop(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
+    """End to end without Dask: generate each task and insert it into a private shard file, as
+    unidask's workers do."""
     start = wait_until(start_at)
-    s = shard.Shard(Path(f"{path}.{seed}.db"), {"fingerprint": "bench", "dtype": "complex128"})
+    s = shard.Shard(Path(f"{path}.{seed}.db"), {"fingerprint": "bench", "dtype": "complex128"}, single_writer=True)
     for t in range(count // task):
         u = haar(np.random.default_rng([seed, t]), task, dim=dim)
         s.write_task(t, (seed * 100_000 + t) * task, u, None, info())
@@ -116,7 +122,7 @@ def bare_loop(path: str, seed: int, count: int, dim: int, start_at: float, task:
     return done(start)
 
 
-def file_per_unitary(path: str, seed: int, count: int, dim: int, start_at: float, task: int = TASK) -> dict:
+def file_per_unitary(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """End to end the old way: one scipy call and one np.savetxt file per unitary."""
     from scipy.stats import unitary_group
 

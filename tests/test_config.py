@@ -1,5 +1,8 @@
 """Bad input: one clear line, exit status 2, no traceback, nothing written."""
 
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -22,6 +25,17 @@ def test_quickstart_config_is_valid():
     assert (spec.count, spec.task_size, spec.n_tasks, spec.kind, spec.params["dim"]) == \
         (20000, 1000, 20, "haar", 4)
     assert spec.cluster["nodes"] == 2 and spec.storage["synchronous"] == "NORMAL"
+
+
+@pytest.mark.parametrize("env, failures", [({}, "10"), ({"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "5"}, "5")])
+def test_dask_settings_of_unidask_yaml_take_effect(env, failures):
+    """unidask.yaml's distributed.* settings replace Dask's defaults (whichever is imported first),
+    but not what the user configured. A fresh interpreter: here distributed is already imported."""
+    code = ("import unidask, dask; print(dask.config.get('distributed.scheduler.allowed-failures'), "
+            "dask.config.get('distributed.worker.profile.enabled'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout.split()
+    assert out == [failures, "False"]
 
 
 def test_overrides_and_expansion(tmp_path, monkeypatch):

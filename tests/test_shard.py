@@ -2,7 +2,10 @@
 
 import multiprocessing
 import os
+import pickle
 import sqlite3
+import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -87,6 +90,43 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 600
     assert dest.read_bytes()[18:20] == b"\x01\x01"
+
+
+KILLED_MID_TASK = """
+import os, pickle, signal, sys
+from unidask import worker
+spec = pickle.loads(bytes.fromhex(sys.argv[1]))
+for t in range(3):
+    worker.generate_task(spec, t, "k")
+s = worker.node_shard(spec, "k")
+s.con.execute("PRAGMA cache_size = 1")   # spill uncommitted pages into the file before the commit
+s.con.execute("BEGIN IMMEDIATE")
+s.con.executemany("INSERT INTO unitaries(id, dim, data) VALUES (?, 4, zeroblob(256))",
+                  [(3000 + i,) for i in range(1000)])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch):
+    """A shard per process keeps a rollback journal: a writer killed in the middle of a task
+    leaves a hot journal, and staging its orphaned shard rolls the half-written task back."""
+    monkeypatch.setenv("UNIDASK_NODE", "n")
+    spec = config(run={"count": 10_000, "task_size": 1000}, storage={"shard_per": "process", "page_size": 1024})
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_TASK, pickle.dumps(spec).hex()],
+                          env={**os.environ, "UNIDASK_NODE": "n"}, capture_output=True)
+    assert proc.returncode == -9, proc.stderr
+    [path] = (spec.local_dir / spec.name).glob("n-k-p*.db")
+    assert os.path.getsize(f"{path}-journal") > 0                       # a hot journal
+    assert path.read_bytes()[18:20] == b"\x01\x01" and not os.path.exists(f"{path}-wal")  # not WAL
+    [staged] = worker.stage_orphans(spec, "k", "n")
+    assert not path.exists() and not os.path.exists(f"{path}-journal")
+    con = shard.connect_readonly(staged)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert con.execute("SELECT count(*), max(id) FROM unitaries").fetchone() == (3000, 2999)
+    for task, digest in con.execute("SELECT task, checksum FROM tasks"):
+        blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE id / 1000 = ? ORDER BY id", (task,))]
+        assert shard.checksum(b"".join(blobs), [None] * 1000) == digest
+    con.close()
 
 
 def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):

@@ -13,6 +13,7 @@ import time
 from urllib.parse import urlsplit
 from typing import Iterator
 
+import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from . import dashboard, shard, tls
@@ -106,6 +107,9 @@ def slurm_cluster(spec: Spec):
                            walltime=c["walltime"], job_name=f"unidask-{spec.name}",
                            log_directory=str(spec.run_dir / "logs"), python=sys.executable,
                            scheduler_options={"dashboard_address": c["dashboard_address"]},
+                           # as unidask.yaml says for local workers (a `dask worker` does not read it)
+                           job_script_prologue=[*(dask.config.get("jobqueue.slurm.job-script-prologue") or []),
+                                                "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"],
                            **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
     # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
     # reason instead of leaving it waiting for workers that never come

@@ -19,12 +19,15 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 import dask.config
+import distributed.config  # noqa: F401  (registers Dask's distributed.* defaults, see below)
 import yaml
 
 from . import generators
 from .errors import InputError
 
 _defaults_file = Path(__file__).with_name("unidask.yaml")
+# after distributed's defaults: a later update_defaults replaces values still at an earlier default,
+# so ours (allowed-failures, the worker profiler) must come last to take effect
 dask.config.update_defaults(yaml.safe_load(_defaults_file.read_text()))
 
 DTYPES = ("complex128", "complex64")

@@ -125,14 +125,9 @@ def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any
     dest, tasks, rows = moved
     if final:
         shard.close_shards()
-        remove_shard_files(path)
+        shard.remove_files(path)
     return {"node": node, "path": str(dest), "tasks": tasks, "rows": rows,
             "bytes": dest.stat().st_size, "time": time.time(), "seconds": time.time() - start}
-
-
-def remove_shard_files(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def stage_orphans(spec: Spec, attempt: str, node: str) -> list[Path]:
@@ -167,7 +162,8 @@ def salvage(spec: Spec) -> list[Path]:
     """Stage the shards an earlier, killed driver left in this machine's local dir, then remove them.
 
     Used on ``--resume`` in local mode, where the local dir of every simulated node is on this
-    machine; opening a shard replays its WAL, so every committed task is kept.
+    machine; opening a shard replays its WAL or rolls back its hot journal, so every committed task is
+    kept.
     """
     return [stage_and_remove(spec, path) for path in sorted((spec.local_dir / spec.name).glob("[!.]*.db"))]
 
@@ -180,5 +176,5 @@ def stage_and_remove(spec: Spec, path: Path) -> Path:
         staged = live.snapshot(plan.shard_dir(spec.run_dir))[0]
     finally:
         live.close()
-    remove_shard_files(path)
+    shard.remove_files(path)
     return staged
