@@ -40,7 +40,7 @@ class Bench:
     def parallel(self, fn, procs: int, count: int, dim: int, path: str, task: int) -> dict:
         """Run ``fn`` in ``procs`` processes at once; rate over the wall time of the slowest."""
         pool = self.pool.setdefault(procs, ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")))
-        start_at = time.time() + 0.5 + count * dim * dim * 2e-7     # after every process made its data
+        start_at = time.time() + 0.2 + count * dim * dim * 2e-7     # after every process made its data
         futures = [pool.submit(fn, path, seed, count, dim, start_at, task) for seed in range(procs)]
         out = [f.result() for f in futures]
         wall = max(o["end"] for o in out) - start_at
@@ -69,7 +69,7 @@ class Bench:
     # 1. write path
     def write_path(self) -> None:
         for dim in (4, 32):
-            task = work.TASK_SIZE[dim]
+            task = work.TASK_SIZE[dim] // (5 if self.quick else 1)
             count = task * (2 if self.quick else 5)   # per process
             txt = max(200, count // 250)
             for procs in (1, 2, 4):
@@ -132,18 +132,20 @@ class Bench:
             for workers in (1, 2):
                 def bare_(): return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task)
                 def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")), task)
-                self.alternate({"unidask run": lambda: self.run_unidask(count, dim, task, workers),
-                                "unidask run, node shard": lambda: self.run_unidask(count, dim, task, workers, "node"),
-                                "bare multiprocessing loop": bare_,
-                                "file per unitary": files_}, "end to end", f"n={dim} workers={workers} task={task}",
-                               "unidask run")
+                contenders = {"unidask run": lambda: self.run_unidask(count, dim, task, workers),
+                              "unidask run, node shard": lambda: self.run_unidask(count, dim, task, workers, "node"),
+                              "bare multiprocessing loop": bare_,
+                              "file per unitary": files_}
+                if self.quick:   # each run starts a cluster: keep --quick under 2 minutes
+                    del contenders["unidask run, node shard"]
+                self.alternate(contenders, "end to end", f"n={dim} workers={workers} task={task}", "unidask run")
                 self.clean()
 
     # 3b. what the task size costs: Dask spends a few ms of CPU per task, the bare loop nothing
     def task_size(self) -> None:
         dim, workers = 4, 2
-        count = 200_000 if self.quick else 1_000_000
-        for task in (2_000, 10_000, 50_000) if self.quick else (2_000, 10_000, 50_000, 250_000):
+        count = 100_000 if self.quick else 1_000_000
+        for task in (2_000, 50_000) if self.quick else (2_000, 10_000, 50_000, 250_000):
             self.alternate({
                 "unidask run": lambda: self.run_unidask(count, dim, task, workers),
                 "bare multiprocessing loop": lambda: self.parallel(work.bare_loop, workers, count // workers, dim,
@@ -199,7 +201,7 @@ class Bench:
         proc = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         driver, workers = 0, 0
-        end = time.monotonic() + (15 if self.quick else 40)
+        end = time.monotonic() + (8 if self.quick else 40)
         ps = psutil.Process(proc.pid)
         while time.monotonic() < end and proc.poll() is None:
             try:

@@ -128,3 +128,21 @@ def test_shard_per_process_gives_the_same_bytes(config, tmp_path):
     b = unidask.run(per_process, echo=lambda s: None)
     assert len(a.shards) == 1 and len(b.shards) == 2      # one per worker process
     assert b.merged.complete and merged_data(a.merged.out) == merged_data(b.merged.out)
+
+
+def test_short_tasks_get_a_task_size_hint(config):
+    """Tasks far shorter than Dask's per-task cost: the run says which task_size to use instead."""
+    spec = config(run={"count": 60_000, "task_size": 100}, generator={"dim": 2},
+                  cluster={"nodes": 1, "workers": 1})
+    lines = []
+    unidask.run(spec, merge=False, echo=lines.append)
+    [hint] = [line for line in lines if line.startswith("hint:")]
+    suggested = int(hint.split("run.task_size = ")[1].split()[0])
+    assert "(now 100)" in hint and suggested >= 1000   # 100 U(2) take well under 20 ms
+
+
+def test_task_size_hint_only_for_short_tasks():
+    from unidask.driver import task_size_hint
+
+    assert task_size_hint(1000, [0.2] * 50) is None
+    assert "run.task_size = 20000 (now 100)" in task_size_hint(100, [0.001] * 50)

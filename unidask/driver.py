@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -23,6 +24,11 @@ from .progress import Progress
 
 
 REDO_ROUNDS = 3
+# Dask spends a few ms of CPU on every task (driver, scheduler, worker): tasks much shorter than
+# SHORT_TASK seconds lose a noticeable share of the run to it (benchmarks: task size)
+SHORT_TASK = 0.05
+HINT_AFTER = 50        # tasks timed before the hint is given
+HINT_MIN_TASKS = 500   # no hint for runs too short for it to matter
 
 
 @dataclass
@@ -100,7 +106,7 @@ class Driver:
         for address, disk in sorted(disks.items()):
             if isinstance(disk, str):
                 one_worker.setdefault(disk, address)
-        if final:
+        if final and self.spec.storage["shard_per"] == "node":  # a process shard closes itself
             client.run(shard.close_shards, on_error="ignore")
         return {client.submit(worker.stage_out, self.spec, self.attempt, final=final, workers=[address],
                               allow_other_workers=False, pure=False, priority=10,
@@ -172,7 +178,7 @@ class Driver:
 
         submit(window)
         last_stage, stages = time.monotonic(), {}
-        n_done = 0
+        n_done, durations = 0, []
         try:
             for future, summary in futures:
                 if future.status == "error":
@@ -186,6 +192,10 @@ class Driver:
                 result.per_node[summary["node"]] = result.per_node.get(summary["node"], 0) + summary["count"]
                 progress.update(summary["count"], f"{n_done}/{len(tasks)} tasks")
                 self.tracker.task_done(summary, len(inflight))
+                if n_done <= HINT_AFTER and len(tasks) >= HINT_MIN_TASKS:
+                    durations.append(summary["seconds"])
+                    if n_done == HINT_AFTER and (hint := task_size_hint(spec.task_size, durations)):
+                        self.echo(hint)
                 self.settle_periodic(stages, block=False)
                 if not stages and time.monotonic() - last_stage >= spec.storage["stage_every"]:
                     stages = self.stage_all()
@@ -202,6 +212,18 @@ class Driver:
             raise
         finally:
             progress.close()
+
+
+def task_size_hint(task_size: int, durations: list[float]) -> str | None:
+    """A line telling the user to raise ``run.task_size`` when tasks are too short to pay for
+    Dask's per-task cost, with a size for tasks of ~0.2 s; None when they are long enough."""
+    median = statistics.median(durations)
+    if median >= SHORT_TASK:
+        return None
+    better = task_size * 0.2 / max(median, 1e-4)
+    better = int(float(f"{better:.1g}"))   # one significant digit: a round number to type
+    return (f"hint: a task takes {median * 1e3:.0f} ms, and Dask spends a few ms on each: for tasks "
+            f"of ~0.2 s, give your next run run.task_size = {better} (now {task_size})")
 
 
 def run(spec: Spec, *, resume: bool = False, merge: bool = True,
