@@ -39,7 +39,8 @@ SCHEMA_VERSION = 2  # 2: no task/idx columns in unitaries; XXH3-128 checksums
 SCHEMA = files("unidask").joinpath("schema.sql").read_text()
 TABLES = ("meta", "unitaries", "tasks")
 
-# Filesystems where WAL's shared-memory index does not work across hosts (or at all).
+# Filesystems where SQLite's locks and WAL's shared-memory index do not work across hosts (or at
+# all).
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
               "fuse.cephfs", "glusterfs", "fuse.glusterfs", "afs", "9p", "fuse.sshfs", "panfs",
               "orangefs", "pvfs2", "wekafs"}
@@ -122,7 +123,7 @@ class Shard:
         fstype = filesystem_type(self.path.parent)
         if fstype in NETWORK_FS and not allow_network_fs:
             raise InputError(f"local dir {self.path.parent} is on a network filesystem ({fstype}); "
-                             "a live WAL shard needs node-local disk (set storage.local_dir, or "
+                             "a live shard needs node-local disk (set storage.local_dir, or "
                              "storage.allow_network_fs = true to insist)")
         try:
             self.con = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
@@ -130,7 +131,7 @@ class Shard:
             self.con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
             # large pages: fewer page headers and WAL frames per matrix, and up to n = 32
             # (complex128) a matrix fits in a page instead of an overflow chain; only takes
-            # effect while the file is empty, so it comes before WAL
+            # effect while the file is empty, so it comes before the journal mode
             self.con.execute(f"PRAGMA page_size = {int(page_size)}")
             journal = "TRUNCATE" if single_writer else "WAL"
             mode = self._retry(lambda: self.con.execute(f"PRAGMA journal_mode = {journal}").fetchone()[0])
