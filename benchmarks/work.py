@@ -37,10 +37,9 @@ def info() -> dict:
     return {"seed": "-", "node": "n", "worker": str(os.getpid()), "started": 0.0, "finished": 0.0}
 
 
-def unidask_node_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int,
-                       single_writer: bool = False) -> dict:
-    """unidask with ``storage.shard_per = "node"``: the processes of a node share its WAL shard,
-    synchronous=NORMAL, one task per transaction."""
+def write_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int,
+                single_writer: bool) -> dict:
+    """unidask's shard writer, synchronous=NORMAL, one task per transaction."""
     u = data(seed, count, dim)
     s = shard.Shard(Path(path), {"fingerprint": "bench", "dtype": "complex128"}, synchronous="NORMAL",
                     single_writer=single_writer)
@@ -52,10 +51,15 @@ def unidask_node_shard(path: str, seed: int, count: int, dim: int, start_at: flo
     return done(start)
 
 
+def unidask_node_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
+    """unidask with ``storage.shard_per = "node"``: the processes of a node share its WAL shard."""
+    return write_shard(path, seed, count, dim, start_at, task, single_writer=False)
+
+
 def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """unidask's default writer (``storage.shard_per = "process"``): each worker process its own
     shard, with a rollback journal."""
-    return unidask_node_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task, single_writer=True)
+    return write_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task, single_writer=True)
 
 
 def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
