@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from unidask.errors import Stopped
+
 from . import work
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,8 +200,9 @@ class Bench:
         cfg.write_text(f'[run]\nname = "big"\ncount = 100_000_000\ntask_size = 10_000\nrun_dir = "{d}/run"\n'
                        f'[generator]\ndim = 2\n[storage]\nlocal_dir = "{d}/local"\n'
                        '[cluster]\nnodes = 1\nworkers = 2\ndashboard_address = "127.0.0.1:0"\n')
-        proc = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        with open(d / "stderr", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)],
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         driver, workers = 0, 0
         end = time.monotonic() + (8 if self.quick else 40)
         ps = psutil.Process(proc.pid)
@@ -212,7 +215,14 @@ class Bench:
                 pass
             time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)   # as SLURM would before the walltime: stage out, stop
-        proc.wait(120)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)   # the driver and its workers
+            raise RuntimeError("unidask run did not stop within 120 s of SIGUSR1") from None
+        if proc.returncode != Stopped.exit_code:
+            raise RuntimeError(f"unidask run exited {proc.returncode} on SIGUSR1, not {Stopped.exit_code}: "
+                               + (d / "stderr").read_text()[-2000:])
         for name, value in (("driver peak RSS, plan of 1e8 in tasks of 1e4", driver),
                             ("worker peak RSS, tasks of 1e4 x 2x2", workers)):
             row = {"section": "memory MB", "case": name, "contender": "unidask", "rate": value / 1e6, "ratio": None}

@@ -18,8 +18,9 @@ import psutil
 import pytest
 
 import unidask
-from unidask import plan, shard, worker
+from unidask import plan, shard, slurm, worker
 from unidask.driver import prepare_run_dir
+from unidask.errors import Stopped
 
 from conftest import merged_data, write_config
 
@@ -125,6 +126,26 @@ def test_driver_killed_then_resume(tmp_path):
             if task in before:
                 assert finished == before[task]
         con.close()
+
+
+def test_stop_signal_lost_in_a_finalizer_still_stops(config):
+    """SLURM's USR1 can land while Python runs a finalizer (a Dask future's ``__del__``), which
+    drops the handler's exception: the run must still stop, at the next finished task, with every
+    finished task staged, and a resume must finish it to the same bytes."""
+    spec = config(**SLOW)
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.01)   # the handler runs here, and its Stopped is dropped
+
+    with slurm.stop_on_signal():
+        SignalsWhenCollected()
+        with pytest.raises(Stopped, match="stopped by SIGUSR1"):
+            unidask.run(spec, echo=lambda s: None)
+    assert 0 < len(plan.done(spec)) < spec.n_tasks
+    result = unidask.run(spec, resume=True, echo=lambda s: None)
+    assert merged_data(result.merged.out) == reference(spec)
 
 
 def test_node_lost_mid_run(config):

@@ -21,6 +21,7 @@ from .config import Spec
 from .errors import InputError, RunError
 from .merge import MergeReport, merge as merge_run
 from .progress import Progress
+from .slurm import check_stop
 
 
 REDO_ROUNDS = 3
@@ -181,6 +182,7 @@ class Driver:
         n_done, durations = 0, []
         try:
             for future, summary in futures:
+                check_stop()
                 if future.status == "error":
                     raise RunError(f"task {future.key} failed: {summary}")
                 inflight.discard(future)
