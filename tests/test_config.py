@@ -135,3 +135,21 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "Missing" in err
     code, _, err = run_main("frobnicate", capsys=capsys)
     assert code == 2
+
+
+def test_dask_env_carries_unidask_settings_to_a_bare_dask_process(tmp_path):
+    """What a job script exports (`unidask config --dask-env`) gives a `dask worker`, which never
+    imports unidask, the settings of unidask.yaml, and keeps a value the user set."""
+    cfg = write_config(tmp_path / "c.toml")
+    r = subprocess.run([sys.executable, "-m", "unidask.cli", "config", str(cfg), "--dask-env"],
+                       capture_output=True, text=True, env={**os.environ, "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "2s"})
+    assert r.returncode == 0, r.stderr
+    exports = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines())
+    assert exports["DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL"] == "2s"   # the user's, not unidask's 1s
+    code = ("import dask, distributed; print(dask.config.get('distributed.scheduler.allowed-failures'), "
+            "dask.config.get('distributed.worker.profile.enabled'), "
+            "dask.config.get('distributed.worker.memory.monitor-interval'), "
+            "'unidask' in __import__('sys').modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, **exports}).stdout.split()
+    assert out == ["10", "False", "1s", "False"]

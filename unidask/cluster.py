@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from . import dashboard, shard, tls
-from .config import Spec
+from .config import Spec, dask_env
 from .errors import InputError, RunError
 
 
@@ -113,9 +114,8 @@ def slurm_cluster(spec: Spec):
                            log_directory=str(spec.run_dir / "logs"), python=sys.executable,
                            scheduler_options={"dashboard_address": c["dashboard_address"]},
                            worker_extra_args=["--preload", WORKER_PRELOAD],
-                           # as unidask.yaml says for local workers (a `dask worker` does not read it)
                            job_script_prologue=[*(dask.config.get("jobqueue.slurm.job-script-prologue") or []),
-                                                "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False"],
+                                                *(f"export {k}={shlex.quote(v)}" for k, v in dask_env().items())],
                            **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
     # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
     # reason instead of leaving it waiting for workers that never come

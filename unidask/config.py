@@ -26,14 +26,33 @@ from . import generators
 from .errors import InputError
 
 _defaults_file = Path(__file__).with_name("unidask.yaml")
+_defaults = yaml.safe_load(_defaults_file.read_text())
 # after distributed's defaults: a later update_defaults replaces values still at an earlier default,
 # so ours (allowed-failures, the worker profiler) must come last to take effect
-dask.config.update_defaults(yaml.safe_load(_defaults_file.read_text()))
+dask.config.update_defaults(_defaults)
 
 DTYPES = ("complex128", "complex64")
 SYNCHRONOUS = ("NORMAL", "FULL", "OFF")
 MODES = ("local", "scheduler_file", "slurm")
 PAGE_SIZES = tuple(2 ** k for k in range(9, 17))  # what SQLite accepts
+
+
+def dask_env() -> dict[str, str]:
+    """unidask.yaml's ``distributed.*`` settings, at their current values (a site's or the user's
+    win), as the ``DASK_*`` variables that carry them to a `dask scheduler` or `dask worker` a job
+    script starts: those read only Dask's own config files."""
+
+    def flatten(node: dict, keys: tuple[str, ...]) -> dict[str, str]:
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, dict):
+                out.update(flatten(v, (*keys, k)))
+            else:
+                name = "DASK_" + "__".join(keys + (k,)).upper().replace("-", "_")
+                out[name] = str(dask.config.get(".".join((*keys, k))))
+        return out
+
+    return flatten(_defaults["distributed"], ("distributed",))
 
 
 @dataclass(frozen=True)
