@@ -146,3 +146,24 @@ def test_task_size_hint_only_for_short_tasks():
 
     assert task_size_hint(1000, [0.2] * 50) is None
     assert "run.task_size = 20000 (now 100)" in task_size_hint(100, [0.001] * 50)
+
+
+def test_page_size_auto_follows_the_matrix_size_and_a_set_one_is_kept(config, tmp_path):
+    """Shards and the merged database of n = 32 get 16 KiB pages under the default "auto"; a
+    page size the config sets is kept, and the data is the same."""
+    def page_size(path):
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return con.execute("PRAGMA page_size").fetchone()[0]
+        finally:
+            con.close()
+
+    sizes = {}
+    for name, storage in (("auto.toml", {}), ("set.toml", {"page_size": 65536})):
+        spec = config(name, run={"name": name[:-5], "count": 400, "task_size": 100, "run_dir": str(tmp_path / name[:-5])},
+                      generator={"dim": 32}, storage=storage)
+        result = unidask.run(spec, echo=lambda s: None)
+        assert {page_size(p) for p in result.shards} == {page_size(result.merged.out)}
+        sizes[name] = (page_size(result.merged.out), merged_data(result.merged.out))
+    assert sizes["auto.toml"][0] == 16384 and sizes["set.toml"][0] == 65536
+    assert sizes["auto.toml"][1] == sizes["set.toml"][1]

@@ -9,9 +9,11 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import pytest
 
 from unidask import shard, worker
+from unidask.generators.haar import haar
 from unidask.errors import InputError, RunError
 
 
@@ -180,3 +182,24 @@ def test_node_name_precedence(monkeypatch):
     assert shard.node_name() == "sim3"
     monkeypatch.delenv("UNIDASK_NODE")
     assert shard.node_name() == "cn042"
+
+
+@pytest.mark.parametrize("dim, expected", [(4, 65536), (16, 65536), (32, 16384), (48, 32768)])
+def test_auto_page_size_keeps_shards_small(tmp_path, dim, expected):
+    """"auto" picks, for real shards, the largest page size whose file grows within 10% of the
+    least per matrix: 64 KiB pages hold three n = 32 rows (a quarter wasted) and one n = 48 row."""
+    u = haar(np.random.default_rng(0), 160, dim=dim)
+    info = {"seed": "0/0", "node": "n", "worker": "w", "started": 0.0, "finished": 0.0}
+    per_row = {}
+    for page in shard.AUTO_PAGE_SIZES:
+        s = shard.Shard(tmp_path / f"{page}.db", {"fingerprint": "f"}, single_writer=True, page_size=page)
+        s.write_task(0, 0, u[:40], None, info)   # the fixed pages (schema, meta, tasks) first
+        before = s.path.stat().st_size
+        s.write_task(1, 40, u[40:], None, info)
+        per_row[page] = (s.path.stat().st_size - before) / 120
+        s.close()
+    best = min(per_row.values())
+    pick = shard.page_size_for(u[0].nbytes)
+    assert pick == expected
+    assert per_row[pick] <= 1.1 * best, per_row
+    assert all(per_row[page] > 1.1 * best for page in shard.AUTO_PAGE_SIZES if page > pick), per_row

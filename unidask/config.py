@@ -200,9 +200,10 @@ def _validate(c: dict, where: str) -> Spec:
     storage["synchronous"] = choice("storage", "synchronous", str(storage["synchronous"]).upper(),
                                     SYNCHRONOUS)
     choice("storage", "shard_per", storage["shard_per"], ("node", "process"))
-    if storage["page_size"] not in PAGE_SIZES or isinstance(storage["page_size"], (bool, float)):
-        raise InputError(f"{where}: storage.page_size must be a power of 2 from 512 to 65536 bytes, "
-                         f"got {storage['page_size']!r}")
+    if storage["page_size"] != "auto" and (storage["page_size"] not in PAGE_SIZES
+                                           or isinstance(storage["page_size"], (bool, float))):
+        raise InputError(f"{where}: storage.page_size must be \"auto\" or a power of 2 from 512 to 65536 "
+                         f"bytes, got {storage['page_size']!r}")
     for key in ("stage_every", "busy_timeout"):
         value = storage[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

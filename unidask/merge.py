@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import dask
-
 from . import plan, shard
 from .errors import InputError, RunError
 from .progress import Progress
@@ -139,7 +137,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     tmp = shard.temp_name(out)
     shard.remove_stale_temps(out)
     try:
-        con = _open_target(tmp, out if append and out.exists() else None, record)
+        con = _open_target(tmp, out if append and out.exists() else None, record, good[0])
         try:
             progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
                                 scale=1e-6)
@@ -182,14 +180,19 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     return report
 
 
-def _open_target(tmp: Path, existing: Path | None, record: dict) -> sqlite3.Connection:
+def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path) -> sqlite3.Connection:
     if existing is not None:
         check_shard(existing, record["fingerprint"])  # the same checks hold for a merged result
         shutil.copyfile(existing, tmp)
     con = sqlite3.connect(tmp, isolation_level=None, uri=True)
     con.execute("PRAGMA trusted_schema = OFF")
-    # the shards' page size: rows of n <= 32 fit in a page, and the copy runs ~2x faster than at 4 KiB
-    page_size = record["spec"]["storage"].get("page_size") or dask.config.get("unidask.storage.page_size")
+    # the shards' page size (storage.page_size, or "auto"'s choice for this matrix size): the rows
+    # fill the pages as well, and the copy runs ~2x faster than at 4 KiB at n = 4
+    reader = shard.connect_readonly(a_shard)
+    try:
+        page_size = reader.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        reader.close()
     con.execute(f"PRAGMA page_size = {int(page_size)}")
     # the temp file is thrown away on any failure and never seen under its final name, so its
     # journal need not survive a crash: keep it in memory (ROLLBACK still works)

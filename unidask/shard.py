@@ -36,6 +36,7 @@ import xxhash
 from .errors import InputError, RunError
 
 SCHEMA_VERSION = 2  # 2: no task/idx columns in unitaries; XXH3-128 checksums
+AUTO_PAGE_SIZES = tuple(2 ** k for k in range(12, 17))   # 4 KiB ... 64 KiB
 SCHEMA = files("unidask").joinpath("schema.sql").read_text()
 TABLES = ("meta", "unitaries", "tasks")
 
@@ -44,6 +45,28 @@ TABLES = ("meta", "unitaries", "tasks")
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
               "fuse.cephfs", "glusterfs", "fuse.glusterfs", "afs", "9p", "fuse.sshfs", "panfs",
               "orangefs", "pvfs2", "wekafs"}
+
+
+def page_size_for(row_bytes: int) -> int:
+    """``storage.page_size = "auto"``: the largest page size whose file, for rows of ``row_bytes``
+    of matrix data, is within 10% of the smallest. A 64 KiB page holds only three 16 KiB rows
+    (n = 32, complex128) and one of n = 48, wasting a quarter and nearly half of the file; smaller
+    pages keep most of such a row on full overflow pages. Measured at n = 32: 16 KiB pages make
+    files 16% smaller and write 9% faster on two processes; at n <= 24 it stays 64 KiB."""
+    def file_bytes_per_row(page: int) -> float:
+        # SQLite's table leaf cell layout (fileformat2.html, "Cell Payload Overflow Pages")
+        payload = row_bytes + 8                  # record header, dim and a NULL meta
+        max_local, min_local = page - 35, (page - 12) * 32 // 255 - 23
+        local, overflow = payload, 0
+        if payload > max_local:
+            k = min_local + (payload - min_local) % (page - 4)
+            local = k if k <= max_local else min_local
+            overflow = -(-(payload - local) // (page - 4))
+        cell = local + 4 * bool(overflow) + 9 + 2   # + size and rowid varints, cell pointer
+        return page / ((page - 8) // cell) + overflow * page
+
+    sizes = {page: file_bytes_per_row(page) for page in AUTO_PAGE_SIZES}
+    return max(page for page, size in sizes.items() if size <= 1.1 * min(sizes.values()))
 
 
 def node_name() -> str:

@@ -30,20 +30,24 @@ def local_shard_path(spec: Spec, attempt: str, node: str | None = None) -> Path:
     return spec.local_dir / spec.name / f"{node or shard.node_name()}-{attempt}{own}.db"
 
 
-def shard_args(spec: Spec) -> tuple[dict[str, str], dict[str, Any]]:
-    """The meta rows and the open options of this run's shards."""
+def shard_args(spec: Spec, row_bytes: int | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """The meta rows and the open options of this run's shards; ``row_bytes`` (one matrix) sizes
+    the pages of a new shard under ``page_size = "auto"`` (an existing file keeps its own)."""
     s = spec.storage
+    page_size = s["page_size"]
+    if page_size == "auto":
+        page_size = shard.page_size_for(row_bytes) if row_bytes else max(shard.AUTO_PAGE_SIZES)
     return (shard.database_meta(spec.to_dict(), spec.fingerprint),
             {"synchronous": s["synchronous"], "busy_timeout": s["busy_timeout"],
-             "allow_network_fs": s["allow_network_fs"], "page_size": s["page_size"],
+             "allow_network_fs": s["allow_network_fs"], "page_size": page_size,
              "single_writer": s["shard_per"] == "process"})
 
 
-def node_shard(spec: Spec, attempt: str) -> shard.Shard:
+def node_shard(spec: Spec, attempt: str, row_bytes: int | None = None) -> shard.Shard:
     path = local_shard_path(spec, attempt)
     if (open_ := shard.cached(path)) is not None:
         return open_
-    meta, options = shard_args(spec)
+    meta, options = shard_args(spec, row_bytes)
     return shard.open_shard(path, meta, **options)
 
 
@@ -93,7 +97,7 @@ def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
     info = {"seed": plan.seed_label(spec, task), "node": node,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "started": started,
             "finished": time.time()}
-    s = node_shard(spec, attempt)
+    s = node_shard(spec, attempt, array[0].nbytes if len(array) else None)
     written = s.write_task(task, task * spec.task_size, array, metas, info)
     return {"task": task, "count": len(array), "node": node, "written": written,
             "nbytes": array.nbytes, "shard_bytes": s.nbytes, "seconds": time.time() - started}
