@@ -203,3 +203,21 @@ def test_auto_page_size_keeps_shards_small(tmp_path, dim, expected):
     assert pick == expected
     assert per_row[pick] <= 1.1 * best, per_row
     assert all(per_row[page] > 1.1 * best for page in shard.AUTO_PAGE_SIZES if page > pick), per_row
+
+
+@pytest.mark.parametrize("count", [1, 300])
+def test_task_insert_in_sql_writes_what_the_row_by_row_insert_writes(tmp_path, monkeypatch, count):
+    """A task's rows cut apart inside SQLite (one bound blob) are the rows, ids and bytes that a
+    row-by-row insert writes (still used above INSERT_TASK_MAX bytes)."""
+    u = haar(np.random.default_rng(1), count, dim=4)
+    info = {"seed": "0/3", "node": "n", "worker": "w", "started": 0.0, "finished": 0.0}
+    rows = {}
+    for name, limit in (("in sql", shard.INSERT_TASK_MAX), ("row by row", 0)):
+        monkeypatch.setattr(shard, "INSERT_TASK_MAX", limit)
+        s = shard.Shard(tmp_path / f"{limit}.db", {"fingerprint": "f"}, single_writer=True)
+        s.write_task(3, 900, u, None, info)
+        rows[name] = s.con.execute("SELECT id, dim, typeof(data), data, meta FROM unitaries ORDER BY id").fetchall()
+        s.close()
+    assert rows["in sql"] == rows["row by row"]
+    assert [r[0] for r in rows["in sql"]] == list(range(900, 900 + count))
+    assert all(r[1:3] == (4, "blob") and r[3] == m.tobytes() for r, m in zip(rows["in sql"], u))
