@@ -235,18 +235,19 @@ class Shard:
                     raise RunError(f"{self.path}: task {task} written twice with different data "
                                    f"(checksums {found[0]} and {digest})")
                 return False
-            # rows made afresh on each attempt (a retry must not get a spent iterator); without
-            # metas, meta is left to its NULL default: a bound parameter fewer is 15% at n = 4
-            ids, blobs = range(base_id, base_id + len(array)), (data[i:i + step] for i in range(0, len(data), step))
-            if metas is None and 0 < len(data) <= INSERT_TASK_MAX:
+            if metas is None and 0 < len(data) <= INSERT_TASK_MAX:   # meta left to its NULL default
                 self.con.execute(INSERT_TASK, {"count": len(array), "base": base_id, "dim": n, "data": data,
                                                "step": step})
-            elif metas is None:
-                self.con.executemany("INSERT INTO unitaries(id, dim, data) VALUES (?, ?, ?)",
-                                     zip(ids, repeat(n), blobs))
             else:
-                self.con.executemany("INSERT INTO unitaries(id, dim, data, meta) VALUES (?, ?, ?, ?)",
-                                     zip(ids, repeat(n), blobs, metas))
+                # rows made afresh on each attempt (a retry must not get a spent iterator)
+                ids = range(base_id, base_id + len(array))
+                blobs = (data[i:i + step] for i in range(0, len(data), step))
+                if metas is None:
+                    self.con.executemany("INSERT INTO unitaries(id, dim, data) VALUES (?, ?, ?)",
+                                         zip(ids, repeat(n), blobs))
+                else:
+                    self.con.executemany("INSERT INTO unitaries(id, dim, data, meta) VALUES (?, ?, ?, ?)",
+                                         zip(ids, repeat(n), blobs, metas))
             self.con.execute("INSERT INTO tasks(task, seed, count, node, worker, started, finished, checksum) "
                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (task, info["seed"], len(array), info["node"], info["worker"],
