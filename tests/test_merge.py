@@ -136,3 +136,29 @@ def test_merge_of_nothing(tmp_path, config, capsys):
     prepare_run_dir(spec, resume=False)
     code, _, err = run_main("merge", spec.run_dir, capsys=capsys)
     assert code == 2 and "no staged shards to merge" in err
+
+
+def test_damage_only_quick_check_sees_is_refused(config, monkeypatch, capsys):
+    """The merge copies rows while another thread runs quick_check on the shards: a shard damaged
+    where the copy never reads (its freelist) must still be refused before its rows commit."""
+    spec = config()
+    prepare_run_dir(spec, resume=False)
+    stage(spec, "n1", range(0, 10), monkeypatch)
+    bad = stage(spec, "n2", range(10, 20), monkeypatch)
+    # tasks 15-19 deleted whole (a valid shard of tasks 10-14, with free pages), then its first
+    # freelist trunk page made to point past the end of the file
+    _sql(bad, "DELETE FROM unitaries WHERE id >= 1500", "DELETE FROM tasks WHERE task >= 15")
+    with open(bad, "r+b") as f:
+        header = f.read(100)
+        page_size = int.from_bytes(header[16:18], "big")
+        page_size = 65536 if page_size == 1 else page_size   # how the header writes 64 KiB
+        trunk = int.from_bytes(header[32:36], "big")
+        assert trunk > 0          # the deletes left a freelist
+        f.seek((trunk - 1) * page_size)
+        f.write((0xFFFFFF00).to_bytes(4, "big"))
+    code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
+    assert code == 2 and str(bad) in err and "damaged" in err, err
+    assert not (spec.run_dir / "t.db").exists()
+    code, out, err = run_main("merge", spec.run_dir, "--skip-bad", capsys=capsys)
+    assert code == 1 and f"rejected {bad}" in out and "missing: 10-19" in out
+    assert [i for i, _ in merged_data(spec.run_dir / "t.db")] == list(range(1000))
