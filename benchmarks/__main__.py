@@ -138,17 +138,20 @@ class Bench:
             "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0"}})
         return {"rate": unidask.run(spec, merge=False, echo=lambda s: None).rate}
 
+    def run_bare(self, count: int, dim: int, task: int, workers: int) -> dict:
+        return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task,
+                             fresh=True)
+
     def end_to_end(self) -> None:
         for dim in (4, 16):
             count = (200_000 if dim == 4 else 20_000) * (1 if self.quick else 5)
             task = work.TASK_SIZE[dim]
             txt = max(200, count // 100)
             for workers in (1, 2):
-                def bare_(): return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task, fresh=True)
                 def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")), task)
                 contenders = {"unidask run": lambda: self.run_unidask(count, dim, task, workers),
                               "unidask run, node shard": lambda: self.run_unidask(count, dim, task, workers, "node"),
-                              "bare multiprocessing loop": bare_,
+                              "bare multiprocessing loop": lambda: self.run_bare(count, dim, task, workers),
                               "file per unitary": files_}
                 if self.quick:   # each run starts a cluster: keep --quick under 2 minutes
                     del contenders["unidask run, node shard"]
@@ -162,8 +165,7 @@ class Bench:
         for task in (2_000, 25_000) if self.quick else (2_000, 10_000, 50_000, 250_000):
             self.alternate({
                 "unidask run": lambda: self.run_unidask(count, dim, task, workers),
-                "bare multiprocessing loop": lambda: self.parallel(work.bare_loop, workers, count // workers, dim,
-                                                                   str(self.fresh("b") / "p"), task, fresh=True),
+                "bare multiprocessing loop": lambda: self.run_bare(count, dim, task, workers),
             }, "task size", f"n={dim} workers={workers} task={task}", "unidask run")
             self.clean()
 

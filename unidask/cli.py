@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import socket
 import sys
 
@@ -98,11 +97,11 @@ def tls_args(run_dir: str) -> None:
 @click.option("--dask-env", is_flag=True, help="Print unidask's Dask settings as shell exports (job scripts).")
 def show_config(config: str, overrides: tuple[str, ...], key: str | None, dask_env: bool) -> int:
     """Print CONFIG as unidask reads it: defaults, overrides and paths filled in (JSON)."""
-    from .config import dask_env as env, load_config
+    from .config import dask_exports, load_config
 
     data = load_config(config, list(overrides)).to_dict()
     if dask_env:
-        click.echo("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env().items()))
+        click.echo("\n".join(dask_exports()))
         return 0
     if key is None:
         click.echo(json.dumps(data, indent=2))

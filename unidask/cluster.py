@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shlex
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
 from . import dashboard, shard, tls
-from .config import Spec, dask_env
+from .config import Spec, dask_exports
 from .errors import InputError, RunError
 
 
@@ -115,7 +114,7 @@ def slurm_cluster(spec: Spec):
                            scheduler_options={"dashboard_address": c["dashboard_address"]},
                            worker_extra_args=["--preload", WORKER_PRELOAD],
                            job_script_prologue=[*(dask.config.get("jobqueue.slurm.job-script-prologue") or []),
-                                                *(f"export {k}={shlex.quote(v)}" for k, v in dask_env().items())],
+                                                *dask_exports()],
                            **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
     # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
     # reason instead of leaving it waiting for workers that never come

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,19 +38,20 @@ MODES = ("local", "scheduler_file", "slurm")
 PAGE_SIZES = tuple(2 ** k for k in range(9, 17))  # what SQLite accepts
 
 
-def dask_env() -> dict[str, str]:
+def dask_exports() -> list[str]:
     """unidask.yaml's ``distributed.*`` settings, at their current values (a site's or the user's
-    win), as the ``DASK_*`` variables that carry them to a `dask scheduler` or `dask worker` a job
-    script starts: those read only Dask's own config files."""
+    win), as the shell exports of ``DASK_*`` variables that carry them to a `dask scheduler` or
+    `dask worker` a job script starts: those read only Dask's own config files."""
 
-    def flatten(node: dict, keys: tuple[str, ...]) -> dict[str, str]:
-        out = {}
+    def flatten(node: dict, keys: tuple[str, ...]) -> list[str]:
+        out = []
         for k, v in node.items():
             if isinstance(v, dict):
-                out.update(flatten(v, (*keys, k)))
+                out += flatten(v, (*keys, k))
             else:
-                name = "DASK_" + "__".join(keys + (k,)).upper().replace("-", "_")
-                out[name] = str(dask.config.get(".".join((*keys, k))))
+                name = "DASK_" + "__".join((*keys, k)).upper().replace("-", "_")
+                value = str(dask.config.get(".".join((*keys, k))))
+                out.append(f"export {name}={shlex.quote(value)}")
         return out
 
     return flatten(_defaults["distributed"], ("distributed",))

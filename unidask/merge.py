@@ -66,16 +66,14 @@ class MergeReport:
         return text
 
 
-def check_shard(path: Path, fingerprint: str, *, pages: bool = True) -> None:
-    """Raise :class:`BadShard` unless ``path`` is a whole, intact shard of this run; ``pages=False``
-    leaves out SQLite's check of every page (:func:`check_pages`)."""
+def check_shard(path: Path, fingerprint: str) -> None:
+    """Raise :class:`BadShard` unless ``path`` is a shard of this run, of this schema, with nothing
+    in it that could run: what must hold before any of it is read. Its pages: :func:`check_pages`."""
     try:
         con = shard.connect_readonly(path)
     except sqlite3.Error as e:
         raise BadShard(path, f"cannot open ({e})") from None
     try:
-        if pages:
-            _quick_check(con, path)
         objects = con.execute("SELECT type, name FROM sqlite_master").fetchall()
         active = [f"{t} {n}" for t, n in objects if t in ("view", "trigger")]
         active += [f"virtual table {n}" for t, n in objects if t == "table" and n in COLUMNS and
@@ -112,16 +110,12 @@ def check_pages(path: Path) -> None:
     except sqlite3.Error as e:
         raise BadShard(path, f"cannot open ({e})") from None
     try:
-        _quick_check(con, path)
+        if (ok := con.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+            raise BadShard(path, f"damaged ({ok})")
     except sqlite3.DatabaseError as e:
         raise BadShard(path, f"not a readable SQLite database ({e})") from None
     finally:
         con.close()
-
-
-def _quick_check(con: sqlite3.Connection, path: Path) -> None:
-    if (ok := con.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
-        raise BadShard(path, f"damaged ({ok})")
 
 
 def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, append: bool = False,
@@ -145,7 +139,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     good = []
     for p in paths:
         try:
-            check_shard(p, record["fingerprint"], pages=False)   # what must hold before any read
+            check_shard(p, record["fingerprint"])
             good.append(p)
         except BadShard as e:
             if not skip_bad:
@@ -208,7 +202,8 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
 
 def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path) -> sqlite3.Connection:
     if existing is not None:
-        check_shard(existing, record["fingerprint"])  # the same checks hold for a merged result
+        check_pages(existing)  # the same checks hold for a merged result
+        check_shard(existing, record["fingerprint"])
         shutil.copyfile(existing, tmp)
     con = sqlite3.connect(tmp, isolation_level=None, uri=True)
     con.execute("PRAGMA trusted_schema = OFF")
