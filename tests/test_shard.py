@@ -221,3 +221,42 @@ def test_task_insert_in_sql_writes_what_the_row_by_row_insert_writes(tmp_path, m
     assert rows["in sql"] == rows["row by row"]
     assert [r[0] for r in rows["in sql"]] == list(range(900, 900 + count))
     assert all(r[1:3] == (4, "blob") and r[3] == m.tobytes() for r, m in zip(rows["in sql"], u))
+
+
+def _dirty_pages(path) -> int:
+    """Dirty page-cache pages of ``path``, from Linux's cachestat (6.5+)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fields = (ctypes.c_uint64 * 2)(0, 0)   # the whole file
+    stat = (ctypes.c_uint64 * 5)()         # cache, dirty, writeback, evicted, recently evicted
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, fields, stat, 0) != 0:   # 451: cachestat on every architecture
+            pytest.skip(f"no cachestat: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+    return stat[1]
+
+
+def _write(path, chunks: int) -> None:
+    block = np.random.default_rng(0).bytes(1 << 20)
+    with open(path, "ab") as f:   # not "wb": ext4 writes back a file truncated by its open at close
+        for _ in range(chunks):
+            f.write(block)
+            f.flush()
+
+
+def test_write_behind_flushes_while_the_file_is_written(tmp_path):
+    pages = (48 << 20) // os.sysconf("SC_PAGE_SIZE")
+    (tmp_path / "behind").touch()   # write_behind follows a file that exists
+    _write(tmp_path / "plain", 48)
+    if _dirty_pages(tmp_path / "plain") < pages // 2:
+        pytest.skip("this kernel wrote the file back by itself; nothing to compare")
+    with shard.write_behind(tmp_path / "behind", every=8 << 20, poll=0.01):
+        _write(tmp_path / "behind", 48)
+        deadline = time.monotonic() + 10
+        while _dirty_pages(tmp_path / "behind") > pages // 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _dirty_pages(tmp_path / "behind") <= pages // 4   # before the body's own fsync
+    assert _dirty_pages(tmp_path / "plain") >= pages // 2       # no flush without it

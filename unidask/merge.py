@@ -23,6 +23,7 @@ from .errors import InputError, RunError
 from .progress import Progress
 
 ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
+MMAP_SIZE = 1 << 40  # map all of a shard (SQLite caps it at its build's limit, 2 GiB by default)
 COLUMNS = {"meta": ["key", "value"],
            "unitaries": ["id", "dim", "data", "meta"],
            "tasks": ["task", "seed", "count", "node", "worker", "started", "finished", "checksum"]}
@@ -110,6 +111,7 @@ def check_pages(path: Path) -> None:
     except sqlite3.Error as e:
         raise BadShard(path, f"cannot open ({e})") from None
     try:
+        con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")   # 3x faster at n = 16, less of the copy's CPU
         if (ok := con.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
             raise BadShard(path, f"damaged ({ok})")
     except sqlite3.DatabaseError as e:
@@ -158,31 +160,32 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     try:
         con = _open_target(tmp, out if append and out.exists() else None, record, good[0])
         try:
-            progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
-                                scale=1e-6)
-            merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
-            for i in range(0, len(good), ATTACH_BATCH):
-                batch = good[i:i + ATTACH_BATCH]
-                while batch:
-                    try:
-                        report.duplicates += _merge_batch(con, batch, merged, task_size, pages)
-                        report.shards += map(str, batch)
-                        break
-                    except BadShard as e:
-                        if not skip_bad:
-                            raise
-                        report.rejected.append((str(e.path), e.reason))
-                        batch = [p for p in batch if p != e.path]  # and merge the others again
-                progress.update(sum(p.stat().st_size for p in good[i:i + ATTACH_BATCH]))
-            progress.close()
-            # every task's row count was checked as it was copied: no need to count the table
-            report.rows = con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
-            done = set(merged)
-            report.tasks = len(done)
-            report.missing = [t for t in range(expected) if t not in done]
-            con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                            [("rows", str(report.rows)), ("tasks", str(report.tasks))])
-            con.execute("PRAGMA journal_mode = DELETE")
+            with shard.write_behind(tmp):
+                progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
+                                    scale=1e-6)
+                merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
+                for i in range(0, len(good), ATTACH_BATCH):
+                    batch = good[i:i + ATTACH_BATCH]
+                    while batch:
+                        try:
+                            report.duplicates += _merge_batch(con, batch, merged, task_size, pages)
+                            report.shards += map(str, batch)
+                            break
+                        except BadShard as e:
+                            if not skip_bad:
+                                raise
+                            report.rejected.append((str(e.path), e.reason))
+                            batch = [p for p in batch if p != e.path]  # and merge the others again
+                    progress.update(sum(p.stat().st_size for p in good[i:i + ATTACH_BATCH]))
+                progress.close()
+                # every task's row count was checked as it was copied: no need to count the table
+                report.rows = con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
+                done = set(merged)
+                report.tasks = len(done)
+                report.missing = [t for t in range(expected) if t not in done]
+                con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                [("rows", str(report.rows)), ("tasks", str(report.tasks))])
+                con.execute("PRAGMA journal_mode = DELETE")
         finally:
             con.close()
         shard.fsync_path(tmp)
@@ -219,7 +222,10 @@ def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path) 
     # journal need not survive a crash: keep it in memory (ROLLBACK still works)
     con.execute("PRAGMA journal_mode = MEMORY")
     con.execute("PRAGMA synchronous = OFF")
-    con.execute("PRAGMA cache_size = -65536")
+    # rows append in id order, touching only the b-tree's right edge: SQLite's default 2 MiB cache
+    # holds that, and a larger one only delays writes to the commit, where the disk cannot
+    # overlap the copy (64 MiB: 1.15x slower at n = 4, 1.35x at n = 16)
+    con.execute("PRAGMA cache_size = -2048")
     if existing is None:
         con.executescript(shard.SCHEMA)
         meta = shard.database_meta(record["spec"], record["fingerprint"])
@@ -235,6 +241,9 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
     Commits only when ``pages`` (:func:`check_pages` of each shard) found them sound."""
     for j, p in enumerate(batch):
         con.execute(f"ATTACH DATABASE ? AS s{j}", (f"file:{p.absolute()}?mode=ro&immutable=1",))
+        # read the rows in place, not through pread into SQLite's cache: 1.08x the copy at n = 4
+        # and 1.1x at n = 16; safe, as a staged shard is never written again
+        con.execute(f"PRAGMA s{j}.mmap_size = {MMAP_SIZE}")
     try:
         owners: dict[int, tuple[int, tuple]] = {}   # task -> (shard index, its tasks row)
         duplicates = 0

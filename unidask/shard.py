@@ -17,6 +17,7 @@ copies it and a close needs no checkpoint.
 from __future__ import annotations
 
 import glob
+import contextlib
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import secrets
 import shutil
 import socket
 import sqlite3
+import threading
 import time
 from importlib.resources import files
 from itertools import repeat
@@ -384,6 +386,36 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def write_behind(path: Path, every: int = 32 << 20, poll: float = 0.05) -> Iterator[None]:
+    """While the body writes ``path``, flush it to disk on another thread each time it has grown
+    by ``every`` bytes, so the closing fsync finds little left: the disk works while the CPU
+    copies. The page cache would otherwise hold it all (Linux starts writing back only at 10% of
+    memory dirty); measured on a merge at n = 16, the closing fsync was 0.28 s of 0.75 s."""
+    stop = threading.Event()
+
+    def flush() -> None:
+        # best effort: the closing fsync_path is what makes the file durable, so a flush that
+        # fails here only loses the overlap
+        with contextlib.suppress(OSError):
+            fd, flushed = os.open(path, os.O_RDONLY), 0
+            try:
+                while not stop.wait(poll):
+                    if (size := os.fstat(fd).st_size) >= flushed + every:
+                        os.fdatasync(fd)
+                        flushed = size
+            finally:
+                os.close(fd)
+
+    thread = threading.Thread(target=flush, name="unidask-write-behind", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 _open: dict[Path, Shard] = {}
