@@ -83,8 +83,8 @@ class Bench:
     # 1. write path
     def write_path(self) -> None:
         for dim in (4, 32):
-            task = work.TASK_SIZE[dim] // (5 if self.quick else 1)
-            count = task * (2 if self.quick else 5)   # per process
+            task = work.TASK_SIZE[dim] // (10 if self.quick else 1)
+            count = task * (2 if self.quick else 3)   # per process: ~0.6 s of work at tasks of 0.2 s
             txt = max(200, count // 250)
             for procs in (1, 2, 4):
                 def run(fn, count=count, path=None, name="p"):
@@ -144,9 +144,10 @@ class Bench:
 
     def end_to_end(self) -> None:
         for dim in (4, 16):
-            count = (200_000 if dim == 4 else 20_000) * (1 if self.quick else 5)
-            task = work.TASK_SIZE[dim]
-            txt = max(200, count // 100)
+            # ten tasks per worker at two workers; --quick: two, of half the size
+            task = work.TASK_SIZE[dim] // (2 if self.quick else 1)
+            count = task * (4 if self.quick else 20)
+            txt = max(200, count // 200)
             for workers in (1, 2):
                 def files_(): return self.parallel(work.file_per_unitary, workers, txt // workers, dim, str(self.fresh("f")), task)
                 contenders = {"unidask run": lambda: self.run_unidask(count, dim, task, workers),

@@ -13,10 +13,10 @@ import numpy as np
 from unidask import shard, worker
 from unidask.generators.haar import haar
 
-# unitaries per task (one transaction for every database contender): ~0.1-0.2 s of work each on this
-# machine, where Dask's few ms of CPU per task and a commit's syncs cost a few percent
-# (see the task size section)
-TASK_SIZE = {4: 50_000, 16: 5_000, 32: 2_000}
+# unitaries per task (one transaction for every database contender): ~0.2 s of work each on this
+# machine, the size a run's task-size hint aims for; Dask's few ms of CPU per task and a commit's
+# syncs then cost a few percent (the task size section shows smaller and larger tasks)
+TASK_SIZE = {4: 100_000, 16: 10_000, 32: 4_000}
 
 
 def data(seed: int, count: int, dim: int) -> np.ndarray:
