@@ -6,6 +6,7 @@ import pickle
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -221,6 +222,21 @@ def test_task_insert_in_sql_writes_what_the_row_by_row_insert_writes(tmp_path, m
     assert rows["in sql"] == rows["row by row"]
     assert [r[0] for r in rows["in sql"]] == list(range(900, 900 + count))
     assert all(r[1:3] == (4, "blob") and r[3] == m.tobytes() for r, m in zip(rows["in sql"], u))
+
+
+def test_big_task_written_with_write_behind_is_whole_and_durable(tmp_path, monkeypatch):
+    """A task big enough for the write-behind thread (made small here) commits the same rows, and
+    nothing of it is left unsynced when write_task returns."""
+    monkeypatch.setattr(shard, "WRITE_BEHIND_EVERY", 1 << 16)
+    u = haar(np.random.default_rng(2), 2000, dim=8)   # 2 MiB
+    s = shard.Shard(tmp_path / "big.db", {"fingerprint": "f"}, single_writer=True)
+    info = {"seed": "0/0", "node": "n", "worker": "w", "started": 0.0, "finished": 0.0}
+    assert s.write_task(0, 0, u, None, info)
+    assert not any(t.name == "unidask-write-behind" for t in threading.enumerate())
+    assert _dirty_pages(tmp_path / "big.db") == 0
+    data = b"".join(r[0] for r in s.con.execute("SELECT data FROM unitaries ORDER BY id"))
+    assert data == u.tobytes()
+    s.close()
 
 
 def _dirty_pages(path) -> int:
