@@ -16,8 +16,8 @@ copies it and a close needs no checkpoint.
 
 from __future__ import annotations
 
-import glob
 import contextlib
+import glob
 import json
 import os
 import random
