@@ -224,7 +224,7 @@ class Bench:
                 shutil.rmtree(target)
                 return r
 
-            page_size = sqlite3.connect(shards[0]).execute("PRAGMA page_size").fetchone()[0]
+            page_size = shard.page_size(shards[0])
             self.alternate({"unidask merge": merge_, "cp": cp_, "cp, then sync": lambda: cp_(True),
                             "SQLite row copy, then sync": sqlite_copy},
                            "merge MB/s", f"n={dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")

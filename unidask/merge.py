@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import plan, shard
 from .errors import InputError, RunError
@@ -70,11 +70,7 @@ class MergeReport:
 def check_shard(path: Path, fingerprint: str) -> None:
     """Raise :class:`BadShard` unless ``path`` is a shard of this run, of this schema, with nothing
     in it that could run: what must hold before any of it is read. Its pages: :func:`check_pages`."""
-    try:
-        con = shard.connect_readonly(path)
-    except sqlite3.Error as e:
-        raise BadShard(path, f"cannot open ({e})") from None
-    try:
+    with _reading(path) as con:
         objects = con.execute("SELECT type, name FROM sqlite_master").fetchall()
         active = [f"{t} {n}" for t, n in objects if t in ("view", "trigger")]
         active += [f"virtual table {n}" for t, n in objects if t == "table" and n in COLUMNS and
@@ -98,24 +94,26 @@ def check_shard(path: Path, fingerprint: str) -> None:
         if meta.get("fingerprint") != fingerprint:
             raise BadShard(path, f"belongs to another run (fingerprint {meta.get('fingerprint')}, "
                            f"this run's is {fingerprint})")
-    except sqlite3.DatabaseError as e:
-        raise BadShard(path, f"not a readable SQLite database ({e})") from None
-    finally:
-        con.close()
 
 
 def check_pages(path: Path) -> None:
     """Raise :class:`BadShard` unless SQLite's ``quick_check`` finds every page of ``path`` sound."""
+    with _reading(path) as con:
+        con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")   # 3x faster at n = 16, less of the copy's CPU
+        if (ok := con.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+            raise BadShard(path, f"damaged ({ok})")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[sqlite3.Connection]:
+    """``path`` opened read-only for a check; errors name the file."""
     try:
         con = shard.connect_readonly(path)
     except sqlite3.Error as e:
         raise BadShard(path, f"cannot open ({e})") from None
     try:
-        con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")   # 3x faster at n = 16, less of the copy's CPU
-        if (ok := con.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
-            raise BadShard(path, f"damaged ({ok})")
-    except sqlite3.DatabaseError as e:
-        raise BadShard(path, f"not a readable SQLite database ({e})") from None
+        with _blame(path):
+            yield con
     finally:
         con.close()
 
@@ -158,36 +156,33 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     checker = ThreadPoolExecutor(1, thread_name_prefix="unidask-check")
     pages = {p: checker.submit(check_pages, p) for p in good}
     try:
-        con = _open_target(tmp, out if append and out.exists() else None, record, good[0])
-        try:
-            with shard.write_behind(tmp):
-                progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
-                                    scale=1e-6)
-                merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
-                for i in range(0, len(good), ATTACH_BATCH):
-                    batch = good[i:i + ATTACH_BATCH]
-                    while batch:
-                        try:
-                            report.duplicates += _merge_batch(con, batch, merged, task_size, pages)
-                            report.shards += map(str, batch)
-                            break
-                        except BadShard as e:
-                            if not skip_bad:
-                                raise
-                            report.rejected.append((str(e.path), e.reason))
-                            batch = [p for p in batch if p != e.path]  # and merge the others again
-                    progress.update(sum(p.stat().st_size for p in good[i:i + ATTACH_BATCH]))
-                progress.close()
-                # every task's row count was checked as it was copied: no need to count the table
-                report.rows = con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
-                done = set(merged)
-                report.tasks = len(done)
-                report.missing = [t for t in range(expected) if t not in done]
-                con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                                [("rows", str(report.rows)), ("tasks", str(report.tasks))])
-                con.execute("PRAGMA journal_mode = DELETE")
-        finally:
-            con.close()
+        existing = out if append and out.exists() else None
+        with contextlib.closing(_open_target(tmp, existing, record, good[0])) as con, shard.write_behind(tmp):
+            progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
+                                scale=1e-6)
+            merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
+            for i in range(0, len(good), ATTACH_BATCH):
+                batch = good[i:i + ATTACH_BATCH]
+                while batch:
+                    try:
+                        report.duplicates += _merge_batch(con, batch, merged, task_size, pages)
+                        report.shards += map(str, batch)
+                        break
+                    except BadShard as e:
+                        if not skip_bad:
+                            raise
+                        report.rejected.append((str(e.path), e.reason))
+                        batch = [p for p in batch if p != e.path]  # and merge the others again
+                progress.update(sum(p.stat().st_size for p in good[i:i + ATTACH_BATCH]))
+            progress.close()
+            # every task's row count was checked as it was copied: no need to count the table
+            report.rows = con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
+            done = set(merged)
+            report.tasks = len(done)
+            report.missing = [t for t in range(expected) if t not in done]
+            con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                            [("rows", str(report.rows)), ("tasks", str(report.tasks))])
+            con.execute("PRAGMA journal_mode = DELETE")
         shard.fsync_path(tmp)
         os.replace(tmp, out)
         shard.fsync_path(out.parent)
@@ -212,12 +207,7 @@ def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path) 
     con.execute("PRAGMA trusted_schema = OFF")
     # the shards' page size (storage.page_size, or "auto"'s choice for this matrix size): the rows
     # fill the pages as well, and the copy runs ~2x faster than at 4 KiB at n = 4
-    reader = shard.connect_readonly(a_shard)
-    try:
-        page_size = reader.execute("PRAGMA page_size").fetchone()[0]
-    finally:
-        reader.close()
-    con.execute(f"PRAGMA page_size = {int(page_size)}")
+    con.execute(f"PRAGMA page_size = {shard.page_size(a_shard)}")
     # the temp file is thrown away on any failure and never seen under its final name, so its
     # journal need not survive a crash: keep it in memory (ROLLBACK still works)
     con.execute("PRAGMA journal_mode = MEMORY")

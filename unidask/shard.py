@@ -125,6 +125,15 @@ def connect_readonly(path: str | os.PathLike) -> sqlite3.Connection:
     return con
 
 
+def page_size(path: str | os.PathLike) -> int:
+    """The page size of the finished database at ``path``."""
+    con = connect_readonly(path)
+    try:
+        return con.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        con.close()
+
+
 def database_meta(spec: dict[str, Any], fingerprint: str) -> dict[str, str]:
     """The ``meta`` rows every database of a run (shard or merged) starts with."""
     from . import __version__
@@ -410,8 +419,9 @@ def write_behind(path: Path, every: int = WRITE_BEHIND_EVERY, poll: float = 0.01
         # best effort: the closing fsync_path is what makes the file durable, so a flush that
         # fails here only loses the overlap
         with contextlib.suppress(OSError):
-            fd, flushed = os.open(path, os.O_RDONLY), 0
+            fd = os.open(path, os.O_RDONLY)
             try:
+                flushed = os.fstat(fd).st_size
                 while not stop.wait(poll):
                     if (size := os.fstat(fd).st_size) >= flushed + every:
                         os.fdatasync(fd)
