@@ -77,6 +77,10 @@ class Bench:
         results: dict[str, list[dict]] = {name: [] for name in contenders}
         for _ in range(self.rounds):
             for name, run in contenders.items():
+                # no contender pays for the writeback of the one before: the thousands of small
+                # files of file-per-unitary, flushed during the next round's unidask run, gave
+                # 0.75x the bare loop at n=4, 2 workers, in one run of this section; 0.95x with this
+                os.sync()
                 results[name].append(run())
         self.record(section, case, results, baseline)
 
