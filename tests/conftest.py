@@ -90,6 +90,20 @@ def config(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
+def netfs(tmp_path_factory) -> Path:
+    """A directory on a real network filesystem, as a cluster's shared storage: sshfs from this
+    host's own sshd (``cluster/netfs.sh``). Skipped where that cannot run (not root)."""
+    mnt = tmp_path_factory.mktemp("netfs")
+    script = str(REPO / "cluster" / "netfs.sh")
+    started = subprocess.run(["bash", script, "start", str(mnt)], capture_output=True, text=True, timeout=300)
+    if started.returncode == 2:
+        pytest.skip(started.stderr.strip())
+    assert started.returncode == 0, started.stderr
+    yield mnt
+    subprocess.run(["bash", script, "stop", str(mnt)], check=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
 def haar_run(tmp_path_factory) -> tuple[unidask.Spec, Path]:
     """One finished run shared by read-only tests: 20,000 Haar U(4) on 2 simulated nodes."""
     base = tmp_path_factory.mktemp("haar")

@@ -1,4 +1,4 @@
-"""User generators for the plugin tests: one good, three broken."""
+"""User generators for the plugin tests: one good, four broken."""
 
 import numpy as np
 
@@ -22,6 +22,11 @@ def with_nan(rng, count):
 
 def not_unitary(rng, count):
     return 2 * np.stack([np.eye(3)] * count)
+
+
+def raises(rng, count):
+    """A bug in the user's code."""
+    return count // 0
 
 
 def slow_haar(rng, count, *, dim=2, delay=0.0):

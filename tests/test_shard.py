@@ -165,11 +165,10 @@ def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
     assert sizes == sorted(sizes) and sizes[-1] == len(tasks) and len(set(sizes)) > 2
 
 
-def test_network_filesystem_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(shard, "filesystem_type", lambda path: "nfs4")
-    meta = {"fingerprint": "f"}
-    with pytest.raises(InputError, match="network filesystem \\(nfs4\\)"):
-        shard.Shard(tmp_path / "x.db", meta)
+def test_network_filesystem_is_refused(netfs):
+    with pytest.raises(InputError, match="network filesystem \\(fuse.sshfs\\)"):
+        shard.Shard(netfs / "live" / "x.db", {"fingerprint": "f"})
+    assert not (netfs / "live" / "x.db").exists()
 
 
 def test_filesystem_type_reads_proc_mounts(tmp_path):
@@ -261,6 +260,13 @@ def _write(path, chunks: int) -> None:
         for _ in range(chunks):
             f.write(block)
             f.flush()
+
+
+def test_write_behind_only_on_local_disk(tmp_path, netfs):
+    for where, flushes in ((tmp_path, True), (netfs, False)):
+        (where / "f").touch()
+        with shard.write_behind(where / "f"):
+            assert ("unidask-write-behind" in {t.name for t in threading.enumerate()}) is flushes, where
 
 
 def test_write_behind_flushes_while_the_file_is_written(tmp_path):

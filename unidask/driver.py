@@ -18,7 +18,7 @@ from distributed import Client, as_completed, wait
 
 from . import __version__, cluster, dashboard, generators, plan, shard, worker
 from .config import Spec
-from .errors import InputError, RunError
+from .errors import InputError, RunError, UnidaskError
 from .merge import MergeReport, merge as merge_run
 from .progress import Progress
 from .slurm import check_stop
@@ -85,6 +85,8 @@ def check_local_dir(spec: Spec) -> None:
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise InputError(f"local_dir {path} is not writable: {e.strerror or e}") from None
+    if not spec.storage["allow_network_fs"]:
+        shard.require_local_disk(path)
 
 
 class Driver:
@@ -184,7 +186,7 @@ class Driver:
             for future, summary in futures:
                 check_stop()
                 if future.status == "error":
-                    raise RunError(f"task {future.key} failed: {summary}")
+                    raise task_error(future)
                 inflight.discard(future)
                 future.release()
                 if window - len(inflight) >= refill:
@@ -214,6 +216,15 @@ class Driver:
             raise
         finally:
             progress.close()
+
+
+def task_error(future) -> UnidaskError:
+    """The error of a failed task, for one line to the user: unidask's own errors as they are (a
+    worker's bad input still exits 2), anything else a RunError naming the task."""
+    exc = future.exception()
+    if isinstance(exc, UnidaskError):
+        return exc
+    return RunError(f"task {future.key[1]} failed: {type(exc).__name__}: {exc}")
 
 
 def task_size_hint(task_size: int, durations: list[float]) -> str | None:

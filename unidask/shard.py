@@ -107,6 +107,14 @@ def filesystem_type(path: Path) -> str:
     return fstype
 
 
+def require_local_disk(path: Path) -> None:
+    """Refuse ``path`` for live shards if it is on a network filesystem."""
+    if (fstype := filesystem_type(path)) in NETWORK_FS:
+        raise InputError(f"local dir {path} is on a network filesystem ({fstype}); a live shard "
+                         "needs node-local disk (set storage.local_dir, or storage.allow_network_fs "
+                         "= true to insist)")
+
+
 def checksum(data: bytes, metas: Sequence[str | None]) -> str:
     """A task's checksum: XXH3-128 of its data blobs in id order, then each row's meta (NUL for
     none). It tells two copies of a task apart and finds damaged rows; nothing adversarial, so a
@@ -162,11 +170,8 @@ class Shard:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot create local dir {self.path.parent}: {e.strerror}") from None
-        fstype = filesystem_type(self.path.parent)
-        if fstype in NETWORK_FS and not allow_network_fs:
-            raise InputError(f"local dir {self.path.parent} is on a network filesystem ({fstype}); "
-                             "a live shard needs node-local disk (set storage.local_dir, or "
-                             "storage.allow_network_fs = true to insist)")
+        if not allow_network_fs:
+            require_local_disk(self.path.parent)
         try:
             self.con = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
@@ -412,7 +417,14 @@ def write_behind(path: Path, every: int = WRITE_BEHIND_EVERY, poll: float = 0.01
     by ``every`` bytes, so the closing sync (a commit's, the merge's fsync) finds little left: the
     disk works while the CPU inserts. The page cache would otherwise hold it all (Linux starts
     writing back only at 10% of memory dirty): the merge's closing fsync was 0.28 s of 0.75 s at
-    n = 16. Safe at any point: the kernel may write any dirty page back whenever it likes."""
+    n = 16. Safe at any point: the kernel may write any dirty page back whenever it likes.
+
+    Does nothing on a network filesystem (the merge's output on shared storage): there every flush
+    is a round trip to its servers: the merge onto sshfs ran 0.90x (n = 16) and 0.94x (n = 4) as
+    fast with it."""
+    if filesystem_type(path.parent) in NETWORK_FS:
+        yield
+        return
     stop = threading.Event()
 
     def flush() -> None:

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# A real network filesystem on this one machine, standing in for a cluster's shared storage: sshfs
+# (SFTP over TCP, through FUSE) served by an sshd of its own on 127.0.0.1. Live shards must refuse
+# it; staging, merging and reading must work on it.
+#
+#   cluster/netfs.sh start MOUNTPOINT    mounts $UNIDASK_NETFS_DIR/export at MOUNTPOINT
+#   cluster/netfs.sh stop MOUNTPOINT     unmounts it and ends the sshd this started
+#
+# Everything else lives under $UNIDASK_NETFS_DIR (default /var/tmp/unidask-netfs); each start
+# begins with an empty export. Exits 2 where it cannot run: not root (to install the packages or
+# to run sshd), or no /dev/fuse.
+set -euo pipefail
+ACTION=${1:?usage: netfs.sh start|stop MOUNTPOINT}
+MNT=${2:?usage: netfs.sh start|stop MOUNTPOINT}
+BASE=${UNIDASK_NETFS_DIR:-/var/tmp/unidask-netfs}
+PORT=${UNIDASK_NETFS_PORT:-16822}
+
+stop() {
+    if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT"; fi
+    if [ -f "$BASE/sshd.pid" ]; then kill "$(cat "$BASE/sshd.pid")" 2>/dev/null || true; rm -f "$BASE/sshd.pid"; fi
+}
+
+if [ "$ACTION" = stop ]; then stop; exit 0; fi
+if [ "$(id -u)" != 0 ] || [ ! -e /dev/fuse ]; then
+    echo "netfs.sh: needs root (for sshd) and /dev/fuse" >&2
+    exit 2
+fi
+if ! command -v sshfs >/dev/null || [ ! -x /usr/sbin/sshd ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        openssh-server openssh-client sshfs >/dev/null
+fi
+
+stop
+rm -rf "$BASE/export"
+mkdir -p "$BASE/export" "$MNT" /run/sshd
+[ -f "$BASE/host_key" ] || ssh-keygen -q -t ed25519 -N "" -f "$BASE/host_key"
+[ -f "$BASE/client_key" ] || ssh-keygen -q -t ed25519 -N "" -f "$BASE/client_key"
+cp "$BASE/client_key.pub" "$BASE/authorized_keys"
+cat >"$BASE/sshd_config" <<CONF
+ListenAddress 127.0.0.1
+Port $PORT
+HostKey $BASE/host_key
+AuthorizedKeysFile $BASE/authorized_keys
+PidFile $BASE/sshd.pid
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+Subsystem sftp internal-sftp
+CONF
+/usr/sbin/sshd -f "$BASE/sshd_config"
+for _ in $(seq 50); do [ -f "$BASE/sshd.pid" ] && break; sleep 0.1; done
+sshfs -p "$PORT" -o IdentityFile="$BASE/client_key",BatchMode=yes,StrictHostKeyChecking=no \
+    -o UserKnownHostsFile=/dev/null,LogLevel=ERROR "root@127.0.0.1:$BASE/export" "$MNT"
+grep -q " $MNT fuse.sshfs " /proc/mounts

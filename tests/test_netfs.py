@@ -1,0 +1,50 @@
+"""Shared storage on a real network filesystem (sshfs, ``cluster/netfs.sh``), as on a cluster: shards
+live on local disk, are staged to the network filesystem and merged there; a live shard refuses it."""
+
+import sqlite3
+
+import unidask
+from unidask import plan
+
+from conftest import cli, merged_data, write_config
+
+
+def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
+    """Periodic and final stage-outs copy to the network filesystem (no rename across filesystems),
+    the merge reads the shards there and builds its output there, and the data is the data of the
+    same run on local disk."""
+    runs = {}
+    for where, run_dir in (("netfs", netfs / "run"), ("local", tmp_path / "run-local")):
+        spec = config(f"{where}.toml", run={"count": 3000, "task_size": 100, "run_dir": str(run_dir)},
+                      storage={"local_dir": str(tmp_path / f"local-{where}"), "stage_every": 0.2})
+        runs[where] = unidask.run(spec, echo=lambda s: None)
+    result = runs["netfs"]
+    assert unidask.shard.filesystem_type(result.merged.out) == "fuse.sshfs"
+    assert result.merged.complete and result.merged.rows == 3000
+    assert merged_data(result.merged.out) == merged_data(runs["local"].merged.out)
+    shards = plan.staged_shards(netfs / "run")
+    assert len(shards) == 2 and not list(plan.shard_dir(netfs / "run").glob(".*"))  # no temp left
+    for db in [*shards, result.merged.out]:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok", db
+        con.close()
+    # the CLI's merge and verify, there too
+    again = netfs / "again.db"
+    merged = cli("merge", netfs / "run", "-o", again)
+    assert merged.returncode == 0, merged.stderr
+    verified = cli("verify", again)
+    assert verified.returncode == 0 and verified.stdout.startswith("OK"), verified.stdout + verified.stderr
+    with unidask.Dataset(again) as ds:
+        assert len(ds) == 3000 and ds[2999].shape == (4, 4)
+
+
+def test_local_dir_on_a_network_filesystem_is_refused_before_the_run(netfs, tmp_path):
+    cfg = write_config(tmp_path / "c.toml", storage={"local_dir": str(netfs / "local")},
+                       run={"run_dir": str(tmp_path / "run")})
+    done = cli("run", cfg)
+    assert done.returncode == 2, done.stderr
+    *before, last = done.stderr.splitlines()
+    assert last == (f"unidask: error: local dir {netfs / 'local'} is on a network filesystem "
+                    "(fuse.sshfs); a live shard needs node-local disk (set storage.local_dir, or "
+                    "storage.allow_network_fs = true to insist)")
+    assert not any("dashboard" in line for line in before), before   # no cluster was started
