@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from distributed import Client, as_completed, wait
+from distributed import Client, Future, as_completed, wait
 
 from . import __version__, cluster, dashboard, generators, plan, shard, worker
 from .config import Spec
@@ -218,7 +218,7 @@ class Driver:
             progress.close()
 
 
-def task_error(future) -> UnidaskError:
+def task_error(future: Future) -> UnidaskError:
     """The error of a failed task, for one line to the user: unidask's own errors as they are (a
     worker's bad input still exits 2), anything else a RunError naming the task."""
     exc = future.exception()
