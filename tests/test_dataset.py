@@ -31,7 +31,7 @@ def test_dataset_indexing_and_batches(haar_run):
 def test_export_npy_round_trip(haar_run, tmp_path, capsys):
     _, db = haar_run
     out = tmp_path / "u.npy"
-    code, stdout, _ = run_main("export", db, "--format", "npy", out, "--ids", "100:1100", capsys=capsys)
+    code, stdout, _ = run_main("export", db, out, "--ids", "100:1100", capsys=capsys)   # npy: OUT's suffix
     assert code == 0 and "exported 1,000" in stdout
     with unidask.Dataset(db) as ds:
         assert np.array_equal(np.load(out), ds[100:1100])
@@ -40,7 +40,7 @@ def test_export_npy_round_trip(haar_run, tmp_path, capsys):
 def test_export_txt_round_trip(haar_run, tmp_path, capsys):
     _, db = haar_run
     out = tmp_path / "txt"
-    code, _, _ = run_main("export", db, "--format", "txt", out, "--ids", "5:25", capsys=capsys)
+    code, _, _ = run_main("export", db, out, "--ids", "5:25", capsys=capsys)   # txt: OUT is no .npy
     assert code == 0
     files = sorted(out.iterdir())
     assert [f.name for f in files[:2]] == ["00005.txt", "00006.txt"] and len(files) == 20
@@ -66,6 +66,18 @@ def test_export_refuses_bad_ids(haar_run, tmp_path, ids, capsys):
     code, _, err = run_main("export", db, "--format", "npy", tmp_path / "x.npy", "--ids", ids, capsys=capsys)
     assert code == 2 and "--ids" in err and err.count("\n") == 1
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("out,reason", [("missing/u.npy", "No such file or directory"),
+                                        ("a-file/u.npy", "Not a directory"),
+                                        ("a-file", "File exists")])   # txt: OUT must be a directory
+def test_export_to_a_path_it_cannot_write(haar_run, tmp_path, out, reason, capsys):
+    _, db = haar_run
+    (tmp_path / "a-file").write_text("mine")
+    code, _, err = run_main("export", db, tmp_path / out, "--ids", "0:10", capsys=capsys)
+    assert code == 2 and err == f"unidask: error: cannot write {tmp_path / out}: {reason}\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]   # no temp file left
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_export_refuses_what_is_not_a_unidask_database(tmp_path, capsys):

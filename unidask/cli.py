@@ -152,14 +152,15 @@ def report(run_dir: str, out: str) -> None:
 
 @cli.command()
 @click.argument("db", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["npy", "txt"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["npy", "txt"]),
+              help="Default: npy when OUT ends in .npy, else txt (OUT a directory).")
 @click.argument("out", type=click.Path())
 @click.option("--ids", metavar="A:B", help="Export ids A to B-1 only.")
-def export(db: str, fmt: str, out: str, ids: str | None) -> None:
+def export(db: str, fmt: str | None, out: str, ids: str | None) -> None:
     """Export DB as one .npy array (k, n, n) or one .txt file per unitary in OUT."""
     from .dataset import export as export_db
 
-    n = export_db(db, fmt, out, ids)
+    n = export_db(db, fmt or ("npy" if out.endswith(".npy") else "txt"), out, ids)
     click.echo(f"exported {n:,} unitaries to {out}")
 
 

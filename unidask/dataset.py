@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -11,7 +12,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, RunError
 from .shard import connect_readonly, read_meta
 
 
@@ -138,34 +139,46 @@ def parse_ids(text: str | None, ds: Dataset) -> tuple[int, int]:
 def export(db: str | os.PathLike, fmt: str, out: str | os.PathLike, ids: str | None = None) -> int:
     """Write unitaries of ``db`` as one ``.npy`` array ``(k, n, n)``, or as one ``.txt`` file per
     unitary (``OUT/ID.txt``) that ``np.loadtxt(f, dtype=complex)`` reads back exactly."""
+    writers = {"npy": _export_npy, "txt": _export_txt}
+    if fmt not in writers:
+        raise InputError(f"unknown export format {fmt!r} (npy or txt)")
     out = Path(out)
     with Dataset(db) as ds:
         start, stop = parse_ids(ids, ds)
-        if fmt == "npy":
-            present = ds.con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?",
-                                     (start, stop)).fetchone()[0]
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            try:
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=ds.dtype.newbyteorder("="),
-                                                  shape=(present, ds.dim, ds.dim))
-                k = 0
-                for _, batch in ds.batches(start=start, stop=stop):
-                    array[k:k + len(batch)] = batch
-                    k += len(batch)
-                array.flush()
-                del array
-                os.replace(tmp, out)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return present
-        if fmt == "txt":
-            out.mkdir(parents=True, exist_ok=True)
-            width = len(str(ds.id_range[1] - 1))
-            k = 0
-            for ids_, batch in ds.batches(start=start, stop=stop):
-                for i, u in zip(ids_, batch):
-                    # %.18e keeps every bit of a float64 (and of a float32 widened to it)
-                    np.savetxt(out / f"{i:0{width}d}.txt", u.astype(np.complex128), fmt="%.18e")
-                    k += 1
-            return k
-        raise InputError(f"unknown export format {fmt!r} (npy or txt)")
+        try:
+            return writers[fmt](ds, start, stop, out)
+        except OSError as e:
+            # a path that cannot be written is the user's to change (exit 2); a full disk is not
+            error = RunError if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else InputError
+            raise error(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _export_npy(ds: Dataset, start: int, stop: int, out: Path) -> int:
+    present = ds.con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?",
+                             (start, stop)).fetchone()[0]
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=ds.dtype.newbyteorder("="),
+                                          shape=(present, ds.dim, ds.dim))
+        k = 0
+        for _, batch in ds.batches(start=start, stop=stop):
+            array[k:k + len(batch)] = batch
+            k += len(batch)
+        array.flush()
+        del array
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return present
+
+
+def _export_txt(ds: Dataset, start: int, stop: int, out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    width = len(str(ds.id_range[1] - 1))
+    k = 0
+    for ids_, batch in ds.batches(start=start, stop=stop):
+        for i, u in zip(ids_, batch):
+            # %.18e keeps every bit of a float64 (and of a float32 widened to it)
+            np.savetxt(out / f"{i:0{width}d}.txt", u.astype(np.complex128), fmt="%.18e")
+            k += 1
+    return k
