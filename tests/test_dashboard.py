@@ -148,3 +148,13 @@ def test_report_renders_in_a_browser(config, browser, tmp_path, capsys):
     assert "cdn.bokeh.org" not in text and "http://" not in text.split("<body")[1][:2000]  # self-contained
     errors, canvases = open_page(browser, out.as_uri(), "unitaries staged", "report.png")
     assert canvases > 0 and errors == []
+
+
+@pytest.mark.parametrize("out,reason", [("missing/r.html", "No such file or directory"),
+                                        ("a-file/r.html", "Not a directory")])
+def test_report_to_a_path_it_cannot_write(haar_run, tmp_path, out, reason, capsys):
+    spec, _ = haar_run
+    (tmp_path / "a-file").write_text("mine")
+    code, _, err = run_main("report", spec.run_dir, "-o", tmp_path / out, capsys=capsys)
+    assert code == 2 and err == f"unidask: error: cannot write {tmp_path / out}: {reason}\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

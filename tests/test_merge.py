@@ -162,3 +162,11 @@ def test_damage_only_quick_check_sees_is_refused(config, monkeypatch, capsys):
     code, out, err = run_main("merge", spec.run_dir, "--skip-bad", capsys=capsys)
     assert code == 1 and f"rejected {bad}" in out and "missing: 10-19" in out
     assert [i for i, _ in merged_data(spec.run_dir / "t.db")] == list(range(1000))
+
+
+def test_merge_into_a_missing_directory(haar_run, tmp_path, capsys):
+    spec, _ = haar_run
+    out = tmp_path / "missing" / "m.db"
+    code, _, err = run_main("merge", spec.run_dir, "-o", out, capsys=capsys)
+    assert code == 2 and err == f"unidask: error: cannot write {out}: no directory {out.parent}\n", err
+    assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sqlite3
@@ -12,7 +11,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError, RunError
+from .errors import InputError, writing
 from .shard import connect_readonly, read_meta
 
 
@@ -145,12 +144,8 @@ def export(db: str | os.PathLike, fmt: str, out: str | os.PathLike, ids: str | N
     out = Path(out)
     with Dataset(db) as ds:
         start, stop = parse_ids(ids, ds)
-        try:
+        with writing(out):
             return writers[fmt](ds, start, stop, out)
-        except OSError as e:
-            # a path that cannot be written is the user's to change (exit 2); a full disk is not
-            error = RunError if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else InputError
-            raise error(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def _export_npy(ds: Dataset, start: int, stop: int, out: Path) -> int:

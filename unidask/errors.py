@@ -1,5 +1,12 @@
 """The two kinds of failure a user sees: their input is wrong (exit 2) or the run went wrong (exit 1)."""
 
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from typing import Iterator
+
 
 class UnidaskError(Exception):
     """A failure reported to the user as one line, never a traceback."""
@@ -23,3 +30,14 @@ class Stopped(RunError):
     """Stopped by a signal (SLURM's, before the walltime) after staging every finished task."""
 
     exit_code = 3
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError while writing the user's ``path`` as one line: a path that cannot be written is
+    theirs to change (exit 2); a full or failing disk is not (exit 1)."""
+    try:
+        yield
+    except OSError as e:
+        error = RunError if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else InputError
+        raise error(f"cannot write {path}: {e.strerror or e}") from None

@@ -132,6 +132,8 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     task_size = spec["run"]["task_size"]
     expected = -(-spec["run"]["count"] // task_size)
     out = Path(out) if out is not None else run_dir / f"{spec['run']['name']}.db"
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: no directory {out.parent}")
     paths = plan.staged_shards(run_dir)
     if not paths:
         raise InputError(f"{plan.shard_dir(run_dir)}: no staged shards to merge")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plan, shard
+from .errors import writing
 from .status import status
 
 
@@ -81,6 +82,10 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         f"<th>shard</th></tr>{table}</table>"))
     page = column(summary, throughput, durations, staging, sizing_mode="stretch_width")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(file_html(page, INLINE, title=f"unidask report: {st['name']}"))
-    os.replace(tmp, out)
+    with writing(out):
+        try:
+            tmp.write_text(file_html(page, INLINE, title=f"unidask report: {st['name']}"))
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out
