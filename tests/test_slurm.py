@@ -114,6 +114,14 @@ def test_submit_and_wait(slurm, shared):
     assert logs and "unidask page: http://" in logs[0].read_text()
 
 
+def test_submit_refused_by_sbatch_is_one_line(slurm, shared):
+    cfg = config_in(shared, "gen", run={"run_dir": str(shared / "run")})
+    r = unidask_cli("submit", cfg, "--partition", "nope", cwd=shared)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("unidask: error: sbatch refused generate-")
+    assert "invalid partition specified: nope" in r.stderr.lower() and "Traceback" not in r.stderr
+
+
 def test_walltime_ends_job_then_resubmit_finishes(slurm, shared):
     cfg = config_in(shared, "slow", run={"count": 4000, "task_size": 10, "run_dir": str(shared / "run")},
                     generator={"kind": "plugin_generators:slow_haar", "delay": 0.3},

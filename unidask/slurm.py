@@ -118,7 +118,8 @@ def sbatch(script: Path, args: list[str], extra: list[str] = (), *, wait: bool =
         raise InputError("sbatch not found: is this a SLURM login node? (see cluster/ for a local SLURM)") from None
     job = r.stdout.strip().split(";")[0].splitlines()[0] if r.stdout.strip() else ""
     if not job:
-        raise RunError(f"sbatch refused {script.name}: {r.stderr.strip() or r.stdout.strip()}")
+        said = " / ".join(line.strip() for line in (r.stderr or r.stdout).splitlines() if line.strip())
+        raise RunError(f"sbatch refused {script.name}: {said}")   # one line, however many sbatch wrote
     return job, r.returncode
 
 
