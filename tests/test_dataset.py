@@ -28,6 +28,24 @@ def test_dataset_indexing_and_batches(haar_run):
             ds[20000]
 
 
+def test_dataset_takes_an_array_of_ids(haar_run):
+    """A random minibatch: any order, repeats, negative ids; a missing id or a non-integer array
+    is refused."""
+    _, db = haar_run
+    with unidask.Dataset(db) as ds:
+        ids = np.random.default_rng(3).integers(0, 20000, 300)
+        ids[:3] = [17, 17, -1]
+        batch = ds[ids]
+        assert batch.shape == (300, 4, 4)
+        assert np.array_equal(batch, np.stack([ds[int(i)] for i in ids]))
+        assert np.array_equal(ds[[5, 3]], np.stack([ds[5], ds[3]])) and ds[[]].shape == (0, 4, 4)
+        with pytest.raises(IndexError, match="no unitary with id 20000 \\(and 1 more\\)"):
+            ds[[1, 20000, 30000]]
+        for bad in (np.array([1.5]), np.array([True]), [[1, 2]]):
+            with pytest.raises(TypeError):
+                ds[bad]
+
+
 def test_export_npy_round_trip(haar_run, tmp_path, capsys):
     _, db = haar_run
     out = tmp_path / "u.npy"

@@ -7,7 +7,7 @@ import os
 import sqlite3
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class Dataset:
         flat = np.frombuffer(b"".join(r[1] for r in rows), dtype=self.dtype)
         return ids, flat.reshape(len(rows), self.dim, self.dim)
 
-    def __getitem__(self, key: int | slice) -> np.ndarray:
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(key, slice):
             start, stop, step = key.indices(self.id_range[1])
             if step != 1:
@@ -81,7 +81,25 @@ class Dataset:
             if not ids:
                 raise IndexError(f"{self.path}: no unitary with id {key}")
             return out[0]
-        raise TypeError(f"Dataset indices must be integers or slices, not {type(key).__name__}")
+        if isinstance(key, (list, tuple, np.ndarray)):
+            ids = np.asarray(key)
+            if ids.ndim == 1 and (ids.dtype.kind in "iu" or ids.size == 0):
+                return self._take(ids.astype(np.int64))
+        raise TypeError(f"Dataset indices must be integers, slices or 1-D integer arrays, not "
+                        f"{type(key).__name__}")
+
+    def _take(self, key: np.ndarray) -> np.ndarray:
+        """The unitaries of an array of ids, in its order, repeats allowed (a random minibatch):
+        each distinct id read once, by rowid, the ids bound as one JSON array."""
+        want = np.where(key < 0, key + self.id_range[1], key)
+        unique = np.unique(want)
+        ids, out = self._read("SELECT id, data FROM unitaries WHERE id IN (SELECT value FROM json_each(?)) "
+                              "ORDER BY id", (json.dumps(unique.tolist()),))
+        if len(ids) != len(unique):
+            missing = np.setdiff1d(unique, ids)
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise IndexError(f"{self.path}: no unitary with id {missing[0]}{more}")
+        return out[np.searchsorted(unique, want)]
 
     def meta_of(self, i: int) -> Any:
         """The JSON metadata stored with unitary ``i`` (e.g. its circuit), or None."""
