@@ -80,6 +80,21 @@ def test_append_adds_new_shards(config, monkeypatch, tmp_path):
     assert second.complete and second.rows == 2000 and second.duplicates == 10
 
 
+def test_append_to_what_is_not_a_merged_database_of_this_run(haar_run, tmp_path, capsys):
+    spec, merged = haar_run
+    other = tmp_path / "other.db"
+    sqlite3.connect(other).execute("CREATE TABLE x(a)")
+    foreign = tmp_path / "foreign.db"
+    shutil.copy(merged, foreign)
+    _sql(foreign, "UPDATE meta SET value = 'x' WHERE key = 'fingerprint'")
+    for out, reason in ((other, "not a unidask database (table 'meta' missing)"),
+                        (foreign, "belongs to another run")):
+        before = out.read_bytes()
+        code, _, err = run_main("merge", spec.run_dir, "--append", "-o", out, capsys=capsys)
+        assert code == 2 and err.startswith(f"unidask: error: cannot append to {out}: {reason}"), err
+        assert err.count("\n") == 1 and out.read_bytes() == before
+
+
 BAD_SHARDS = {
     "truncated": lambda good, p: p.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 3]),
     "random bytes": lambda good, p: p.write_bytes(bytes(range(256)) * 64),

@@ -67,9 +67,10 @@ class MergeReport:
         return text
 
 
-def check_shard(path: Path, fingerprint: str) -> None:
+def check_shard(path: Path, fingerprint: str, what: str = "shard") -> None:
     """Raise :class:`BadShard` unless ``path`` is a shard of this run, of this schema, with nothing
-    in it that could run: what must hold before any of it is read. Its pages: :func:`check_pages`."""
+    in it that could run: what must hold before any of it is read. Its pages: :func:`check_pages`.
+    ``what`` names the file in the reasons (a merged "database" is checked the same way)."""
     with _reading(path) as con:
         objects = con.execute("SELECT type, name FROM sqlite_master").fetchall()
         active = [f"{t} {n}" for t, n in objects if t in ("view", "trigger")]
@@ -77,11 +78,11 @@ def check_shard(path: Path, fingerprint: str) -> None:
                    con.execute("SELECT sql FROM sqlite_master WHERE name = ?", (n,)).fetchone()[0]
                    .upper().startswith("CREATE VIRTUAL")]
         if active:
-            raise BadShard(path, f"holds {', '.join(active)}; refused, nothing in a shard may run")
+            raise BadShard(path, f"holds {', '.join(active)}; refused, nothing in a {what} may run")
         for table, columns in COLUMNS.items():  # meta first: its version explains other tables
             found = [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
             if found != columns:
-                raise BadShard(path, f"not a unidask shard (table {table!r} "
+                raise BadShard(path, f"not a unidask {what} (table {table!r} "
                                f"{'missing' if not found else 'has columns ' + ', '.join(found)})")
             if table == "meta":
                 meta = shard.read_meta(con)
@@ -202,8 +203,11 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
 
 def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path) -> sqlite3.Connection:
     if existing is not None:
-        check_pages(existing)  # the same checks hold for a merged result
-        check_shard(existing, record["fingerprint"])
+        try:   # the same checks hold for a merged result
+            check_pages(existing)
+            check_shard(existing, record["fingerprint"], what="database")
+        except BadShard as e:
+            raise InputError(f"cannot append to {existing}: {e.reason}") from None
         shutil.copyfile(existing, tmp)
     con = sqlite3.connect(tmp, isolation_level=None, uri=True)
     con.execute("PRAGMA trusted_schema = OFF")
