@@ -19,7 +19,7 @@ from distributed import Client
 import unidask
 from unidask import tls
 
-from conftest import REPO
+from conftest import REPO, run_main
 from test_slurm import config_in, shared, slurm  # noqa: F401 (fixtures)
 
 
@@ -104,3 +104,15 @@ def test_local_mode_listens_on_loopback_only(config):
         done.set()
         t.join()
     assert seen and seen <= {"127.0.0.1"}, seen
+
+
+def test_tls_command_makes_owner_only_files_but_no_stray_parents(tmp_path, capsys):
+    code, out, _ = run_main("tls", tmp_path / "run", capsys=capsys)
+    files = {name: tmp_path / "run" / "tls" / name for name in tls.FILES}
+    assert code == 0 and out.split() == ["--tls-ca-file", str(files["ca.pem"]), "--tls-cert",
+                                         str(files["cert.pem"]), "--tls-key", str(files["key.pem"])]
+    assert mode(tmp_path / "run" / "tls") == 0o700 and {mode(f) for f in files.values()} == {0o600}
+    code, _, err = run_main("tls", tmp_path / "typo" / "run", capsys=capsys)
+    assert code == 2 and err == f"unidask: error: {tmp_path / 'typo' / 'run'}: no directory " \
+                                f"{tmp_path / 'typo'} to make the run dir in\n", err
+    assert not (tmp_path / "typo").exists()

@@ -12,7 +12,7 @@ import datetime
 import os
 from pathlib import Path
 
-from .errors import RunError
+from .errors import InputError, RunError
 
 FILES = ("ca.pem", "cert.pem", "key.pem")
 
@@ -87,6 +87,10 @@ def security(run_dir: str | os.PathLike):
 
 
 def cli_args(run_dir: str | os.PathLike) -> list[str]:
-    """The ``dask scheduler`` / ``dask worker`` flags for the run's certificate."""
+    """The ``dask scheduler`` / ``dask worker`` flags for the run's certificate. Makes RUN_DIR
+    (before any run.json: the scheduler starts first) but not its parents, so a mistyped path
+    does not leave a stray tree."""
+    if not (parent := Path(run_dir).absolute().parent).is_dir():
+        raise InputError(f"{run_dir}: no directory {parent} to make the run dir in")
     p = ensure(run_dir)
     return ["--tls-ca-file", str(p["ca"]), "--tls-cert", str(p["cert"]), "--tls-key", str(p["key"])]
