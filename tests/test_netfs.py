@@ -7,6 +7,7 @@ import unidask
 from unidask import plan
 
 from conftest import cli, merged_data, write_config
+from test_slurm import config_in, slurm, unidask_cli  # noqa: F401 (fixture)
 
 
 def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
@@ -48,3 +49,16 @@ def test_local_dir_on_a_network_filesystem_is_refused_before_the_run(netfs, tmp_
                     "(fuse.sshfs); a live shard needs node-local disk (set storage.local_dir, or "
                     "storage.allow_network_fs = true to insist)")
     assert not any("dashboard" in line for line in before), before   # no cluster was started
+
+
+def test_slurm_job_with_run_dir_on_a_network_filesystem(slurm, netfs):  # noqa: F811
+    """The cluster layout: the scheduler file, the TLS files, the logs, the staged shards and the
+    merged database on the network filesystem; each job's shard on its node's $TMPDIR."""
+    shared = netfs / "slurm"
+    shared.mkdir()
+    cfg = config_in(shared, "gen", run={"count": 4000, "task_size": 200, "run_dir": str(shared / "run")})
+    r = unidask_cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (shared / "run" / "tls" / "key.pem").exists()   # the job ran with TLS, from there
+    verified = cli("verify", shared / "run" / "t.db")
+    assert verified.returncode == 0 and "4,000 unitaries in 20/20 tasks" in verified.stdout, verified.stdout
