@@ -140,7 +140,7 @@ class Bench:
             "generator": {"dim": dim},
             "storage": {"local_dir": str(d / "local"), "shard_per": shard_per},
             "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0"}})
-        return {"rate": unidask.run(spec, merge=False, echo=lambda s: None).rate}
+        return {"rate": unidask.run(spec, merge=False).rate}
 
     def run_bare(self, count: int, dim: int, task: int, workers: int) -> dict:
         return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task,
@@ -177,7 +177,7 @@ class Bench:
     # 4. merge
     def merge(self) -> None:
         import unidask
-        from unidask import shard
+        from unidask import db, files
 
         for dim in (4, 16):
             d = self.fresh("m")
@@ -186,14 +186,14 @@ class Bench:
                 "run": {"name": "m", "count": count, "task_size": 1000, "run_dir": str(d / "run")},
                 "generator": {"dim": dim}, "storage": {"local_dir": str(d / "local")},
                 "cluster": {"nodes": 4, "workers": 1, "dashboard_address": "127.0.0.1:0"}})
-            unidask.run(spec, merge=False, echo=lambda s: None)
+            unidask.run(spec, merge=False)
             shards = sorted((d / "run" / "shards").glob("*.db"))
             size = sum(p.stat().st_size for p in shards)
 
             def merge_():
                 out = d / "out.db"
                 t = time.perf_counter()
-                unidask.merge(d / "run", out, echo=lambda s: None)   # fsyncs its output
+                unidask.merge(d / "run", out)   # fsyncs its output
                 r = {"rate": size / (time.perf_counter() - t) / 1e6}
                 out.unlink()
                 return r
@@ -219,16 +219,16 @@ class Bench:
                     con = sqlite3.connect(target / p.name, isolation_level=None)
                     con.execute(f"PRAGMA page_size = {page_size}")
                     con.execute("PRAGMA journal_mode = OFF")
-                    con.executescript(shard.SCHEMA)
+                    con.executescript(db.SCHEMA)
                     con.execute("ATTACH DATABASE ? AS s", (f"file:{p}?mode=ro&immutable=1",))
                     con.execute("INSERT INTO unitaries SELECT * FROM s.unitaries")
                     con.close()
-                    shard.fsync_path(target / p.name)
+                    files.fsync_path(target / p.name)
                 r = {"rate": size / (time.perf_counter() - t) / 1e6}
                 shutil.rmtree(target)
                 return r
 
-            page_size = shard.page_size(shards[0])
+            page_size = db.page_size(shards[0])
             self.alternate({"unidask merge": merge_, "cp": cp_, "cp, then sync": lambda: cp_(True),
                             "SQLite row copy, then sync": sqlite_copy},
                            "merge MB/s", f"n={dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unidask import shard, worker
+from unidask import db, shard, worker
 from unidask.generators.haar import haar
 
 # unitaries per task (one transaction for every database contender): ~0.2 s of work each on this
@@ -42,7 +42,7 @@ def write_shard(path: str, seed: int, count: int, dim: int, start_at: float, tas
     """unidask's shard writer, synchronous=NORMAL, one task per transaction."""
     u = data(seed, count, dim)
     s = shard.Shard(Path(path), {"fingerprint": "bench", "dtype": "complex128"}, synchronous="NORMAL",
-                    single_writer=single_writer, page_size=shard.page_size_for(u[0].nbytes))   # as "auto"
+                    single_writer=single_writer, page_size=db.page_size_for(u[0].nbytes))   # as "auto"
     start = wait_until(start_at)
     for t in range(count // task):
         number = seed * 1_000_000 + t
@@ -120,7 +120,7 @@ def bare_loop(path: str, seed: int, count: int, dim: int, start_at: float, task:
     worker.tune_malloc()
     start = wait_until(start_at)
     s = shard.Shard(Path(f"{path}.{seed}.db"), {"fingerprint": "bench", "dtype": "complex128"}, single_writer=True,
-                    page_size=shard.page_size_for(dim * dim * 16))
+                    page_size=db.page_size_for(dim * dim * 16))
     for t in range(count // task):
         u = haar(np.random.default_rng([seed, t]), task, dim=dim)
         s.write_task(t, (seed * 100_000 + t) * task, u, None, info())

@@ -7,8 +7,8 @@
 #   cluster/netfs.sh stop MOUNTPOINT     unmounts it and ends the sshd this started
 #
 # Everything else lives under $UNIDASK_NETFS_DIR (default /var/tmp/unidask-netfs); each start
-# begins with an empty export. Exits 2 where it cannot run: not root (to install the packages or
-# to run sshd), or no /dev/fuse.
+# begins with an empty export. Exits 2 where it cannot run: not root (to run sshd), no /dev/fuse,
+# or sshfs not installed (cluster/install.sh).
 set -euo pipefail
 ACTION=${1:?usage: netfs.sh start|stop MOUNTPOINT}
 MNT=${2:?usage: netfs.sh start|stop MOUNTPOINT}
@@ -26,9 +26,8 @@ if [ "$(id -u)" != 0 ] || [ ! -e /dev/fuse ]; then
     exit 2
 fi
 if ! command -v sshfs >/dev/null || [ ! -x /usr/sbin/sshd ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        openssh-server openssh-client sshfs >/dev/null
+    echo "netfs.sh: sshfs or sshd is not installed (cluster/install.sh installs them, as root)" >&2
+    exit 2
 fi
 
 stop

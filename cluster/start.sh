@@ -4,6 +4,7 @@
 # (made by a TaskProlog, wiped by the Epilog when the job ends), as node-local scratch is on a real
 # cluster. (Not job_container/tmpfs: its private /tmp would hide a checkout or a venv under /tmp.)
 #
+#   cluster/install.sh                       once, as root: SLURM, munge (and the other test packages)
 #   cluster/start.sh [NODES=2] [CPUS=2]      then: export SLURM_CONF=<printed path>
 #   cluster/stop.sh                          ends only the daemons this started
 #
@@ -16,13 +17,12 @@ BASE=${UNIDASK_SLURM_DIR:-/var/tmp/unidask-slurm}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "start.sh: SLURM is not installed and we are not root to install it" >&2
-        exit 2
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        slurmctld slurmd slurm-client munge >/dev/null
+    echo "start.sh: SLURM is not installed (cluster/install.sh installs it, as root)" >&2
+    exit 2
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "start.sh: starting slurmd and munged needs root" >&2
+    exit 2
 fi
 
 "$HERE/stop.sh" >/dev/null 2>&1 || true

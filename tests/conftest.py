@@ -1,11 +1,19 @@
-"""Shared fixtures: configs written to real files, runs on a real local Dask cluster, the real CLI."""
+"""Shared fixtures: configs written to real files, runs on a real local Dask cluster, the real CLI,
+the real SLURM of cluster/ and a real network filesystem. Tests that need SLURM, the network
+filesystem or a browser are marked (slurm, netfs, browser) by the fixtures they use, and skipped
+with the reason where those are not installed (cluster/install.sh installs them, as root)."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -49,9 +57,11 @@ def toml_value(v) -> str:
 
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real ``unidask`` command in a fresh interpreter."""
+    """Run the real ``unidask`` command in a fresh interpreter (which, and the jobs it submits,
+    can import the test plugin generators)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "unidask.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+                          text=True, cwd=cwd, env=env, timeout=600)
 
 
 def run_main(*args, capsys) -> tuple[int, str, str]:
@@ -65,8 +75,34 @@ def run_main(*args, capsys) -> tuple[int, str, str]:
 
 
 def unitarity_error(u: np.ndarray) -> float:
-    n = u.shape[-1]
-    return float(np.abs(np.einsum("kji,kjl->kil", u.conj(), u) - np.eye(n)).max())
+    from unidask.generators import unitarity_errors
+
+    return float(unitarity_errors(u.reshape(-1, *u.shape[-2:])).max())
+
+
+@contextlib.contextmanager
+def messages(on_line: Callable[[str], None] | None = None) -> Iterator[list[str]]:
+    """The ``unidask`` logger's lines while the body runs, formatted as the CLI shows them."""
+    from unidask.cli import LineFormatter
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(line := self.format(record))
+            if on_line is not None:
+                on_line(line)
+
+    handler, log = Collect(), logging.getLogger("unidask")
+    handler.setFormatter(LineFormatter())
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def merged_data(db: Path) -> list[tuple[int, bytes]]:
@@ -89,10 +125,62 @@ def config(tmp_path: Path):
     return make
 
 
+MARKED_BY_FIXTURE = ("slurm", "netfs", "browser")
+SLURM_DIR = "/var/tmp/unidask-slurm-tests"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that uses the slurm, netfs or browser fixture carries that marker, so ``-m`` selects
+    by what a test needs, and no marker can be forgotten."""
+    for item in items:
+        for name in MARKED_BY_FIXTURE:
+            if name in getattr(item, "fixturenames", ()):
+                item.add_marker(name)
+
+
+def config_in(shared: Path, name: str, **sections) -> Path:
+    """A config for a SLURM job: the run dir on shared storage, the live shards on the job's
+    node-local scratch ($TMPDIR)."""
+    sections.setdefault("storage", {})
+    sections["storage"].setdefault("local_dir", "${TMPDIR:-/tmp}/unidask")
+    return write_config(shared / f"{name}.toml", **sections)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running 2-node SLURM (cluster/start.sh); its SLURM_CONF is set for this process and the
+    jobs it submits. Skipped where SLURM is not installed (cluster/install.sh, as root)."""
+    env = {**os.environ, "UNIDASK_SLURM_DIR": SLURM_DIR}
+    r = subprocess.run([str(REPO / "cluster" / "start.sh"), "2", "2"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode == 2:
+        pytest.skip(r.stderr.strip())
+    if r.returncode != 0:
+        pytest.fail(f"cluster/start.sh failed: {r.stderr[-2000:]}")
+    conf = f"{SLURM_DIR}/slurm.conf"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    subprocess.run([str(REPO / "cluster" / "stop.sh")], env=env, timeout=120)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+@pytest.fixture
+def shared():
+    """A directory on "shared storage" for a SLURM run (the jobs' own scratch is $TMPDIR)."""
+    path = Path("/var/tmp/unidask-tests") / uuid.uuid4().hex[:8]
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def netfs(tmp_path_factory) -> Path:
     """A directory on a real network filesystem, as a cluster's shared storage: sshfs from this
-    host's own sshd (``cluster/netfs.sh``). Skipped where that cannot run (not root)."""
+    host's own sshd (``cluster/netfs.sh``). Skipped where that cannot run (not root, not installed)."""
     mnt = tmp_path_factory.mktemp("netfs")
     script = str(REPO / "cluster" / "netfs.sh")
     started = subprocess.run(["bash", script, "start", str(mnt)], capture_output=True, text=True, timeout=300)
@@ -108,6 +196,6 @@ def haar_run(tmp_path_factory) -> tuple[unidask.Spec, Path]:
     """One finished run shared by read-only tests: 20,000 Haar U(4) on 2 simulated nodes."""
     base = tmp_path_factory.mktemp("haar")
     spec = unidask.load_config(write_config(base / "haar.toml", run={"count": 20000, "task_size": 1000}))
-    result = unidask.run(spec, echo=lambda s: None)
+    result = unidask.run(spec)
     assert result.merged is not None and result.merged.complete
     return spec, result.merged.out

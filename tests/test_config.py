@@ -24,25 +24,72 @@ def test_quickstart_config_is_valid():
     spec = unidask.load_config(REPO / "configs" / "quickstart.toml")
     assert (spec.count, spec.task_size, spec.n_tasks, spec.kind, spec.params["dim"]) == \
         (20000, 1000, 20, "haar", 4)
-    assert spec.cluster["nodes"] == 2 and spec.storage["synchronous"] == "NORMAL"
+    assert spec.cluster.nodes == 2 and spec.storage.synchronous == "NORMAL"
+
+
+DASK_DEFAULTS = ("import dask, distributed; print(dask.config.get('distributed.scheduler.allowed-failures'), "
+                 "dask.config.get('distributed.worker.profile.enabled'))")
+
+CLUSTER_SETTINGS = """
+import sys, dask, distributed
+import unidask
+from unidask import cluster
+
+def settings():
+    return (dask.config.get('distributed.scheduler.allowed-failures'),
+            dask.config.get('distributed.worker.profile.enabled'))
+
+if __name__ == "__main__":
+    before = settings()
+    with cluster.local_cluster(unidask.load_config(sys.argv[1])) as c, distributed.Client(c) as client:
+        scheduler = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.allowed_failures)
+        workers = set(client.run(lambda: dask.config.get('distributed.worker.profile.enabled')).values())
+    print(*before, scheduler, *workers, *settings())
+"""
+
+
+def test_importing_unidask_leaves_dask_config_alone():
+    """A notebook that imports unidask (to read a Dataset) keeps Dask's own settings."""
+    dask_only = subprocess.run([sys.executable, "-c", DASK_DEFAULTS], capture_output=True, text=True,
+                               check=True).stdout
+    with_unidask = subprocess.run([sys.executable, "-c", "import unidask; " + DASK_DEFAULTS],
+                                  capture_output=True, text=True, check=True).stdout
+    assert with_unidask == dask_only == "3 True\n"
 
 
 @pytest.mark.parametrize("env, failures", [({}, "10"), ({"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "5"}, "5")])
-def test_dask_settings_of_unidask_yaml_take_effect(env, failures):
-    """unidask.yaml's distributed.* settings replace Dask's defaults (whichever is imported first),
-    but not what the user configured. A fresh interpreter: here distributed is already imported."""
-    code = ("import unidask, dask; print(dask.config.get('distributed.scheduler.allowed-failures'), "
-            "dask.config.get('distributed.worker.profile.enabled'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout.split()
-    assert out == [failures, "False"]
+def test_dask_settings_of_unidask_yaml_apply_to_its_clusters_only(tmp_path, env, failures):
+    """unidask.yaml's Dask settings reach the scheduler and the workers of the cluster unidask
+    starts, but not the process around it, and not over what the user configured."""
+    script = tmp_path / "settings.py"
+    script.write_text(CLUSTER_SETTINGS)
+    cfg = write_config(tmp_path / "c.toml")
+    r = subprocess.run([sys.executable, str(script), str(cfg)], capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    outside = env.get("DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES", "3")
+    assert r.stdout.split() == [outside, "True", failures, "False", outside, "True"]
+
+
+def test_mapping_overrides_are_applied_as_data(tmp_path):
+    cfg = write_config(tmp_path / "c.toml", cluster={"max_in_flight": 8})
+    assert unidask.load_config(cfg).cluster.max_in_flight == 8
+    assert unidask.load_config(cfg, {"cluster.max_in_flight": None}).cluster.max_in_flight is None
+    spec = unidask.load_config(cfg, {"run.run_dir": str(tmp_path / "x y"), "generator.dim": 3})
+    assert spec.run_dir == tmp_path / "x y" and spec.params["dim"] == 3
+
+
+def test_run_record_turns_back_into_the_spec(config):
+    spec = config()
+    unidask.RunDir(spec.run_dir).prepare(spec, resume=False)
+    assert unidask.RunDir(spec.run_dir).spec() == spec
 
 
 def test_overrides_and_expansion(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCH_X", str(tmp_path / "scratch"))
     cfg = write_config(tmp_path / "c.toml", storage={"local_dir": "${SCRATCH_X}/u"})
-    spec = unidask.load_config(cfg, ["run.count=777", "generator.dim=3", "storage.synchronous=off"])
-    assert spec.count == 777 and spec.params["dim"] == 3 and spec.storage["synchronous"] == "OFF"
+    spec = unidask.load_config(cfg, {"run.count": 777, "generator.dim": 3, "storage.synchronous": "off"})
+    assert spec.count == 777 and spec.params["dim"] == 3 and spec.storage.synchronous == "OFF"
     assert spec.local_dir == tmp_path / "scratch" / "u"
     monkeypatch.delenv("TMPDIR", raising=False)
     cfg = write_config(tmp_path / "d.toml", storage={"local_dir": "${TMPDIR:-/var/tmp}/u"})
@@ -51,8 +98,8 @@ def test_overrides_and_expansion(tmp_path, monkeypatch):
 
 def test_fingerprint_is_the_data_not_the_layout(tmp_path):
     a = unidask.load_config(write_config(tmp_path / "a.toml"))
-    b = unidask.load_config(write_config(tmp_path / "b.toml", cluster={"nodes": 5}), ["run.run_dir=\"x\""])
-    c = unidask.load_config(write_config(tmp_path / "c.toml"), ["run.seed=8"])
+    b = unidask.load_config(write_config(tmp_path / "b.toml", cluster={"nodes": 5}), {"run.run_dir": "x"})
+    c = unidask.load_config(write_config(tmp_path / "c.toml"), {"run.seed": 8})
     assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
@@ -122,9 +169,8 @@ def test_unwritable_run_dir_and_local_dir(tmp_path, capsys):
 
 
 def test_run_dir_of_another_run_is_refused(tmp_path, capsys):
-    from unidask.driver import prepare_run_dir
-
-    prepare_run_dir(unidask.load_config(write_config(tmp_path / "a.toml")), resume=False)
+    spec = unidask.load_config(write_config(tmp_path / "a.toml"))
+    unidask.RunDir(spec.run_dir).prepare(spec, resume=False)
     cfg = write_config(tmp_path / "b.toml", run={"seed": 99})
     code, _, err = run_main("run", cfg, capsys=capsys)
     assert code == 2 and "holds another run" in err

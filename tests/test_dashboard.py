@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import unidask
-from unidask import plan, shard
+from unidask import RunDir, db
 
-from conftest import REPO, run_main
+from conftest import REPO, messages, run_main
 
 ARTIFACTS = REPO / "test-artifacts"
 SLOW = {"run": {"count": 12000, "task_size": 100}, "generator": {"dim": 64},
@@ -31,9 +31,9 @@ def get(url: str) -> tuple[int, str]:
 
 def staged_rows_per_node(run_dir: Path) -> dict[str, int]:
     out: dict[str, int] = {}
-    for p in plan.staged_shards(run_dir):
+    for p in RunDir(run_dir).staged_shards():
         try:
-            con = shard.connect_readonly(p)
+            con = db.connect_readonly(p)
             for node, rows in con.execute("SELECT node, sum(count) FROM tasks GROUP BY node"):
                 out[node] = out.get(node, 0) + rows
             con.close()
@@ -54,7 +54,8 @@ def run_while(spec, watch):
 
     def target():
         try:
-            unidask.run(spec, echo=echo)
+            with messages(echo):
+                unidask.run(spec)
         except BaseException as e:
             box["error"] = e
         finally:
@@ -140,7 +141,7 @@ def test_page_renders_in_a_browser(config, browser):
 
 def test_report_renders_in_a_browser(config, browser, tmp_path, capsys):
     spec = config(run={"count": 3000, "task_size": 100}, generator={"dim": 16}, storage={"stage_every": 0.2})
-    unidask.run(spec, echo=lambda s: None)
+    unidask.run(spec)
     out = tmp_path / "report.html"
     code, stdout, _ = run_main("report", spec.run_dir, "-o", out, capsys=capsys)
     assert code == 0 and out.exists()

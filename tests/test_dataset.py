@@ -69,8 +69,8 @@ def test_export_txt_round_trip(haar_run, tmp_path, capsys):
 
 def test_export_txt_of_complex64_is_exact(config, tmp_path):
     spec = config(run={"count": 50, "task_size": 25}, generator={"dtype": "complex64", "dim": 3})
-    db = unidask.run(spec, echo=lambda s: None).merged.out
-    unidask.dataset.export(db, "txt", tmp_path / "t")
+    db = unidask.run(spec).merged.out
+    unidask.export(db, "txt", tmp_path / "t")
     with unidask.Dataset(db) as ds:
         assert ds[0].dtype == np.complex64
         back = np.loadtxt(tmp_path / "t" / "00.txt", dtype=complex)

@@ -65,7 +65,7 @@ def test_circuit_bad_options(params, message):
 
 def test_circuit_run_end_to_end(config):
     spec = config(run={"count": 60, "task_size": 25}, generator={"kind": "circuit", "qubits": 3, "depth": 4})
-    db = unidask.run(spec, echo=lambda s: None).merged.out
+    db = unidask.run(spec).merged.out
     with unidask.Dataset(db) as ds:
         assert ds[0:60].shape == (60, 8, 8) and unitarity_error(ds[0:60]) < 1e-10
         meta = ds.meta_of(42)
@@ -133,7 +133,7 @@ def test_spacing_test_rejects_qr_without_phase_correction():
 def test_plugin_generator_end_to_end(config):
     spec = config(run={"count": 300, "task_size": 100},
                   generator={"kind": "plugin_generators:rotations", "scale": 0.5})
-    db = unidask.run(spec, echo=lambda s: None).merged.out
+    db = unidask.run(spec).merged.out
     with unidask.Dataset(db) as ds:
         u = ds[0:300]
         assert u.shape == (300, 2, 2) and u.dtype == np.complex128 and unitarity_error(u) < 1e-12
@@ -158,7 +158,7 @@ def test_broken_plugin_fails_with_a_clear_message(tmp_path, capsys, name, messag
 def test_plugin_unitarity_check_can_be_turned_off(config):
     spec = config(run={"count": 20, "task_size": 10},
                   generator={"kind": "plugin_generators:not_unitary", "check_unitary": False})
-    result = unidask.run(spec, echo=lambda s: None)
+    result = unidask.run(spec)
     assert result.merged.rows == 20
 
 

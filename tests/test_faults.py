@@ -18,8 +18,7 @@ import psutil
 import pytest
 
 import unidask
-from unidask import plan, shard, slurm, worker
-from unidask.driver import prepare_run_dir
+from unidask import RunDir, db, generators, shard, stopping, worker
 from unidask.errors import Stopped
 
 from conftest import merged_data, write_config
@@ -27,12 +26,14 @@ from conftest import merged_data, write_config
 # slow enough tasks (n = 64) that faults land mid-run on 2 cores
 SLOW = {"run": {"count": 12000, "task_size": 100}, "generator": {"dim": 64}}
 
+pytestmark = pytest.mark.faults
+
 
 def reference(spec) -> list[tuple[int, bytes]]:
     """What a fault-free run writes: every task generated once, in id order."""
     rows = []
     for t in range(spec.n_tasks):
-        array, _ = worker.generate(spec, t)
+        array, _ = generators.generate(spec, t)
         rows += [(t * spec.task_size + i, u.tobytes()) for i, u in enumerate(array)]
     return rows
 
@@ -52,7 +53,7 @@ def worker_processes(node: str | None = None) -> list[psutil.Process]:
 
 
 def staged_tasks(run_dir: Path) -> dict[int, float]:
-    return dict(shard.staged_rows(plan.staged_shards(run_dir), "SELECT task, finished FROM tasks"))
+    return dict(db.rows_of(RunDir(run_dir).staged_shards(), "SELECT task, finished FROM tasks"))
 
 
 def wait_for(predicate, timeout: float = 60.0, step: float = 0.05):
@@ -91,7 +92,7 @@ def test_workers_killed_mid_run(config):
             time.sleep(1.0)
 
     thread, errors = in_background(killer)
-    result = unidask.run(spec, echo=lambda s: None)
+    result = unidask.run(spec)
     thread.join()
     assert not errors and len(killed) == 3
     assert result.merged.complete
@@ -115,13 +116,13 @@ def test_driver_killed_then_resume(tmp_path):
     before = staged_tasks(spec.run_dir)
     assert 0 < len(before) < spec.n_tasks
 
-    result = unidask.run(spec, resume=True, echo=lambda s: None)
+    result = unidask.run(spec, resume=True)
     assert result.merged.complete
     assert merged_data(result.merged.out) == reference(spec)
     # nothing staged before the kill was generated again: every copy of it has its old timings
     assert result.skipped_tasks >= len(before)
-    for p in plan.staged_shards(spec.run_dir):
-        con = shard.connect_readonly(p)
+    for p in RunDir(spec.run_dir).staged_shards():
+        con = db.connect_readonly(p)
         for task, finished in con.execute("SELECT task, finished FROM tasks"):
             if task in before:
                 assert finished == before[task]
@@ -142,12 +143,12 @@ def test_stop_signal_lost_in_a_finalizer_still_stops(config):
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.01)   # the handler runs here, and its Stopped is dropped
 
-    with slurm.stop_on_signal():
+    with stopping.stop_on_signal():
         SignalsWhenCollected()
         with pytest.raises(Stopped, match="stopped by SIGUSR1"):
-            unidask.run(spec, echo=lambda s: None)
-    assert 0 < len(plan.done(spec)) < spec.n_tasks
-    result = unidask.run(spec, resume=True, echo=lambda s: None)
+            unidask.run(spec)
+    assert 0 < len(RunDir(spec.run_dir).staged_tasks()) < spec.n_tasks
+    result = unidask.run(spec, resume=True)
     assert merged_data(result.merged.out) == reference(spec)
 
 
@@ -156,7 +157,7 @@ def test_node_lost_mid_run(config):
     at_loss: dict[int, float] = {}
 
     def lose_node2():
-        wait_for(lambda: any(p.name.startswith("node2-") for p in plan.staged_shards(spec.run_dir)))
+        wait_for(lambda: any(p.name.startswith("node2-") for p in RunDir(spec.run_dir).staged_shards()))
         time.sleep(0.5)  # well before the next stage-out: some finished tasks are not staged yet
         victims = wait_for(lambda: worker_processes("node2"))
         at_loss.update(staged_tasks(spec.run_dir))
@@ -166,7 +167,7 @@ def test_node_lost_mid_run(config):
             p.kill()
 
     thread, errors = in_background(lose_node2)
-    result = unidask.run(spec, echo=lambda s: None)
+    result = unidask.run(spec)
     thread.join()
     assert not errors
     assert result.merged.complete
@@ -181,11 +182,11 @@ def test_killed_during_stage_out_and_merge(config, monkeypatch):
     # a node shard, which another process (the one killed here) can stage
     spec = config(run={"count": 6000, "task_size": 500}, generator={"dim": 48},   # ~220 MB shard
                   storage={"shard_per": "node"})
-    prepare_run_dir(spec, resume=False)
+    RunDir(spec.run_dir).prepare(spec, resume=False)
     for t in range(spec.n_tasks):
         worker.generate_task(spec, t, "k")
     shard.close_shards()
-    shards = plan.shard_dir(spec.run_dir)
+    shards = RunDir(spec.run_dir).shards
     stage = "import pickle, sys; from unidask import worker; worker.stage_out(pickle.loads(bytes.fromhex(sys.argv[1])), 'k')"
 
     def kill_when(cmd, temp_glob):
@@ -197,7 +198,7 @@ def test_killed_during_stage_out_and_merge(config, monkeypatch):
             proc.wait()
 
     kill_when([sys.executable, "-c", stage, pickle.dumps(spec).hex()], lambda: shards.glob(".*tmp*"))
-    assert plan.staged_shards(spec.run_dir) == []          # nothing under a final name
+    assert RunDir(spec.run_dir).staged_shards() == []          # nothing under a final name
     assert list(shards.glob(".*tmp*"))                     # only the killed process's temporary
     worker.stage_out(spec, "k")                            # again: completes
     assert len(staged_tasks(spec.run_dir)) == spec.n_tasks
@@ -207,7 +208,7 @@ def test_killed_during_stage_out_and_merge(config, monkeypatch):
     kill_when([sys.executable, "-m", "unidask.cli", "merge", str(spec.run_dir)],
               lambda: spec.run_dir.glob(".t.db.tmp-*"))
     assert not out.exists() and list(spec.run_dir.glob(".t.db.tmp-*"))
-    report = unidask.merge(spec.run_dir, echo=lambda s: None)
+    report = unidask.merge(spec.run_dir)
     assert report.complete and merged_data(out) == reference(spec)
     assert list(spec.run_dir.glob(".t.db.tmp-*")) == []
     shard.close_shards()
@@ -240,13 +241,13 @@ def test_full_disk_then_resume(config, small_disk, full):
     sections.setdefault("run", {"count": 6000, "task_size": 200})
     spec = config(**sections)
     with pytest.raises(unidask.RunError) as e:
-        unidask.run(spec, echo=lambda s: None)
+        unidask.run(spec)
     assert str(small_disk.path) in str(e.value)
     assert "full" in str(e.value) or "No space" in str(e.value)
-    for p in plan.staged_shards(spec.run_dir):          # whatever was staged is whole
-        assert shard.connect_readonly(p).execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    for p in RunDir(spec.run_dir).staged_shards():          # whatever was staged is whole
+        assert db.connect_readonly(p).execute("PRAGMA quick_check").fetchone()[0] == "ok"
     small_disk.grow()
-    result = unidask.run(spec, resume=True, echo=lambda s: None)
+    result = unidask.run(spec, resume=True)
     assert result.merged.complete
     assert merged_data(result.merged.out) == reference(spec)
 
@@ -254,7 +255,7 @@ def test_full_disk_then_resume(config, small_disk, full):
 def test_eight_writers_on_one_node(config):
     spec = config(run={"count": 4000, "task_size": 5}, cluster={"nodes": 1, "workers": 8},
                   storage={"stage_every": 0.5})
-    result = unidask.run(spec, echo=lambda s: None)
+    result = unidask.run(spec)
     assert result.merged.complete and result.merged.rows == 4000
     con = sqlite3.connect(result.merged.out)
     assert len({w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}) >= 6

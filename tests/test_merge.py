@@ -6,8 +6,7 @@ import sqlite3
 import pytest
 
 import unidask
-from unidask import plan, worker
-from unidask.driver import prepare_run_dir
+from unidask import RunDir, worker
 
 from conftest import merged_data, run_main
 
@@ -18,14 +17,14 @@ def stage(spec, node, tasks, monkeypatch, attempt="a"):
     for t in tasks:
         worker.generate_task(spec, t, attempt)
     out = worker.stage_out(spec, attempt, final=True)
-    return plan.shard_dir(spec.run_dir) / out["path"].rsplit("/", 1)[1]
+    return RunDir(spec.run_dir).shards / out["path"].rsplit("/", 1)[1]
 
 
 @pytest.fixture
 def staged_run(config, monkeypatch):
     """A run dir with two staged shards covering all 20 tasks, task 5 in both."""
     spec = config()
-    prepare_run_dir(spec, resume=False)
+    RunDir(spec.run_dir).prepare(spec, resume=False)
     a = stage(spec, "n1", range(0, 10), monkeypatch)
     b = stage(spec, "n2", range(5, 20), monkeypatch)
     return spec, a, b
@@ -33,7 +32,7 @@ def staged_run(config, monkeypatch):
 
 def test_duplicate_tasks_are_kept_once(staged_run):
     spec, a, b = staged_run
-    report = unidask.merge(spec.run_dir, echo=lambda s: None)
+    report = unidask.merge(spec.run_dir)
     assert report.complete and report.rows == 2000 and report.tasks == 20
     assert report.duplicates == 5
     data = merged_data(report.out)
@@ -57,7 +56,7 @@ def test_differing_copies_fail_and_leave_no_output(staged_run, capsys):
 
 def test_missing_tasks_are_reported(config, monkeypatch, capsys):
     spec = config()
-    prepare_run_dir(spec, resume=False)
+    RunDir(spec.run_dir).prepare(spec, resume=False)
     stage(spec, "n1", [0, 1, 2, 7], monkeypatch)
     code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
     assert code == 1
@@ -70,13 +69,13 @@ def test_missing_tasks_are_reported(config, monkeypatch, capsys):
 
 def test_append_adds_new_shards(config, monkeypatch, tmp_path):
     spec = config()
-    prepare_run_dir(spec, resume=False)
+    RunDir(spec.run_dir).prepare(spec, resume=False)
     stage(spec, "n1", range(0, 10), monkeypatch)
     out = tmp_path / "merged.db"
-    first = unidask.merge(spec.run_dir, out, echo=lambda s: None)
+    first = unidask.merge(spec.run_dir, out)
     assert first.tasks == 10 and not first.complete
     stage(spec, "n2", range(10, 20), monkeypatch)
-    second = unidask.merge(spec.run_dir, out, append=True, echo=lambda s: None)
+    second = unidask.merge(spec.run_dir, out, append=True)
     assert second.complete and second.rows == 2000 and second.duplicates == 10
 
 
@@ -131,9 +130,9 @@ def test_bad_shards_are_refused_then_skipped(kind, config, monkeypatch, capsys):
     import re
 
     spec = config()
-    prepare_run_dir(spec, resume=False)
+    RunDir(spec.run_dir).prepare(spec, resume=False)
     good = stage(spec, "n1", range(0, 10), monkeypatch)
-    bad = plan.shard_dir(spec.run_dir) / "zz-bad.db"
+    bad = RunDir(spec.run_dir).shards / "zz-bad.db"
     BAD_SHARDS[kind](good, bad)
     code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
     assert code == 2 and str(bad) in err and re.search(REASONS[kind], err), err
@@ -148,7 +147,7 @@ def test_merge_of_nothing(tmp_path, config, capsys):
     code, _, err = run_main("merge", tmp_path / "nowhere", capsys=capsys)
     assert code == 2 and "not a unidask run directory" in err
     spec = config()
-    prepare_run_dir(spec, resume=False)
+    RunDir(spec.run_dir).prepare(spec, resume=False)
     code, _, err = run_main("merge", spec.run_dir, capsys=capsys)
     assert code == 2 and "no staged shards to merge" in err
 
@@ -157,7 +156,7 @@ def test_damage_only_quick_check_sees_is_refused(config, monkeypatch, capsys):
     """The merge copies rows while another thread runs quick_check on the shards: a shard damaged
     where the copy never reads (its freelist) must still be refused before its rows commit."""
     spec = config()
-    prepare_run_dir(spec, resume=False)
+    RunDir(spec.run_dir).prepare(spec, resume=False)
     stage(spec, "n1", range(0, 10), monkeypatch)
     bad = stage(spec, "n2", range(10, 20), monkeypatch)
     # tasks 15-19 deleted whole (a valid shard of tasks 10-14, with free pages), then its first

@@ -4,10 +4,9 @@ live on local disk, are staged to the network filesystem and merged there; a liv
 import sqlite3
 
 import unidask
-from unidask import plan
+from unidask import RunDir, files
 
-from conftest import cli, merged_data, write_config
-from test_slurm import config_in, slurm, unidask_cli  # noqa: F401 (fixture)
+from conftest import cli, config_in, merged_data, write_config
 
 
 def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
@@ -18,13 +17,13 @@ def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
     for where, run_dir in (("netfs", netfs / "run"), ("local", tmp_path / "run-local")):
         spec = config(f"{where}.toml", run={"count": 3000, "task_size": 100, "run_dir": str(run_dir)},
                       storage={"local_dir": str(tmp_path / f"local-{where}"), "stage_every": 0.2})
-        runs[where] = unidask.run(spec, echo=lambda s: None)
+        runs[where] = unidask.run(spec)
     result = runs["netfs"]
-    assert unidask.shard.filesystem_type(result.merged.out) == "fuse.sshfs"
+    assert files.filesystem_type(result.merged.out) == "fuse.sshfs"
     assert result.merged.complete and result.merged.rows == 3000
     assert merged_data(result.merged.out) == merged_data(runs["local"].merged.out)
-    shards = plan.staged_shards(netfs / "run")
-    assert len(shards) == 2 and not list(plan.shard_dir(netfs / "run").glob(".*"))  # no temp left
+    shards = RunDir(netfs / "run").staged_shards()
+    assert len(shards) == 2 and not list(RunDir(netfs / "run").shards.glob(".*"))  # no temp left
     for db in [*shards, result.merged.out]:
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok", db
@@ -51,13 +50,13 @@ def test_local_dir_on_a_network_filesystem_is_refused_before_the_run(netfs, tmp_
     assert not any("dashboard" in line for line in before), before   # no cluster was started
 
 
-def test_slurm_job_with_run_dir_on_a_network_filesystem(slurm, netfs):  # noqa: F811
+def test_slurm_job_with_run_dir_on_a_network_filesystem(slurm, netfs):
     """The cluster layout: the scheduler file, the TLS files, the logs, the staged shards and the
     merged database on the network filesystem; each job's shard on its node's $TMPDIR."""
     shared = netfs / "slurm"
     shared.mkdir()
     cfg = config_in(shared, "gen", run={"count": 4000, "task_size": 200, "run_dir": str(shared / "run")})
-    r = unidask_cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
+    r = cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (shared / "run" / "tls" / "key.pem").exists()   # the job ran with TLS, from there
     verified = cli("verify", shared / "run" / "t.db")

@@ -7,9 +7,9 @@ import numpy as np
 from scipy import stats
 
 import unidask
-from unidask import plan
+from unidask import RunDir
 
-from conftest import cli, merged_data, unitarity_error, write_config
+from conftest import cli, merged_data, messages, unitarity_error, write_config
 
 
 def test_run_writes_unitary_haar_data(haar_run):
@@ -26,9 +26,9 @@ def test_run_writes_unitary_haar_data(haar_run):
 
 def test_run_layout_and_public_format(haar_run):
     spec, db = haar_run
-    shards = plan.staged_shards(spec.run_dir)
+    shards = RunDir(spec.run_dir).staged_shards()
     assert sorted(p.name.split("-")[0] for p in shards) == ["node1", "node2"]  # one per simulated node
-    assert not list(plan.shard_dir(spec.run_dir).glob(".*"))                   # no temp files left
+    assert not list(RunDir(spec.run_dir).shards.glob(".*"))                   # no temp files left
     record = json.loads((spec.run_dir / "run.json").read_text())
     assert record["fingerprint"] == spec.fingerprint
     # the merged file is readable with nothing but sqlite3 and numpy
@@ -53,7 +53,7 @@ def test_same_config_same_bytes_whatever_the_layout(config, tmp_path):
         spec = config(f"{name}.toml", run={"run_dir": str(tmp_path / f"run-{name}"),
                                             "count": 2050, "task_size": 100},
                       storage={"local_dir": str(tmp_path / f"local-{name}")}, cluster=layout)
-        result = unidask.run(spec, echo=lambda s: None)
+        result = unidask.run(spec)
         assert len(result.shards) == layout["nodes"] * layout["workers"]   # a shard per process
         results.append(merged_data(result.merged.out))
     assert len(results[0]) == 2050
@@ -63,7 +63,7 @@ def test_same_config_same_bytes_whatever_the_layout(config, tmp_path):
 def test_four_workers_share_one_node_shard(config):
     spec = config(run={"count": 6000, "task_size": 20}, cluster={"nodes": 1, "workers": 4},
                   storage={"shard_per": "node"})
-    result = unidask.run(spec, echo=lambda s: None)
+    result = unidask.run(spec)
     assert len(result.shards) == 1
     con = sqlite3.connect(result.shards[0])
     workers = {w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}
@@ -74,19 +74,19 @@ def test_four_workers_share_one_node_shard(config):
 
 def test_resume_skips_staged_tasks_and_matches(config, tmp_path):
     full = config("full.toml", run={"run_dir": str(tmp_path / "full")})
-    reference = merged_data(unidask.run(full, echo=lambda s: None).merged.out)
+    reference = merged_data(unidask.run(full).merged.out)
 
     # a run cut short: only one node's shard made it to the run dir
     spec = config("part.toml", run={"run_dir": str(tmp_path / "part")})
-    unidask.run(spec, merge=False, echo=lambda s: None)
-    kept, *lost = plan.staged_shards(spec.run_dir)
+    unidask.run(spec, merge=False)
+    kept, *lost = RunDir(spec.run_dir).staged_shards()
     for p in lost:
         p.unlink()
-    done_before = plan.done(spec)
+    done_before = RunDir(spec.run_dir).staged_tasks()
     assert 0 < len(done_before) < spec.n_tasks
     finished_before = dict(sqlite3.connect(kept).execute("SELECT task, finished FROM tasks"))
 
-    result = unidask.run(spec, resume=True, echo=lambda s: None)
+    result = unidask.run(spec, resume=True)
     assert result.skipped_tasks == len(done_before)
     assert result.written == sum(spec.task_count(t) for t in range(spec.n_tasks) if t not in done_before)
     assert merged_data(result.merged.out) == reference
@@ -124,8 +124,8 @@ def test_shard_per_process_gives_the_same_bytes(config, tmp_path):
                       cluster={"nodes": 1, "workers": 2})
     per_process = config("proc.toml", run={"run_dir": str(tmp_path / "proc")}, storage={"shard_per": "process"},
                          cluster={"nodes": 1, "workers": 2})
-    a = unidask.run(per_node, echo=lambda s: None)
-    b = unidask.run(per_process, echo=lambda s: None)
+    a = unidask.run(per_node)
+    b = unidask.run(per_process)
     assert len(a.shards) == 1 and len(b.shards) == 2      # one per worker process
     assert b.merged.complete and merged_data(a.merged.out) == merged_data(b.merged.out)
 
@@ -134,8 +134,8 @@ def test_short_tasks_get_a_task_size_hint(config):
     """Tasks far shorter than Dask's per-task cost: the run says which task_size to use instead."""
     spec = config(run={"count": 60_000, "task_size": 100}, generator={"dim": 2},
                   cluster={"nodes": 1, "workers": 1})
-    lines = []
-    unidask.run(spec, merge=False, echo=lines.append)
+    with messages() as lines:
+        unidask.run(spec, merge=False)
     [hint] = [line for line in lines if line.startswith("hint:")]
     suggested = int(hint.split("run.task_size = ")[1].split()[0])
     assert "(now 100)" in hint and suggested >= 1000   # 100 U(2) take well under 20 ms
@@ -162,7 +162,7 @@ def test_page_size_auto_follows_the_matrix_size_and_a_set_one_is_kept(config, tm
     for name, storage in (("auto.toml", {}), ("set.toml", {"page_size": 65536})):
         spec = config(name, run={"name": name[:-5], "count": 400, "task_size": 100, "run_dir": str(tmp_path / name[:-5])},
                       generator={"dim": 32}, storage=storage)
-        result = unidask.run(spec, echo=lambda s: None)
+        result = unidask.run(spec)
         assert {page_size(p) for p in result.shards} == {page_size(result.merged.out)}
         sizes[name] = (page_size(result.merged.out), merged_data(result.merged.out))
     assert sizes["auto.toml"][0] == 16384 and sizes["set.toml"][0] == 65536

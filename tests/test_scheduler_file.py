@@ -13,7 +13,7 @@ import pytest
 
 import unidask
 
-from conftest import merged_data
+from conftest import merged_data, messages
 
 BIN = Path(sys.executable).parent
 
@@ -50,8 +50,8 @@ def test_scheduler_file_mode(config, tmp_path, external_cluster):
     spec = config(run={"count": 3000, "task_size": 100},
                   cluster={"mode": "scheduler_file", "scheduler_file": str(external_cluster),
                            "security": "none"})   # this scheduler speaks plain TCP
-    lines = []
-    result = unidask.run(spec, echo=lines.append)
+    with messages() as lines:
+        result = unidask.run(spec)
     assert any(line.startswith("warning: cluster.security = 'none'") for line in lines)
     assert result.merged.complete and set(result.per_node) == {"cn1", "cn2"}
     page = next(line.split(": ", 1)[1] for line in lines if line.startswith("unidask page: "))
@@ -63,4 +63,4 @@ def test_scheduler_file_mode(config, tmp_path, external_cluster):
         assert r.status == 200
 
     local = config("local.toml", run={"count": 3000, "task_size": 100, "run_dir": str(tmp_path / "local-run")})
-    assert merged_data(result.merged.out) == merged_data(unidask.run(local, echo=lambda s: None).merged.out)
+    assert merged_data(result.merged.out) == merged_data(unidask.run(local).merged.out)

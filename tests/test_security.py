@@ -19,8 +19,7 @@ from distributed import Client
 import unidask
 from unidask import tls
 
-from conftest import REPO, run_main
-from test_slurm import config_in, shared, slurm  # noqa: F401 (fixtures)
+from conftest import REPO, config_in, run_main
 
 
 def refused_without_certificate(host: str, port: int, ca) -> bool:
@@ -39,7 +38,7 @@ def mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_tls_job_refuses_clients_without_the_certificate(slurm, shared):  # noqa: F811
+def test_tls_job_refuses_clients_without_the_certificate(slurm, shared):
     cfg = config_in(shared, "tls", run={"count": 2000, "task_size": 10, "run_dir": str(shared / "run")},
                     generator={"kind": "plugin_generators:slow_haar", "delay": 0.2})
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}   # the jobs import the test plugin
@@ -99,7 +98,7 @@ def test_local_mode_listens_on_loopback_only(config):
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     try:
-        unidask.run(spec, echo=lambda s: None)
+        unidask.run(spec)
     finally:
         done.set()
         t.join()

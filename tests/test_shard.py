@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from unidask import shard, worker
+from unidask import db, files, generators, shard, slurm, worker
 from unidask.generators.haar import haar
 from unidask.errors import InputError, RunError
 
@@ -29,7 +29,7 @@ def test_four_processes_write_one_shard(config):
     with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
         written = list(pool.map(write_tasks, [spec] * 4, [tasks[i::4] for i in range(4)], ["a1"] * 4))
     assert all(all(w) for w in written)
-    path = worker.local_shard_path(spec, "a1", "shared")
+    path = shard.local_path(spec, "a1", "shared")
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 4000
@@ -47,7 +47,7 @@ def test_task_written_twice_is_kept_once(config, monkeypatch):
     first = worker.generate_task(spec, 3, "x")
     again = worker.generate_task(spec, 3, "x")
     assert first["written"] and not again["written"]
-    con = sqlite3.connect(worker.local_shard_path(spec, "x"))
+    con = sqlite3.connect(shard.local_path(spec, "x"))
     assert con.execute("SELECT count(*) FROM unitaries WHERE id / ? = 3", (spec.task_size,)).fetchone()[0] == 100
     assert con.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
     shard.close_shards()
@@ -56,8 +56,8 @@ def test_task_written_twice_is_kept_once(config, monkeypatch):
 def test_task_written_twice_with_other_data_fails(config, monkeypatch):
     monkeypatch.setenv("UNIDASK_NODE", "n")
     spec = config()
-    s = worker.node_shard(spec, "y")
-    array, metas = worker.generate(spec, 1)
+    s = shard.for_task(spec, "y")
+    array, metas = generators.generate(spec, 1)
     info = {"seed": "7/1", "node": "n", "worker": "w", "started": 0.0, "finished": 1.0}
     assert s.write_task(1, 100, array, metas, info)
     array[0, 0, 0] += 1e-9
@@ -73,10 +73,10 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
     for t in range(5):
         worker.generate_task(spec, t, "z")
     staged = worker.stage_out(spec, "z")
-    dest = spec.run_dir / "shards" / worker.node_shard(spec, "z").staged_name
+    dest = spec.run_dir / "shards" / shard.for_task(spec, "z").staged_name
     assert dest.name.startswith("n-z-") and staged["path"] == str(dest) and staged["tasks"] == 5
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]   # no temp left behind
-    con = shard.connect_readonly(dest)
+    con = db.connect_readonly(dest)
     assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
     assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 500
     with open(dest, "rb") as f:
@@ -87,9 +87,9 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
     # filesystem is renamed into place)
     worker.generate_task(spec, 5, "z")
     final = worker.stage_out(spec, "z", final=True)
-    assert not worker.local_shard_path(spec, "z").exists() and final["path"] == str(dest)
+    assert not shard.local_path(spec, "z").exists() and final["path"] == str(dest)
     assert not list(spec.local_dir.rglob("*.db*"))
-    con = shard.connect_readonly(dest)
+    con = db.connect_readonly(dest)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 600
     assert dest.read_bytes()[18:20] == b"\x01\x01"
@@ -97,11 +97,11 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
 
 KILLED_MID_TASK = """
 import os, pickle, signal, sys
-from unidask import worker
+from unidask import shard, worker
 spec = pickle.loads(bytes.fromhex(sys.argv[1]))
 for t in range(3):
     worker.generate_task(spec, t, "k")
-s = worker.node_shard(spec, "k")
+s = shard.for_task(spec, "k")
 s.con.execute("PRAGMA cache_size = 1")   # spill uncommitted pages into the file before the commit
 s.con.execute("BEGIN IMMEDIATE")
 s.con.executemany("INSERT INTO unitaries(id, dim, data) VALUES (?, 4, zeroblob(256))",
@@ -121,14 +121,14 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
     [path] = (spec.local_dir / spec.name).glob("n-k-p*.db")
     assert os.path.getsize(f"{path}-journal") > 0                       # a hot journal
     assert path.read_bytes()[18:20] == b"\x01\x01" and not os.path.exists(f"{path}-wal")  # not WAL
-    [staged] = worker.stage_orphans(spec, "k", "n")
+    [staged] = shard.stage_orphans(spec, "k", "n")
     assert not path.exists() and not os.path.exists(f"{path}-journal")
-    con = shard.connect_readonly(staged)
+    con = db.connect_readonly(staged)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT count(*), max(id) FROM unitaries").fetchone() == (3000, 2999)
     for task, digest in con.execute("SELECT task, checksum FROM tasks"):
         blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE id / 1000 = ? ORDER BY id", (task,))]
-        assert shard.checksum(b"".join(blobs), [None] * 1000) == digest
+        assert db.checksum(b"".join(blobs), [None] * 1000) == digest
     con.close()
 
 
@@ -139,8 +139,8 @@ def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
     spec = config(run={"count": 20_000, "task_size": 20}, generator={"dim": 8},
                   storage={"busy_timeout": 30, "page_size": 1024, "shard_per": "node"})
     tasks = list(range(spec.n_tasks))
-    meta, options = worker.shard_args(spec)
-    live = shard.Shard(worker.local_shard_path(spec, "c1", "shared"), meta, **{**options, "single_writer": True})
+    meta, options = shard.options(spec)
+    live = shard.Shard(shard.local_path(spec, "c1", "shared"), meta, **{**options, "single_writer": True})
     snapshots = []
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         running = [pool.submit(write_tasks, spec, tasks[i::2], "c1") for i in range(2)]
@@ -152,12 +152,12 @@ def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
     live.close()
     sizes = []
     for path in snapshots:
-        con = shard.connect_readonly(path)
+        con = db.connect_readonly(path)
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         for task, digest, count in con.execute("SELECT task, checksum, count FROM tasks"):
             blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE id / ? = ? ORDER BY id",
                                                    (spec.task_size, task))]
-            assert len(blobs) == count and shard.checksum(b"".join(blobs), [None] * count) == digest
+            assert len(blobs) == count and db.checksum(b"".join(blobs), [None] * count) == digest
         assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == \
             con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
         sizes.append(con.execute("SELECT count(*) FROM tasks").fetchone()[0])
@@ -172,16 +172,16 @@ def test_network_filesystem_is_refused(netfs):
 
 
 def test_filesystem_type_reads_proc_mounts(tmp_path):
-    assert shard.filesystem_type(tmp_path) == shard.filesystem_type(tmp_path / "not-yet-there")
-    assert shard.filesystem_type("/proc") == "proc"
+    assert files.filesystem_type(tmp_path) == files.filesystem_type(tmp_path / "not-yet-there")
+    assert files.filesystem_type("/proc") == "proc"
 
 
 def test_node_name_precedence(monkeypatch):
     monkeypatch.setenv("SLURMD_NODENAME", "cn042")
     monkeypatch.setenv("UNIDASK_NODE", "sim3")
-    assert shard.node_name() == "sim3"
+    assert slurm.node_name() == "sim3"
     monkeypatch.delenv("UNIDASK_NODE")
-    assert shard.node_name() == "cn042"
+    assert slurm.node_name() == "cn042"
 
 
 @pytest.mark.parametrize("dim, expected", [(4, 65536), (16, 65536), (32, 16384), (48, 32768)])
@@ -191,7 +191,7 @@ def test_auto_page_size_keeps_shards_small(tmp_path, dim, expected):
     u = haar(np.random.default_rng(0), 160, dim=dim)
     info = {"seed": "0/0", "node": "n", "worker": "w", "started": 0.0, "finished": 0.0}
     per_row = {}
-    for page in shard.AUTO_PAGE_SIZES:
+    for page in db.AUTO_PAGE_SIZES:
         s = shard.Shard(tmp_path / f"{page}.db", {"fingerprint": "f"}, single_writer=True, page_size=page)
         s.write_task(0, 0, u[:40], None, info)   # the fixed pages (schema, meta, tasks) first
         before = s.path.stat().st_size
@@ -199,10 +199,10 @@ def test_auto_page_size_keeps_shards_small(tmp_path, dim, expected):
         per_row[page] = (s.path.stat().st_size - before) / 120
         s.close()
     best = min(per_row.values())
-    pick = shard.page_size_for(u[0].nbytes)
+    pick = db.page_size_for(u[0].nbytes)
     assert pick == expected
     assert per_row[pick] <= 1.1 * best, per_row
-    assert all(per_row[page] > 1.1 * best for page in shard.AUTO_PAGE_SIZES if page > pick), per_row
+    assert all(per_row[page] > 1.1 * best for page in db.AUTO_PAGE_SIZES if page > pick), per_row
 
 
 @pytest.mark.parametrize("count", [1, 300])
@@ -265,7 +265,7 @@ def _write(path, chunks: int) -> None:
 def test_write_behind_only_on_local_disk(tmp_path, netfs):
     for where, flushes in ((tmp_path, True), (netfs, False)):
         (where / "f").touch()
-        with shard.write_behind(where / "f"):
+        with files.write_behind(where / "f"):
             assert ("unidask-write-behind" in {t.name for t in threading.enumerate()}) is flushes, where
 
 
@@ -275,7 +275,7 @@ def test_write_behind_flushes_while_the_file_is_written(tmp_path):
     _write(tmp_path / "plain", 48)
     if _dirty_pages(tmp_path / "plain") < pages // 2:
         pytest.skip("this kernel wrote the file back by itself; nothing to compare")
-    with shard.write_behind(tmp_path / "behind", every=8 << 20, poll=0.01):
+    with files.write_behind(tmp_path / "behind", every=8 << 20, poll=0.01):
         _write(tmp_path / "behind", 48)
         deadline = time.monotonic() + 10
         while _dirty_pages(tmp_path / "behind") > pages // 4 and time.monotonic() < deadline:

@@ -5,66 +5,18 @@ and resubmitted, `mode = "slurm"`."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import unidask
-from unidask import plan
+from unidask import RunDir, plan
 
 import plugin_generators
-from conftest import REPO, merged_data, unitarity_error, write_config
-
-SLURM_DIR = "/var/tmp/unidask-slurm-tests"
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """A running 2-node SLURM; its SLURM_CONF is set for this process and the jobs it submits."""
-    if shutil.which("slurmctld") is None and os.geteuid() != 0:
-        pytest.skip("SLURM is not installed and installing it needs root (CI runs as root)")
-    env = {**os.environ, "UNIDASK_SLURM_DIR": SLURM_DIR}
-    r = subprocess.run([str(REPO / "cluster" / "start.sh"), "2", "2"], env=env, capture_output=True,
-                       text=True, timeout=600)
-    if r.returncode != 0:
-        pytest.fail(f"cluster/start.sh failed: {r.stderr[-2000:]}")
-    conf = f"{SLURM_DIR}/slurm.conf"
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    subprocess.run([str(REPO / "cluster" / "stop.sh")], env=env, timeout=120)
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
-
-
-@pytest.fixture
-def shared():
-    """A directory on "shared storage" for the run (the jobs' own scratch is $TMPDIR)."""
-    path = Path("/var/tmp/unidask-tests") / uuid.uuid4().hex[:8]
-    path.mkdir(parents=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def unidask_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}  # the jobs import the test plugin
-    return subprocess.run([sys.executable, "-m", "unidask.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
-def config_in(shared: Path, name: str, **sections) -> Path:
-    sections.setdefault("storage", {})
-    sections["storage"].setdefault("local_dir", "${TMPDIR:-/tmp}/unidask")   # node-local, per job
-    cfg = write_config(shared / f"{name}.toml", **sections)
-    return cfg
-
+from conftest import REPO, SLURM_DIR, cli, config_in, merged_data, unitarity_error, write_config
 
 def test_dry_run_prints_both_scripts(tmp_path):
     cfg = write_config(tmp_path / "c.toml")
@@ -99,24 +51,24 @@ def test_start_twice_and_after_a_stale_stop(slurm):
 
 def test_submit_and_wait(slurm, shared):
     cfg = config_in(shared, "gen", run={"count": 4000, "task_size": 200, "run_dir": str(shared / "run")})
-    r = unidask_cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
+    r = cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "submitted generation job" in r.stdout and "ssh -N -L 8787:" in r.stdout
-    shards = plan.staged_shards(shared / "run")
+    shards = RunDir(shared / "run").staged_shards()
     assert sorted({p.name.split("-")[0] for p in shards}) == ["node1", "node2"]   # both nodes wrote
     db = shared / "run" / "t.db"          # run.name = "t" in the test configs
     with unidask.Dataset(db) as ds:
         assert len(ds) == 4000 and unitarity_error(ds[0:4000]) < 1e-10
-    local = unidask.load_config(cfg, ["run.run_dir=\"%s\"" % (shared / "local"),
-                                      "cluster.dashboard_address=\"127.0.0.1:0\""])
-    assert merged_data(db) == merged_data(unidask.run(local, echo=lambda s: None).merged.out)
+    local = unidask.load_config(cfg, {"run.run_dir": str(shared / "local"),
+                                      "cluster.dashboard_address": "127.0.0.1:0"})
+    assert merged_data(db) == merged_data(unidask.run(local).merged.out)
     logs = list((shared / "run" / "logs").glob("unidask-t-*.out"))
     assert logs and "unidask page: http://" in logs[0].read_text()
 
 
 def test_submit_refused_by_sbatch_is_one_line(slurm, shared):
     cfg = config_in(shared, "gen", run={"run_dir": str(shared / "run")})
-    r = unidask_cli("submit", cfg, "--partition", "nope", cwd=shared)
+    r = cli("submit", cfg, "--partition", "nope", cwd=shared)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("unidask: error: sbatch refused generate-")
     assert "invalid partition specified: nope" in r.stderr.lower() and "Traceback" not in r.stderr
@@ -127,14 +79,14 @@ def test_walltime_ends_job_then_resubmit_finishes(slurm, shared):
                     generator={"kind": "plugin_generators:slow_haar", "delay": 0.3},
                     cluster={"stop_before": 50})
     spec = unidask.load_config(cfg)
-    r = unidask_cli("submit", cfg, "--time", "00:01:00", "--wait", cwd=shared)
+    r = cli("submit", cfg, "--time", "00:01:00", "--wait", cwd=shared)
     assert r.returncode == 1 and "did not complete" in r.stdout, r.stdout + r.stderr
-    done = plan.done(spec)
+    done = RunDir(spec.run_dir).staged_tasks()
     assert 0 < len(done) < spec.n_tasks          # stopped mid-run, and what it finished is staged
     log = next((shared / "run" / "logs").glob("unidask-t-*.out")).read_text()
     assert "stopped by SIGUSR1" in log or "stopped by SIGTERM" in log
 
-    r = unidask_cli("submit", cfg, "--time", "00:05:00", "--wait", cwd=shared)
+    r = cli("submit", cfg, "--time", "00:05:00", "--wait", cwd=shared)
     assert r.returncode == 0, r.stdout + r.stderr
     expected = []
     for t in range(spec.n_tasks):
@@ -147,10 +99,10 @@ def test_slurm_mode(slurm, shared):
     cfg = config_in(shared, "jq", run={"count": 3000, "task_size": 100, "run_dir": str(shared / "run")},
                     cluster={"mode": "slurm", "nodes": 2, "workers": 1})
     spec = unidask.load_config(cfg)
-    result = unidask.run(spec, echo=lambda s: None)
+    result = unidask.run(spec)
     assert result.merged.complete and len(result.shards) >= 1
-    local = unidask.load_config(cfg, ["cluster.mode=\"local\"", "run.run_dir=\"%s\"" % (shared / "local")])
-    assert merged_data(result.merged.out) == merged_data(unidask.run(local, echo=lambda s: None).merged.out)
+    local = unidask.load_config(cfg, {"cluster.mode": "local", "run.run_dir": str(shared / "local")})
+    assert merged_data(result.merged.out) == merged_data(unidask.run(local).merged.out)
     assert list((shared / "run" / "logs").glob("*.err"))   # dask-jobqueue's worker job logs
     jobs = "".join(p.read_text() for p in (shared / "run" / "logs").glob("*.err"))
     assert "tls://" in jobs and (shared / "run" / "tls" / "key.pem").exists()   # TLS by default
@@ -164,4 +116,4 @@ def test_slurm_mode_fails_when_worker_jobs_die(slurm, shared):
     spec = unidask.load_config(cfg)
     with dask.config.set({"jobqueue.slurm.job-script-prologue": ["exit 1"]}):   # every job dies at start
         with pytest.raises(unidask.RunError, match="ended before any worker joined"):
-            unidask.run(spec, echo=lambda s: None)
+            unidask.run(spec)

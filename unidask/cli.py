@@ -1,20 +1,89 @@
-"""The ``unidask`` command: each subcommand a few lines over the Python API."""
+"""The ``unidask`` command: each subcommand a few lines over the Python API. Parsing the command
+line's own syntax (``--set``, ``--ids``, ``--time``) happens here, in click parameter types."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import sys
+from typing import Any
 
 import click
 
 from . import __version__
 from .errors import UnidaskError
 
-set_option = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+log = logging.getLogger("unidask")
+
+
+class Override(click.ParamType):
+    """``section.key=value`` -> ``("section.key", value)``, the value read as TOML."""
+
+    name = "SECTION.KEY=VALUE"
+
+    def convert(self, value: Any, param, ctx) -> tuple[str, Any]:
+        if isinstance(value, tuple):
+            return value
+        from .config import parse_override
+
+        try:
+            return parse_override(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class IdRange(click.ParamType):
+    """``A:B`` (either end may be left out) -> ``(A, B)`` with None for a missing end."""
+
+    name = "A:B"
+
+    def convert(self, value: Any, param, ctx) -> tuple[int | None, int | None]:
+        if isinstance(value, tuple):
+            return value
+        a, sep, b = value.partition(":")
+        try:
+            if sep:
+                return (int(a) if a.strip() else None, int(b) if b.strip() else None)
+        except ValueError:
+            pass
+        self.fail(f"{value!r}: expected A:B, e.g. 0:1000", param, ctx)
+
+
+class Walltime(click.ParamType):
+    """``HH:MM:SS`` or ``D-HH:MM:SS``, checked, kept as given."""
+
+    name = "HH:MM:SS"
+
+    def convert(self, value: Any, param, ctx) -> str:
+        from .slurm import walltime_seconds
+
+        try:
+            walltime_seconds(value)
+        except UnidaskError as e:
+            self.fail(str(e), param, ctx)
+        return value
+
+
+set_option = click.option("--set", "overrides", multiple=True, type=Override(),
                           help="Override a config key (repeatable), e.g. --set run.count=1000.")
+
+
+class LineFormatter(logging.Formatter):
+    """unidask's messages as bare lines; a warning says it is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"warning: {text}" if record.levelno == logging.WARNING else text
+
+
+def log_to_stderr() -> logging.Handler:
+    """Show the ``unidask`` logger's messages on stderr, one line each (the CLI's view)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,16 +97,15 @@ def cli() -> None:
 @set_option
 @click.option("--resume", is_flag=True, help="Skip tasks already staged in the run dir and finish the rest.")
 @click.option("--no-merge", is_flag=True, help="Stop after staging the shards.")
-def run(config: str, overrides: tuple[str, ...], resume: bool, no_merge: bool) -> None:
+def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_merge: bool) -> None:
     """Run CONFIG: generate, stage every node's shard, merge."""
     from .config import load_config
     from .driver import run as run_spec
+    from .stopping import stop_on_signal
 
-    spec = load_config(config, list(overrides))
-    click.echo(f"unidask {__version__}: {spec.count:,} x {spec.kind} {spec.dtype} in "
-               f"{spec.n_tasks} task(s) -> {spec.run_dir}", err=True)
-    from .slurm import stop_on_signal
-
+    spec = load_config(config, dict(overrides))
+    log.info("unidask %s: %s x %s %s in %d task(s) -> %s", __version__, f"{spec.count:,}", spec.kind,
+             spec.dtype, spec.n_tasks, spec.run_dir)
     with stop_on_signal():
         result = run_spec(spec, resume=resume, merge=not no_merge)
     click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
@@ -51,20 +119,19 @@ def run(config: str, overrides: tuple[str, ...], resume: bool, no_merge: bool) -
 @click.argument("config", type=click.Path(dir_okay=False))
 @set_option
 @click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--time", "time_limit", default="01:00:00", show_default=True, help="Walltime, HH:MM:SS.")
+@click.option("--time", "time_limit", type=Walltime(), default="01:00:00", show_default=True, help="Walltime.")
 @click.option("--partition", help="SLURM partition.")
 @click.option("--account", help="SLURM account.")
 @click.option("--dry-run", is_flag=True, help="Print the job scripts, submit nothing.")
 @click.option("--wait", is_flag=True, help="Wait for both jobs; exit with the merge job's status.")
-def submit(config: str, overrides: tuple[str, ...], nodes: int, time_limit: str, partition: str | None,
-           account: str | None, dry_run: bool, wait: bool) -> int:
+def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int, time_limit: str,
+           partition: str | None, account: str | None, dry_run: bool, wait: bool) -> int:
     """Submit CONFIG to SLURM: the generation job, then the merge job after it."""
     from .config import load_config
-    from .slurm import submit as submit_jobs, walltime_seconds
+    from .slurm import submit as submit_jobs, submit_host
 
-    spec = load_config(config, list(overrides))
-    walltime_seconds(time_limit)
-    sub = submit_jobs(spec, config, list(overrides), nodes=nodes, time_limit=time_limit,
+    spec = load_config(config, dict(overrides))
+    sub = submit_jobs(spec, config, dict(overrides), nodes=nodes, time_limit=time_limit,
                       partition=partition, account=account, dry_run=dry_run, wait=wait)
     if dry_run:
         for name, text in sub.scripts.items():
@@ -73,7 +140,7 @@ def submit(config: str, overrides: tuple[str, ...], nodes: int, time_limit: str,
     click.echo(f"submitted generation job {sub.generate_job} and merge job {sub.merge_job} "
                f"(after it succeeds)\nlogs: {sub.logs}/\ndashboard: once job {sub.generate_job} runs, "
                f"its first node N (squeue -j {sub.generate_job} -o %N) serves it on port 8787; from your "
-               f"machine: ssh -N -L 8787:N:8787 {os.environ.get('HOSTNAME') or socket.gethostname()}, "
+               f"machine: ssh -N -L 8787:N:8787 {submit_host()}, "
                "then open http://localhost:8787/unidask")
     if wait:
         click.echo(f"merge job {sub.merge_job} ended with status {sub.status}")
@@ -95,13 +162,18 @@ def tls_args(run_dir: str) -> None:
 @set_option
 @click.option("--get", "key", metavar="SECTION.KEY", help="Print one value only.")
 @click.option("--dask-env", is_flag=True, help="Print unidask's Dask settings as shell exports (job scripts).")
-def show_config(config: str, overrides: tuple[str, ...], key: str | None, dask_env: bool) -> int:
+@click.option("--job-env", is_flag=True,
+              help="Print what a generation job needs (run dir paths, security, Dask settings) as shell exports.")
+def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | None, dask_env: bool,
+                job_env: bool) -> int:
     """Print CONFIG as unidask reads it: defaults, overrides and paths filled in (JSON)."""
     from .config import dask_exports, load_config
+    from .slurm import job_env as job_exports
 
-    data = load_config(config, list(overrides)).to_dict()
-    if dask_env:
-        click.echo("\n".join(dask_exports()))
+    spec = load_config(config, dict(overrides))
+    data = spec.to_dict()
+    if dask_env or job_env:
+        click.echo("\n".join([*(job_exports(spec) if job_env else []), *dask_exports()]))
         return 0
     if key is None:
         click.echo(json.dumps(data, indent=2))
@@ -133,10 +205,10 @@ def merge(run_dir: str, out: str | None, append: bool, skip_bad: bool) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(run_dir: str, as_json: bool) -> int:
     """Tasks done and missing in RUN_DIR, per node."""
-    from .status import format_status, status as run_status
+    from .status import status as run_status
 
     st = run_status(run_dir)
-    click.echo(json.dumps(st, indent=2) if as_json else format_status(st))
+    click.echo(json.dumps(st.to_dict(), indent=2) if as_json else st.format())
     return 0
 
 
@@ -155,12 +227,15 @@ def report(run_dir: str, out: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["npy", "txt"]),
               help="Default: npy when OUT ends in .npy, else txt (OUT a directory).")
 @click.argument("out", type=click.Path())
-@click.option("--ids", metavar="A:B", help="Export ids A to B-1 only.")
-def export(db: str, fmt: str | None, out: str, ids: str | None) -> None:
+@click.option("--ids", type=IdRange(), help="Export ids A to B-1 only.")
+def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None] | None) -> None:
     """Export DB as one .npy array (k, n, n) or one .txt file per unitary in OUT."""
-    from .dataset import export as export_db
+    from .export import IdsOutOfRange, export as export_db
 
-    n = export_db(db, fmt or ("npy" if out.endswith(".npy") else "txt"), out, ids)
+    try:
+        n = export_db(db, fmt or ("npy" if out.endswith(".npy") else "txt"), out, ids)
+    except IdsOutOfRange as e:
+        raise click.BadParameter(str(e), param_hint="'--ids'") from e
     click.echo(f"exported {n:,} unitaries to {out}")
 
 
@@ -169,12 +244,12 @@ def export(db: str, fmt: str | None, out: str, ids: str | None) -> None:
 @click.option("--against", type=click.Path(dir_okay=False), metavar="CONFIG",
               help="Also check it is the data CONFIG makes (some tasks are generated again).")
 @set_option
-def verify(db: str, against: str | None, overrides: tuple[str, ...]) -> int:
+def verify(db: str, against: str | None, overrides: tuple[tuple[str, Any], ...]) -> int:
     """Check DB: checksums, ids, unitarity, completeness. Exit 0 only when all holds."""
     from .config import load_config
     from .verify import verify as verify_db
 
-    verdict = verify_db(db, load_config(against, list(overrides)) if against else None)
+    verdict = verify_db(db, load_config(against, dict(overrides)) if against else None)
     click.echo(verdict.line())
     return 0 if verdict.ok else 1
 
@@ -198,10 +273,11 @@ def list_generators() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and an exit status, never a traceback."""
     logging.getLogger("distributed").setLevel(logging.WARNING)
+    handler = log_to_stderr()
     try:
         code = cli.main(args=argv, prog_name="unidask", standalone_mode=False)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:   # a usage error is one line too, as every other error
+        click.echo(f"unidask: error: {e.format_message()}", err=True)
         code = e.exit_code
     except UnidaskError as e:
         click.echo(f"unidask: error: {e}", err=True)
@@ -209,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("unidask: interrupted", err=True)
         code = 130
+    finally:
+        log.removeHandler(handler)
     sys.exit(code or 0)
 
 

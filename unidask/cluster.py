@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
-import subprocess
 import sys
 import time
 from urllib.parse import urlsplit
-from typing import Iterator
+from typing import Any, Iterator
 
 import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
-from . import dashboard, shard, tls
-from .config import Spec, dask_exports
+from . import dashboard, slurm, tls, worker
+from .config import Spec, dask_exports, dask_settings
 from .errors import InputError, RunError
+from .rundir import RunDir
 
 
 # every worker imports the task code as it starts rather than in its first task (~40 ms, and a
@@ -38,21 +36,30 @@ def local_cluster(spec: Spec) -> SpecCluster:
     """
     dashboard.install()
     c = spec.cluster
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1",
-                                               "dashboard_address": c["dashboard_address"]}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": c.dashboard_address}}
+    # each worker process gets this config (a nanny copies the config it is given into its worker)
+    config = dask_config()
     workers = {
         f"{node}-{j}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1",
                                                   "env": {"UNIDASK_NODE": node}, "preload": [WORKER_PRELOAD],
+                                                  "config": config,
                                                   # the driver reports task failures in one line
                                                   "silence_logs": logging.CRITICAL}}
-        for node in local_node_names(c["nodes"]) for j in range(c["workers"])
+        for node in local_node_names(c.nodes) for j in range(c.workers)
     }
-    return SpecCluster(workers=workers, scheduler=scheduler, name=f"unidask-{spec.name}")
+    with dask.config.set(dask_settings()):   # the scheduler, made here, reads them as it starts
+        return SpecCluster(workers=workers, scheduler=scheduler, name=f"unidask-{spec.name}")
+
+
+def dask_config() -> dict[str, Any]:
+    """The whole Dask config with unidask's settings for its clusters applied (a copy)."""
+    with dask.config.set(dask_settings()):
+        return dask.config.merge(dask.config.config)
 
 
 def security(spec: Spec):
     """The run's TLS settings in the cluster modes (None: plain TCP, local or ``security = "none"``)."""
-    if spec.cluster["mode"] == "local" or spec.cluster["security"] == "none":
+    if spec.cluster.mode == "local" or spec.cluster.security == "none":
         return None
     return tls.security(spec.run_dir)
 
@@ -62,7 +69,7 @@ def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
     so the first tasks do not all land on the node whose workers started first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(set(client.run(shard.node_name, on_error="ignore").values())) >= nodes:
+        if len(set(client.run(worker.node_name, on_error="ignore").values())) >= nodes:
             return
         time.sleep(0.5)
 
@@ -72,10 +79,10 @@ def dashboard_lines(client: Client, spec: Spec) -> list[str]:
     link = client.dashboard_link
     base = link.rsplit("/", 1)[0]
     lines = [f"dashboard: {link}", f"unidask page: {base}/unidask"]
-    if spec.cluster["mode"] != "local":
+    if spec.cluster.mode != "local":
         host_port = urlsplit(link).netloc
         host, _, port = host_port.rpartition(":")
-        login = os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
+        login = slurm.submit_host()
         lines.append(f"from your machine: ssh -N -L {port}:{host}:{port} {login}, then open "
                      f"http://localhost:{port}/unidask")
     return lines
@@ -84,14 +91,14 @@ def dashboard_lines(client: Client, spec: Spec) -> list[str]:
 @contextlib.contextmanager
 def connect(spec: Spec) -> Iterator[Client]:
     """A client for the run's workers, closed (and the local cluster shut down) on exit."""
-    mode = spec.cluster["mode"]
+    mode = spec.cluster.mode
     if mode == "local":
         with local_cluster(spec) as cluster, Client(cluster) as client:
             yield client
     elif mode == "scheduler_file":
-        with Client(scheduler_file=spec.cluster["scheduler_file"], timeout="120s",
+        with Client(scheduler_file=spec.cluster.scheduler_file, timeout="120s",
                     security=security(spec)) as client:
-            wait_for_nodes(client, int(os.environ.get("SLURM_JOB_NUM_NODES") or 1))
+            wait_for_nodes(client, slurm.job_nodes())
             yield client
     else:
         with slurm_cluster(spec) as cluster, Client(cluster) as client:
@@ -104,27 +111,27 @@ def slurm_cluster(spec: Spec):
     config (``jobqueue.slurm`` in ~/.config/dask/jobqueue.yaml: queue, account, interface...)."""
     try:
         from dask_jobqueue import SLURMCluster
-    except ImportError:
-        raise InputError("cluster.mode = 'slurm' needs dask-jobqueue: pip install 'unidask[slurm]'") from None
+    except ImportError as e:
+        raise InputError("cluster.mode = 'slurm' needs dask-jobqueue: pip install 'unidask[slurm]'") from e
     dashboard.install()
     c = spec.cluster
-    cluster = SLURMCluster(cores=c["workers"], processes=c["workers"], memory=c["memory"],
-                           walltime=c["walltime"], job_name=f"unidask-{spec.name}",
-                           log_directory=str(spec.run_dir / "logs"), python=sys.executable,
-                           scheduler_options={"dashboard_address": c["dashboard_address"]},
-                           worker_extra_args=["--preload", WORKER_PRELOAD],
-                           job_script_prologue=[*(dask.config.get("jobqueue.slurm.job-script-prologue") or []),
-                                                *dask_exports()],
-                           **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
+    with dask.config.set(dask_settings()):   # the scheduler runs here, the workers get the exports
+        cluster = SLURMCluster(cores=c.workers, processes=c.workers, memory=c.memory,
+                               walltime=c.walltime, job_name=f"unidask-{spec.name}",
+                               log_directory=str(RunDir(spec.run_dir).logs), python=sys.executable,
+                               scheduler_options={"dashboard_address": c.dashboard_address},
+                               worker_extra_args=["--preload", WORKER_PRELOAD],
+                               job_script_prologue=[*(dask.config.get("jobqueue.slurm.job-script-prologue") or []),
+                                                    *dask_exports()],
+                               **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
     # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
     # reason instead of leaving it waiting for workers that never come
-    check = subprocess.run(["sbatch", "--test-only"], input=cluster.job_script(), capture_output=True,
-                           text=True)
-    if check.returncode != 0:
+    try:
+        slurm.check_accepts(cluster.job_script())
+    except RunError:
         cluster.close()
-        reason = [line for line in check.stderr.splitlines() if "error" in line] or [check.stderr.strip()]
-        raise RunError(f"SLURM refuses the worker jobs: {reason[-1]}")
-    cluster.scale(jobs=c["nodes"])
+        raise
+    cluster.scale(jobs=c.nodes)
     try:
         wait_for_worker_jobs(cluster, spec)
     except BaseException:
@@ -142,8 +149,6 @@ def wait_for_worker_jobs(cluster, spec: Spec) -> None:
         jobs = [j for j in jobs if j]
         if not jobs:
             continue   # still being submitted
-        queued = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
-                                text=True).stdout.split()
-        if not queued and not cluster.scheduler_info.get("workers"):
+        if not slurm.queued(jobs) and not cluster.scheduler_info.get("workers"):
             raise RunError(f"the worker jobs {', '.join(jobs)} ended before any worker joined; "
-                           f"see {spec.run_dir / 'logs'}")
+                           f"see {RunDir(spec.run_dir).logs}")

@@ -1,8 +1,8 @@
-"""Run configs: a TOML file in, a validated and frozen :class:`Spec` out.
+"""Run configs: a TOML file (or run.json's record) in, a validated and frozen :class:`Spec` out.
 
 Defaults live in ``unidask.yaml`` under dask.config's ``unidask`` namespace, so a site can set
-them once (e.g. the node-local scratch dir); the run's TOML and ``--set`` overrides win over them.
-This module is the one place where input errors about a run are made.
+them once (e.g. the node-local scratch dir); the run's TOML and the overrides win over them.
+This module is the one place where input errors about a run's config are made.
 """
 
 from __future__ import annotations
@@ -14,52 +14,122 @@ import os
 import re
 import shlex
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import dask.config
-import distributed.config  # noqa: F401  (registers Dask's distributed.* defaults, see below)
 import yaml
 
-from . import generators
+from . import generators, plan
 from .errors import InputError
 
 _defaults_file = Path(__file__).with_name("unidask.yaml")
-_defaults = yaml.safe_load(_defaults_file.read_text())
-# after distributed's defaults: a later update_defaults replaces values still at an earlier default,
-# so ours (allowed-failures, the worker profiler) must come last to take effect
-dask.config.update_defaults(_defaults)
+# only unidask's own namespace: Dask's settings for the clusters unidask starts sit under
+# unidask.dask and are applied to those clusters alone (dask_settings), never to the process
+dask.config.update_defaults(yaml.safe_load(_defaults_file.read_text()))
 
-DTYPES = ("complex128", "complex64")
-SYNCHRONOUS = ("NORMAL", "FULL", "OFF")
-MODES = ("local", "scheduler_file", "slurm")
+SECTIONS = ("run", "generator", "storage", "cluster")
 PAGE_SIZES = tuple(2 ** k for k in range(9, 17))  # what SQLite accepts
 
 
-def dask_exports() -> list[str]:
-    """unidask.yaml's ``distributed.*`` settings, at their current values (a site's or the user's
-    win), as the shell exports of ``DASK_*`` variables that carry them to a `dask scheduler` or
-    `dask worker` a job script starts: those read only Dask's own config files."""
+# -- checks of one value: return it (normalised) or raise ValueError saying what it must be ----------
 
-    def flatten(node: dict, keys: tuple[str, ...]) -> list[str]:
-        out = []
-        for k, v in node.items():
-            if isinstance(v, dict):
-                out += flatten(v, (*keys, k))
-            else:
-                name = "DASK_" + "__".join((*keys, k)).upper().replace("-", "_")
-                value = str(dask.config.get(".".join((*keys, k))))
-                out.append(f"export {name}={shlex.quote(value)}")
-        return out
+def integer(minimum: int = 1) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"must be an integer >= {minimum}")
+        return value
+    return check
 
-    return flatten(_defaults["distributed"], ("distributed",))
+
+def seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError("must be a number of seconds > 0")
+    return value
+
+
+def one_of(*options: str, upper: bool = False) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        value = str(value).upper() if upper else value
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+    return check
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def text(example: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"must be a string, e.g. {example}")
+        return value
+    return check
+
+
+def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+def page_size(value: Any) -> int | str:
+    if value != "auto" and (value not in PAGE_SIZES or isinstance(value, (bool, float))):
+        raise ValueError("must be \"auto\" or a power of 2 from 512 to 65536 bytes")
+    return value
+
+
+def name(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+        raise ValueError("must be letters, digits, '_', '-' or '.'")
+    return value
+
+
+def checked(check: Callable[[Any], Any]) -> Any:
+    return field(metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class Storage:
+    """``[storage]``: where and how shards are written (see unidask.yaml for each key's meaning)."""
+
+    local_dir: str = checked(text('"/scratch/$USER"'))
+    synchronous: str = checked(one_of("NORMAL", "FULL", "OFF", upper=True))
+    stage_every: float = checked(seconds)
+    shard_per: str = checked(one_of("node", "process"))
+    page_size: int | str = checked(page_size)
+    busy_timeout: float = checked(seconds)
+    allow_network_fs: bool = checked(boolean)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``[cluster]``: where the workers come from."""
+
+    mode: str = checked(one_of("local", "scheduler_file", "slurm"))
+    workers: int = checked(integer())
+    nodes: int = checked(integer())
+    scheduler_file: str | None = checked(optional(text('"scheduler.json"')))
+    dashboard_address: str = checked(text('"127.0.0.1:8787"'))
+    max_in_flight: int | None = checked(optional(integer()))
+    security: str = checked(one_of("tls", "none"))
+    stop_before: int = checked(integer())
+    memory: str = checked(text('"4GB"'))
+    walltime: str = checked(text('"01:00:00"'))
+
+
+def _section(cls: type, section: str, values: Mapping[str, Any], where: str):
+    return cls(**{f.name: _check(f.metadata["check"], section, f.name, values[f.name], where)
+                  for f in fields(cls)})
 
 
 @dataclass(frozen=True)
 class Spec:
-    """A validated run: what to generate, where to store it, where to run it."""
+    """A validated run: what to generate (run, generator), where to store it, where to run it."""
 
     name: str
     count: int
@@ -69,23 +139,53 @@ class Spec:
     kind: str
     dtype: str
     params: Mapping[str, Any]
-    storage: Mapping[str, Any]
-    cluster: Mapping[str, Any]
+    storage: Storage
+    cluster: Cluster
     source: str = field(default="", compare=False)
 
     def __reduce__(self):
-        # mappingproxy does not pickle; rebuild from plain dicts (for multiprocessing, Dask)
+        # mappingproxy does not pickle; rebuild with a plain dict (for multiprocessing, Dask)
         values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return _rebuild_spec, ({k: dict(v) if isinstance(v, MappingProxyType) else v
-                                for k, v in values.items()},)
+        return _rebuild_spec, ({**values, "params": dict(self.params)},)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config", *, recorded: bool = False) -> "Spec":
+        """Validate nested plain data (a config's sections with every key present, or
+        :meth:`to_dict`'s output). ``recorded``: data a run recorded (run.json, a database's meta):
+        its generator parameters were checked when it was made, so a ``module:function`` is not
+        imported again and ``local_dir`` is not expanded here (it is, on each node)."""
+        run, gen = data["run"], dict(data["generator"])
+        if run["count"] is None:
+            raise InputError(f"{where}: run.count is required")
+        values = {"name": _check(name, "run", "name", run["name"], where)}
+        for key, minimum in (("count", 1), ("task_size", 1), ("seed", 0)):
+            values[key] = _check(integer(minimum), "run", key, run[key], where)
+        run_dir = Path(expand_vars(str(run["run_dir"] or f"runs/{run['name']}"), where)).absolute()
+        kind = gen.pop("kind")
+        dtype = _check(one_of("complex128", "complex64"), "generator", "dtype", gen.pop("dtype"), where)
+        if recorded:
+            params = gen
+        else:
+            try:
+                params = generators.get(kind).validate(gen)
+            except InputError as e:
+                raise InputError(f"{where}: {e}") from e
+        storage = _section(Storage, "storage", data["storage"], where)
+        cluster = _section(Cluster, "cluster", data["cluster"], where)
+        if not recorded:
+            expand_vars(storage.local_dir, where)  # fails now on a bad expression, not on a node
+        if cluster.mode == "scheduler_file" and not cluster.scheduler_file:
+            raise InputError(f"{where}: cluster.scheduler_file is required in scheduler_file mode")
+        return cls(**values, run_dir=run_dir, kind=kind, dtype=dtype, params=MappingProxyType(params),
+                   storage=storage, cluster=cluster, source=where)
 
     @property
     def n_tasks(self) -> int:
-        return -(-self.count // self.task_size)
+        return plan.n_tasks(self.count, self.task_size)
 
     def task_count(self, task: int) -> int:
         """Unitaries in task ``task`` (the last one may be short)."""
-        return min(self.task_size, self.count - task * self.task_size)
+        return plan.task_count(self.count, self.task_size, task)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as nested plain data: what run.json and the databases' meta record."""
@@ -93,8 +193,8 @@ class Spec:
             "run": {"name": self.name, "count": self.count, "task_size": self.task_size,
                     "seed": self.seed, "run_dir": str(self.run_dir)},
             "generator": {"kind": self.kind, "dtype": self.dtype, **self.params},
-            "storage": dict(self.storage),
-            "cluster": dict(self.cluster),
+            "storage": asdict(self.storage),
+            "cluster": asdict(self.cluster),
         }
 
     @property
@@ -107,51 +207,81 @@ class Spec:
     @property
     def local_dir(self) -> Path:
         """The node-local dir, expanded with this process's environment (call it on the node)."""
-        return Path(expand_vars(self.storage["local_dir"]))
+        return Path(expand_vars(self.storage.local_dir))
+
+
+def _check(check: Callable[[Any], Any], section: str, key: str, value: Any, where: str) -> Any:
+    try:
+        return check(value)
+    except ValueError as e:
+        raise InputError(f"{where}: {section}.{key} {e}, got {value!r}") from e
 
 
 def _rebuild_spec(values: dict[str, Any]) -> Spec:
-    return Spec(**{k: MappingProxyType(v) if isinstance(v, dict) else v for k, v in values.items()})
+    return Spec(**{**values, "params": MappingProxyType(values["params"])})
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | list[str] = (),
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] = MappingProxyType({}),
                 data: Mapping[str, Any] | None = None) -> Spec:
-    """Read a run config (TOML file or mapping), apply ``section.key=value`` overrides, validate."""
+    """Read a run config (TOML file, or ``data``), apply ``{"section.key": value}`` overrides,
+    validate."""
     if data is None:
         if path is None:
             raise InputError("no config given")
         path = Path(path)
         try:
             data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{path}: config file not found") from None
+        except FileNotFoundError as e:
+            raise InputError(f"{path}: config file not found") from e
         except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{path}: cannot read config: {e}") from None
+            raise InputError(f"{path}: cannot read config: {e}") from e
         except tomllib.TOMLDecodeError as e:
-            raise InputError(f"{path}: not valid TOML: {e}") from None
+            raise InputError(f"{path}: not valid TOML: {e}") from e
     where = str(path) if path is not None else "config"
-    merged = copy.deepcopy(dask.config.get("unidask"))
+    defaults = dask.config.get("unidask")
+    merged = {s: copy.deepcopy(defaults[s]) for s in SECTIONS}
     _update(merged, data, where)
-    if isinstance(overrides, Mapping):
-        overrides = [f"{k}={json.dumps(v)}" for k, v in overrides.items()]
-    for item in overrides:
-        _update(merged, parse_override(item), "--set")
+    for key, value in overrides.items():
+        section, dot, item = key.partition(".")
+        if not dot or not section or not item:
+            raise InputError(f"override {key!r}: expected section.key, e.g. run.count")
+        _update(merged, {section: {item: value}}, "override")
     if merged["run"]["name"] is None:
         merged["run"]["name"] = Path(path).stem if path is not None else "unidask"
-    return _validate(merged, where)
+    return Spec.from_dict(merged, where)
 
 
-def parse_override(item: str) -> dict[str, Any]:
-    """``section.key=value`` -> ``{section: {key: value}}``; the value is read as TOML, else a string."""
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"section.key=value"`` -> ``("section.key", value)``; the value is read as TOML, else kept
+    as a string. Raises ValueError on anything else."""
     key, sep, value = item.partition("=")
-    section, dot, name = key.strip().partition(".")
-    if not sep or not dot or not section or not name:
-        raise InputError(f"--set {item!r}: expected section.key=value, e.g. run.count=1000")
+    section, dot, name_ = key.strip().partition(".")
+    if not sep or not dot or not section or not name_:
+        raise ValueError(f"{item!r}: expected section.key=value, e.g. run.count=1000")
     try:
         parsed = tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value
-    return {section: {name: parsed}}
+    return key.strip(), parsed
+
+
+def format_override(key: str, value: Any) -> str:
+    """The ``section.key=value`` that :func:`parse_override` reads back as ``value``."""
+    return f"{key}={_toml(value)}"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)   # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
+    raise InputError(f"override value {value!r} has no TOML form (TOML has no null)")
 
 
 def _update(merged: dict, data: Mapping[str, Any], where: str) -> None:
@@ -168,87 +298,58 @@ def _update(merged: dict, data: Mapping[str, Any], where: str) -> None:
             merged[section][key] = value
 
 
-def _validate(c: dict, where: str) -> Spec:
-    run, gen, storage, cluster = c["run"], dict(c["generator"]), c["storage"], c["cluster"]
-
-    def positive_int(section: str, key: str, value: Any, minimum: int = 1) -> int:
-        if value is None:
-            raise InputError(f"{where}: {section}.{key} is required")
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise InputError(f"{where}: {section}.{key} must be an integer >= {minimum}, got {value!r}")
-        return value
-
-    def choice(section: str, key: str, value: Any, options: tuple[str, ...]) -> str:
-        if value not in options:
-            raise InputError(f"{where}: {section}.{key} must be one of {', '.join(options)}, got {value!r}")
-        return value
-
-    name = run["name"]
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise InputError(f"{where}: run.name must be letters, digits, '_', '-' or '.', got {name!r}")
-    count = positive_int("run", "count", run["count"])
-    task_size = positive_int("run", "task_size", run["task_size"])
-    seed = positive_int("run", "seed", run["seed"], minimum=0)
-    run_dir = Path(expand_vars(str(run["run_dir"] or f"runs/{name}"), where)).absolute()
-
-    kind = gen.pop("kind")
-    dtype = choice("generator", "dtype", gen.pop("dtype"), DTYPES)
-    try:
-        params = generators.get(kind).validate(gen)
-    except InputError as e:
-        raise InputError(f"{where}: {e}") from None
-
-    storage = dict(storage)
-    storage["synchronous"] = choice("storage", "synchronous", str(storage["synchronous"]).upper(),
-                                    SYNCHRONOUS)
-    choice("storage", "shard_per", storage["shard_per"], ("node", "process"))
-    if storage["page_size"] != "auto" and (storage["page_size"] not in PAGE_SIZES
-                                           or isinstance(storage["page_size"], (bool, float))):
-        raise InputError(f"{where}: storage.page_size must be \"auto\" or a power of 2 from 512 to 65536 "
-                         f"bytes, got {storage['page_size']!r}")
-    for key in ("stage_every", "busy_timeout"):
-        value = storage[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise InputError(f"{where}: storage.{key} must be a number of seconds > 0, got {value!r}")
-    if not isinstance(storage["local_dir"], str) or not storage["local_dir"]:
-        raise InputError(f"{where}: storage.local_dir must be a path")
-    expand_vars(storage["local_dir"], where)  # fails now on a bad expression, not on a node
-    if not isinstance(storage["allow_network_fs"], bool):
-        raise InputError(f"{where}: storage.allow_network_fs must be true or false")
-
-    cluster = dict(cluster)
-    choice("cluster", "mode", cluster["mode"], MODES)
-    positive_int("cluster", "workers", cluster["workers"])
-    positive_int("cluster", "nodes", cluster["nodes"])
-    if cluster["max_in_flight"] is not None:
-        positive_int("cluster", "max_in_flight", cluster["max_in_flight"])
-    choice("cluster", "security", cluster["security"], ("tls", "none"))
-    positive_int("cluster", "stop_before", cluster["stop_before"])
-    for key in ("memory", "walltime"):
-        if not isinstance(cluster[key], str) or not cluster[key]:
-            raise InputError(f"{where}: cluster.{key} must be a string, e.g. \"4GB\" or \"01:00:00\"")
-    if cluster["mode"] == "scheduler_file" and not cluster["scheduler_file"]:
-        raise InputError(f"{where}: cluster.scheduler_file is required in scheduler_file mode")
-
-    return Spec(name=name, count=count, task_size=task_size, seed=seed, run_dir=run_dir,
-                kind=kind, dtype=dtype, params=MappingProxyType(params),
-                storage=MappingProxyType(storage), cluster=MappingProxyType(cluster), source=where)
-
-
 _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}"
                   r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
 
 
-def expand_vars(text: str, where: str = "config") -> str:
+def expand_vars(text_: str, where: str = "config") -> str:
     """Expand ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` as a shell would; unset without default fails."""
 
     def sub(m: re.Match) -> str:
-        name = m["braced"] or m["plain"]
-        value = os.environ.get(name)
+        var = m["braced"] or m["plain"]
+        value = os.environ.get(var)
         if value:
             return value
         if m["default"] is not None:
             return m["default"]
-        raise InputError(f"{where}: environment variable ${name} in {text!r} is not set")
+        raise InputError(f"{where}: environment variable ${var} in {text_!r} is not set")
 
-    return os.path.expanduser(_VAR.sub(sub, text))
+    return os.path.expanduser(_VAR.sub(sub, text_))
+
+
+# -- Dask's settings for the clusters unidask starts -----------------------------------------------
+
+def dask_settings() -> dict[str, Any]:
+    """``unidask.dask`` as dotted ``distributed.*`` keys, for the clusters unidask starts (never
+    the process: a notebook that reads a Dataset keeps its own Dask). A key the user or site set
+    in Dask's own config (a value other than Dask's default) keeps their value."""
+    def flatten(node: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                out.update(flatten(v, (*keys, k)))
+            else:
+                out[".".join((*keys, k))] = v
+        return out
+
+    ours = flatten(dask.config.get("unidask.dask"), ())
+    return {key: value if dask.config.get(key, None) == _dask_default(key) else dask.config.get(key)
+            for key, value in ours.items()}
+
+
+def _dask_default(key: str) -> Any:
+    import distributed  # noqa: F401  (registers distributed.* defaults)
+
+    for layer in reversed(dask.config.defaults):
+        try:
+            return dask.config.get(key, config=layer)
+        except KeyError:
+            continue
+    return None
+
+
+def dask_exports() -> list[str]:
+    """:func:`dask_settings` as the shell exports of ``DASK_*`` variables that carry them to a
+    `dask scheduler` or `dask worker` a job script starts: those read only Dask's own config."""
+    return [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={shlex.quote(str(value))}"
+            for key, value in dask_settings().items()]

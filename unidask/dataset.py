@@ -1,4 +1,4 @@
-"""Read a merged unidask database as numpy arrays, and export it for np.load / np.loadtxt users."""
+"""Read a merged unidask database (or a staged shard) as numpy arrays."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import InputError, writing
-from .shard import connect_readonly, read_meta
+from .db import connect_readonly, read_meta
+from .errors import InputError
 
 
 class Dataset:
@@ -33,7 +33,7 @@ class Dataset:
             self.spec: dict[str, Any] = json.loads(self.meta["spec"])
             self.meta["schema_version"]
         except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{self.path}: not a unidask database ({e})") from None
+            raise InputError(f"{self.path}: not a unidask database ({e})") from e
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.path)!r}, {len(self)} x {self.dim}x{self.dim} {self.dtype.name})"
@@ -133,65 +133,3 @@ class Dataset:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def parse_ids(text: str | None, ds: Dataset) -> tuple[int, int]:
-    """``"A:B"`` (either end may be left out) -> a checked id range within the dataset."""
-    lo, hi = ds.id_range
-    if not text:
-        return lo, hi
-    a, sep, b = text.partition(":")
-    try:
-        start = int(a) if a.strip() else lo
-        stop = int(b) if b.strip() else hi
-    except ValueError:
-        start = stop = None
-    if not sep or start is None:
-        raise InputError(f"--ids {text!r}: expected A:B, e.g. 0:1000")
-    if not (lo <= start < stop <= hi):
-        raise InputError(f"--ids {text!r} is out of range: {ds.path} holds ids {lo}:{hi}")
-    return start, stop
-
-
-def export(db: str | os.PathLike, fmt: str, out: str | os.PathLike, ids: str | None = None) -> int:
-    """Write unitaries of ``db`` as one ``.npy`` array ``(k, n, n)``, or as one ``.txt`` file per
-    unitary (``OUT/ID.txt``) that ``np.loadtxt(f, dtype=complex)`` reads back exactly."""
-    writers = {"npy": _export_npy, "txt": _export_txt}
-    if fmt not in writers:
-        raise InputError(f"unknown export format {fmt!r} (npy or txt)")
-    out = Path(out)
-    with Dataset(db) as ds:
-        start, stop = parse_ids(ids, ds)
-        with writing(out):
-            return writers[fmt](ds, start, stop, out)
-
-
-def _export_npy(ds: Dataset, start: int, stop: int, out: Path) -> int:
-    present = ds.con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?",
-                             (start, stop)).fetchone()[0]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=ds.dtype.newbyteorder("="),
-                                          shape=(present, ds.dim, ds.dim))
-        k = 0
-        for _, batch in ds.batches(start=start, stop=stop):
-            array[k:k + len(batch)] = batch
-            k += len(batch)
-        array.flush()
-        del array
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return present
-
-
-def _export_txt(ds: Dataset, start: int, stop: int, out: Path) -> int:
-    out.mkdir(parents=True, exist_ok=True)
-    width = len(str(ds.id_range[1] - 1))
-    k = 0
-    for ids_, batch in ds.batches(start=start, stop=stop):
-        for i, u in zip(ids_, batch):
-            # %.18e keeps every bit of a float64 (and of a float32 widened to it)
-            np.savetxt(out / f"{i:0{width}d}.txt", u.astype(np.complex128), fmt="%.18e")
-            k += 1
-    return k

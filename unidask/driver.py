@@ -4,24 +4,23 @@ shard out periodically and at the end, check that every task is staged, merge.""
 from __future__ import annotations
 
 import itertools
-import json
-import os
+import logging
 import statistics
-import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from distributed import Client, Future, as_completed, wait
 
-from . import __version__, cluster, dashboard, generators, plan, shard, worker
+from . import cluster, dashboard, generators, plan, shard, worker
 from .config import Spec
-from .errors import InputError, RunError, UnidaskError
+from .errors import RunError, UnidaskError
 from .merge import MergeReport, merge as merge_run
 from .progress import Progress
-from .slurm import check_stop
+from .rundir import RunDir
+from .stopping import check_stop
+
+log = logging.getLogger("unidask")
 
 
 REDO_ROUNDS = 3
@@ -48,56 +47,14 @@ class RunResult:
         return self.written / self.seconds if self.seconds else 0.0
 
 
-def prepare_run_dir(spec: Spec, resume: bool, private: bool | None = None) -> None:
-    """Create the run dir, refuse one that holds another run, record the spec in run.json.
-    ``private`` (default: in the cluster modes) makes it owner-only: it holds the scheduler file
-    and the run's TLS key."""
-    run_dir = spec.run_dir
-    try:
-        plan.shard_dir(run_dir).mkdir(parents=True, exist_ok=True)
-        if private or (private is None and spec.cluster["mode"] != "local"):
-            os.chmod(run_dir, 0o700)
-        tempfile.TemporaryFile(dir=run_dir).close()
-    except OSError as e:
-        raise InputError(f"run_dir {run_dir} is not writable: {e.strerror or e}") from None
-    run_json = run_dir / "run.json"
-    if run_json.exists():
-        if plan.load_run(run_dir)["fingerprint"] != spec.fingerprint:
-            raise InputError(f"{run_dir} holds another run (its count, task_size, seed or generator "
-                             "differ): choose another run.run_dir")
-    staged = plan.staged_shards(run_dir)
-    if staged and not resume:
-        raise InputError(f"{run_dir} already holds {len(staged)} staged shard(s) of this run: "
-                         "pass --resume to finish it, or choose another run.run_dir")
-    if not run_json.exists():
-        record = {"unidask_version": __version__, "fingerprint": spec.fingerprint,
-                  "created": time.time(), "spec": spec.to_dict()}
-        tmp = run_json.with_name(f".run.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, run_json)
-
-
-def check_local_dir(spec: Spec) -> None:
-    """In local mode the driver's machine is the node: fail early on an unusable local dir."""
-    path = spec.local_dir
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as e:
-        raise InputError(f"local_dir {path} is not writable: {e.strerror or e}") from None
-    if not spec.storage["allow_network_fs"]:
-        shard.require_local_disk(path)
-
-
 class Driver:
     """One invocation's work on a connected client: keep tasks in flight, stage shards out, and
     report progress (progress bar, dashboard page, ``RUN_DIR/stages.jsonl``)."""
 
-    def __init__(self, client: Client, spec: Spec, attempt: str, result: RunResult,
-                 echo: Callable[[str], None], staged: set[int]):
-        self.client, self.spec, self.attempt, self.result, self.echo = client, spec, attempt, result, echo
+    def __init__(self, client: Client, spec: Spec, attempt: str, result: RunResult, staged: set[int]):
+        self.client, self.spec, self.attempt, self.result = client, spec, attempt, result
         self.tracker = dashboard.Tracker(client, spec, sum(spec.task_count(t) for t in staged), len(staged))
-        self.stage_log = spec.run_dir / "stages.jsonl"
+        self.run_dir = RunDir(spec.run_dir)
 
     def stage_all(self, *, final: bool = False) -> dict:
         """Start one stage-out per local disk (per node, or per job where jobs get a private /tmp),
@@ -109,8 +66,8 @@ class Driver:
         for address, disk in sorted(disks.items()):
             if isinstance(disk, str):
                 one_worker.setdefault(disk, address)
-        if final and self.spec.storage["shard_per"] == "node":  # a process shard closes itself
-            client.run(shard.close_shards, on_error="ignore")
+        if final and self.spec.storage.shard_per == "node":  # a process shard closes itself
+            client.run(worker.close_shards, on_error="ignore")
         return {client.submit(worker.stage_out, self.spec, self.attempt, final=final, workers=[address],
                               allow_other_workers=False, pure=False, priority=10,
                               key=f"stage-out-{disk.split(':')[0]}-{time.time_ns()}"): address
@@ -145,22 +102,21 @@ class Driver:
                 pass
         if results:
             self.tracker.staged(results)
-            with open(self.stage_log, "a") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in results)
+            self.run_dir.log_stages(results)
         return results
 
     def settle_periodic(self, stages: dict, *, block: bool) -> None:
         try:
             self.settle(stages, block=block)
         except RunError as e:  # not fatal: the next stage-out, or the final one, tries again
-            self.echo(f"warning: periodic stage-out failed: {e}")
+            log.warning("periodic stage-out failed: %s", e)
 
     def generate(self, tasks) -> None:
         """Run ``tasks`` with a bounded number in flight, staging every ``stage_every`` seconds."""
         client, spec, result = self.client, self.spec, self.result
         # workers may still be starting (SLURM jobs): size the window for the ones asked for
-        threads = sum(client.nthreads().values()) or spec.cluster["nodes"] * spec.cluster["workers"]
-        window = spec.cluster["max_in_flight"] or 2 * threads + 4
+        threads = sum(client.nthreads().values()) or spec.cluster.nodes * spec.cluster.workers
+        window = spec.cluster.max_in_flight or 2 * threads + 4
         prefix = generators.get(spec.kind).label(spec.params)
         todo = iter(tasks)
         progress = Progress(spec.count, initial=spec.count - sum(spec.task_count(t) for t in tasks))
@@ -199,9 +155,9 @@ class Driver:
                 if n_done <= HINT_AFTER and len(tasks) >= HINT_MIN_TASKS:
                     durations.append(summary["seconds"])
                     if n_done == HINT_AFTER and (hint := task_size_hint(spec.task_size, durations)):
-                        self.echo(hint)
+                        log.info(hint)
                 self.settle_periodic(stages, block=False)
-                if not stages and time.monotonic() - last_stage >= spec.storage["stage_every"]:
+                if not stages and time.monotonic() - last_stage >= spec.storage.stage_every:
                     stages = self.stage_all()
                     last_stage = time.monotonic()
             self.settle_periodic(stages, block=True)  # before the final one closes the shards
@@ -212,7 +168,7 @@ class Driver:
             try:
                 self.settle(self.stage_all(final=True), block=True)
             except Exception as e:  # the original error matters more
-                self.echo(f"warning: final stage-out after the failure failed too: {e}")
+                log.warning("final stage-out after the failure failed too: %s", e)
             raise
         finally:
             progress.close()
@@ -239,46 +195,48 @@ def task_size_hint(task_size: int, durations: list[float]) -> str | None:
             f"of ~0.2 s, give your next run run.task_size = {better} (now {task_size})")
 
 
-def run(spec: Spec, *, resume: bool = False, merge: bool = True,
-        echo: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> RunResult:
-    """Run ``spec`` to the end: every task generated and staged, then (by default) merged."""
-    prepare_run_dir(spec, resume)
-    if spec.cluster["mode"] == "local":
-        check_local_dir(spec)
-    if resume and spec.cluster["mode"] == "local":
-        if salvaged := worker.salvage(spec):
-            echo(f"resume: staged {len(salvaged)} shard(s) an earlier run left on local disk")
-    staged = plan.done(spec) if resume else set()
+def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
+    """Run ``spec`` to the end: every task generated and staged, then (by default) merged.
+    Progress and messages go to the ``unidask`` logger."""
+    run_dir = RunDir(spec.run_dir)
+    run_dir.prepare(spec, resume)
+    local = spec.cluster.mode == "local"
+    if local:
+        shard.check_local_dir(spec)
+    if resume and local:
+        if salvaged := shard.salvage(spec):
+            log.info("resume: staged %d shard(s) an earlier run left on local disk", len(salvaged))
+    staged = run_dir.staged_tasks() if resume else set()
     tasks = plan.todo(spec, staged)
     result = RunResult(spec.run_dir, skipped_tasks=len(staged))
     if resume and staged:
-        echo(f"resume: {len(staged)} of {spec.n_tasks} tasks already staged")
-    if spec.cluster["mode"] != "local" and spec.cluster["security"] == "none":
-        echo("warning: cluster.security = 'none': anyone who can reach the scheduler can run code "
-             "as you and read your shards")
+        log.info("resume: %d of %d tasks already staged", len(staged), spec.n_tasks)
+    if not local and spec.cluster.security == "none":
+        log.warning("cluster.security = 'none': anyone who can reach the scheduler can run "
+                    "code as you and read your shards")
     attempt = shard.new_attempt()
     with cluster.connect(spec) as client:
         for line in cluster.dashboard_lines(client, spec):
-            echo(line)
+            log.info(line)
         start = time.monotonic()  # the rate is of generating and staging, not of starting workers
-        driver = Driver(client, spec, attempt, result, echo, staged)
+        driver = Driver(client, spec, attempt, result, staged)
         for round in range(REDO_ROUNDS + 1):
             if tasks:
                 driver.generate(tasks)
             finals = driver.settle(driver.stage_all(final=True), block=True)
             result.shards += [s["path"] for s in finals if s["path"] not in result.shards]
             # a node that lost its disk took its unstaged tasks with it: generate them again
-            tasks = plan.todo(spec, plan.done(spec))
+            tasks = plan.todo(spec, run_dir.staged_tasks())
             if not tasks or round == REDO_ROUNDS:
                 break
             result.redone += list(tasks)
-            echo(f"{len(tasks)} finished task(s) were lost before their stage-out "
-                 f"({plan.ranges(tasks)}): generating them again")
+            log.info("%d finished task(s) were lost before their stage-out (%s): generating them again",
+                     len(tasks), plan.ranges(tasks))
         result.seconds = time.monotonic() - start
-    missing = sorted(set(range(spec.n_tasks)) - plan.done(spec))
+    missing = sorted(set(range(spec.n_tasks)) - run_dir.staged_tasks())
     if missing:
         raise RunError(f"{len(missing)} task(s) not staged ({plan.ranges(missing)}): "
                        "run again with --resume")
     if merge:
-        result.merged = merge_run(spec.run_dir, echo=echo)
+        result.merged = merge_run(spec.run_dir)
     return result

@@ -1,28 +1,30 @@
-"""Progress for long steps: a tqdm bar on a terminal, plain periodic log lines elsewhere (SLURM logs)."""
+"""Progress for long steps: a tqdm bar on a terminal, periodic lines of the ``unidask`` logger
+elsewhere (SLURM logs)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from typing import TextIO
 
 from tqdm import tqdm
+
+log = logging.getLogger("unidask")
 
 
 class Progress:
     """Count ``unit`` towards ``total``; ``extra`` text (e.g. tasks done) rides along."""
 
     def __init__(self, total: int, *, unit: str = "unitaries", desc: str = "unidask", initial: int = 0,
-                 stream: TextIO | None = None, interval: float = 10.0, scale: float = 1.0):
-        self.stream = stream or sys.stderr
+                 interval: float = 10.0, scale: float = 1.0):
         self.total, self.n, self.unit, self.desc, self.scale = total, initial, unit, desc, scale
         self.interval, self.start = interval, time.monotonic()
         self.last = self.start
         self.initial = initial
         self.bar = None
-        if self.stream.isatty():
+        if sys.stderr.isatty() and log.isEnabledFor(logging.INFO):
             self.bar = tqdm(total=total, initial=initial, unit=unit, unit_scale=True, desc=desc,
-                            file=self.stream, dynamic_ncols=True, smoothing=0.05)
+                            file=sys.stderr, dynamic_ncols=True, smoothing=0.05)
 
     def update(self, n: int, extra: str = "") -> None:
         self.n += n
@@ -34,8 +36,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
-            self.stream.write(self.line(extra) + "\n")
-            self.stream.flush()
+            log.info(self.line(extra))
 
     def line(self, extra: str = "") -> str:
         elapsed = time.monotonic() - self.start

@@ -4,22 +4,22 @@ from the run directory alone: throughput per node over time, task durations, sta
 from __future__ import annotations
 
 import html
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from . import plan, shard
+from . import db, files
 from .errors import writing
+from .rundir import RunDir
 from .status import status
 
 
 def task_rows(run_dir: Path) -> list[tuple[int, str, float, float, int]]:
     """(task, node, started, finished, count) of every staged task, each task once."""
     seen: dict[int, tuple] = {}
-    for row in shard.staged_rows(plan.staged_shards(run_dir),
-                                 "SELECT task, node, started, finished, count FROM tasks"):
+    for row in db.rows_of(RunDir(run_dir).staged_shards(),
+                          "SELECT task, node, started, finished, count FROM tasks"):
         seen.setdefault(row[0], row)
     return sorted(seen.values())
 
@@ -57,10 +57,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         d = np.array([r[3] - r[2] for r in rows])
         hist, edges = np.histogram(d, bins=30)
         durations.quad(top=hist, bottom=0, left=edges[:-1], right=edges[1:], fill_alpha=0.7)
-    stages = []
-    log = run_dir / "stages.jsonl"
-    if log.exists():
-        stages = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    stages = RunDir(run_dir).read_stages()
     staging = figure(height=260, sizing_mode="stretch_width", title="stage-outs",
                      x_axis_label="seconds since the first task started",
                      y_axis_label="stage-out seconds", name="stageouts")
@@ -68,24 +65,20 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         mine = [s for s in stages if s["node"] == n]
         staging.scatter([s["time"] - t0 for s in mine], [s["seconds"] for s in mine], size=8,
                         legend_label=n, color=colour.get(n, "black"))
-    table = "".join(f"<tr><td>{html.escape(s['node'])}</td><td>{s['tasks']}</td><td>{s['unitaries']:,}</td>"
-                    f"<td>{s['bytes'] / 1e6:,.1f}</td><td>{html.escape(Path(s['path']).name)}</td></tr>"
-                    for s in st["shards"])
-    rate = f"{st['rate']:,.0f} unitaries/s" if st["rate"] else "-"
+    table = "".join(f"<tr><td>{html.escape(s.node)}</td><td>{s.tasks}</td><td>{s.unitaries:,}</td>"
+                    f"<td>{s.bytes / 1e6:,.1f}</td><td>{html.escape(Path(s.path).name)}</td></tr>"
+                    for s in st.shards)
+    rate = f"{st.rate:,.0f} unitaries/s" if st.rate else "-"
+    missing = st.to_dict()["missing"]
     summary = Div(sizing_mode="stretch_width", name="summary", text=(
-        f"<h1>unidask run {html.escape(st['name'])}</h1>"
-        f"<p>{st['unitaries']:,} of {st['count']:,} unitaries staged; tasks {st['tasks_done']}/"
-        f"{st['tasks_expected']} ({st['tasks_missing']} missing{': ' + st['missing'] if st['missing'] else ''}); "
-        f"{st['bytes'] / 1e6:,.1f} MB in {len(st['shards'])} shard(s); {rate}; "
+        f"<h1>unidask run {html.escape(st.name)}</h1>"
+        f"<p>{st.unitaries:,} of {st.count:,} unitaries staged; tasks {st.tasks_done}/"
+        f"{st.tasks_expected} ({st.tasks_missing} missing{': ' + missing if missing else ''}); "
+        f"{st.bytes / 1e6:,.1f} MB in {len(st.shards)} shard(s); {rate}; "
         f"{len(stages)} stage-out(s)</p>"
         "<table border=1 cellpadding=4><tr><th>node</th><th>tasks</th><th>unitaries</th><th>MB</th>"
         f"<th>shard</th></tr>{table}</table>"))
     page = column(summary, throughput, durations, staging, sizing_mode="stretch_width")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     with writing(out):
-        try:
-            tmp.write_text(file_html(page, INLINE, title=f"unidask report: {st['name']}"))
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        files.write_atomic(out, file_html(page, INLINE, title=f"unidask report: {st.name}"))
     return out

@@ -1,6 +1,6 @@
-"""The shard: a SQLite database on node-local disk (one per worker process by default, or one per
-node), written one task per transaction, and staged out to shared storage as whole, consistent
-snapshots.
+"""The live shard: a SQLite database on node-local disk (one per worker process by default, or one
+per node), written one task per transaction, and staged out to shared storage as whole, consistent
+snapshots; its path, this process's open shards, and the shards dead processes left behind.
 
 A node's shared shard (``storage.shard_per = "node"``) is in WAL mode: its worker processes read
 while one writes, ``BEGIN IMMEDIATE`` takes the write lock up front (no deadlocking upgrade),
@@ -10,149 +10,41 @@ transaction so the lock is held only for the inserts.
 A shard with a single writer (``shard_per = "process"``) needs none of WAL's concurrency, so it
 keeps a rollback journal instead: WAL writes every page twice (to the WAL, then at the checkpoint
 into the database, each synced), a rollback journal holds only the few pages an append changes.
-That is 1.8x the write rate at n = 32, and the file is always a whole database: a stage-out
-copies it and a close needs no checkpoint.
+That writes faster, and the file is always a whole database: a stage-out copies it and a close
+needs no checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
-import json
 import os
 import random
 import secrets
 import shutil
-import socket
 import sqlite3
-import threading
+import tempfile
 import time
-from importlib.resources import files
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import xxhash
 
+from . import db, files, slurm
+from .config import Spec
 from .errors import InputError, RunError
+from .rundir import RunDir
 
-SCHEMA_VERSION = 2  # 2: no task/idx columns in unitaries; XXH3-128 checksums
-AUTO_PAGE_SIZES = tuple(2 ** k for k in range(12, 17))   # 4 KiB ... 64 KiB
-
-# A task's rows from its bytes bound once: SQLite cuts them apart (substr of a BLOB is a BLOB).
-# 2.1x executemany at n = 4, where binding each row from Python was half the write path.
+# A task's rows from its bytes bound once: SQLite cuts them apart (substr of a BLOB is a BLOB),
+# about twice the insert rate of executemany, where binding each row from Python was half the
+# write path.
 INSERT_TASK = ("WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE x < :count - 1) "
                "INSERT INTO unitaries(id, dim, data) SELECT :base + x, :dim, substr(:data, x * :step + 1, :step) "
                "FROM i")
-WRITE_BEHIND_EVERY = 8 << 20   # bytes written between flushes of write_behind
 INSERT_TASK_MAX = 1 << 28   # bytes; SQLite's limit on a bound blob is 10^9 (and less in some builds)
-SCHEMA = files("unidask").joinpath("schema.sql").read_text()
-TABLES = ("meta", "unitaries", "tasks")
-
-# Filesystems where SQLite's locks and WAL's shared-memory index do not work across hosts (or at
-# all).
-NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
-              "fuse.cephfs", "glusterfs", "fuse.glusterfs", "afs", "9p", "fuse.sshfs", "panfs",
-              "orangefs", "pvfs2", "wekafs"}
-
-
-def page_size_for(row_bytes: int) -> int:
-    """``storage.page_size = "auto"``: the largest page size whose file, for rows of ``row_bytes``
-    of matrix data, is within 10% of the smallest. A 64 KiB page holds only three 16 KiB rows
-    (n = 32, complex128) and one of n = 48, wasting a quarter and nearly half of the file; smaller
-    pages keep most of such a row on full overflow pages. Measured at n = 32: 16 KiB pages make
-    files 16% smaller and write 9% faster on two processes; at n <= 24 it stays 64 KiB."""
-    def file_bytes_per_row(page: int) -> float:
-        # SQLite's table leaf cell layout (fileformat2.html, "Cell Payload Overflow Pages")
-        payload = row_bytes + 8                  # record header, dim and a NULL meta
-        max_local, min_local = page - 35, (page - 12) * 32 // 255 - 23
-        local, overflow = payload, 0
-        if payload > max_local:
-            k = min_local + (payload - min_local) % (page - 4)
-            local = k if k <= max_local else min_local
-            overflow = -(-(payload - local) // (page - 4))
-        cell = local + 4 * bool(overflow) + 9 + 2   # + size and rowid varints, cell pointer
-        return page / ((page - 8) // cell) + overflow * page
-
-    sizes = {page: file_bytes_per_row(page) for page in AUTO_PAGE_SIZES}
-    return max(page for page, size in sizes.items() if size <= 1.1 * min(sizes.values()))
-
-
-def node_name() -> str:
-    """This node's identity: ``UNIDASK_NODE``, else SLURM's node name, else the host name."""
-    return os.environ.get("UNIDASK_NODE") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def new_attempt() -> str:
-    """An id unique to this allocation, so a resumed run never overwrites an earlier staged shard."""
-    return os.environ.get("SLURM_JOB_ID") or secrets.token_hex(4)
-
-
-def filesystem_type(path: Path) -> str:
-    """The type of the filesystem holding ``path`` (its longest mount point in /proc/mounts)."""
-    path = Path(os.path.realpath(path))
-    best, fstype = "", "unknown"
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return fstype
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mnt = parts[1].replace("\\040", " ")
-        if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-            best, fstype = mnt, parts[2]
-    return fstype
-
-
-def require_local_disk(path: Path) -> None:
-    """Refuse ``path`` for live shards if it is on a network filesystem."""
-    if (fstype := filesystem_type(path)) in NETWORK_FS:
-        raise InputError(f"local dir {path} is on a network filesystem ({fstype}); a live shard "
-                         "needs node-local disk (set storage.local_dir, or storage.allow_network_fs "
-                         "= true to insist)")
-
-
-def checksum(data: bytes, metas: Sequence[str | None]) -> str:
-    """A task's checksum: XXH3-128 of its data blobs in id order, then each row's meta (NUL for
-    none). It tells two copies of a task apart and finds damaged rows; nothing adversarial, so a
-    hash at memory speed (~25 GB/s here; blake2b's 1 GB/s took 30% of the write path at n = 32)."""
-    h = xxhash.xxh3_128(data)
-    h.update(b"".join(b"\0" if m is None else m.encode() for m in metas))
-    return h.hexdigest()
-
-
-def connect_readonly(path: str | os.PathLike) -> sqlite3.Connection:
-    """Open a finished database (a staged shard, a merged result) read-only, without locking, and
-    without trusting its schema: nothing in the file gets to run."""
-    uri = f"file:{Path(path).absolute()}?mode=ro&immutable=1"
-    con = sqlite3.connect(uri, uri=True)
-    con.execute("PRAGMA trusted_schema = OFF")
-    return con
-
-
-def page_size(path: str | os.PathLike) -> int:
-    """The page size of the finished database at ``path``."""
-    con = connect_readonly(path)
-    try:
-        return con.execute("PRAGMA page_size").fetchone()[0]
-    finally:
-        con.close()
-
-
-def database_meta(spec: dict[str, Any], fingerprint: str) -> dict[str, str]:
-    """The ``meta`` rows every database of a run (shard or merged) starts with."""
-    from . import __version__
-
-    return {"schema_version": str(SCHEMA_VERSION), "dtype": spec["generator"]["dtype"],
-            "fingerprint": fingerprint, "task_size": str(spec["run"]["task_size"]),
-            "spec": json.dumps(spec, sort_keys=True), "unidask_version": __version__}
-
-
-def read_meta(con: sqlite3.Connection, schema: str = "main") -> dict[str, str]:
-    return dict(con.execute(f"SELECT key, value FROM {schema}.meta"))
+WRITE_BEHIND_EVERY = files.WRITE_BEHIND_EVERY
 
 
 class Shard:
@@ -169,9 +61,9 @@ class Shard:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise InputError(f"cannot create local dir {self.path.parent}: {e.strerror}") from None
+            raise InputError(f"cannot create local dir {self.path.parent}: {e.strerror}") from e
         if not allow_network_fs:
-            require_local_disk(self.path.parent)
+            files.require_local_disk(self.path.parent)
         try:
             self.con = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
@@ -192,15 +84,15 @@ class Shard:
                 synchronous = "FULL"
             self.con.execute(f"PRAGMA synchronous = {synchronous}")
             # the first real write doubles as the probe that the journal works on this filesystem
-            self._retry(self.con.executescript, SCHEMA)
+            self._retry(self.con.executescript, db.SCHEMA)
             # shard_uid tells this file from a later one at the same path (after a node lost its
             # disk), so their staged snapshots get different names and neither overwrites the other
             rows = {**meta, "shard_uid": secrets.token_hex(3)}
             self._transaction(self.con.executemany,
                               "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", rows.items())
-            found = read_meta(self.con)
+            found = db.read_meta(self.con)
         except sqlite3.Error as e:
-            raise RunError(f"{self.path}: cannot open shard: {e}") from None
+            raise RunError(f"{self.path}: cannot open shard: {e}") from e
         self.uid = found["shard_uid"]
         if found.get("fingerprint") != meta["fingerprint"]:
             raise RunError(f"{self.path}: shard belongs to another run "
@@ -246,7 +138,7 @@ class Shard:
         buf = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         data = memoryview(buf).cast("B") if buf.size else b""
         step = len(data) // len(array) if len(array) else 1
-        digest = checksum(data, [None] * len(array) if metas is None else metas)
+        digest = db.checksum(data, [None] * len(array) if metas is None else metas)
 
         def insert() -> bool:
             found = self.con.execute("SELECT checksum FROM tasks WHERE task = ?", (task,)).fetchone()
@@ -279,10 +171,10 @@ class Shard:
         # a WAL shard syncs nothing at commit (NORMAL), so only a single writer's file gains
         behind = self.single_writer and len(data) >= 2 * WRITE_BEHIND_EVERY
         try:
-            with write_behind(self.path) if behind else contextlib.nullcontext():
+            with files.write_behind(self.path) if behind else contextlib.nullcontext():
                 return self._transaction(insert)
         except sqlite3.Error as e:
-            raise RunError(f"{self.path}: cannot write task {task}: {e}") from None
+            raise RunError(f"{self.path}: cannot write task {task}: {e}") from e
 
     @property
     def staged_name(self) -> str:
@@ -293,41 +185,36 @@ class Shard:
         name, fsync it and rename it into place, so the staged name only ever holds a whole
         database. Returns the staged path and the number of tasks in the copy."""
         dest = Path(staging_dir) / self.staged_name
-        tmp = temp_name(dest)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(dest)
-            if not (self.single_writer and self._copy_file(tmp)):
-                # VACUUM INTO copies one read snapshot of the WAL database (writers go on
-                # meanwhile) into a compact file with a rollback journal: readers of it need no
-                # -wal or -shm
-                self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
-            return self._publish(tmp, dest)
+            with files.publishing(dest) as tmp:
+                if not (self.single_writer and self._copy_file(tmp)):
+                    # VACUUM INTO copies one read snapshot of the WAL database (writers go on
+                    # meanwhile) into a compact file with a rollback journal: readers of it need
+                    # no -wal or -shm
+                    self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
+                counts = self._seal(tmp)
         except (sqlite3.Error, OSError) as e:
-            tmp.unlink(missing_ok=True)
-            raise self._stage_error(dest, e) from None
+            raise self._stage_error(dest, e) from e
+        return dest, *counts
 
     def _stage_error(self, dest: Path, e: Exception) -> RunError:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return RunError(f"cannot stage {self.path} to {dest}: {reason}")
 
     @staticmethod
-    def _publish(tmp: Path, dest: Path) -> tuple[Path, int, int]:
+    def _seal(tmp: Path) -> tuple[int, int]:
         """Make the staged copy at ``tmp`` a rollback-journal database (header bytes 18-19, the file
         format versions: 1 instead of WAL's 2, what `PRAGMA journal_mode = DELETE` writes; readers
-        need no -wal or -shm), read it back, fsync it and rename it to ``dest``."""
+        need no -wal or -shm) and read it back: its tasks and rows."""
         with open(tmp, "r+b") as f:
             f.seek(18)
             f.write(b"\x01\x01")
-        check = connect_readonly(tmp)
+        check = db.connect_readonly(tmp)
         try:
-            tasks, rows = check.execute("SELECT count(*), coalesce(sum(count), 0) FROM tasks").fetchone()
+            return check.execute("SELECT count(*), coalesce(sum(count), 0) FROM tasks").fetchone()
         finally:
             check.close()
-        fsync_path(tmp)
-        os.replace(tmp, dest)
-        fsync_path(dest.parent)
-        return dest, tasks, rows
 
     def close_and_move(self, staging_dir: str | os.PathLike) -> tuple[Path, int, int] | None:
         """The final stage-out of a single-writer shard whose staging dir is on the same filesystem
@@ -341,17 +228,19 @@ class Shard:
         if any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-shm")):
             raise RunError(f"{self.path}: another process still has this single-writer shard open; "
                            "left in place (`unidask run --resume` stages it)")
-        tmp = temp_name(dest)
-        remove_stale_temps(dest)
+        tmp = files.temp_name(dest)
+        files.remove_stale_temps(dest)
         try:
             os.rename(self.path, tmp)
         except OSError as e:
-            raise self._stage_error(dest, e) from None
+            raise self._stage_error(dest, e) from e
         try:
-            return self._publish(tmp, dest)
+            counts = self._seal(tmp)
+            files.publish(tmp, dest)
         except (sqlite3.Error, OSError) as e:
             os.rename(tmp, self.path)  # back where `--resume` finds it
-            raise self._stage_error(dest, e) from None
+            raise self._stage_error(dest, e) from e
+        return dest, *counts
 
     def _copy_file(self, tmp: Path) -> bool:
         """Snapshot by copying the file, ~3x faster than VACUUM INTO: while this connection holds
@@ -379,88 +268,82 @@ class Shard:
         self.con.close()
 
 
-def temp_name(dest: Path) -> Path:
-    """Where ``dest`` is built before its rename: hidden, and naming the host and process."""
-    return dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+# -- where a run's live shards are, and how they are opened -----------------------------------------
+
+def new_attempt() -> str:
+    """An id unique to this allocation, so a resumed run never overwrites an earlier staged shard."""
+    return slurm.job_id() or secrets.token_hex(4)
 
 
-def remove_stale_temps(dest: Path) -> None:
-    """Remove temporaries of ``dest`` left by killed processes of this host (and our own)."""
-    prefix = f".{dest.name}.tmp-{socket.gethostname()}-"
-    for tmp in dest.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = tmp.name[len(prefix):].split("-")[0]  # also its -journal, -wal
-        if pid.isdigit() and (int(pid) == os.getpid() or not os.path.exists(f"/proc/{pid}")):
-            tmp.unlink(missing_ok=True)
+def run_local_dir(spec: Spec) -> Path:
+    """This node's directory of the run's live shards."""
+    return spec.local_dir / spec.name
 
 
-SUFFIXES = ("", "-journal", "-wal", "-shm")  # a database file and its companions
+def local_path(spec: Spec, attempt: str, node: str | None = None) -> Path:
+    """This process's live shard: the node's, or its own with ``storage.shard_per = "process"``."""
+    own = f"-p{os.getpid()}" if spec.storage.shard_per == "process" else ""
+    return run_local_dir(spec) / f"{node or slurm.node_name()}-{attempt}{own}.db"
 
 
-def remove_files(path: Path) -> None:
-    """Remove a database and its journal, WAL and shared-memory files."""
-    for suffix in SUFFIXES:
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+def _writer_pid(path: Path) -> int | None:
+    """The pid in a process shard's name (``NODE-ATTEMPT-pPID.db``)."""
+    pid = path.stem.rsplit("-p", 1)[-1]
+    return int(pid) if pid.isdigit() else None
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (after a rename, so the new name survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
+def options(spec: Spec, row_bytes: int | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """The meta rows and the open options of this run's shards; ``row_bytes`` (one matrix) sizes
+    the pages of a new shard under ``page_size = "auto"`` (an existing file keeps its own)."""
+    s = spec.storage
+    page_size = s.page_size
+    if page_size == "auto":
+        page_size = db.page_size_for(row_bytes) if row_bytes else max(db.AUTO_PAGE_SIZES)
+    return (db.database_meta(spec.to_dict(), spec.fingerprint),
+            {"synchronous": s.synchronous, "busy_timeout": s.busy_timeout,
+             "allow_network_fs": s.allow_network_fs, "page_size": page_size,
+             "single_writer": s.shard_per == "process"})
+
+
+def check_local_dir(spec: Spec) -> None:
+    """Fail early on an unusable local dir (in local mode the driver's machine is the node)."""
+    path = spec.local_dir
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise InputError(f"local_dir {path} is not writable: {e.strerror or e}") from e
+    if not spec.storage.allow_network_fs:
+        files.require_local_disk(path)
 
 
-@contextlib.contextmanager
-def write_behind(path: Path, every: int = WRITE_BEHIND_EVERY, poll: float = 0.01) -> Iterator[None]:
-    """While the body writes ``path``, flush it to disk on another thread each time it has grown
-    by ``every`` bytes, so the closing sync (a commit's, the merge's fsync) finds little left: the
-    disk works while the CPU inserts. The page cache would otherwise hold it all (Linux starts
-    writing back only at 10% of memory dirty): the merge's closing fsync was 0.28 s of 0.75 s at
-    n = 16. Safe at any point: the kernel may write any dirty page back whenever it likes.
+def disk(spec: Spec) -> str:
+    """Which shard this process writes: its node, and the device and inode of the local dir
+    (workers of one SLURM job share it; two jobs on one node with private scratch do not), and with
+    ``shard_per = "process"`` its process id."""
+    path = spec.local_dir
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.stat()
+    own = f":{os.getpid()}" if spec.storage.shard_per == "process" else ""  # each stages its own
+    return f"{slurm.node_name()}:{st.st_dev}:{st.st_ino}{own}"
 
-    Does nothing on a network filesystem (the merge's output on shared storage): there every flush
-    is a round trip to its servers: the merge onto sshfs ran 0.90x (n = 16) and 0.94x (n = 4) as
-    fast with it."""
-    if filesystem_type(path.parent) in NETWORK_FS:
-        yield
-        return
-    stop = threading.Event()
 
-    def flush() -> None:
-        # best effort: the closing fsync_path is what makes the file durable, so a flush that
-        # fails here only loses the overlap
-        with contextlib.suppress(OSError):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                flushed = os.fstat(fd).st_size
-                while not stop.wait(poll):
-                    if (size := os.fstat(fd).st_size) >= flushed + every:
-                        os.fdatasync(fd)
-                        flushed = size
-            finally:
-                os.close(fd)
-
-    thread = threading.Thread(target=flush, name="unidask-write-behind", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
+# -- this process's open shards (worker processes live long: open once) ----------------------------
 
 _open: dict[Path, Shard] = {}
 
 
 def cached(path: Path) -> Shard | None:
-    """This process's open shard at ``path``, if any (worker processes live long: open once)."""
+    """This process's open shard at ``path``, if any."""
     return _open.get(path)
 
 
-def open_shard(path: Path, meta: dict[str, str], **options: Any) -> Shard:
-    """Open the shard at ``path`` and keep it for :func:`cached`."""
-    shard = _open[path] = Shard(path, meta, **options)
+def for_task(spec: Spec, attempt: str, row_bytes: int | None = None) -> Shard:
+    """This process's live shard of the run, opened on first use and kept."""
+    path = local_path(spec, attempt)
+    if (shard := _open.get(path)) is None:
+        meta, opts = options(spec, row_bytes)
+        shard = _open[path] = Shard(path, meta, **opts)
     return shard
 
 
@@ -472,21 +355,75 @@ def close_shards() -> list[str]:
     return paths
 
 
-def staged_rows(paths: Iterable[Path], sql: str) -> Iterator[tuple]:
-    """The rows of ``sql`` in each staged shard, read-only; unreadable files are skipped here and
-    reported by the merge."""
-    for p in paths:
-        try:
-            con = connect_readonly(p)
-            try:
-                rows = con.execute(sql).fetchall()
-            finally:
-                con.close()
-        except sqlite3.Error:
+# -- stage-outs --------------------------------------------------------------------------------------
+
+def stage(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
+    """Copy this process's (or node's) shard to the run dir as a whole snapshot; None if it has
+    none. ``final``: close it and delete the local shard after staging (for a node shard, the
+    driver closes the other processes' connections first)."""
+    node = slurm.node_name()
+    if spec.storage.shard_per == "process":
+        stage_orphans(spec, attempt, node)
+    path = local_path(spec, attempt, node)
+    if not path.exists() and cached(path) is None:
+        return None
+    start = time.time()
+    live, staging = for_task(spec, attempt), RunDir(spec.run_dir).shards
+    if not final or (moved := live.close_and_move(staging)) is None:
+        moved = live.snapshot(staging)
+    dest, tasks, rows = moved
+    if final:
+        close_shards()
+        db.remove_files(path)
+    return {"node": node, "path": str(dest), "tasks": tasks, "rows": rows,
+            "bytes": dest.stat().st_size, "time": time.time(), "seconds": time.time() - start}
+
+
+def stage_orphans(spec: Spec, attempt: str, node: str) -> list[Path]:
+    """Stage and remove the shards of this node's worker processes that died (``shard_per =
+    "process"``): their restarted successors write new shards, and without this every task the
+    dead ones wrote since their last stage-out would be generated again. A lock on a claim file
+    keeps two workers of the node from taking the same orphan."""
+    staged = []
+    for path in sorted(run_local_dir(spec).glob(f"{glob.escape(node)}-{glob.escape(attempt)}-p*.db")):
+        pid = _writer_pid(path)
+        if pid is None or pid == os.getpid() or files.pid_alive(pid):
             continue
-        yield from rows
+        # a lock, not a mere file, so a worker killed while staging an orphan leaves it to the next
+        claim = path.with_name(f".{path.name}.claim")
+        fd = os.open(claim, os.O_CREAT | os.O_WRONLY, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            if path.exists():  # not yet staged and removed by the previous holder
+                staged.append(stage_and_remove(spec, path))
+        finally:
+            if not path.exists():
+                claim.unlink(missing_ok=True)
+            os.close(fd)
+    return staged
 
 
-def staged_tasks(paths: Iterable[Path]) -> dict[int, str]:
-    """Task -> checksum over staged shards."""
-    return dict(staged_rows(paths, "SELECT task, checksum FROM tasks"))
+def salvage(spec: Spec) -> list[Path]:
+    """Stage the shards an earlier, killed driver left in this machine's local dir, then remove them.
+
+    Used on ``--resume`` in local mode, where the local dir of every simulated node is on this
+    machine; opening a shard replays its WAL or rolls back its hot journal, so every committed task is
+    kept.
+    """
+    return [stage_and_remove(spec, path) for path in sorted(run_local_dir(spec).glob("[!.]*.db"))]
+
+
+def stage_and_remove(spec: Spec, path: Path) -> Path:
+    """Stage a shard whose writer is gone, then remove it from local disk."""
+    meta, opts = options(spec)
+    live = Shard(path, meta, **{**opts, "single_writer": True})
+    try:
+        staged = live.snapshot(RunDir(spec.run_dir).shards)[0]
+    finally:
+        live.close()
+    db.remove_files(path)
+    return staged

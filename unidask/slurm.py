@@ -1,61 +1,58 @@
-"""Everything about SLURM behind one small interface: render and submit the job scripts, and stop
-cleanly on the signal SLURM sends before the walltime."""
+"""Everything about SLURM behind one small interface: its environment variables, rendering and
+submitting the job scripts (``sbatch``), and asking the queue (``squeue``)."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import re
 import shlex
-import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Mapping
 
-from .config import Spec
-from .errors import InputError, RunError, Stopped
+from .config import Spec, format_override
+from .errors import InputError, RunError
+from .rundir import RunDir
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-_stop_message: str | None = None
+log = logging.getLogger("unidask")
 
 
-@contextlib.contextmanager
-def stop_on_signal() -> Iterator[None]:
-    """Turn SLURM's pre-walltime signal (USR1, or TERM) into :class:`Stopped` in the main thread,
-    so the driver stages every shard out before it exits. Later signals are ignored meanwhile."""
-    global _stop_message
+# -- the environment SLURM gives a job -------------------------------------------------------------
 
-    def handler(signum, frame):
-        global _stop_message
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        _stop_message = (f"stopped by {signal.Signals(signum).name} (walltime near?): every finished "
-                         "task is staged; submit again to finish, it resumes")
-        raise Stopped(_stop_message)
-
-    _stop_message = None
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        _stop_message = None
-        for s, h in previous.items():
-            signal.signal(s, h)
+def node_name() -> str:
+    """This node's identity: ``UNIDASK_NODE``, else SLURM's node name, else the host name."""
+    return os.environ.get("UNIDASK_NODE") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def check_stop() -> None:
-    """Raise :class:`Stopped` if a stop signal came. The handler raises it already, but Python
-    drops an exception raised inside a finalizer: a signal landing in a Dask future's ``__del__``
-    would be lost, and the run would go on to its walltime. The driver calls this between tasks."""
-    if _stop_message is not None:
-        raise Stopped(_stop_message)
+def job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID")
 
+
+def job_nodes() -> int:
+    """Nodes of this job (1 outside SLURM)."""
+    return int(os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+
+
+def submit_host() -> str:
+    """Where the user submitted from (the login node an ssh tunnel goes through)."""
+    return os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
+
+
+def walltime_seconds(text: str) -> int:
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
+    if not m:
+        raise InputError(f"walltime {text!r}: expected HH:MM:SS (or D-HH:MM:SS)")
+    d, h, mi, s = (int(x) if x else 0 for x in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+# -- the job scripts -------------------------------------------------------------------------------
 
 def template(name: str) -> str:
     return files("unidask").joinpath("jobscripts", name).read_text()
@@ -71,16 +68,13 @@ def render(script: str, directives: list[str], env: dict[str, str]) -> str:
     return "\n".join(head + body[:at] + exports + body[at:]) + "\n"
 
 
-def seconds_to_walltime(seconds: int) -> str:
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def walltime_seconds(text: str) -> int:
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
-    if not m:
-        raise InputError(f"--time {text!r}: expected HH:MM:SS (or D-HH:MM:SS)")
-    d, h, mi, s = (int(x) if x else 0 for x in m.groups())
-    return ((d * 24 + h) * 60 + mi) * 60 + s
+def job_env(spec: Spec) -> list[str]:
+    """What a generation job needs to know of its run, as shell exports: the run dir's paths (of
+    this job, from ``SLURM_JOB_ID``) and the run's security."""
+    rd = RunDir(spec.run_dir)
+    values = {"RUN_DIR": rd.path, "LOGS": rd.logs, "SCHEDULER_FILE": rd.scheduler_file(job_id() or "local"),
+              "SECURITY": spec.cluster.security}
+    return [f"export {k}={shlex.quote(str(v))}" for k, v in values.items()]
 
 
 @dataclass
@@ -90,23 +84,24 @@ class Submission:
     scripts: dict[str, str]
     logs: Path
     status: int | None = None      # the merge job's exit status, with --wait
+    args: list[str] = field(default_factory=list)
 
 
-def job_scripts(spec: Spec, config: Path, overrides: list[str], *, nodes: int, time_limit: str,
+def job_scripts(spec: Spec, config: Path, args: list[str], *, nodes: int, time_limit: str,
                 partition: str | None, account: str | None) -> dict[str, str]:
-    """The rendered generation and merge scripts for ``spec``."""
-    logs = spec.run_dir / "logs"
+    """The rendered generation and merge scripts for ``spec``; ``args`` follow CONFIG."""
+    logs = RunDir(spec.run_dir).logs
     common = [f"--partition={partition}"] * bool(partition) + [f"--account={account}"] * bool(account)
-    stop_before = min(int(spec.cluster["stop_before"]), max(60, walltime_seconds(time_limit) // 2))
+    stop_before = min(int(spec.cluster.stop_before), max(60, walltime_seconds(time_limit) // 2))
     generate = [f"--job-name=unidask-{spec.name}", f"--nodes={nodes}", "--ntasks-per-node=1",
                 "--exclusive", f"--time={time_limit}", f"--signal=B:USR1@{stop_before}",
                 f"--output={logs}/%x-%j.out", *common]
     merge = [f"--job-name=unidask-merge-{spec.name}", "--nodes=1", "--ntasks=1",
              f"--time={time_limit}", f"--output={logs}/%x-%j.out", *common]
     env = {"UNIDASK_PYTHON": sys.executable}
-    args = " ".join(shlex.quote(a) for a in [str(config), *sum((["--set", o] for o in overrides), [])])
-    return {"generate": render(template("generate.sbatch"), generate, env) + f"# args: {args}\n",
-            "merge": render(template("merge.sbatch"), merge, env) + f"# args: {args}\n"}
+    line = "# args: " + " ".join(shlex.quote(a) for a in [str(config), *args]) + "\n"
+    return {"generate": render(template("generate.sbatch"), generate, env) + line,
+            "merge": render(template("merge.sbatch"), merge, env) + line}
 
 
 def sbatch(script: Path, args: list[str], extra: list[str] = (), *, wait: bool = False) -> tuple[str, int]:
@@ -114,8 +109,8 @@ def sbatch(script: Path, args: list[str], extra: list[str] = (), *, wait: bool =
     cmd = ["sbatch", "--parsable", *extra, *(["--wait"] if wait else []), str(script), *args]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise InputError("sbatch not found: is this a SLURM login node? (see cluster/ for a local SLURM)") from None
+    except FileNotFoundError as e:
+        raise InputError("sbatch not found: is this a SLURM login node? (see cluster/ for a local SLURM)") from e
     job = r.stdout.strip().split(";")[0].splitlines()[0] if r.stdout.strip() else ""
     if not job:
         said = " / ".join(line.strip() for line in (r.stderr or r.stdout).splitlines() if line.strip())
@@ -123,38 +118,52 @@ def sbatch(script: Path, args: list[str], extra: list[str] = (), *, wait: bool =
     return job, r.returncode
 
 
-def submit(spec: Spec, config: str | os.PathLike, overrides: list[str] = (), *, nodes: int = 2,
+def check_accepts(script: str) -> None:
+    """Ask SLURM whether it would take the job ``script`` (``sbatch --test-only``); raise with
+    SLURM's reason where it would not."""
+    check = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True)
+    if check.returncode != 0:
+        reason = [line for line in check.stderr.splitlines() if "error" in line] or [check.stderr.strip()]
+        raise RunError(f"SLURM refuses the worker jobs: {reason[-1]}")
+
+
+def queued(jobs: list[str]) -> list[str]:
+    """Which of ``jobs`` are still in the queue (pending or running)."""
+    return subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
+                          text=True).stdout.split()
+
+
+def submit(spec: Spec, config: str | os.PathLike, overrides: Mapping[str, Any] = {}, *, nodes: int = 2,
            time_limit: str = "01:00:00", partition: str | None = None, account: str | None = None,
-           dry_run: bool = False, wait: bool = False, echo: Callable[[str], None] = print) -> Submission:
-    """Render both job scripts, submit generation, then merge with ``--dependency=afterok``."""
+           dry_run: bool = False, wait: bool = False) -> Submission:
+    """Render both job scripts, submit generation, then merge with ``--dependency=afterok``.
+    ``overrides`` (``{"section.key": value}``) reach both jobs as ``--set`` arguments."""
     config = Path(config).absolute()
-    scripts = job_scripts(spec, config, list(overrides), nodes=nodes, time_limit=time_limit,
-                          partition=partition, account=account)
-    logs = spec.run_dir / "logs"
-    sub = Submission(None, None, scripts, logs)
+    args = [a for key, value in overrides.items() for a in ("--set", format_override(key, value))]
+    scripts = job_scripts(spec, config, args, nodes=nodes, time_limit=time_limit, partition=partition,
+                          account=account)
+    rd = RunDir(spec.run_dir)
+    sub = Submission(None, None, scripts, rd.logs, args=args)
     if dry_run:
         return sub
-    from .driver import prepare_run_dir
-
-    prepare_run_dir(spec, resume=True, private=True)
-    jobs = spec.run_dir / "jobs"
-    logs.mkdir(parents=True, exist_ok=True)
-    jobs.mkdir(exist_ok=True)
+    rd.prepare(spec, resume=True, private=True)
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    rd.jobs.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    args = [str(config), *sum((["--set", o] for o in overrides), [])]
     paths = {}
     for name, text in scripts.items():
-        paths[name] = jobs / f"{name}-{stamp}.sbatch"
+        paths[name] = rd.jobs / f"{name}-{stamp}.sbatch"
         paths[name].write_text(text)
-    sub.generate_job, _ = sbatch(paths["generate"], args)
-    sub.merge_job, status = sbatch(paths["merge"], args, [f"--dependency=afterok:{sub.generate_job}",
-                                                          "--kill-on-invalid-dep=yes"], wait=wait)
+    sub.generate_job, _ = sbatch(paths["generate"], [str(config), *args])
+    sub.merge_job, status = sbatch(paths["merge"], [str(config), *args],
+                                   [f"--dependency=afterok:{sub.generate_job}", "--kill-on-invalid-dep=yes"],
+                                   wait=wait)
     if wait:
         # a merge job cancelled because generation failed also "ends" with 0 under sbatch --wait;
         # SLURM creates a job's output file only when it starts, so that tells the two apart
-        ran = any(logs.glob(f"*-{sub.merge_job}.out"))
+        ran = any(rd.logs.glob(f"*-{sub.merge_job}.out"))
         sub.status = status if ran else 1
         if not ran:
-            echo(f"generation job {sub.generate_job} did not complete (see {logs}); merge job "
-                 f"{sub.merge_job} was cancelled. Submit again to resume.")
+            log.warning("generation job %s did not complete (see %s); merge job %s was cancelled. "
+                        "Submit again to resume.", sub.generate_job, rd.logs, sub.merge_job)
     return sub

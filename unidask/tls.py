@@ -12,13 +12,11 @@ import datetime
 import os
 from pathlib import Path
 
+from . import files
 from .errors import InputError, RunError
+from .rundir import RunDir
 
 FILES = ("ca.pem", "cert.pem", "key.pem")
-
-
-def tls_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "tls"
 
 
 def ensure(run_dir: str | os.PathLike, days: int = 365) -> dict[str, Path]:
@@ -28,7 +26,7 @@ def ensure(run_dir: str | os.PathLike, days: int = 365) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    d = tls_dir(Path(run_dir))
+    d = RunDir(run_dir).tls
     paths = {name.split(".")[0]: d / name for name in FILES}
     if all(p.exists() for p in paths.values()):
         return paths
@@ -64,12 +62,9 @@ def ensure(run_dir: str | os.PathLike, days: int = 365) -> dict[str, Path]:
                                      serialization.NoEncryption()),
         }
         for name, data in contents.items():
-            tmp = paths[name].with_name(f".{paths[name].name}.tmp-{os.getpid()}")
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, paths[name])
+            files.write_atomic(paths[name], data, mode=0o600)
     except OSError as e:
-        raise RunError(f"cannot write the run's TLS files in {d}: {e.strerror or e}") from None
+        raise RunError(f"cannot write the run's TLS files in {d}: {e.strerror or e}") from e
     finally:
         os.umask(old)
     return paths

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import generators, plan
+from .db import checksum as task_checksum
 from .config import Spec
 from .dataset import Dataset
 
@@ -42,13 +44,11 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
     """Recompute every task's checksum, check ids, counts and unitarity, and list missing tasks.
     With ``against``: the database must be that config's run, and ``sample`` of its tasks are
     generated again and compared byte for byte."""
-    from . import plan, shard, worker
-
     with Dataset(db) as ds:
         v = Verdict(str(db))
         run = ds.spec["run"]
         task_size, dtype = run["task_size"], ds.meta["dtype"]
-        v.expected_tasks = -(-run["count"] // task_size)
+        v.expected_tasks = plan.n_tasks(run["count"], task_size)
         recorded = {t: (c, n) for t, c, n in ds.con.execute("SELECT task, checksum, count FROM tasks")}
         v.tasks = len(recorded)
         seen: dict[int, int] = {}
@@ -60,7 +60,7 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
             checksum, count = recorded.get(current, (None, None))
             if checksum is None:
                 v.problems.append(f"task {current} has rows but no tasks row")
-            elif shard.checksum(b"".join(chunks), metas) != checksum:
+            elif task_checksum(b"".join(chunks), metas) != checksum:
                 v.problems.append(f"task {current}: checksum mismatch")
             if count is not None and count != seen[current]:
                 v.problems.append(f"task {current}: {seen[current]} rows, tasks row says {count}")
@@ -84,8 +84,7 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
                 v.problems.append("rows whose dim or data size disagree")
                 continue
             u = np.frombuffer(b"".join(r[2] for r in rows), np.dtype(dtype).newbyteorder("<"))
-            u = u.reshape(-1, n, n).astype(np.complex128)
-            err = float(np.abs(np.einsum("kji,kjl->kil", u.conj(), u) - np.eye(n)).max())
+            err = float(generators.unitarity_errors(u.reshape(-1, n, n)).max())
             v.max_error = max(v.max_error, err)
             v.rows += len(rows)
         close_task()
@@ -104,7 +103,7 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
                 picks = sorted({present[k * (len(present) - 1) // max(1, sample - 1)]
                                 for k in range(sample)}) if present else []
                 for t in picks:
-                    array, _ = worker.generate(against, t)
+                    array, _ = generators.generate(against, t)
                     start = t * task_size
                     stored = ds[start:start + against.task_count(t)]
                     if stored.tobytes() != array.astype(array.dtype.newbyteorder("<")).tobytes():

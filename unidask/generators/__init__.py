@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
+from .. import plan
 from ..errors import InputError, RunError
 from . import circuits, groups, haar as _haar
+
+if TYPE_CHECKING:
+    from ..config import Spec
 
 REQUIRED = object()
 
@@ -113,9 +118,9 @@ def get(kind: str) -> Generator:
         return plugin(kind)
     try:
         return REGISTRY[kind]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError) as e:
         raise InputError(f"unknown generator kind {kind!r} (known: {', '.join(REGISTRY)}, "
-                         "or module:function)") from None
+                         "or module:function)") from e
 
 
 def plugin(kind: str) -> Generator:
@@ -124,9 +129,9 @@ def plugin(kind: str) -> Generator:
     try:
         function = getattr(importlib.import_module(module), name)
     except ImportError as e:
-        raise InputError(f"generator {kind!r}: cannot import {module!r} ({e})") from None
-    except AttributeError:
-        raise InputError(f"generator {kind!r}: module {module!r} has no {name!r}") from None
+        raise InputError(f"generator {kind!r}: cannot import {module!r} ({e})") from e
+    except AttributeError as e:
+        raise InputError(f"generator {kind!r}: module {module!r} has no {name!r}") from e
     if not callable(function):
         raise InputError(f"generator {kind!r} is not a function")
     params = dict(PLUGIN_PARAMS)
@@ -153,11 +158,39 @@ def _call_plugin(gen: Generator, rng, count: int, dtype: str, params: Mapping[st
         raise RunError(f"generator {gen.kind!r} returned non-finite values (NaN or inf)")
     array = array.astype(dtype)
     if params["check_unitary"] and count:
-        n = array.shape[-1]
-        u = array.astype(np.complex128)
-        err = np.abs(np.einsum("kji,kjl->kil", u.conj(), u) - np.eye(n)).max(axis=(1, 2))
+        err = unitarity_errors(array)
         bad = int(np.argmax(err))
         if err[bad] > params["tolerance"]:
             raise RunError(f"generator {gen.kind!r} returned a matrix that is not unitary (#{bad}: "
                            f"max |U^H U - I| = {err[bad]:.1e} > tolerance {params['tolerance']:g})")
+    return array, metas
+
+
+def unitarity_errors(u: np.ndarray) -> np.ndarray:
+    """max |U^H U - I| of each matrix of a ``(k, n, n)`` array, in double precision."""
+    u = np.asarray(u).astype(np.complex128)
+    n = u.shape[-1]
+    return np.abs(np.einsum("kji,kjl->kil", u.conj(), u) - np.eye(n)).max(axis=(1, 2))
+
+
+def generate(spec: Spec, task: int) -> tuple[np.ndarray, list[str | None] | None]:
+    """Task ``task``'s unitaries and their meta strings (JSON), checked for shape, dtype and
+    finiteness: what a worker writes and what ``verify --against`` compares with."""
+    count = spec.task_count(task)
+    array, metas = get(spec.kind)(plan.rng(spec, task), count, spec.dtype, spec.params)
+    if not isinstance(array, np.ndarray) or array.ndim != 3 or array.shape[0] != count \
+            or array.shape[1] != array.shape[2]:
+        raise RunError(f"generator {spec.kind!r} returned {getattr(array, 'shape', type(array))}, "
+                       f"expected ({count}, n, n)")
+    if array.dtype != np.dtype(spec.dtype):
+        raise RunError(f"generator {spec.kind!r} returned dtype {array.dtype}, expected {spec.dtype}")
+    if not np.isfinite(array).all():
+        raise RunError(f"generator {spec.kind!r} returned non-finite values in task {task}")
+    if metas is not None:
+        if len(metas) != count:
+            raise RunError(f"generator {spec.kind!r} returned {len(metas)} metas for {count} unitaries")
+        try:
+            metas = [None if m is None else json.dumps(m, sort_keys=True) for m in metas]
+        except TypeError as e:
+            raise RunError(f"generator {spec.kind!r} returned meta that is not JSON: {e}") from e
     return array, metas

@@ -1,0 +1,71 @@
+"""The package's shape: its modules import each other without a cycle."""
+
+import ast
+from pathlib import Path
+
+import unidask
+
+PACKAGE = Path(unidask.__file__).parent
+
+
+def module_imports() -> dict[str, set[str]]:
+    """unidask module -> the unidask modules it imports, anywhere in it (the package's
+    ``__init__`` left out: it imports the API from every module)."""
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        if name == "unidask":
+            continue
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                deps |= {f"{target}.{a.name}" if not node.module else target for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("unidask.")}
+        graph[name] = {d for d in deps if d != "unidask"}
+    return graph
+
+
+def imports(tree: ast.AST):
+    """Every import statement, local ones too, but not those only for type checkers."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        yield from imports(node)
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path + [node, dep]
+            if dep not in state and (cycle := visit(dep, path + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return None
+
+
+def test_no_import_cycle():
+    graph = module_imports()
+    assert {"unidask.config", "unidask.rundir", "unidask.shard", "unidask.driver"} <= set(graph)
+    assert "unidask.rundir" in graph["unidask.shard"]     # the graph sees relative imports
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_a_cycle_is_found():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None

@@ -1,0 +1,148 @@
+"""Files on disk: one atomic publish (temp name, fsync, rename, fsync the directory), stale temps of
+killed processes, the write-behind flusher, and which filesystem a path is on."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+WRITE_BEHIND_EVERY = 8 << 20   # bytes written between flushes of write_behind
+
+# Filesystems where SQLite's locks and WAL's shared-memory index do not work across hosts (or at
+# all).
+NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
+              "fuse.cephfs", "glusterfs", "fuse.glusterfs", "afs", "9p", "fuse.sshfs", "panfs",
+              "orangefs", "pvfs2", "wekafs"}
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (the pid in a temp or shard file's name)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
+def temp_name(dest: Path) -> Path:
+    """Where ``dest`` is built before its rename: hidden, and naming the host and process."""
+    return dest.with_name(f".{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_stale_temps(dest: Path) -> None:
+    """Remove temporaries of ``dest`` left by killed processes of this host (and our own)."""
+    prefix = f".{dest.name}.tmp-{socket.gethostname()}-"
+    for tmp in dest.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split("-")[0]  # also its -journal, -wal
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (after a rename, so the new name survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def publishing(dest: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+    """Build ``dest`` whole: the body writes the yielded temp path; on success it is fsynced,
+    renamed to ``dest`` and the directory fsynced, so ``dest`` only ever names a whole file. On
+    failure the temp is removed and ``dest`` is untouched. ``mode`` is set before the rename."""
+    dest = Path(dest)
+    tmp = temp_name(dest)
+    remove_stale_temps(dest)
+    try:
+        yield tmp
+        publish(tmp, dest, mode)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def publish(tmp: Path, dest: Path, mode: int | None = None) -> None:
+    """fsync the whole file ``tmp``, rename it to ``dest``, fsync the directory."""
+    if mode is not None:
+        os.chmod(tmp, mode)
+    fsync_path(tmp)
+    os.replace(tmp, dest)
+    fsync_path(dest.parent)
+
+
+def write_atomic(dest: str | os.PathLike, data: bytes | str, mode: int | None = None) -> Path:
+    """Write ``data`` to ``dest`` through :func:`publishing`."""
+    with publishing(dest, mode) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+    return Path(dest)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (its longest mount point in /proc/mounts)."""
+    path = Path(os.path.realpath(path))
+    best, fstype = "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return fstype
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (str(path) == mnt or str(path).startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+            best, fstype = mnt, parts[2]
+    return fstype
+
+
+def require_local_disk(path: Path) -> None:
+    """Refuse ``path`` for live shards if it is on a network filesystem."""
+    if (fstype := filesystem_type(path)) in NETWORK_FS:
+        raise InputError(f"local dir {path} is on a network filesystem ({fstype}); a live shard "
+                         "needs node-local disk (set storage.local_dir, or storage.allow_network_fs "
+                         "= true to insist)")
+
+
+@contextlib.contextmanager
+def write_behind(path: Path, every: int = WRITE_BEHIND_EVERY, poll: float = 0.01) -> Iterator[None]:
+    """While the body writes ``path``, flush it to disk on another thread each time it has grown
+    by ``every`` bytes, so the closing sync (a commit's, the merge's fsync) finds little left: the
+    disk works while the CPU inserts. The page cache would otherwise hold it all (Linux starts
+    writing back only at 10% of memory dirty). Safe at any point: the kernel may write any dirty
+    page back whenever it likes.
+
+    Does nothing on a network filesystem (the merge's output on shared storage): there every flush
+    is a round trip to its servers, slower than no flushing (README, Performance)."""
+    if filesystem_type(path.parent) in NETWORK_FS:
+        yield
+        return
+    stop = threading.Event()
+
+    def flush() -> None:
+        # best effort: the closing fsync_path is what makes the file durable, so a flush that
+        # fails here only loses the overlap
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                flushed = os.fstat(fd).st_size
+                while not stop.wait(poll):
+                    if (size := os.fstat(fd).st_size) >= flushed + every:
+                        os.fdatasync(fd)
+                        flushed = size
+            finally:
+                os.close(fd)
+
+    thread = threading.Thread(target=flush, name="unidask-write-behind", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

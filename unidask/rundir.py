@@ -1,0 +1,116 @@
+"""The run directory on shared storage: every path in it, its record (``run.json``), and creating
+or refusing one. Nothing else names a file of a run dir.
+
+::
+
+    RUN_DIR/
+      run.json                 the spec and fingerprint of the run (what decides the data)
+      shards/NODE-ATTEMPT[-pPID]-UID.db   staged snapshots, each written whole
+      stages.jsonl             one line per stage-out (the report's figures)
+      NAME.db                  the merged database
+      tls/                     the run's CA, certificate and key (owner-only)
+      scheduler-JOB.json       a generation job's scheduler file
+      logs/  jobs/             SLURM job logs and the rendered job scripts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import db, files
+from .config import Spec
+from .errors import InputError
+
+
+class RunDir:
+    """The paths of one run directory, and what is read from and written to it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.record_path = self.path / "run.json"
+        self.shards = self.path / "shards"
+        self.stages = self.path / "stages.jsonl"
+        self.tls = self.path / "tls"
+        self.logs = self.path / "logs"
+        self.jobs = self.path / "jobs"
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def database(self, name: str) -> Path:
+        """The merged database's default path."""
+        return self.path / f"{name}.db"
+
+    def scheduler_file(self, job_id: str) -> Path:
+        return self.path / f"scheduler-{job_id}.json"
+
+    # -- the record ----------------------------------------------------------------------------
+
+    def record(self) -> dict[str, Any]:
+        """The run's record (run.json): its fingerprint and spec."""
+        path = self.record_path
+        try:
+            record = json.loads(path.read_text())
+            record["fingerprint"], record["spec"]["run"]["task_size"]
+        except FileNotFoundError as e:
+            raise InputError(f"{self.path}: not a unidask run directory (no run.json)") from e
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{path}: unreadable run record ({e})") from e
+        return record
+
+    def spec(self) -> Spec:
+        """The recorded spec, typed (its generator is not imported again)."""
+        try:
+            return Spec.from_dict(self.record()["spec"], str(self.record_path), recorded=True)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise InputError(f"{self.record_path}: unreadable run record ({e})") from e
+
+    def prepare(self, spec: Spec, resume: bool, private: bool | None = None) -> None:
+        """Create the run dir, refuse one that holds another run, record the spec in run.json.
+        ``private`` (default: in the cluster modes) makes it owner-only: it holds the scheduler
+        file and the run's TLS key."""
+        try:
+            self.shards.mkdir(parents=True, exist_ok=True)
+            if private or (private is None and spec.cluster.mode != "local"):
+                os.chmod(self.path, 0o700)
+            tempfile.TemporaryFile(dir=self.path).close()
+        except OSError as e:
+            raise InputError(f"run_dir {self.path} is not writable: {e.strerror or e}") from e
+        if self.record_path.exists():
+            if self.record()["fingerprint"] != spec.fingerprint:
+                raise InputError(f"{self.path} holds another run (its count, task_size, seed or "
+                                 "generator differ): choose another run.run_dir")
+        staged = self.staged_shards()
+        if staged and not resume:
+            raise InputError(f"{self.path} already holds {len(staged)} staged shard(s) of this run: "
+                             "pass --resume to finish it, or choose another run.run_dir")
+        if not self.record_path.exists():
+            from . import __version__
+
+            record = {"unidask_version": __version__, "fingerprint": spec.fingerprint,
+                      "created": time.time(), "spec": spec.to_dict()}
+            files.write_atomic(self.record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    # -- staged shards and stage-outs ------------------------------------------------------------
+
+    def staged_shards(self) -> list[Path]:
+        # temporary files of a stage-out in progress start with "." and never end in .db
+        return sorted(self.shards.glob("[!.]*.db"))
+
+    def staged_tasks(self) -> set[int]:
+        """Tasks present in the run's staged shards."""
+        return set(db.tasks_of(self.staged_shards()))
+
+    def log_stages(self, results: Iterable[dict[str, Any]]) -> None:
+        with open(self.stages, "a") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in results)
+
+    def read_stages(self) -> list[dict[str, Any]]:
+        if not self.stages.exists():
+            return []
+        return [json.loads(line) for line in self.stages.read_text().splitlines() if line.strip()]
