@@ -181,8 +181,8 @@ def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | 
     section, _, name = key.partition(".")
     try:
         click.echo(data[section][name])
-    except KeyError:
-        raise click.UsageError(f"no config key {key!r}") from None
+    except KeyError as e:
+        raise click.UsageError(f"no config key {key!r}") from e
     return 0
 
 

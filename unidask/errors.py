@@ -40,4 +40,4 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         yield
     except OSError as e:
         error = RunError if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else InputError
-        raise error(f"cannot write {path}: {e.strerror or e}") from None
+        raise error(f"cannot write {path}: {e.strerror or e}") from e
