@@ -243,13 +243,17 @@ def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option("--against", type=click.Path(dir_okay=False), metavar="CONFIG",
               help="Also check it is the data CONFIG makes (some tasks are generated again).")
+@click.option("--sample", type=click.IntRange(min=1), default=3, show_default=True,
+              help="With --against: how many tasks, evenly spread, to generate again.")
+@click.option("--full", is_flag=True, help="With --against: generate every task again.")
 @set_option
-def verify(db: str, against: str | None, overrides: tuple[tuple[str, Any], ...]) -> int:
-    """Check DB: checksums, ids, unitarity, completeness. Exit 0 only when all holds."""
+def verify(db: str, against: str | None, sample: int, full: bool, overrides: tuple[tuple[str, Any], ...]) -> int:
+    """Check DB: every planned task whole and unaltered, nothing else, every matrix finite and
+    unitary, the total. Exit 0 only when all holds."""
     from .config import load_config
     from .verify import verify as verify_db
 
-    verdict = verify_db(db, load_config(against, dict(overrides)) if against else None)
+    verdict = verify_db(db, load_config(against, dict(overrides)) if against else None, sample=sample, full=full)
     click.echo(verdict.line())
     return 0 if verdict.ok else 1
 

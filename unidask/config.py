@@ -141,6 +141,7 @@ class Spec:
     params: Mapping[str, Any]
     storage: Storage
     cluster: Cluster
+    code: str = ""   # a plugin generator's identity (generators.code_identity); "" for built-ins
     source: str = field(default="", compare=False)
 
     def __reduce__(self):
@@ -164,10 +165,11 @@ class Spec:
         kind = gen.pop("kind")
         dtype = _check(one_of("complex128", "complex64"), "generator", "dtype", gen.pop("dtype"), where)
         if recorded:
-            params = gen
+            params, code = gen, data.get("code", "")
         else:
             try:
-                params = generators.get(kind).validate(gen)
+                generator = generators.get(kind)
+                params, code = generator.validate(gen), generator.code
             except InputError as e:
                 raise InputError(f"{where}: {e}") from e
         storage = _section(Storage, "storage", data["storage"], where)
@@ -177,7 +179,7 @@ class Spec:
         if cluster.mode == "scheduler_file" and not cluster.scheduler_file:
             raise InputError(f"{where}: cluster.scheduler_file is required in scheduler_file mode")
         return cls(**values, run_dir=run_dir, kind=kind, dtype=dtype, params=MappingProxyType(params),
-                   storage=storage, cluster=cluster, source=where)
+                   storage=storage, cluster=cluster, code=code, source=where)
 
     @property
     def n_tasks(self) -> int:
@@ -195,13 +197,14 @@ class Spec:
             "generator": {"kind": self.kind, "dtype": self.dtype, **self.params},
             "storage": asdict(self.storage),
             "cluster": asdict(self.cluster),
+            **({"code": self.code} if self.code else {}),
         }
 
     @property
     def fingerprint(self) -> str:
         """Hash of everything that decides the data; shards of one run share it."""
         data = {"count": self.count, "task_size": self.task_size, "seed": self.seed,
-                "generator": self.to_dict()["generator"]}
+                "generator": self.to_dict()["generator"], **({"code": self.code} if self.code else {})}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @property

@@ -45,24 +45,33 @@ class Dataset:
     def _len(self) -> int:
         if "rows" in self.meta:  # recorded by the merge, saves a full scan
             return int(self.meta["rows"])
-        return self.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
+        return self._query("SELECT count(*) FROM unitaries").fetchone()[0]
 
     @cached_property
     def dim(self) -> int:
-        row = self.con.execute("SELECT dim FROM unitaries LIMIT 1").fetchone()
+        row = self._query("SELECT dim FROM unitaries LIMIT 1").fetchone()
         return row[0] if row else 0
 
     @cached_property
     def id_range(self) -> tuple[int, int]:
         """(smallest id, largest id + 1)."""
-        lo, hi = self.con.execute("SELECT min(id), max(id) FROM unitaries").fetchone()
+        lo, hi = self._query("SELECT min(id), max(id) FROM unitaries").fetchone()
         return (0, 0) if lo is None else (lo, hi + 1)
 
+    def _query(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        try:
+            return self.con.execute(sql, args)
+        except sqlite3.DatabaseError as e:
+            raise InputError(f"{self.path}: damaged database ({e})") from e
+
     def _read(self, sql: str, args: tuple) -> tuple[list[int], np.ndarray]:
-        rows = self.con.execute(sql, args).fetchall()
-        ids = [r[0] for r in rows]
-        flat = np.frombuffer(b"".join(r[1] for r in rows), dtype=self.dtype)
-        return ids, flat.reshape(len(rows), self.dim, self.dim)
+        try:
+            rows = self._query(sql, args).fetchall()
+            ids = [r[0] for r in rows]
+            flat = np.frombuffer(b"".join(r[1] for r in rows), dtype=self.dtype)
+            return ids, flat.reshape(len(rows), self.dim, self.dim)
+        except (sqlite3.DatabaseError, TypeError, ValueError) as e:   # rows that are not matrices
+            raise InputError(f"{self.path}: damaged database ({e})") from e
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(key, slice):
@@ -103,7 +112,7 @@ class Dataset:
 
     def meta_of(self, i: int) -> Any:
         """The JSON metadata stored with unitary ``i`` (e.g. its circuit), or None."""
-        row = self.con.execute("SELECT meta FROM unitaries WHERE id = ?", (i,)).fetchone()
+        row = self._query("SELECT meta FROM unitaries WHERE id = ?", (i,)).fetchone()
         if row is None:
             raise IndexError(f"{self.path}: no unitary with id {i}")
         return None if row[0] is None else json.loads(row[0])

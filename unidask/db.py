@@ -7,13 +7,19 @@ import contextlib
 import json
 import os
 import sqlite3
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
+import numpy as np
 import xxhash
 
+from . import generators, plan
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .config import Spec
 
 SCHEMA_VERSION = 2  # 2: no task/idx columns in unitaries; XXH3-128 checksums
 SCHEMA = files("unidask").joinpath("schema.sql").read_text()
@@ -131,10 +137,11 @@ def tasks_of(paths: Iterable[Path]) -> dict[int, str]:
     return dict(rows_of(paths, "SELECT task, checksum FROM tasks"))
 
 
-def check_database(path: Path, fingerprint: str, what: str = "shard") -> None:
-    """Raise :class:`BadFile` unless ``path`` is a database of this run, of this schema, with
-    nothing in it that could run: what must hold before any of it is read. Its pages:
-    :func:`check_pages`. ``what`` names the file in the reasons (a shard, a merged database)."""
+def check_database(path: Path, fingerprint: str | None, what: str = "shard") -> dict[str, str]:
+    """Raise :class:`BadFile` unless ``path`` is a database of this run (``fingerprint``; None:
+    of the run its meta names), of this schema, with nothing in it that could run: what must hold
+    before any of it is read. Its pages: :func:`check_pages`; its rows: :func:`check_tasks`.
+    ``what`` names the file in the reasons (a shard, a merged database). Returns its meta."""
     with reading(path) as con:
         objects = con.execute("SELECT type, name FROM sqlite_master").fetchall()
         active = [f"{t} {n}" for t, n in objects if t in ("view", "trigger")]
@@ -156,9 +163,10 @@ def check_database(path: Path, fingerprint: str, what: str = "shard") -> None:
                     raise BadFile(path, f"schema_version {version!r} is {'newer' if newer else 'older'} than "
                                   f"this unidask reads ({SCHEMA_VERSION}); "
                                   + ("upgrade unidask" if newer else "merge it with the unidask that wrote it"))
-        if meta.get("fingerprint") != fingerprint:
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
             raise BadFile(path, f"belongs to another run (fingerprint {meta.get('fingerprint')}, "
                           f"this run's is {fingerprint})")
+    return meta
 
 
 def check_pages(path: Path) -> None:
@@ -192,3 +200,112 @@ def blame(path: Path) -> Iterator[None]:
         raise BadFile(path, f"rows clash with rows already merged ({e})") from e
     except sqlite3.DatabaseError as e:
         raise BadFile(path, f"not a readable SQLite database ({e})") from e
+
+
+# -- the integrity invariant ---------------------------------------------------------------------------
+
+CHUNK_BYTES = 64 << 20   # a task's rows are hashed this much at a time
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What every task of a run must be: the plan's tasks, each with ``task_count(t)`` rows of ids
+    ``t * task_size ...``, each a ``dim x dim`` matrix of ``itemsize``-byte numbers. ``dim`` is None
+    where the config does not say (a plugin generator): then every row must have the dim of the
+    first one checked."""
+
+    n_tasks: int
+    task_size: int
+    count: int
+    itemsize: int
+    dim: int | None = None
+
+    @classmethod
+    def of(cls, spec: Spec) -> "Expected":
+        return cls(spec.n_tasks, spec.task_size, spec.count, np.dtype(spec.dtype).itemsize,
+                   generators.matrix_dim(spec.kind, spec.params))
+
+    def task_count(self, task: int) -> int:
+        return plan.task_count(self.count, self.task_size, task)
+
+
+def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main"
+                ) -> Iterator[tuple[int | None, str]]:
+    """Everything that breaks the integrity invariant in the tasks of ``schema``, as (task, what is
+    wrong), task None for the file as a whole: a task outside the plan, a count that is not the
+    plan's, rows missing, of another dim or byte length, a checksum that its rows do not give, rows
+    that belong to no task. The one check behind merge, verify, status and resume."""
+    dim = expected.dim
+    accounted = 0
+    for task, count, recorded in con.execute(f"SELECT task, count, checksum FROM {schema}.tasks ORDER BY task"):
+        if not (isinstance(task, int) and 0 <= task < expected.n_tasks):
+            yield task, f"task {task!r} is not in the run's plan (tasks 0-{expected.n_tasks - 1})"
+            continue
+        if count != expected.task_count(task):
+            yield task, f"task {task} records {count!r} unitaries, the plan has {expected.task_count(task)}"
+            continue
+        base = task * expected.task_size
+        rows, dims, lengths, types = con.execute(
+            f"SELECT count(*), group_concat(DISTINCT dim), group_concat(DISTINCT length(data)), "
+            f"group_concat(DISTINCT typeof(data) || '/' || typeof(meta)) "
+            f"FROM {schema}.unitaries WHERE id >= ? AND id < ?", (base, base + expected.task_size)).fetchone()
+        accounted += rows
+        if rows != count:
+            yield task, f"task {task} has {rows} rows, it records {count}"
+            continue
+        if not set(str(types).split(",")) <= {"blob/null", "blob/text"}:
+            yield task, f"task {task} has rows whose data or meta is of the wrong type ({types})"
+            continue
+        found = [int(d) if str(d).lstrip("-").isdigit() else d for d in str(dims).split(",")]
+        if dim is None and len(found) == 1 and isinstance(found[0], int) and found[0] > 0:
+            dim = found[0]
+        if found != [dim]:
+            yield task, f"task {task} has rows of dim {', '.join(map(str, found))}, the run's is {dim}"
+            continue
+        if str(lengths) != str(dim * dim * expected.itemsize):
+            yield task, (f"task {task} has rows of {lengths} bytes, a {dim}x{dim} matrix of this "
+                         f"run is {dim * dim * expected.itemsize}")
+            continue
+        if task_checksum(con, schema, base, count, dim * dim * expected.itemsize) != recorded:
+            yield task, f"task {task}: checksum mismatch (its rows are damaged or altered)"
+    total = con.execute(f"SELECT count(*) FROM {schema}.unitaries").fetchone()[0]
+    if total != accounted:
+        yield None, f"{total - accounted} row(s) belong to no task of the file"
+
+
+def task_checksum(con: sqlite3.Connection, schema: str, base: int, count: int, row_bytes: int) -> str:
+    """The checksum of a task's rows as stored, recomputed (:func:`checksum`): the rows are
+    concatenated inside SQLite, a chunk at a time, so Python touches each chunk once, not each row."""
+    h = xxhash.xxh3_128()
+    metas = []
+    step = max(1, CHUNK_BYTES // max(1, row_bytes))
+    factory, con.text_factory = con.text_factory, bytes   # the concatenated blobs come back whole
+    try:
+        for start in range(base, base + count, step):
+            data, meta = con.execute(
+                f"SELECT group_concat(data, x''), group_concat(coalesce(meta, char(0)), '') "
+                f"FROM {schema}.unitaries WHERE id >= ? AND id < ?", (start, min(start + step, base + count))
+            ).fetchone()
+            h.update(data or b"")
+            metas.append(meta or b"")
+    finally:
+        con.text_factory = factory
+    h.update(b"".join(metas))
+    return h.hexdigest()
+
+
+def check_tasks(path: Path, expected: Expected) -> dict[int, str]:
+    """Raise :class:`BadFile` naming the first task of ``path`` that breaks the integrity
+    invariant; return task -> checksum of a file that keeps it."""
+    with reading(path) as con:
+        con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+        for task, reason in task_faults(con, expected):
+            raise BadFile(path, reason)
+        return dict(con.execute("SELECT task, checksum FROM tasks"))
+
+
+def check(path: Path, fingerprint: str, expected: Expected) -> dict[int, str]:
+    """Every check a staged shard must pass (meta and schema, pages, tasks); its task -> checksum."""
+    check_database(path, fingerprint)
+    check_pages(path)
+    return check_tasks(path, expected)

@@ -206,7 +206,13 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     if resume and local:
         if salvaged := shard.salvage(spec):
             log.info("resume: staged %d shard(s) an earlier run left on local disk", len(salvaged))
-    staged = run_dir.staged_tasks() if resume else set()
+    staged: set[int] = set()
+    if resume:
+        # a task counts as done only where the merge would take it
+        staged, bad = run_dir.checked_tasks(spec)
+        for path, reason in bad.items():
+            log.warning("%s: %s; set aside as %s, its tasks are generated again", path, reason,
+                        run_dir.reject(path))
     tasks = plan.todo(spec, staged)
     result = RunResult(spec.run_dir, skipped_tasks=len(staged))
     if resume and staged:

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import files
 from .dataset import Dataset
+from .db import check_database, check_pages
 from .errors import InputError, writing
 
 FORMATS = ("npy", "txt")
@@ -38,6 +39,8 @@ def export(db: str | os.PathLike, fmt: str, out: str | os.PathLike,
     if fmt not in writers:
         raise InputError(f"unknown export format {fmt!r} ({' or '.join(FORMATS)})")
     out = Path(out)
+    check_database(Path(db), None, what="database")
+    check_pages(Path(db))   # a damaged file is refused before anything is written
     with Dataset(db) as ds:
         start, stop = id_range(ds, ids)
         with writing(out):

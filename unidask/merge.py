@@ -8,6 +8,7 @@ filesystem), with ``trusted_schema`` off and a check that nothing in them is a v
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import db, files, plan
-from .db import COLUMNS, MMAP_SIZE, BadFile, blame, check_database, check_pages
+from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_tasks
 from .errors import InputError, RunError
 from .progress import Progress
 from .rundir import RunDir
@@ -90,11 +91,15 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     files.remove_stale_temps(out)
     # every page of every shard is checked on another core while the rows are copied (the check
     # was a fifth of the merge); a batch commits only once its shards passed
+    # every page and every task of every shard (counts, ids, dims, lengths, recomputed checksums:
+    # the integrity invariant, db.task_faults) is checked on another core while the rows are
+    # copied; a batch commits only once its shards passed
+    expected = _expected(spec, good[0])
     checker = ThreadPoolExecutor(1, thread_name_prefix="unidask-check")
-    pages = {p: checker.submit(check_pages, p) for p in good}
+    checks = {p: checker.submit(_check, p, expected) for p in good}
     try:
         existing = out if append and out.exists() else None
-        with contextlib.closing(_open_target(tmp, existing, record, good[0])) as con, files.write_behind(tmp):
+        with contextlib.closing(_open_target(tmp, existing, record, good[0], expected)) as con, files.write_behind(tmp):
             progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
                                 scale=1e-6)
             merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
@@ -102,7 +107,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
                 batch = good[i:i + ATTACH_BATCH]
                 while batch:
                     try:
-                        report.duplicates += _merge_batch(con, batch, merged, task_size, pages)
+                        report.duplicates += _merge_batch(con, batch, merged, task_size, checks)
                         report.shards += map(str, batch)
                         break
                     except BadFile as e:
@@ -133,11 +138,29 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     return report
 
 
-def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path) -> sqlite3.Connection:
+def _check(path: Path, expected: Expected) -> None:
+    check_pages(path)
+    check_tasks(path, expected)
+
+
+def _expected(spec, first: Path) -> Expected:
+    """What every task must be; a plugin's matrix size is the first shard's first row's."""
+    expected = Expected.of(spec)
+    if expected.dim is None:
+        with db.reading(first) as con:
+            row = con.execute("SELECT dim FROM unitaries LIMIT 1").fetchone()
+        if row is not None and isinstance(row[0], int):
+            expected = dataclasses.replace(expected, dim=row[0])
+    return expected
+
+
+def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path, expected: Expected
+                 ) -> sqlite3.Connection:
     if existing is not None:
         try:   # the same checks hold for a merged result
             check_pages(existing)
             check_database(existing, record["fingerprint"], what="database")
+            check_tasks(existing, expected)
         except BadFile as e:
             raise InputError(f"cannot append to {existing}: {e.reason}") from e
         shutil.copyfile(existing, tmp)
@@ -162,11 +185,11 @@ def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path) 
 
 
 def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, str], task_size: int,
-                 pages: dict[Path, Future]) -> int:
+                 checks: dict[Path, Future]) -> int:
     """Copy the tasks of a few attached shards in one transaction, in task order: the rows then
     append to the end of the table (2.5x faster than copying shard after shard, which splits pages
     in the middle of it). Tasks already merged are skipped if identical. Returns how many were.
-    Commits only when ``pages`` (:func:`db.check_pages` of each shard) found them sound."""
+    Commits only when ``checks`` (:func:`_check` of each shard) found them sound."""
     for j, p in enumerate(batch):
         con.execute(f"ATTACH DATABASE ? AS s{j}", (f"file:{p.absolute()}?mode=ro&immutable=1",))
         # read the rows in place, not through pread into SQLite's cache: 1.08x the copy at n = 4
@@ -201,7 +224,7 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 if copied != row[2]:
                     raise BadFile(batch[j], f"task {task} has {copied} of its {row[2]} unitaries")
             for p in batch:
-                pages[p].result()   # raises its BadFile: the batch rolls back
+                checks[p].result()   # raises its BadFile: the batch rolls back
             con.executemany(f"INSERT INTO main.tasks VALUES ({', '.join('?' * len(COLUMNS['tasks']))})",
                             [row for _, row in owners.values()])
             con.execute("COMMIT")

@@ -11,10 +11,12 @@ or refusing one. Nothing else names a file of a run dir.
       tls/                     the run's CA, certificate and key (owner-only)
       scheduler-JOB.json       a generation job's scheduler file
       logs/  jobs/             SLURM job logs and the rendered job scripts
+      rejected/                staged shards a resume found damaged, set aside (never merged)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -38,6 +40,7 @@ class RunDir:
         self.tls = self.path / "tls"
         self.logs = self.path / "logs"
         self.jobs = self.path / "jobs"
+        self.rejected = self.path / "rejected"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -81,10 +84,15 @@ class RunDir:
             tempfile.TemporaryFile(dir=self.path).close()
         except OSError as e:
             raise InputError(f"run_dir {self.path} is not writable: {e.strerror or e}") from e
-        if self.record_path.exists():
-            if self.record()["fingerprint"] != spec.fingerprint:
-                raise InputError(f"{self.path} holds another run (its count, task_size, seed or "
-                                 "generator differ): choose another run.run_dir")
+        if self.record_path.exists() and self.record()["fingerprint"] != spec.fingerprint:
+            recorded = self.spec()
+            if recorded.code != spec.code and dataclasses.replace(recorded, code=spec.code).fingerprint \
+                    == spec.fingerprint:
+                raise InputError(f"{self.path}: generator {spec.kind} changed since this run started "
+                                 f"(it was {recorded.code or 'built in'}, now {spec.code}): its rows would "
+                                 "mix two versions; restore it, or choose another run.run_dir")
+            raise InputError(f"{self.path} holds another run (its count, task_size, seed or "
+                             "generator differ): choose another run.run_dir")
         staged = self.staged_shards()
         if staged and not resume:
             raise InputError(f"{self.path} already holds {len(staged)} staged shard(s) of this run: "
@@ -103,8 +111,29 @@ class RunDir:
         return sorted(self.shards.glob("[!.]*.db"))
 
     def staged_tasks(self) -> set[int]:
-        """Tasks present in the run's staged shards."""
+        """Tasks listed in the run's staged shards, unchecked: what the driver counts between
+        rounds (the merge checks every one). :meth:`checked_tasks` for what is proven."""
         return set(db.tasks_of(self.staged_shards()))
+
+    def checked_tasks(self, spec: Spec) -> tuple[set[int], dict[Path, str]]:
+        """Tasks of the staged shards that pass every check the merge makes (:func:`db.check`),
+        and the shards that do not, with why: what status and resume count as done."""
+        good: set[int] = set()
+        bad: dict[Path, str] = {}
+        expected = db.Expected.of(spec)
+        for path in self.staged_shards():
+            try:
+                good.update(db.check(path, spec.fingerprint, expected))
+            except db.BadFile as e:
+                bad[path] = e.reason
+        return good, bad
+
+    def reject(self, path: Path) -> Path:
+        """Set a damaged staged shard aside, where the merge does not look, keeping it for a look."""
+        self.rejected.mkdir(exist_ok=True)
+        dest = self.rejected / path.name
+        os.replace(path, dest)
+        return dest
 
     def log_stages(self, results: Iterable[dict[str, Any]]) -> None:
         with open(self.stages, "a") as f:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ class ShardStatus:
     unitaries: int = 0
     first_start: float | None = None
     last_finish: float | None = None
-    error: str | None = None         # why it could not be read
+    error: str | None = None         # why its tasks do not count: unreadable, damaged
 
 
 @dataclass
@@ -57,40 +56,34 @@ class RunStatus:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.staged))
             lines.append(f"{s.node:<16} {s.tasks:>7} {s.unitaries:>12,} {s.bytes / 1e6:>9.1f}  "
                          f"{when:<19}  {Path(s.path).name}"
-                         + (f"  (unreadable: {s.error})" if s.error else ""))
+                         + (f"  (not counted: {s.error})" if s.error else ""))
         return "\n".join(lines)
 
 
-def _shard_status(p: Path) -> tuple[ShardStatus, list[int]]:
+def _shard_status(p: Path, reason: str | None) -> ShardStatus:
+    """A staged shard's figures; only its file's where it fails a check (``reason``)."""
     st = p.stat()
-    entry = ShardStatus(str(p), st.st_size, st.st_mtime)
+    entry = ShardStatus(str(p), st.st_size, st.st_mtime, node=p.stem.rsplit("-", 1)[0], error=reason)
+    if reason is not None:
+        return entry
+    con = db.connect_readonly(p)
     try:
-        con = db.connect_readonly(p)
-        try:
-            tasks = [t for (t,) in con.execute("SELECT task FROM tasks")]
-            nodes = [n for (n,) in con.execute("SELECT DISTINCT node FROM tasks")]
-            rows, first, last = con.execute(
-                "SELECT coalesce(sum(count), 0), min(started), max(finished) FROM tasks").fetchone()
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        entry.error = str(e)
-        return entry, []
-    entry.node = ",".join(nodes) or p.stem.rsplit("-", 1)[0]
-    entry.tasks, entry.unitaries, entry.first_start, entry.last_finish = len(tasks), rows, first, last
-    return entry, tasks
+        nodes = [n for (n,) in con.execute("SELECT DISTINCT node FROM tasks")]
+        entry.tasks, entry.unitaries, entry.first_start, entry.last_finish = con.execute(
+            "SELECT count(*), coalesce(sum(count), 0), min(started), max(finished) FROM tasks").fetchone()
+    finally:
+        con.close()
+    entry.node = ",".join(map(str, nodes)) or entry.node
+    return entry
 
 
 def status(run_dir: str | os.PathLike) -> RunStatus:
-    """Tasks done and missing, and per staged shard: node, tasks, unitaries, bytes, stage time."""
+    """Tasks done and missing, and per staged shard: node, tasks, unitaries, bytes, stage time. A
+    task is done only where its shard passes every check of the merge."""
     rd = RunDir(run_dir)
     spec = rd.spec()
-    done: set[int] = set()
-    shards = []
-    for p in rd.staged_shards():
-        entry, tasks = _shard_status(p)
-        shards.append(entry)
-        done.update(tasks)
+    done, bad = rd.checked_tasks(spec)
+    shards = [_shard_status(p, bad.get(p)) for p in rd.staged_shards()]
     starts = [s.first_start for s in shards if s.first_start]
     ends = [s.last_finish for s in shards if s.last_finish]
     unitaries = sum(spec.task_count(t) for t in done)

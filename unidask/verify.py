@@ -1,20 +1,26 @@
-"""Check a unidask database end to end: checksums, ids, unitarity, completeness, and (against a
-config) that it is the data that config makes."""
+"""Check a unidask database end to end: the integrity invariant (the merge's own check, db.task_faults),
+every matrix finite and unitary, the totals against the run's count, and (against a config) that it
+is the data that config makes."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import generators, plan
-from .db import checksum as task_checksum
 from .config import Spec
-from .dataset import Dataset
+from .db import BadFile, Expected, check_database, check_pages, reading, task_faults
+from .errors import InputError
 
 # max |U^H U - I| allowed, per dtype: a few hundred ulps at the sizes unidask makes
 TOLERANCE = {"complex128": 1e-10, "complex64": 1e-4}
+SAMPLE = 3          # tasks generated again by --against, evenly spread (--full: all of them)
+SCAN_ROWS = 20_000  # rows read at a time for the unitarity check
 
 
 @dataclass
@@ -40,73 +46,101 @@ class Verdict:
         return f"FAILED: {self.path}: " + "; ".join(self.problems[:3]) + more
 
 
-def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 3) -> Verdict:
-    """Recompute every task's checksum, check ids, counts and unitarity, and list missing tasks.
-    With ``against``: the database must be that config's run, and ``sample`` of its tasks are
-    generated again and compared byte for byte."""
-    with Dataset(db) as ds:
-        v = Verdict(str(db))
-        run = ds.spec["run"]
-        task_size, dtype = run["task_size"], ds.meta["dtype"]
-        v.expected_tasks = plan.n_tasks(run["count"], task_size)
-        recorded = {t: (c, n) for t, c, n in ds.con.execute("SELECT task, checksum, count FROM tasks")}
-        v.tasks = len(recorded)
-        seen: dict[int, int] = {}
-        current, chunks, metas, expect_idx = None, [], [], 0
-
-        def close_task() -> None:
-            if current is None:
-                return
-            checksum, count = recorded.get(current, (None, None))
-            if checksum is None:
-                v.problems.append(f"task {current} has rows but no tasks row")
-            elif task_checksum(b"".join(chunks), metas) != checksum:
-                v.problems.append(f"task {current}: checksum mismatch")
-            if count is not None and count != seen[current]:
-                v.problems.append(f"task {current}: {seen[current]} rows, tasks row says {count}")
-
-        cursor = ds.con.execute("SELECT id, dim, data, meta FROM unitaries ORDER BY id")
-        while rows := cursor.fetchmany(20_000):
-            for i, _, data, meta in rows:
-                task, idx = divmod(i, task_size)
-                if task != current:
-                    close_task()
-                    current, chunks, metas, expect_idx = task, [], [], 0
-                    seen[task] = 0
-                if idx != expect_idx:
-                    v.problems.append(f"row {i}: task {task} has no row {task * task_size + expect_idx}")
-                expect_idx = idx + 1
-                seen[task] += 1
-                chunks.append(data)
-                metas.append(meta)
-            n, itemsize = rows[0][1], np.dtype(dtype).itemsize
-            if any(r[1] != n or len(r[2]) != n * n * itemsize for r in rows):
-                v.problems.append("rows whose dim or data size disagree")
-                continue
-            u = np.frombuffer(b"".join(r[2] for r in rows), np.dtype(dtype).newbyteorder("<"))
-            err = float(generators.unitarity_errors(u.reshape(-1, n, n)).max())
-            v.max_error = max(v.max_error, err)
-            v.rows += len(rows)
-        close_task()
-        if v.max_error > TOLERANCE.get(dtype, 1e-10):
-            v.problems.append(f"not unitary: max |U^H U - I| = {v.max_error:.1e}")
-        missing = [t for t in range(v.expected_tasks) if t not in recorded]
-        if missing:
-            v.problems.append(f"{len(missing)} task(s) missing: {plan.ranges(missing)}")
-
-        if against is not None:
-            if against.fingerprint != ds.meta.get("fingerprint"):
-                v.problems.append(f"not the data of {against.source} (count, task_size, seed or "
-                                  "generator differ)")
-            else:
-                present = sorted(recorded)
-                picks = sorted({present[k * (len(present) - 1) // max(1, sample - 1)]
-                                for k in range(sample)}) if present else []
-                for t in picks:
-                    array, _ = generators.generate(against, t)
-                    start = t * task_size
-                    stored = ds[start:start + against.task_count(t)]
-                    if stored.tobytes() != array.astype(array.dtype.newbyteorder("<")).tobytes():
-                        v.problems.append(f"task {t} differs from what {against.source} generates")
-                    v.regenerated += 1
+def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = SAMPLE,
+           full: bool = False) -> Verdict:
+    """Check the database ``db``: every task of its run's plan present and sound (ids, counts, dims,
+    byte lengths, recomputed checksums), nothing else in it, every matrix finite and unitary, the
+    total equal to the run's count. With ``against``: the database must be that config's run, and
+    ``sample`` of its tasks (``full``: all) are generated again and compared byte for byte."""
+    path = Path(db)
+    if not path.is_file():
+        raise InputError(f"{path}: no such database file")
+    v = Verdict(str(path))
+    meta = check_database(path, None, what="database")   # not a unidask database at all: exit 2
+    try:
+        check_pages(path)
+        spec = _recorded_spec(path, meta)
+        expected = _expected(path, spec)
+        with reading(path) as con:
+            _check_contents(con, v, spec, expected, meta)
+            if against is not None and not v.problems:
+                _regenerate(con, v, spec, against, None if full else sample)
+    except BadFile as e:
+        v.problems.append(e.reason)
     return v
+
+
+def _recorded_spec(path: Path, meta: dict[str, str]) -> Spec:
+    try:
+        spec = Spec.from_dict(json.loads(meta["spec"]), str(path), recorded=True)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadFile(path, f"its recorded run spec is unreadable ({e})") from e
+    if spec.fingerprint != meta.get("fingerprint") or spec.dtype != meta.get("dtype"):
+        raise BadFile(path, "its recorded run spec does not match its fingerprint or dtype")
+    return spec
+
+
+def _expected(path: Path, spec: Spec) -> Expected:
+    expected = Expected.of(spec)
+    if expected.dim is None:   # a plugin: the first row says
+        with reading(path) as con:
+            row = con.execute("SELECT dim FROM unitaries ORDER BY id LIMIT 1").fetchone()
+        expected = dataclasses.replace(expected, dim=row[0] if row and isinstance(row[0], int) else 0)
+    return expected
+
+
+def _check_contents(con, v: Verdict, spec: Spec, expected: Expected, meta: dict[str, str]) -> None:
+    v.expected_tasks = spec.n_tasks
+    v.problems += [reason for _, reason in task_faults(con, expected)]
+    _check_unitary(con, v, spec, expected)
+    present = [t for (t,) in con.execute("SELECT task FROM tasks")]
+    v.tasks = len(present)
+    missing = sorted(set(range(spec.n_tasks)) - set(present))
+    if missing:
+        v.problems.append(f"{len(missing)} task(s) missing: {plan.ranges(missing)}")
+    v.rows = con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
+    if v.rows != spec.count:
+        v.problems.append(f"holds {v.rows:,} unitaries, the run asked for {spec.count:,}")
+    if "rows" in meta and meta["rows"] != str(v.rows):
+        v.problems.append(f"its meta says {meta['rows']} rows, it holds {v.rows}")
+
+
+def _check_unitary(con, v: Verdict, spec: Spec, expected: Expected) -> None:
+    """Every well-formed row finite and unitary within the dtype's tolerance (a NaN is not)."""
+    n = expected.dim
+    dtype = np.dtype(spec.dtype).newbyteorder("<")
+    tolerance = TOLERANCE.get(spec.dtype, 1e-10)
+    cursor = con.execute("SELECT id, data FROM unitaries WHERE dim = ? AND typeof(data) = 'blob' AND "
+                         "length(data) = ? ORDER BY id", (n, n * n * dtype.itemsize))
+    bad: list[int] = []
+    while rows := cursor.fetchmany(SCAN_ROWS):
+        u = np.frombuffer(b"".join(r[1] for r in rows), dtype).reshape(-1, n, n)
+        err = generators.unitarity_errors(u)
+        err[~np.isfinite(u).all(axis=(1, 2))] = np.inf
+        bad += [rows[i][0] for i in np.flatnonzero(~(err <= tolerance))]
+        v.max_error = max(v.max_error, float(err.max()))
+    if bad:
+        v.problems.append(f"{len(bad)} matrix(es) not finite or not unitary within {tolerance:g} "
+                          f"(ids {plan.ranges(bad[:20])}{', ...' if len(bad) > 20 else ''}); "
+                          f"max |U^H U - I| = {v.max_error:.1e}")
+
+
+def _regenerate(con, v: Verdict, spec: Spec, against: Spec, sample: int | None) -> None:
+    """Generate tasks again from ``against`` and compare them byte for byte with the stored ones."""
+    if against.fingerprint != spec.fingerprint:
+        v.problems.append(f"not the data of {against.source} (count, task_size, seed or generator "
+                          "differ)")
+        return
+    present = sorted(t for (t,) in con.execute("SELECT task FROM tasks"))
+    picks = present if sample is None else sorted(
+        {present[k * (len(present) - 1) // max(1, sample - 1)] for k in range(min(sample, len(present)))})
+    for t in picks:
+        array, metas = generators.generate(against, t)
+        base = t * against.task_size
+        stored = con.execute("SELECT data, meta FROM unitaries WHERE id >= ? AND id < ? ORDER BY id",
+                             (base, base + against.task_count(t))).fetchall()
+        made = array.astype(array.dtype.newbyteorder("<")).tobytes()
+        if b"".join(r[0] for r in stored) != made or [r[1] for r in stored] != (metas or [None] * len(array)):
+            v.problems.append(f"task {t} differs from what {against.source} generates")
+        v.regenerated += 1
+

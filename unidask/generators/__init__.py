@@ -7,7 +7,9 @@ config as ``kind = "module:function"``, is ``function(rng, count, **params)``; b
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.metadata
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ class Generator:
     doc: str = ""
     check: Callable[[dict[str, Any]], None] | None = None   # cross-parameter checks
     plugin: bool = False
+    code: str = ""   # a plugin's identity: module:function and its source's hash (or version)
 
     def validate(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Check ``given`` against the parameters; return them with defaults filled in."""
@@ -138,7 +141,23 @@ def plugin(kind: str) -> Generator:
     for p in list(inspect.signature(function).parameters.values())[2:]:
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             params[p.name] = Param(object, REQUIRED if p.default is p.empty else p.default)
-    return Generator(kind, function, params, (inspect.getdoc(function) or "").split("\n")[0], plugin=True)
+    return Generator(kind, function, params, (inspect.getdoc(function) or "").split("\n")[0], plugin=True,
+                     code=code_identity(kind, function))
+
+
+def code_identity(kind: str, function: Callable) -> str:
+    """What a plugin's data depends on beside its parameters: its module's source (a hash of it),
+    else the version of the package it comes from. Part of the run's fingerprint, so a changed
+    generator cannot mix its rows with the old one's."""
+    module = inspect.getmodule(function)
+    try:
+        return f"{kind} sha256:{hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]}"
+    except (OSError, TypeError):
+        top = kind.partition(":")[0].split(".")[0]
+        try:
+            return f"{kind} {top}=={importlib.metadata.version(top)}"
+        except importlib.metadata.PackageNotFoundError:
+            return kind
 
 
 def _takes_kwargs(function: Callable) -> bool:
@@ -164,6 +183,13 @@ def _call_plugin(gen: Generator, rng, count: int, dtype: str, params: Mapping[st
             raise RunError(f"generator {gen.kind!r} returned a matrix that is not unitary (#{bad}: "
                            f"max |U^H U - I| = {err[bad]:.1e} > tolerance {params['tolerance']:g})")
     return array, metas
+
+
+def matrix_dim(kind: str, params: Mapping[str, Any]) -> int | None:
+    """The n of the run's n x n matrices, from its config; None for a plugin (its rows tell)."""
+    if ":" in kind:
+        return None
+    return 2 ** params["qubits"] if "qubits" in params else params["dim"]
 
 
 def unitarity_errors(u: np.ndarray) -> np.ndarray:

@@ -1,0 +1,260 @@
+"""Fuzz the merge with damaged staged shards: whatever is done to them, the merge either refuses
+naming the file, or writes a database whose every task is byte for byte the fault-free one.
+
+A seeded generator of damage (bytes, truncation, rows, tasks, ids, counts, checksums rewritten to
+match, metadata, duplicates, dims, lengths, types, extra tables, columns, views). The normal suite
+runs ``FUZZ_CASES`` cases with a fixed seed; ``UNIDASK_FUZZ_CASES=5000 UNIDASK_FUZZ_SEED=...``
+runs more (a failing case prints its seed and its damage, to replay it alone)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+import unidask
+from unidask import RunDir, db, worker
+
+from conftest import write_config
+
+FUZZ_CASES = int(os.environ.get("UNIDASK_FUZZ_CASES", 300))
+FUZZ_SEED = int(os.environ.get("UNIDASK_FUZZ_SEED", 20261130))
+TASK_SIZE, TASKS = 20, 9
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """A run dir with three staged shards (task 4 in two of them), and its fault-free merge."""
+    base = tmp_path_factory.mktemp("fuzz")
+    spec = unidask.load_config(write_config(base / "f.toml", run={"count": TASK_SIZE * TASKS - 7,
+                                                                  "task_size": TASK_SIZE}))
+    RunDir(spec.run_dir).prepare(spec, resume=False)
+    old = os.environ.get("UNIDASK_NODE")
+    for node, tasks in (("n1", range(0, 5)), ("n2", range(4, 7)), ("n3", range(7, TASKS))):
+        os.environ["UNIDASK_NODE"] = node
+        for t in tasks:
+            worker.generate_task(spec, t, "a")
+        worker.stage_out(spec, "a", final=True)
+    os.environ.pop("UNIDASK_NODE") if old is None else os.environ.__setitem__("UNIDASK_NODE", old)
+    report = unidask.merge(spec.run_dir, base / "reference.db")
+    assert report.complete
+    return spec, tasks_of(report.out)
+
+
+def tasks_of(path: Path) -> dict[int, tuple]:
+    """task -> (its tasks row's count and checksum, its rows (id, dim, data, meta))."""
+    con = db.connect_readonly(path)
+    try:
+        out = {}
+        for task, count, checksum in con.execute("SELECT task, count, checksum FROM tasks"):
+            rows = con.execute("SELECT id, dim, data, meta FROM unitaries WHERE id >= ? AND id < ? ORDER BY id",
+                               (task * TASK_SIZE, (task + 1) * TASK_SIZE)).fetchall()
+            out[task] = (count, checksum, rows)
+        return out
+    finally:
+        con.close()
+
+
+# -- the damage ------------------------------------------------------------------------------------
+
+def rewrite_checksum(con: sqlite3.Connection, task: int) -> None:
+    """What an adversary does after editing rows: make the tasks row agree with them."""
+    base = task * TASK_SIZE
+    rows = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (base, base + TASK_SIZE)).fetchone()[0]
+    con.execute("UPDATE tasks SET checksum = ?, count = ? WHERE task = ?",
+                (db.task_checksum(con, "main", base, TASK_SIZE, 256), rows, task))
+
+
+STRUCTURAL = {0, 2, 3, 7, 10, 11, 15, 17, 21}
+
+
+def sql_damage(r: random.Random, path: Path) -> str:
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        tasks = [t for (t,) in con.execute("SELECT task FROM tasks")] or [0]
+        t = r.choice(tasks)
+        ids = (t * TASK_SIZE, t * TASK_SIZE + TASK_SIZE)
+        i = r.randrange(*ids)
+        match = r.randrange(22)
+        # and rewrite the task's checksum and count to match, where the edit breaks its shape; an
+        # edit of a task's bytes with a matching checksum is a forgery, not damage: the checksum
+        # cannot see it (README, Reliability), only `verify --against --full` can
+        fix = match in STRUCTURAL and r.random() < 0.5
+        if match == 0:
+            con.execute("DELETE FROM unitaries WHERE id >= ? AND id < ?", (i, ids[1]))
+        elif match == 1:
+            con.execute("UPDATE unitaries SET data = randomblob(length(data)) WHERE id = ?", (i,))
+        elif match == 2:
+            con.execute("UPDATE unitaries SET data = randomblob(length(data) + ?) WHERE id = ?", (r.choice([-16, 16, 1]), i))
+        elif match == 3:
+            con.execute("UPDATE unitaries SET dim = ? WHERE id = ?", (r.choice([0, 2, 5, -1, 4.0, "4"]), i))
+        elif match == 4:
+            con.execute("UPDATE tasks SET count = count + ? WHERE task = ?", (r.choice([-1, 1, -5]), t))
+            fix = False
+        elif match == 5:
+            con.execute("UPDATE tasks SET checksum = ? WHERE task = ?", (r.choice(["", "0" * 32, "x"]), t))
+            fix = False
+        elif match == 6:
+            con.execute("DELETE FROM tasks WHERE task = ?", (t,))
+            fix = False
+        elif match == 7:   # a task outside the plan, whole and with a genuine checksum
+            new = r.choice([TASKS, 7777, -1])
+            con.execute("INSERT INTO unitaries(id, dim, data) SELECT id - ? + ?, dim, data FROM unitaries "
+                        "WHERE id >= ? AND id < ?", (ids[0], new * TASK_SIZE, *ids))
+            con.execute("INSERT INTO tasks SELECT ?, seed, count, node, worker, started, finished, checksum "
+                        "FROM tasks WHERE task = ?", (new, t))
+            t = new
+        elif match == 8:   # rows of no task
+            con.execute("INSERT INTO unitaries(id, dim, data) SELECT id + ?, dim, data FROM unitaries "
+                        "WHERE id = ?", (r.choice([10**6, TASKS * TASK_SIZE + 3]), ids[0]))
+            fix = False
+        elif match == 9:
+            con.execute("UPDATE unitaries SET meta = ? WHERE id = ?", (r.choice(['{"a": 1}', "", "x"]), i))
+        elif match == 10:
+            con.execute("UPDATE unitaries SET data = CAST(data AS TEXT) WHERE id = ?", (i,))
+        elif match == 11:
+            con.execute("UPDATE unitaries SET data = NULL WHERE id = ?", (i,)) if r.random() < 0.5 else \
+                con.execute("UPDATE unitaries SET meta = x'00ff' WHERE id = ?", (i,))
+        elif match == 12:
+            con.execute("UPDATE meta SET value = ? WHERE key = ?",
+                        r.choice([("0123456789abcdef", "fingerprint"), ("1", "schema_version"),
+                                  ("complex64", "dtype"), ("{}", "spec")]))
+            fix = False
+        elif match == 13:
+            con.execute(r.choice(["CREATE TABLE extra(x)", "ALTER TABLE unitaries ADD COLUMN extra",
+                                  "CREATE VIEW v AS SELECT 1", "CREATE TRIGGER tr AFTER INSERT ON meta BEGIN SELECT 1; END",
+                                  "CREATE INDEX ix ON unitaries(dim)"]))
+            fix = False
+        elif match == 14:   # rows swapped between two ids of the task: same bytes, another order
+            j = r.randrange(*ids)
+            con.execute("UPDATE unitaries SET id = -id WHERE id IN (?, ?)", (i, j))
+            con.execute("UPDATE unitaries SET id = CASE -id WHEN ? THEN ? ELSE ? END WHERE id < 0", (i, j, i))
+        elif match == 15:   # a row moved into another task's range
+            con.execute("UPDATE OR IGNORE unitaries SET id = ? WHERE id = ?", (r.randrange(TASKS * TASK_SIZE), i))
+        elif match == 16:
+            con.execute("UPDATE tasks SET task = ? WHERE task = ?", (r.choice([t + 1, t + 100]), t))
+            fix = False
+        elif match == 17:
+            con.execute("DELETE FROM unitaries")
+        elif match == 18:
+            con.execute("UPDATE unitaries SET data = zeroblob(length(data)) WHERE id >= ? AND id < ?", ids)
+        elif match == 19:
+            con.execute("UPDATE tasks SET count = CAST(count AS TEXT) WHERE task = ?", (t,))
+            fix = False
+        elif match == 20:
+            con.execute("DROP TABLE tasks")
+            fix = False
+        else:
+            con.execute("UPDATE unitaries SET data = data || x'00' WHERE id = ?", (i,))
+        if fix:
+            rewrite_checksum(con, t)
+        return f"sql#{match}{' +checksum' if fix else ''} task {t} id {i}"
+    finally:
+        con.close()
+
+
+def byte_damage(r: random.Random, path: Path) -> str:
+    data = bytearray(path.read_bytes())
+    if not data:
+        return "empty already"
+    if r.random() < 0.4:
+        cut = r.randrange(len(data))
+        path.write_bytes(bytes(data[:cut]))
+        return f"truncated at {cut}"
+    k = r.randrange(1, 8)
+    for _ in range(k):
+        at = r.randrange(len(data))
+        data[at] ^= 1 << r.randrange(8)
+    path.write_bytes(bytes(data))
+    return f"{k} bit(s) flipped"
+
+
+def file_damage(r: random.Random, shards: list[Path], spare: Path) -> str:
+    victim = r.choice(shards)
+    match = r.randrange(4)
+    if match == 0:
+        victim.write_bytes(b"")
+    elif match == 1:   # another shard's copy under a second name: legitimate, merged once
+        shutil.copy(victim, victim.with_name("copy-" + victim.name))
+    elif match == 2:   # a task from another shard, its rows replaced, its genuine checksum kept
+        other = r.choice([s for s in shards if s != victim] or shards)
+        con = sqlite3.connect(victim, isolation_level=None)
+        con.execute("ATTACH ? AS o", (str(other),))
+        t = r.choice([t for (t,) in con.execute("SELECT task FROM o.tasks")])
+        con.execute("DELETE FROM unitaries WHERE id >= ? AND id < ?", (t * TASK_SIZE, (t + 1) * TASK_SIZE))
+        con.execute("DELETE FROM tasks WHERE task = ?", (t,))
+        con.execute("INSERT INTO unitaries(id, dim, data) SELECT id, dim, zeroblob(length(data)) FROM o.unitaries "
+                    "WHERE id >= ? AND id < ?", (t * TASK_SIZE, (t + 1) * TASK_SIZE))
+        con.execute("INSERT INTO tasks SELECT * FROM o.tasks WHERE task = ?", (t,))
+        con.close()
+    else:
+        shutil.copy(spare, victim)   # a database of another run
+    return f"file#{match} {victim.name}"
+
+
+def damage(r: random.Random, shards: list[Path], spare: Path) -> list[str]:
+    done = []
+    for _ in range(r.choice([1, 1, 2, 3])):
+        kind = r.random()
+        if kind < 0.55:
+            path = r.choice(shards)
+            try:
+                done.append(f"{path.name}: {sql_damage(r, path)}")
+            except sqlite3.DatabaseError as e:   # an earlier damage made it unwritable
+                done.append(f"{path.name}: ({e})")
+        elif kind < 0.85:
+            path = r.choice(shards)
+            done.append(f"{path.name}: {byte_damage(r, path)}")
+        else:
+            try:
+                done.append(file_damage(r, shards, spare))
+            except sqlite3.DatabaseError as e:
+                done.append(f"file: ({e})")
+    return done
+
+
+# -- the property ----------------------------------------------------------------------------------
+
+def test_the_merge_refuses_damage_or_gives_the_fault_free_tasks(good_run, tmp_path, config):
+    spec, reference = good_run
+    other = config("other.toml", run={"count": TASK_SIZE * TASKS - 7, "task_size": TASK_SIZE, "seed": 99})
+    RunDir(other.run_dir).prepare(other, resume=False)
+    os.environ["UNIDASK_NODE"] = "x"
+    worker.generate_task(other, 0, "o")
+    spare = Path(worker.stage_out(other, "o", final=True)["path"])
+    os.environ.pop("UNIDASK_NODE")
+    outcomes = {"refused": 0, "identical": 0, "with missing tasks": 0}
+    for case in range(FUZZ_CASES):
+        r = random.Random(FUZZ_SEED + case)
+        run = tmp_path / f"case{case}"
+        shutil.copytree(spec.run_dir, run, ignore=shutil.ignore_patterns("*.db-journal"))
+        shards = RunDir(run).staged_shards()
+        done = damage(r, shards, spare)
+        out = tmp_path / f"out{case}.db"
+        skip_bad = r.random() < 0.3
+        where = f"case {case} (UNIDASK_FUZZ_SEED={FUZZ_SEED + case} UNIDASK_FUZZ_CASES=1): {done}"
+        try:
+            report = unidask.merge(run, out, skip_bad=skip_bad)
+        except unidask.UnidaskError as e:
+            assert isinstance(e, unidask.InputError), f"{where}: {e!r}"
+            assert any(str(p) in str(e) for p in RunDir(run).shards.iterdir()) or "no shard" in str(e), \
+                f"{where}: the refusal names no file: {e}"
+            assert not out.exists(), where
+            outcomes["refused"] += 1
+        else:
+            merged = tasks_of(out)
+            assert set(merged) <= set(reference) and set(merged) | set(report.missing) == set(reference), where
+            for task, value in merged.items():
+                assert value == reference[task], f"{where}: task {task} differs from the fault-free merge"
+            if report.complete:
+                assert unidask.verify(out).ok, where
+            outcomes["identical" if report.complete else "with missing tasks"] += 1
+        shutil.rmtree(run)
+        out.unlink(missing_ok=True)
+    print(outcomes)
+    # the harness must reach both ends, or it tests nothing
+    assert outcomes["refused"] > FUZZ_CASES // 10 and outcomes["identical"] > FUZZ_CASES // 20, outcomes
