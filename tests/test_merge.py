@@ -3,10 +3,11 @@
 import shutil
 import sqlite3
 
+import numpy as np
 import pytest
 
 import unidask
-from unidask import RunDir, worker
+from unidask import RunDir, db, worker
 
 from conftest import merged_data, run_main
 
@@ -110,11 +111,41 @@ BAD_SHARDS = {
                                     _sql(p, "UPDATE meta SET value = 'x' WHERE key = 'fingerprint'")),
     # a tasks row whose unitaries are not in the shard
     "rows missing": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE tasks SET task = 15 WHERE task = 3")),
+    # edits that keep a task self-consistent (count and checksum rewritten to match its rows)
+    "half a task": lambda good, p: (shutil.copy(good, p), _sql(p, "DELETE FROM unitaries WHERE id >= 350 AND id < 400"),
+                                    _match(p, 3)),
+    "a task emptied": lambda good, p: (shutil.copy(good, p), _sql(p, "DELETE FROM unitaries WHERE id >= 300 AND id < 400"),
+                                       _match(p, 3)),
+    "a task outside the plan": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "INSERT INTO unitaries(id, dim, data) SELECT id - 300 + 777700, dim, data FROM unitaries WHERE id >= 300 AND id < 400",
+        "INSERT INTO tasks SELECT 7777, seed, count, node, worker, started, finished, checksum FROM tasks WHERE task = 3")),
+    "a flipped byte": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "UPDATE unitaries SET data = CAST(substr(data, 1, 9) || x'ff' || substr(data, 11) AS BLOB) WHERE id = 345")),
+    "a blob of the wrong length": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "UPDATE unitaries SET data = substr(data, 2) WHERE id = 345"), _match(p, 3)),
+    "a dim that disagrees": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE unitaries SET dim = 5 WHERE id = 345"),
+                                             _match(p, 3)),
 }
 REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "not a readable",
            "not a unidask shard": "not a unidask shard", "trigger": "trigger t", "view": "view v",
            "newer schema": "newer", "older schema": "older than this unidask reads","another run": "another run",
-           "rows missing": "task 15 has 0 of its 100 unitaries"}
+           "rows missing": "task 15 has 0 rows|task 15 has 0 of its 100 unitaries",
+           "half a task": "task 3 records 50 unitaries, the plan has 100",
+           "a task emptied": "task 3 records 0 unitaries, the plan has 100",
+           "a task outside the plan": r"task 7777 is not in the run's plan \(tasks 0-19\)",
+           "a flipped byte": "task 3: checksum mismatch",
+           "a blob of the wrong length": "task 3 has rows of 255, 256 bytes",
+           "a dim that disagrees": "task 3 has rows of dim 4, 5"}
+
+
+def _match(path, task):
+    """Rewrite task ``task``'s count and checksum to agree with its rows, as a careful forger would."""
+    con = sqlite3.connect(path)
+    n = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (task * 100, task * 100 + 100)).fetchone()[0]
+    con.execute("UPDATE tasks SET count = ?, checksum = ? WHERE task = ?",
+                (n, db.task_checksum(con, "main", task * 100, 100, 256), task))
+    con.commit()
+    con.close()
 
 
 def _sql(path, *statements):
@@ -184,3 +215,17 @@ def test_merge_into_a_missing_directory(haar_run, tmp_path, capsys):
     code, _, err = run_main("merge", spec.run_dir, "-o", out, capsys=capsys)
     assert code == 2 and err == f"unidask: error: cannot write {out}: no directory {out.parent}\n", err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_with_its_genuine_checksum_over_wrong_rows_is_refused(staged_run, capsys):
+    """Task 7 in both shards: in b its rows zeroed, its tasks row (the genuine checksum) kept. The
+    merge must not keep b's copy: it refuses b by name, and --skip-bad keeps a's."""
+    spec, a, b = staged_run
+    _sql(b, "UPDATE unitaries SET data = zeroblob(256) WHERE id >= 700 AND id < 800")
+    code, _, err = run_main("merge", spec.run_dir, capsys=capsys)
+    assert code == 2 and str(b) in err and "task 7: checksum mismatch" in err, err
+    assert not (spec.run_dir / "t.db").exists()
+    code, out, _ = run_main("merge", spec.run_dir, "--skip-bad", capsys=capsys)
+    assert code == 1 and f"rejected {b}" in out and "missing: 10-19" in out
+    with unidask.Dataset(spec.run_dir / "t.db") as ds:
+        assert np.abs(ds[700:800]).max() > 0

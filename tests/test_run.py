@@ -167,3 +167,50 @@ def test_page_size_auto_follows_the_matrix_size_and_a_set_one_is_kept(config, tm
         sizes[name] = (page_size(result.merged.out), merged_data(result.merged.out))
     assert sizes["auto.toml"][0] == 16384 and sizes["set.toml"][0] == 65536
     assert sizes["auto.toml"][1] == sizes["set.toml"][1]
+
+
+def test_status_and_resume_count_only_what_the_merge_would_take(config, tmp_path):
+    """A staged shard damaged after its stage-out: status does not count its tasks, a resume sets it
+    aside (RUN_DIR/rejected/) and generates them again, and the result is the fault-free one."""
+    full = config("full.toml", run={"run_dir": str(tmp_path / "full")})
+    reference = merged_data(unidask.run(full).merged.out)
+    spec = config("part.toml", run={"run_dir": str(tmp_path / "part")})
+    unidask.run(spec, merge=False)
+    bad, good = RunDir(spec.run_dir).staged_shards()
+    con = sqlite3.connect(bad)
+    [(task,)] = con.execute("SELECT task FROM tasks ORDER BY task LIMIT 1").fetchall()
+    con.execute("UPDATE unitaries SET data = zeroblob(256) WHERE id = ?", (task * spec.task_size + 5,))
+    con.commit()
+    con.close()
+    bad_tasks = {t for (t,) in sqlite3.connect(bad).execute("SELECT task FROM tasks")}
+
+    st = unidask.status(spec.run_dir)
+    assert st.tasks_done == spec.n_tasks - len(bad_tasks) and set(st.missing) == bad_tasks
+    [entry] = [s for s in st.shards if s.path == str(bad)]
+    assert f"task {task}: checksum mismatch" in entry.error
+    r = cli("status", spec.run_dir)
+    assert r.returncode == 0 and "not counted: " in r.stdout and "Traceback" not in r.stderr
+
+    with messages() as lines:
+        result = unidask.run(spec, resume=True)
+    assert any(line.startswith(f"warning: {bad}: task {task}: checksum mismatch") for line in lines), lines
+    assert (spec.run_dir / "rejected" / bad.name).exists() and not bad.exists()
+    assert result.written == sum(spec.task_count(t) for t in bad_tasks)
+    assert merged_data(result.merged.out) == reference
+
+
+def test_a_changed_plugin_generator_is_refused_on_resume(tmp_path):
+    """A module:function generator edited between a stopped run and its resume would mix two
+    versions' rows in one database: its source hash is part of the fingerprint."""
+    module = tmp_path / "my_gen.py"
+    module.write_text("import numpy as np\n\ndef phases(rng, count):\n"
+                      "    return np.exp(2j * np.pi * rng.random((count, 1, 1)))\n")
+    cfg = write_config(tmp_path / "p.toml", run={"count": 400, "task_size": 100},
+                       generator={"kind": "my_gen:phases"})
+    env = {"PYTHONPATH": str(tmp_path)}
+    r = cli("run", cfg, "--no-merge", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    module.write_text(module.read_text().replace("2j * np.pi", "1j * np.pi"))
+    r = cli("run", cfg, "--resume", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stderr.count("unidask: error:") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "generator my_gen:phases changed since this run started" in r.stderr

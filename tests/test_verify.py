@@ -3,6 +3,9 @@
 import shutil
 import sqlite3
 
+import numpy as np
+import pytest
+
 from conftest import REPO, run_main, write_config
 
 
@@ -48,3 +51,85 @@ def test_verify_refuses_what_is_not_a_database(tmp_path, capsys):
     assert code == 2 and str(junk) in err
     code, _, err = run_main("verify", junk, "--against", REPO / "nope.toml", capsys=capsys)
     assert code == 2
+
+
+def _edit(src, dst, *statements):
+    shutil.copy(src, dst)
+    con = sqlite3.connect(dst)
+    for statement in statements:
+        con.execute(statement)
+    con.commit()
+    con.close()
+    return dst
+
+
+def _match(path, task, task_size=1000):
+    """Rewrite a task's count and checksum to agree with its rows, as a careful forger would."""
+    from unidask import db
+
+    con = sqlite3.connect(path)
+    base = task * task_size
+    n = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (base, base + task_size)).fetchone()[0]
+    con.execute("UPDATE tasks SET count = ?, checksum = ? WHERE task = ?",
+                (n, db.task_checksum(con, "main", base, task_size, 256), task))
+    con.commit()
+    con.close()
+
+
+def test_verify_fails_every_database_that_is_not_the_planned_data(haar_run, tmp_path, capsys):
+    """The cases of issue 15, each a database edited after the merge; every one FAILED, one line."""
+    _, db = haar_run
+    nan = np.full((4, 4), np.nan, complex).tobytes().hex()
+    cases = {
+        "half a task, count and checksum rewritten": (
+            ["DELETE FROM unitaries WHERE id >= 3500 AND id < 4000"], 3, "task 3 records 500 unitaries"),
+        "a task outside the plan": (
+            ["INSERT INTO unitaries(id, dim, data) SELECT id - 3000 + 7777000, dim, data FROM unitaries "
+             "WHERE id >= 3000 AND id < 4000",
+             "INSERT INTO tasks SELECT 7777, seed, count, node, worker, started, finished, checksum FROM tasks "
+             "WHERE task = 3"], None, "task 7777 is not in the run's plan"),
+        "a NaN matrix, checksum rewritten": (
+            [f"UPDATE unitaries SET data = x'{nan}' WHERE id = 3003"], 3, "not finite or not unitary"),
+        "a blob of the wrong length": (["UPDATE unitaries SET data = substr(data, 2) WHERE id = 3003"], 3,
+                                       "rows of 255, 256 bytes"),
+        "the merge's row count edited": (["UPDATE meta SET value = '19999' WHERE key = 'rows'"], None,
+                                          "its meta says 19999 rows"),
+    }
+    for name, (statements, rematch, message) in cases.items():
+        bad = _edit(db, tmp_path / "bad.db", *statements)
+        if rematch is not None:
+            _match(bad, rematch)
+        code, out, err = run_main("verify", bad, capsys=capsys)
+        assert code == 1 and out.startswith("FAILED: ") and message in out and out.count("\n") == 1, (name, out)
+
+
+def test_verify_regenerates_a_sample_or_everything(haar_run, tmp_path, capsys):
+    spec, db = haar_run
+    cfg = write_config(tmp_path / "same.toml", run={"count": 20000, "task_size": 1000})
+    code, out, _ = run_main("verify", db, "--against", cfg, "--sample", "5", capsys=capsys)
+    assert code == 0 and "5 task(s) regenerated identically" in out
+    code, out, _ = run_main("verify", db, "--against", cfg, "--full", capsys=capsys)
+    assert code == 0 and "20 task(s) regenerated identically" in out
+    # a forged task (unitary rows, checksum rewritten to match) only regeneration can see
+    forged = _edit(db, tmp_path / "forged.db",
+                   f"UPDATE unitaries SET data = x'{np.eye(4, dtype=complex).tobytes().hex()}' WHERE id = 13013")
+    _match(forged, 13)
+    code, out, _ = run_main("verify", forged, capsys=capsys)
+    assert code == 0                                            # whole, sound, unitary: it looks right
+    code, out, _ = run_main("verify", forged, "--against", cfg, capsys=capsys)
+    assert code == 0                                            # a sample of 3 does not draw task 13
+    code, out, _ = run_main("verify", forged, "--against", cfg, "--full", capsys=capsys)
+    assert code == 1 and "task 13 differs from what" in out
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.999])
+def test_a_database_cut_mid_page_is_one_line_everywhere(haar_run, tmp_path, capsys, cut):
+    _, db = haar_run
+    data = db.read_bytes()
+    cut_db = tmp_path / "cut.db"
+    cut_db.write_bytes(data[:int(len(data) * cut) + 100])   # not on a page boundary
+    code, out, err = run_main("verify", cut_db, capsys=capsys)
+    assert (code == 1 and out.startswith("FAILED: ")) or (code == 2 and str(cut_db) in err), out + err
+    assert "Traceback" not in out + err and (out + err).count("\n") == 1
+    code, out, err = run_main("export", cut_db, tmp_path / "x.npy", capsys=capsys)
+    assert code == 2 and str(cut_db) in err and err.count("\n") == 1 and not (tmp_path / "x.npy").exists(), err

@@ -46,6 +46,8 @@ class BadFile(InputError):
     """A staged shard or database that must not be read on; the message names the file and why."""
 
     def __init__(self, path: Path, reason: str):
+        lines = [line.strip() for line in reason.splitlines() if line.strip()]   # one line, always
+        reason = "; ".join(lines[:4]) + (f"; and {len(lines) - 4} more" if len(lines) > 4 else "")
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason
 
@@ -256,13 +258,14 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
         if not set(str(types).split(",")) <= {"blob/null", "blob/text"}:
             yield task, f"task {task} has rows whose data or meta is of the wrong type ({types})"
             continue
-        found = [int(d) if str(d).lstrip("-").isdigit() else d for d in str(dims).split(",")]
+        found = sorted((int(d) if d.lstrip("-").isdigit() else d for d in str(dims).split(",")), key=str)
         if dim is None and len(found) == 1 and isinstance(found[0], int) and found[0] > 0:
             dim = found[0]
         if found != [dim]:
             yield task, f"task {task} has rows of dim {', '.join(map(str, found))}, the run's is {dim}"
             continue
         if str(lengths) != str(dim * dim * expected.itemsize):
+            lengths = ", ".join(sorted(str(lengths).split(","), key=lambda x: (len(x), x)))
             yield task, (f"task {task} has rows of {lengths} bytes, a {dim}x{dim} matrix of this "
                          f"run is {dim * dim * expected.itemsize}")
             continue

@@ -212,8 +212,12 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 else:
                     differ.append(task)
             if differ:
+                # a copy that fails its checks is the one to blame; two sound copies that differ
+                # mean generation is not reproducible, and neither can be chosen
+                for q in {batch[owners[t][0]] for t in differ if t in owners} | {p}:
+                    checks[q].result()
                 raise BadFile(p, f"task(s) {plan.ranges(differ)} differ from the copy already merged "
-                                  "from another shard; refusing to choose")
+                                 "from another shard; refusing to choose")
         con.execute("BEGIN")
         try:
             for task in sorted(owners):
