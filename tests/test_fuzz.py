@@ -66,7 +66,7 @@ def rewrite_checksum(con: sqlite3.Connection, task: int) -> None:
     base = task * TASK_SIZE
     rows = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (base, base + TASK_SIZE)).fetchone()[0]
     con.execute("UPDATE tasks SET checksum = ?, count = ? WHERE task = ?",
-                (db.task_checksum(con, "main", base, TASK_SIZE, 256), rows, task))
+                (db.task_checksum(con, "main", base, TASK_SIZE), rows, task))
 
 
 STRUCTURAL = {0, 2, 3, 7, 10, 11, 15, 17, 21}

@@ -143,7 +143,7 @@ def _match(path, task):
     con = sqlite3.connect(path)
     n = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (task * 100, task * 100 + 100)).fetchone()[0]
     con.execute("UPDATE tasks SET count = ?, checksum = ? WHERE task = ?",
-                (n, db.task_checksum(con, "main", task * 100, 100, 256), task))
+                (n, db.task_checksum(con, "main", task * 100, 100), task))
     con.commit()
     con.close()
 

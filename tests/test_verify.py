@@ -71,7 +71,7 @@ def _match(path, task, task_size=1000):
     base = task * task_size
     n = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (base, base + task_size)).fetchone()[0]
     con.execute("UPDATE tasks SET count = ?, checksum = ? WHERE task = ?",
-                (n, db.task_checksum(con, "main", base, task_size, 256), task))
+                (n, db.task_checksum(con, "main", base, task_size), task))
     con.commit()
     con.close()
 

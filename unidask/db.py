@@ -235,8 +235,9 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
                 ) -> Iterator[tuple[int | None, str]]:
     """Everything that breaks the integrity invariant in the tasks of ``schema``, as (task, what is
     wrong), task None for the file as a whole: a task outside the plan, a count that is not the
-    plan's, rows missing, of another dim or byte length, a checksum that its rows do not give, rows
-    that belong to no task. The one check behind merge, verify, status and resume."""
+    plan's, rows missing or off their ids, of another dim, byte length or type, a checksum that its
+    rows do not give, rows that belong to no task. The one check behind merge, verify, status and
+    resume."""
     dim = expected.dim
     accounted = 0
     for task, count, recorded in con.execute(f"SELECT task, count, checksum FROM {schema}.tasks ORDER BY task"):
@@ -247,53 +248,111 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
             yield task, f"task {task} records {count!r} unitaries, the plan has {expected.task_count(task)}"
             continue
         base = task * expected.task_size
-        rows, dims, lengths, types = con.execute(
-            f"SELECT count(*), group_concat(DISTINCT dim), group_concat(DISTINCT length(data)), "
-            f"group_concat(DISTINCT typeof(data) || '/' || typeof(meta)) "
-            f"FROM {schema}.unitaries WHERE id >= ? AND id < ?", (base, base + expected.task_size)).fetchone()
-        accounted += rows
-        if rows != count:
-            yield task, f"task {task} has {rows} rows, it records {count}"
-            continue
-        if not set(str(types).split(",")) <= {"blob/null", "blob/text"}:
-            yield task, f"task {task} has rows whose data or meta is of the wrong type ({types})"
-            continue
-        found = sorted((int(d) if d.lstrip("-").isdigit() else d for d in str(dims).split(",")), key=str)
-        if dim is None and len(found) == 1 and isinstance(found[0], int) and found[0] > 0:
-            dim = found[0]
-        if found != [dim]:
-            yield task, f"task {task} has rows of dim {', '.join(map(str, found))}, the run's is {dim}"
-            continue
-        if str(lengths) != str(dim * dim * expected.itemsize):
-            lengths = ", ".join(sorted(str(lengths).split(","), key=lambda x: (len(x), x)))
-            yield task, (f"task {task} has rows of {lengths} bytes, a {dim}x{dim} matrix of this "
-                         f"run is {dim * dim * expected.itemsize}")
-            continue
-        if task_checksum(con, schema, base, count, dim * dim * expected.itemsize) != recorded:
-            yield task, f"task {task}: checksum mismatch (its rows are damaged or altered)"
+        if dim is None:   # a plugin's: the first row checked sets it
+            first = con.execute(f"SELECT dim FROM {schema}.unitaries WHERE id >= ? ORDER BY id LIMIT 1",
+                                (base,)).fetchone()
+            dim = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 0
+        row_bytes = dim * dim * expected.itemsize
+        rows = TaskRows.read(con, schema, base, expected.task_size, dim, row_bytes)
+        accounted += rows.count
+        if (reason := rows.fault(con, schema, task, base, count, dim, row_bytes, recorded)):
+            yield task, reason
     total = con.execute(f"SELECT count(*) FROM {schema}.unitaries").fetchone()[0]
     if total != accounted:
         yield None, f"{total - accounted} row(s) belong to no task of the file"
 
 
-def task_checksum(con: sqlite3.Connection, schema: str, base: int, count: int, row_bytes: int) -> str:
-    """The checksum of a task's rows as stored, recomputed (:func:`checksum`): the rows are
-    concatenated inside SQLite, a chunk at a time, so Python touches each chunk once, not each row."""
-    h = xxhash.xxh3_128()
-    metas = []
-    step = max(1, CHUNK_BYTES // max(1, row_bytes))
-    factory, con.text_factory = con.text_factory, bytes   # the concatenated blobs come back whole
+# Rows up to this size are concatenated inside SQLite (one call a chunk, not one a row); longer
+# ones are streamed row by row, where group_concat's copies would cost more than Python's calls.
+CONCAT_BELOW = 1024
+# a row that is not a dim x dim matrix of the run's dtype, or whose meta is not text
+ODD_ROW = ("typeof(data) != 'blob' OR length(data) != :bytes OR typeof(dim) != 'integer' OR dim != :dim "
+           "OR (meta IS NOT NULL AND typeof(meta) != 'text')")
+
+
+@dataclass
+class TaskRows:
+    """What one task's slot of ids holds, read in one pass: how many rows, the last id, how many
+    are odd (:data:`ODD_ROW`), and their checksum."""
+
+    count: int = 0
+    last_id: int | None = None
+    odd: int = 0
+    metas: int = 0
+    digest: str = ""
+
+    @classmethod
+    def read(cls, con: sqlite3.Connection, schema: str, base: int, size: int, dim: int, row_bytes: int
+             ) -> "TaskRows":
+        out, h, metas = cls(), xxhash.xxh3_128(), []
+        where = f"FROM {schema}.unitaries WHERE id >= :start AND id < :stop"
+        concat = 0 < row_bytes < CONCAT_BELOW
+        concat_sql = ", group_concat(data, x'')" if concat else ""
+        step = max(1, CHUNK_BYTES // row_bytes) if concat else size
+        chunks = [(start, min(start + step, base + size)) for start in range(base, base + size, step)]
+        factory, con.text_factory = con.text_factory, bytes   # concatenated blobs come back whole
+        try:
+            for start, stop in chunks:
+                n, last, odd, with_meta, *data = con.execute(
+                    f"SELECT count(*), max(id), coalesce(sum({ODD_ROW}), 0), count(meta){concat_sql} {where}",
+                    {"start": start, "stop": stop, "dim": dim, "bytes": row_bytes}).fetchone()
+                out.count, out.odd, out.metas = out.count + n, out.odd + odd, out.metas + with_meta
+                out.last_id = last if n else out.last_id
+                if concat:
+                    h.update(data[0] or b"")
+            if out.odd:
+                return out   # its digest would say nothing more
+            if not concat:
+                for data, meta in con.execute(f"SELECT data, meta {where} ORDER BY id", {"start": base, "stop": base + size}):
+                    h.update(data)
+                    metas.append(b"\0" if meta is None else meta)
+            elif out.metas:
+                metas += [con.execute(f"SELECT group_concat(coalesce(meta, char(0)), '') {where}",
+                                      {"start": start, "stop": stop}).fetchone()[0] or b"" for start, stop in chunks]
+            else:
+                metas.append(b"\0" * out.count)
+        finally:
+            con.text_factory = factory
+        h.update(b"".join(metas))
+        out.digest = h.hexdigest()
+        return out
+
+    def fault(self, con: sqlite3.Connection, schema: str, task: int, base: int, count: int, dim: int,
+              row_bytes: int, recorded: str) -> str | None:
+        """What is wrong with the task, or None."""
+        if self.count != count:
+            return f"task {task} has {self.count} rows, it records {count}"
+        if count and self.last_id != base + count - 1:
+            return f"task {task} has rows off its ids (its last is {self.last_id}, not {base + count - 1})"
+        if self.odd:   # say how, from a second look at the rows
+            dims, lengths, types = (", ".join(map(str, sorted(set(values), key=_order))) for values in zip(*con.execute(
+                f"SELECT DISTINCT dim, length(data), typeof(data) || '/' || typeof(meta) FROM {schema}.unitaries "
+                "WHERE id >= ? AND id < ?", (base, base + count))))
+            if dims != str(dim):
+                return f"task {task} has rows of dim {dims}, the run's is {dim}"
+            if lengths != str(row_bytes):
+                return f"task {task} has rows of {lengths} bytes, a {dim}x{dim} matrix of this run is {row_bytes}"
+            return f"task {task} has {self.odd} row(s) whose data or meta is of the wrong type ({types})"
+        if self.digest != recorded:
+            return f"task {task}: checksum mismatch (its rows are damaged or altered)"
+        return None
+
+
+def _order(value: Any) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def task_checksum(con: sqlite3.Connection, schema: str, base: int, count: int) -> str:
+    """The checksum (:func:`checksum`) of the rows of ids ``base ... base + count - 1`` as they are
+    stored, whatever their shape (what a forger would write: the tests' tool)."""
+    factory, con.text_factory = con.text_factory, bytes
     try:
-        for start in range(base, base + count, step):
-            data, meta = con.execute(
-                f"SELECT group_concat(data, x''), group_concat(coalesce(meta, char(0)), '') "
-                f"FROM {schema}.unitaries WHERE id >= ? AND id < ?", (start, min(start + step, base + count))
-            ).fetchone()
-            h.update(data or b"")
-            metas.append(meta or b"")
+        rows = con.execute(f"SELECT data, meta FROM {schema}.unitaries WHERE id >= ? AND id < ? ORDER BY id",
+                           (base, base + count)).fetchall()
     finally:
         con.text_factory = factory
-    h.update(b"".join(metas))
+    h = xxhash.xxh3_128(b"".join(d if isinstance(d, bytes) else str(d).encode() for d, _ in rows))
+    h.update(b"".join(b"\0" if m is None else m if isinstance(m, bytes) else str(m).encode() for _, m in rows))
     return h.hexdigest()
 
 

@@ -95,8 +95,9 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     # the integrity invariant, db.task_faults) is checked on another core while the rows are
     # copied; a batch commits only once its shards passed
     expected = _expected(spec, good[0])
-    checker = ThreadPoolExecutor(1, thread_name_prefix="unidask-check")
-    checks = {p: checker.submit(_check, p, expected) for p in good}
+    # (two threads: a shard's pages and its tasks are checked side by side, 1.1x at n = 4)
+    checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check")
+    checks = {p: (checker.submit(check_pages, p), checker.submit(check_tasks, p, expected)) for p in good}
     try:
         existing = out if append and out.exists() else None
         with contextlib.closing(_open_target(tmp, existing, record, good[0], expected)) as con, files.write_behind(tmp):
@@ -138,9 +139,10 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     return report
 
 
-def _check(path: Path, expected: Expected) -> None:
-    check_pages(path)
-    check_tasks(path, expected)
+def _passed(checks: tuple[Future, ...]) -> None:
+    """Wait for a shard's checks; raise the first one's BadFile."""
+    for check in checks:
+        check.result()
 
 
 def _expected(spec, first: Path) -> Expected:
@@ -185,11 +187,11 @@ def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path, 
 
 
 def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, str], task_size: int,
-                 checks: dict[Path, Future]) -> int:
+                 checks: dict[Path, tuple[Future, ...]]) -> int:
     """Copy the tasks of a few attached shards in one transaction, in task order: the rows then
     append to the end of the table (2.5x faster than copying shard after shard, which splits pages
     in the middle of it). Tasks already merged are skipped if identical. Returns how many were.
-    Commits only when ``checks`` (:func:`_check` of each shard) found them sound."""
+    Commits only when ``checks`` (pages and tasks of each shard) found them sound."""
     for j, p in enumerate(batch):
         con.execute(f"ATTACH DATABASE ? AS s{j}", (f"file:{p.absolute()}?mode=ro&immutable=1",))
         # read the rows in place, not through pread into SQLite's cache: 1.08x the copy at n = 4
@@ -215,7 +217,7 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 # a copy that fails its checks is the one to blame; two sound copies that differ
                 # mean generation is not reproducible, and neither can be chosen
                 for q in {batch[owners[t][0]] for t in differ if t in owners} | {p}:
-                    checks[q].result()
+                    _passed(checks[q])
                 raise BadFile(p, f"task(s) {plan.ranges(differ)} differ from the copy already merged "
                                  "from another shard; refusing to choose")
         con.execute("BEGIN")
@@ -228,7 +230,7 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 if copied != row[2]:
                     raise BadFile(batch[j], f"task {task} has {copied} of its {row[2]} unitaries")
             for p in batch:
-                checks[p].result()   # raises its BadFile: the batch rolls back
+                _passed(checks[p])   # raises its BadFile: the batch rolls back
             con.executemany(f"INSERT INTO main.tasks VALUES ({', '.join('?' * len(COLUMNS['tasks']))})",
                             [row for _, row in owners.values()])
             con.execute("COMMIT")
