@@ -258,3 +258,39 @@ def test_the_merge_refuses_damage_or_gives_the_fault_free_tasks(good_run, tmp_pa
     print(outcomes)
     # the harness must reach both ends, or it tests nothing
     assert outcomes["refused"] > FUZZ_CASES // 10 and outcomes["identical"] > FUZZ_CASES // 20, outcomes
+
+
+def test_damaged_databases_get_one_line_everywhere(good_run, tmp_path, capsys):
+    """A merged database damaged at random, given to verify, export, Dataset and status: a verdict,
+    or one line and exit 2; never a traceback, never an OK for what is not the planned data."""
+    from conftest import run_main
+
+    spec, reference = good_run
+    merged = spec.run_dir.parent / "reference.db"
+    for case in range(FUZZ_CASES // 5):
+        r = random.Random(FUZZ_SEED - case)
+        bad = tmp_path / f"bad{case}.db"
+        shutil.copy(merged, bad)
+        try:
+            done = [sql_damage(r, bad) if r.random() < 0.6 else byte_damage(r, bad)]
+        except sqlite3.DatabaseError as e:
+            done = [f"({e})"]
+        where = f"case {case}: {done}"
+        code, out, err = run_main("verify", bad, capsys=capsys)
+        assert "Traceback" not in out + err and (out + err).count("\n") == 1, f"{where}: {out}{err}"
+        assert (code == 1 and out.startswith("FAILED: ")) or (code == 2 and str(bad) in err) or \
+            (code == 0 and tasks_of(bad) == reference), f"{where}: {out}{err}"
+        code, out, err = run_main("export", bad, tmp_path / f"x{case}.npy", capsys=capsys)
+        assert code in (0, 2) and "Traceback" not in err and err.count("\n") <= 1, f"{where}: {err}"
+        try:
+            with unidask.Dataset(bad) as ds:
+                ds[0:len(ds)], ds[r.randrange(max(1, len(ds)))]
+        except (unidask.InputError, IndexError):
+            pass
+    # status of a run dir whose shards are damaged: counts what passes, names what does not
+    run = tmp_path / "run"
+    shutil.copytree(spec.run_dir, run)
+    for path in RunDir(run).staged_shards()[:2]:
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    code, out, err = run_main("status", run, capsys=capsys)
+    assert code == 0 and "Traceback" not in err and "not counted" in out, out + err

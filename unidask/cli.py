@@ -274,6 +274,11 @@ def list_generators() -> None:
     click.echo("every kind also takes dtype: complex128 (default) or complex64")
 
 
+def one_line(text: str) -> str:
+    """An error as one printable line, whatever a damaged file put in it."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and an exit status, never a traceback."""
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -284,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"unidask: error: {e.format_message()}", err=True)
         code = e.exit_code
     except UnidaskError as e:
-        click.echo(f"unidask: error: {e}", err=True)
+        click.echo(f"unidask: error: {one_line(str(e))}", err=True)
         code = e.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("unidask: interrupted", err=True)

@@ -71,7 +71,7 @@ class Dataset:
             flat = np.frombuffer(b"".join(r[1] for r in rows), dtype=self.dtype)
             return ids, flat.reshape(len(rows), self.dim, self.dim)
         except (sqlite3.DatabaseError, TypeError, ValueError) as e:   # rows that are not matrices
-            raise InputError(f"{self.path}: damaged database ({e})") from e
+            raise InputError(f"{self.path}: damaged database ({type(e).__name__}: {str(e)[:120]})") from e
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         if isinstance(key, slice):
