@@ -199,3 +199,35 @@ def haar_run(tmp_path_factory) -> tuple[unidask.Spec, Path]:
     result = unidask.run(spec)
     assert result.merged is not None and result.merged.complete
     return spec, result.merged.out
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"   # what another user can run: the stdlib, not our venv
+
+
+@pytest.fixture(scope="session")
+def other_user():
+    """A real second user account on this machine (created here, removed after), and a way to run
+    stdlib Python as it: ``run(code, *args)``. Skipped where accounts cannot be made (not root)."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None or not os.path.exists(SYSTEM_PYTHON):
+        pytest.skip("a second user account needs root, useradd and the system's python3")
+    name = f"unidask-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+
+    def run(code: str, *args) -> subprocess.CompletedProcess:
+        return subprocess.run(["runuser", "-u", name, "--", SYSTEM_PYTHON, "-c", code, *map(str, args)],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+
+    try:
+        yield name, run
+    finally:
+        subprocess.run(["userdel", name], check=False)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory like /tmp: every user may create in it (mode 1777), as on a login node."""
+    path = Path("/var/tmp") / f"unidask-shared-{uuid.uuid4().hex[:8]}"
+    path.mkdir()
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

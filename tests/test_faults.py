@@ -161,7 +161,7 @@ def test_node_lost_mid_run(config):
         time.sleep(0.5)  # well before the next stage-out: some finished tasks are not staged yet
         victims = wait_for(lambda: worker_processes("node2"))
         at_loss.update(staged_tasks(spec.run_dir))
-        for f in (spec.local_dir / spec.name).glob("node2-*"):
+        for f in shard.run_local_dir(spec).glob("node2-*"):
             f.unlink()
         for p in victims:
             p.kill()

@@ -118,7 +118,7 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
     proc = subprocess.run([sys.executable, "-c", KILLED_MID_TASK, pickle.dumps(spec).hex()],
                           env={**os.environ, "UNIDASK_NODE": "n"}, capture_output=True)
     assert proc.returncode == -9, proc.stderr
-    [path] = (spec.local_dir / spec.name).glob("n-k-p*.db")
+    [path] = shard.run_local_dir(spec).glob("n-k-p*.db")
     assert os.path.getsize(f"{path}-journal") > 0                       # a hot journal
     assert path.read_bytes()[18:20] == b"\x01\x01" and not os.path.exists(f"{path}-wal")  # not WAL
     [staged] = shard.stage_orphans(spec, "k", "n")

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster
 
-from . import dashboard, slurm, tls, worker
+from . import dashboard, files, slurm, tls, worker
 from .config import Spec, dask_exports, dask_settings
 from .errors import InputError, RunError
 from .rundir import RunDir
@@ -32,23 +32,31 @@ def local_cluster(spec: Spec) -> SpecCluster:
     """``nodes`` simulated nodes of ``workers`` single-threaded worker processes, all on loopback.
 
     Each simulated node is told its name through ``UNIDASK_NODE``, so it gets its own shard, as a
-    real node would with its own local disk.
+    real node would with its own local disk. Loopback keeps other machines out, not other users of
+    this one: the scheduler and workers speak TLS with the run's certificate, as in the cluster
+    modes, so a client without it is refused during the handshake.
     """
     dashboard.install()
     c = spec.cluster
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": c.dashboard_address}}
+    sec = security(spec)
+    tls_options = {"security": sec, "protocol": "tls"} if sec is not None else {}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": c.dashboard_address,
+                                               **tls_options}}
     # each worker process gets this config (a nanny copies the config it is given into its worker)
     config = dask_config()
     workers = {
         f"{node}-{j}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1",
                                                   "env": {"UNIDASK_NODE": node}, "preload": [WORKER_PRELOAD],
-                                                  "config": config,
+                                                  "config": config, "security": sec,
+                                                  # Dask's scratch space in the user's own local dir,
+                                                  # not in a /tmp/dask-scratch-space anyone can make
+                                                  "local_directory": str(files.private_dir(spec.local_dir / "dask")),
                                                   # the driver reports task failures in one line
                                                   "silence_logs": logging.CRITICAL}}
         for node in local_node_names(c.nodes) for j in range(c.workers)
     }
     with dask.config.set(dask_settings()):   # the scheduler, made here, reads them as it starts
-        return SpecCluster(workers=workers, scheduler=scheduler, name=f"unidask-{spec.name}")
+        return SpecCluster(workers=workers, scheduler=scheduler, security=sec, name=f"unidask-{spec.name}")
 
 
 def dask_config() -> dict[str, Any]:
@@ -58,8 +66,8 @@ def dask_config() -> dict[str, Any]:
 
 
 def security(spec: Spec):
-    """The run's TLS settings in the cluster modes (None: plain TCP, local or ``security = "none"``)."""
-    if spec.cluster.mode == "local" or spec.cluster.security == "none":
+    """The run's TLS settings, in every mode (None: plain TCP, ``security = "none"``)."""
+    if spec.cluster.security == "none":
         return None
     return tls.security(spec.run_dir)
 
@@ -93,7 +101,7 @@ def connect(spec: Spec) -> Iterator[Client]:
     """A client for the run's workers, closed (and the local cluster shut down) on exit."""
     mode = spec.cluster.mode
     if mode == "local":
-        with local_cluster(spec) as cluster, Client(cluster) as client:
+        with local_cluster(spec) as cluster, Client(cluster, security=cluster.security) as client:
             yield client
     elif mode == "scheduler_file":
         with Client(scheduler_file=spec.cluster.scheduler_file, timeout="120s",

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import os
+import pwd
 import re
 import shlex
 import tomllib
@@ -301,16 +302,19 @@ def _update(merged: dict, data: Mapping[str, Any], where: str) -> None:
             merged[section][key] = value
 
 
+_USER_VARS = {"USER": lambda: pwd.getpwuid(os.getuid()).pw_name, "UID": lambda: str(os.getuid())}
 _VAR = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}"
                   r"|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
 
 
 def expand_vars(text_: str, where: str = "config") -> str:
-    """Expand ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` as a shell would; unset without default fails."""
+    """Expand ``$VAR``, ``${VAR}`` and ``${VAR:-default}`` as a shell would; unset without default
+    fails. ``USER`` and ``UID`` are known even where the environment lacks them (cron, containers):
+    the per-user local dir must never fall back to a name another user shares."""
 
     def sub(m: re.Match) -> str:
         var = m["braced"] or m["plain"]
-        value = os.environ.get(var)
+        value = os.environ.get(var) or _USER_VARS.get(var, lambda: None)()
         if value:
             return value
         if m["default"] is not None:

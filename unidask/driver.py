@@ -217,9 +217,9 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     result = RunResult(spec.run_dir, skipped_tasks=len(staged))
     if resume and staged:
         log.info("resume: %d of %d tasks already staged", len(staged), spec.n_tasks)
-    if not local and spec.cluster.security == "none":
-        log.warning("cluster.security = 'none': anyone who can reach the scheduler can run "
-                    "code as you and read your shards")
+    if spec.cluster.security == "none":
+        log.warning("cluster.security = 'none': anyone who can reach the scheduler (in local mode: "
+                    "any user of this machine) can run code as you and read your shards")
     attempt = shard.new_attempt()
     with cluster.connect(spec) as client:
         for line in cluster.dashboard_lines(client, spec):

@@ -50,7 +50,7 @@ def export(db: str | os.PathLike, fmt: str, out: str | os.PathLike,
 def _export_npy(ds: Dataset, start: int, stop: int, out: Path) -> int:
     present = ds.con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?",
                              (start, stop)).fetchone()[0]
-    with files.publishing(out) as tmp:
+    with files.publishing(out, mode=None) as tmp:   # the user's file, to share as they like
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=ds.dtype.newbyteorder("="),
                                           shape=(present, ds.dim, ds.dim))
         k = 0

@@ -7,6 +7,7 @@ import contextlib
 import glob
 import os
 import socket
+import stat
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +21,49 @@ WRITE_BEHIND_EVERY = 8 << 20   # bytes written between flushes of write_behind
 NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph",
               "fuse.cephfs", "glusterfs", "fuse.glusterfs", "afs", "9p", "fuse.sshfs", "panfs",
               "orangefs", "pvfs2", "wekafs"}
+
+
+def private_dir(path: Path, what: str = "local dir") -> Path:
+    """``path`` as a directory of this user's alone: made 0700 (parents too) where missing, and
+    refused (InputError) where another user owns it or group or others may write to it. On a shared
+    machine a directory someone else made first is a place they can plant files in."""
+    path = Path(path)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except OSError as e:
+        raise InputError(f"{what} {path} is not writable: {e.strerror or e}") from e
+    if st.st_uid != os.getuid():
+        raise InputError(f"{what} {path} belongs to another user (uid {st.st_uid}); choose your own "
+                         "(storage.local_dir) or remove it")
+    if st.st_mode & 0o022:
+        who = " and ".join(w for bit, w in ((0o020, "group"), (0o002, "others")) if st.st_mode & bit)
+        raise InputError(f"{what} {path} is writable by {who} "
+                         f"(mode {stat.S_IMODE(st.st_mode):04o}): others could plant files in it; "
+                         f"chmod 700 {path}")
+    return path
+
+
+def owned_file(path: Path) -> str | None:
+    """Why ``path`` is not a regular file of this user's that only they can write, or None."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.getuid():
+        return f"it belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"others may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def create_private(path: Path) -> None:
+    """Create ``path`` empty and owner-only unless it exists (before SQLite opens it: SQLite makes
+    a new file world-readable and gives its journals the same mode)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
 def pid_alive(pid: int) -> bool:
@@ -51,10 +95,11 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def publishing(dest: str | os.PathLike, mode: int | None = None) -> Iterator[Path]:
+def publishing(dest: str | os.PathLike, mode: int | None = 0o600) -> Iterator[Path]:
     """Build ``dest`` whole: the body writes the yielded temp path; on success it is fsynced,
     renamed to ``dest`` and the directory fsynced, so ``dest`` only ever names a whole file. On
-    failure the temp is removed and ``dest`` is untouched. ``mode`` is set before the rename."""
+    failure the temp is removed and ``dest`` is untouched. ``mode`` is set before the rename
+    (owner-only by default; None: what the umask gave, for files meant to be shared)."""
     dest = Path(dest)
     tmp = temp_name(dest)
     remove_stale_temps(dest)
@@ -65,7 +110,7 @@ def publishing(dest: str | os.PathLike, mode: int | None = None) -> Iterator[Pat
         tmp.unlink(missing_ok=True)
 
 
-def publish(tmp: Path, dest: Path, mode: int | None = None) -> None:
+def publish(tmp: Path, dest: Path, mode: int | None = 0o600) -> None:
     """fsync the whole file ``tmp``, rename it to ``dest``, fsync the directory."""
     if mode is not None:
         os.chmod(tmp, mode)
@@ -74,7 +119,7 @@ def publish(tmp: Path, dest: Path, mode: int | None = None) -> None:
     fsync_path(dest.parent)
 
 
-def write_atomic(dest: str | os.PathLike, data: bytes | str, mode: int | None = None) -> Path:
+def write_atomic(dest: str | os.PathLike, data: bytes | str, mode: int | None = 0o600) -> Path:
     """Write ``data`` to ``dest`` through :func:`publishing`."""
     with publishing(dest, mode) as tmp:
         if isinstance(data, str):

@@ -126,7 +126,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
             con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                             [("rows", str(report.rows)), ("tasks", str(report.tasks))])
             con.execute("PRAGMA journal_mode = DELETE")
-        files.publish(tmp, out)
+        files.publish(tmp, out, mode=None)   # the result is meant to be shared: the umask decides
     except sqlite3.Error as e:
         raise RunError(f"merge into {out} failed: {e}") from e
     except OSError as e:

@@ -80,5 +80,5 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
         f"<th>shard</th></tr>{table}</table>"))
     page = column(summary, throughput, durations, staging, sizing_mode="stretch_width")
     with writing(out):
-        files.write_atomic(out, file_html(page, INLINE, title=f"unidask report: {st.name}"))
+        files.write_atomic(out, file_html(page, INLINE, title=f"unidask report: {st.name}"), mode=None)
     return out

@@ -73,14 +73,12 @@ class RunDir:
         except (KeyError, TypeError, AttributeError) as e:
             raise InputError(f"{self.record_path}: unreadable run record ({e})") from e
 
-    def prepare(self, spec: Spec, resume: bool, private: bool | None = None) -> None:
-        """Create the run dir, refuse one that holds another run, record the spec in run.json.
-        ``private`` (default: in the cluster modes) makes it owner-only: it holds the scheduler
-        file and the run's TLS key."""
+    def prepare(self, spec: Spec, resume: bool) -> None:
+        """Create the run dir, owner-only (it holds the run's TLS key, the scheduler file, the
+        shards), refuse one that holds another run, record the spec in run.json."""
         try:
-            self.shards.mkdir(parents=True, exist_ok=True)
-            if private or (private is None and spec.cluster.mode != "local"):
-                os.chmod(self.path, 0o700)
+            self.shards.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.path, 0o700)
             tempfile.TemporaryFile(dir=self.path).close()
         except OSError as e:
             raise InputError(f"run_dir {self.path} is not writable: {e.strerror or e}") from e
@@ -130,13 +128,13 @@ class RunDir:
 
     def reject(self, path: Path) -> Path:
         """Set a damaged staged shard aside, where the merge does not look, keeping it for a look."""
-        self.rejected.mkdir(exist_ok=True)
+        self.rejected.mkdir(mode=0o700, exist_ok=True)
         dest = self.rejected / path.name
         os.replace(path, dest)
         return dest
 
     def log_stages(self, results: Iterable[dict[str, Any]]) -> None:
-        with open(self.stages, "a") as f:
+        with open(os.open(self.stages, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in results)
 
     def read_stages(self) -> list[dict[str, Any]]:

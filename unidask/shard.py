@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import hashlib
+import logging
 import os
 import random
 import secrets
@@ -28,7 +30,7 @@ import tempfile
 import time
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -46,6 +48,8 @@ INSERT_TASK = ("WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i W
 INSERT_TASK_MAX = 1 << 28   # bytes; SQLite's limit on a bound blob is 10^9 (and less in some builds)
 WRITE_BEHIND_EVERY = files.WRITE_BEHIND_EVERY
 
+log = logging.getLogger("unidask")
+
 
 class Shard:
     """A live shard (a process's or a node's). Cache one per process with :func:`open_shard`."""
@@ -58,13 +62,11 @@ class Shard:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self.single_writer = single_writer
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"cannot create local dir {self.path.parent}: {e.strerror}") from e
+        files.private_dir(self.path.parent)
         if not allow_network_fs:
             files.require_local_disk(self.path.parent)
         try:
+            files.create_private(self.path)
             self.con = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
                                        check_same_thread=False)
             self.con.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -180,10 +182,12 @@ class Shard:
     def staged_name(self) -> str:
         return f"{self.path.stem}-{self.uid}.db"
 
-    def snapshot(self, staging_dir: str | os.PathLike) -> tuple[Path, int, int]:
+    def snapshot(self, staging_dir: str | os.PathLike, check: Callable[[Path], Any] | None = None
+                 ) -> tuple[Path, int, int]:
         """Stage out: write a consistent copy of the shard into ``staging_dir`` under a temporary
         name, fsync it and rename it into place, so the staged name only ever holds a whole
-        database. Returns the staged path and the number of tasks in the copy."""
+        database. ``check`` sees the copy before the rename (and may refuse it by raising).
+        Returns the staged path and the number of tasks in the copy."""
         dest = Path(staging_dir) / self.staged_name
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +198,8 @@ class Shard:
                     # no -wal or -shm
                     self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
                 counts = self._seal(tmp)
+                if check is not None:
+                    check(tmp)
         except (sqlite3.Error, OSError) as e:
             raise self._stage_error(dest, e) from e
         return dest, *counts
@@ -276,8 +282,10 @@ def new_attempt() -> str:
 
 
 def run_local_dir(spec: Spec) -> Path:
-    """This node's directory of the run's live shards."""
-    return spec.local_dir / spec.name
+    """This node's directory of the run's live shards: named for the run and scoped to its run dir
+    and fingerprint, so two runs of one config never see each other's shards."""
+    scope = hashlib.sha256(f"{spec.run_dir}\0{spec.fingerprint}".encode()).hexdigest()[:12]
+    return spec.local_dir / f"{spec.name}-{scope}"
 
 
 def local_path(spec: Spec, attempt: str, node: str | None = None) -> Path:
@@ -307,23 +315,21 @@ def options(spec: Spec, row_bytes: int | None = None) -> tuple[dict[str, str], d
 
 def check_local_dir(spec: Spec) -> None:
     """Fail early on an unusable local dir (in local mode the driver's machine is the node)."""
-    path = spec.local_dir
+    path = files.private_dir(spec.local_dir, "local_dir")
     try:
-        path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
         raise InputError(f"local_dir {path} is not writable: {e.strerror or e}") from e
     if not spec.storage.allow_network_fs:
         files.require_local_disk(path)
+    files.private_dir(run_local_dir(spec), "local_dir")
 
 
 def disk(spec: Spec) -> str:
     """Which shard this process writes: its node, and the device and inode of the local dir
     (workers of one SLURM job share it; two jobs on one node with private scratch do not), and with
     ``shard_per = "process"`` its process id."""
-    path = spec.local_dir
-    path.mkdir(parents=True, exist_ok=True)
-    st = path.stat()
+    st = files.private_dir(spec.local_dir).stat()
     own = f":{os.getpid()}" if spec.storage.shard_per == "process" else ""  # each stages its own
     return f"{slurm.node_name()}:{st.st_dev}:{st.st_ino}{own}"
 
@@ -398,8 +404,8 @@ def stage_orphans(spec: Spec, attempt: str, node: str) -> list[Path]:
             os.close(fd)
             continue
         try:
-            if path.exists():  # not yet staged and removed by the previous holder
-                staged.append(stage_and_remove(spec, path))
+            if path.exists() and (done := stage_and_remove(spec, path)) is not None:   # not yet staged
+                staged.append(done)
         finally:
             if not path.exists():
                 claim.unlink(missing_ok=True)
@@ -414,15 +420,31 @@ def salvage(spec: Spec) -> list[Path]:
     machine; opening a shard replays its WAL or rolls back its hot journal, so every committed task is
     kept.
     """
-    return [stage_and_remove(spec, path) for path in sorted(run_local_dir(spec).glob("[!.]*.db"))]
+    staged = [stage_and_remove(spec, path) for path in sorted(run_local_dir(spec).glob("[!.]*.db"))]
+    return [p for p in staged if p is not None]
 
 
-def stage_and_remove(spec: Spec, path: Path) -> Path:
-    """Stage a shard whose writer is gone, then remove it from local disk."""
+def stage_and_remove(spec: Spec, path: Path) -> Path | None:
+    """Stage a shard whose writer is gone, then remove it from local disk. Only a file of this
+    user's, of this run, whose every task passes the merge's checks is staged; anything else is
+    left in place with a warning naming it (None)."""
+    if (why := files.owned_file(path)) is None:
+        try:
+            db.check_database(path, spec.fingerprint)   # read-only, before it is opened to write
+        except db.BadFile as e:
+            why = e.reason
+    if why is not None:
+        log.warning("%s: left in place, not staged: %s", path, why)
+        return None
     meta, opts = options(spec)
+    expected = db.Expected.of(spec)
     live = Shard(path, meta, **{**opts, "single_writer": True})
     try:
-        staged = live.snapshot(RunDir(spec.run_dir).shards)[0]
+        staged = live.snapshot(RunDir(spec.run_dir).shards,
+                               check=lambda tmp: db.check(tmp, spec.fingerprint, expected))[0]
+    except db.BadFile as e:
+        log.warning("%s: left in place, not staged: %s", path, e.reason)
+        return None
     finally:
         live.close()
     db.remove_files(path)

@@ -12,10 +12,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib.resources import files
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import files
 from .config import Spec, format_override
 from .errors import InputError, RunError
 from .rundir import RunDir
@@ -55,7 +56,7 @@ def walltime_seconds(text: str) -> int:
 # -- the job scripts -------------------------------------------------------------------------------
 
 def template(name: str) -> str:
-    return files("unidask").joinpath("jobscripts", name).read_text()
+    return resources.files("unidask").joinpath("jobscripts", name).read_text()
 
 
 def render(script: str, directives: list[str], env: dict[str, str]) -> str:
@@ -146,14 +147,13 @@ def submit(spec: Spec, config: str | os.PathLike, overrides: Mapping[str, Any] =
     sub = Submission(None, None, scripts, rd.logs, args=args)
     if dry_run:
         return sub
-    rd.prepare(spec, resume=True, private=True)
-    rd.logs.mkdir(parents=True, exist_ok=True)
-    rd.jobs.mkdir(exist_ok=True)
+    rd.prepare(spec, resume=True)
+    rd.logs.mkdir(mode=0o700, exist_ok=True)
+    rd.jobs.mkdir(mode=0o700, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = {}
     for name, text in scripts.items():
-        paths[name] = rd.jobs / f"{name}-{stamp}.sbatch"
-        paths[name].write_text(text)
+        paths[name] = files.write_atomic(rd.jobs / f"{name}-{stamp}.sbatch", text)
     sub.generate_job, _ = sbatch(paths["generate"], [str(config), *args])
     sub.merge_job, status = sbatch(paths["merge"], [str(config), *args],
                                    [f"--dependency=afterok:{sub.generate_job}", "--kill-on-invalid-dep=yes"],

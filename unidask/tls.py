@@ -62,7 +62,7 @@ def ensure(run_dir: str | os.PathLike, days: int = 365) -> dict[str, Path]:
                                      serialization.NoEncryption()),
         }
         for name, data in contents.items():
-            files.write_atomic(paths[name], data, mode=0o600)
+            files.write_atomic(paths[name], data)
     except OSError as e:
         raise RunError(f"cannot write the run's TLS files in {d}: {e.strerror or e}") from e
     finally:
