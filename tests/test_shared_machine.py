@@ -12,16 +12,13 @@ import ssl
 import stat
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import psutil
-import pytest
 
 import unidask
 from unidask import RunDir, shard, worker
 
-from conftest import REPO, cli, merged_data, write_config
+from conftest import cli, merged_data, write_config
 
 ATTACK = """
 import socket, ssl, sys
