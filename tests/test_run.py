@@ -1,7 +1,10 @@
 """End to end on a real local Dask cluster: worker processes, shards on disk, stage-out, merge."""
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 
 import numpy as np
 from scipy import stats
@@ -214,3 +217,36 @@ def test_a_changed_plugin_generator_is_refused_on_resume(tmp_path):
     r = cli("run", cfg, "--resume", cwd=tmp_path, env=env)
     assert r.returncode == 2 and r.stderr.count("unidask: error:") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "generator my_gen:phases changed since this run started" in r.stderr
+
+
+def test_odd_files_in_shards_are_named_never_opened(config, tmp_path):
+    """A FIFO, a directory and a socket named like shards in RUN_DIR/shards/: opening a FIFO to read
+    would block forever. merge refuses naming it (--skip-bad skips it), status lists it, a resume
+    sets it aside, verify refuses it; every command ends."""
+    import socket
+
+    spec = config(run={"count": 1000, "task_size": 100})
+    unidask.run(spec, merge=False)
+    shards = RunDir(spec.run_dir).shards
+    os.mkfifo(shards / "a-fifo.db")
+    (shards / "b-dir.db").mkdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(shards / "c-sock.db"))
+
+    def unidask_cli(*args):   # a hang fails the test, not the suite
+        return subprocess.run([sys.executable, "-m", "unidask.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=120)
+
+    r = unidask_cli("merge", spec.run_dir)
+    assert r.returncode == 2 and f"{shards / 'a-fifo.db'}: a FIFO, not a regular file; refused" in r.stderr, r.stderr
+    r = unidask_cli("merge", spec.run_dir, "--skip-bad")
+    assert r.returncode == 1 and f"rejected {shards / 'b-dir.db'}: a directory, not a regular file" in r.stdout
+    assert "10/10 tasks" in r.stdout
+    r = unidask_cli("status", spec.run_dir)
+    assert r.returncode == 0 and "not counted: a socket, not a regular file" in r.stdout and "10/10 done" in r.stdout
+    r = unidask_cli("verify", shards / "a-fifo.db")
+    assert r.returncode == 2 and "a FIFO, not a regular file" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    result = unidask.run(spec, resume=True)
+    assert result.merged.complete and result.written == 0
+    assert sorted(p.name for p in (spec.run_dir / "rejected").iterdir()) == ["a-fifo.db", "b-dir.db", "c-sock.db"]
+    sock.close()

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from . import files
 from .db import connect_readonly, read_meta
 from .errors import InputError
 
@@ -24,8 +25,8 @@ class Dataset:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: no such database file")
+        if (why := files.regular(self.path)) is not None:
+            raise InputError(f"{self.path}: {why}")
         try:
             self.con = connect_readonly(self.path)
             self.meta = read_meta(self.con)

@@ -8,21 +8,21 @@ import json
 import os
 import sqlite3
 from dataclasses import dataclass
-from importlib.resources import files
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import xxhash
 
-from . import generators, plan
+from . import files, generators, plan
 from .errors import InputError
 
 if TYPE_CHECKING:
     from .config import Spec
 
 SCHEMA_VERSION = 2  # 2: no task/idx columns in unitaries; XXH3-128 checksums
-SCHEMA = files("unidask").joinpath("schema.sql").read_text()
+SCHEMA = resources.files("unidask").joinpath("schema.sql").read_text()
 AUTO_PAGE_SIZES = tuple(2 ** k for k in range(12, 17))   # 4 KiB ... 64 KiB
 MMAP_SIZE = 1 << 40  # map all of a file (SQLite caps it at its build's limit, 2 GiB by default)
 SUFFIXES = ("", "-journal", "-wal", "-shm")  # a database file and its companions
@@ -64,6 +64,8 @@ def checksum(data: bytes, metas: Sequence[str | None]) -> str:
 def connect_readonly(path: str | os.PathLike) -> sqlite3.Connection:
     """Open a finished database (a staged shard, a merged result) read-only, without locking, and
     without trusting its schema: nothing in the file gets to run."""
+    if (why := files.regular(Path(path))) is not None:   # never open a FIFO or device: it would block
+        raise sqlite3.OperationalError(f"unable to open database file: {why}")
     uri = f"file:{Path(path).absolute()}?mode=ro&immutable=1"
     con = sqlite3.connect(uri, uri=True)
     con.execute("PRAGMA trusted_schema = OFF")

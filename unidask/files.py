@@ -44,6 +44,25 @@ def private_dir(path: Path, what: str = "local dir") -> Path:
     return path
 
 
+def kind(mode: int) -> str:
+    """What a file of ``mode`` is, in a message."""
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def regular(path: Path, follow: bool = True) -> str | None:
+    """Why ``path`` is not a regular file (never opening it: a FIFO would block), or None."""
+    try:
+        mode = (os.stat if follow else os.lstat)(path).st_mode
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    return None if stat.S_ISREG(mode) else f"{kind(mode)}, not a regular file"
+
+
 def owned_file(path: Path) -> str | None:
     """Why ``path`` is not a regular file of this user's that only they can write, or None."""
     try:
@@ -51,7 +70,7 @@ def owned_file(path: Path) -> str | None:
     except OSError as e:
         return f"cannot read it ({e.strerror or e})"
     if not stat.S_ISREG(st.st_mode):
-        return "not a regular file"
+        return f"{kind(st.st_mode)}, not a regular file"
     if st.st_uid != os.getuid():
         return f"it belongs to another user (uid {st.st_uid})"
     if st.st_mode & 0o022:

@@ -74,6 +74,10 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     if not paths:
         raise InputError(f"{rd.shards}: no staged shards to merge")
     report = MergeReport(out, spec.n_tasks)
+    for p, why in rd.odd_entries().items():   # named, never opened
+        if not skip_bad:
+            raise BadFile(p, f"{why}; refused")
+        report.rejected.append((str(p), why))
     good = []
     for p in paths:
         try:

@@ -105,7 +105,16 @@ class RunDir:
     # -- staged shards and stage-outs ------------------------------------------------------------
 
     def staged_shards(self) -> list[Path]:
-        # temporary files of a stage-out in progress start with "." and never end in .db
+        """The staged shards: regular files named ``*.db`` (a stage-out's temporaries start with
+        ".": never listed). Anything else of that name is :meth:`odd_entries`, never opened."""
+        return [p for p in self._listed() if files.regular(p, follow=False) is None]
+
+    def odd_entries(self) -> dict[Path, str]:
+        """Entries of ``shards/`` named like a shard that are no regular file (a FIFO, a socket, a
+        directory, a link): what they are."""
+        return {p: why for p in self._listed() if (why := files.regular(p, follow=False)) is not None}
+
+    def _listed(self) -> list[Path]:
         return sorted(self.shards.glob("[!.]*.db"))
 
     def staged_tasks(self) -> set[int]:
@@ -117,7 +126,7 @@ class RunDir:
         """Tasks of the staged shards that pass every check the merge makes (:func:`db.check`),
         and the shards that do not, with why: what status and resume count as done."""
         good: set[int] = set()
-        bad: dict[Path, str] = {}
+        bad: dict[Path, str] = self.odd_entries()
         expected = db.Expected.of(spec)
         for path in self.staged_shards():
             try:

@@ -62,7 +62,7 @@ class RunStatus:
 
 def _shard_status(p: Path, reason: str | None) -> ShardStatus:
     """A staged shard's figures; only its file's where it fails a check (``reason``)."""
-    st = p.stat()
+    st = p.lstat()
     entry = ShardStatus(str(p), st.st_size, st.st_mtime, node=p.stem.rsplit("-", 1)[0], error=reason)
     if reason is not None:
         return entry
@@ -83,7 +83,7 @@ def status(run_dir: str | os.PathLike) -> RunStatus:
     rd = RunDir(run_dir)
     spec = rd.spec()
     done, bad = rd.checked_tasks(spec)
-    shards = [_shard_status(p, bad.get(p)) for p in rd.staged_shards()]
+    shards = [_shard_status(p, bad.get(p)) for p in sorted([*rd.staged_shards(), *rd.odd_entries()])]
     starts = [s.first_start for s in shards if s.first_start]
     ends = [s.last_finish for s in shards if s.last_finish]
     unitaries = sum(spec.task_count(t) for t in done)

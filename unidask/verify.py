@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import generators, plan
+from . import files, generators, plan
 from .config import Spec
 from .db import BadFile, Expected, check_database, check_pages, reading, task_faults
 from .errors import InputError
@@ -53,8 +53,8 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
     total equal to the run's count. With ``against``: the database must be that config's run, and
     ``sample`` of its tasks (``full``: all) are generated again and compared byte for byte."""
     path = Path(db)
-    if not path.is_file():
-        raise InputError(f"{path}: no such database file")
+    if (why := files.regular(path)) is not None:
+        raise InputError(f"{path}: {why}")
     v = Verdict(str(path))
     meta = check_database(path, None, what="database")   # not a unidask database at all: exit 2
     try:
