@@ -4,6 +4,7 @@ contenders alternating, at least 3 rounds; prints medians and ratios."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -131,7 +132,12 @@ class Bench:
             }, "generate", f"n={dim}", "unidask haar")
 
     # 3. end to end
-    def run_unidask(self, count: int, dim: int, task: int, workers: int, shard_per: str = "process") -> dict:
+    def run_unidask(self, count: int, dim: int, task: int, workers: int, shard_per: str = "process",
+                    backups: bool = True, stop_one_after: float | None = None) -> dict:
+        """One run; ``stop_one_after``: SIGSTOP one worker process that many seconds in, for good
+        (a node in an NFS stall), and kill it at the end."""
+        import threading
+
         import unidask
 
         d = self.fresh("e")
@@ -139,8 +145,25 @@ class Bench:
             "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
             "generator": {"dim": dim},
             "storage": {"local_dir": str(d / "local"), "shard_per": shard_per},
-            "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0"}})
-        return {"rate": unidask.run(spec, merge=False).rate}
+            "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0", "backups": backups}})
+        stopped: list[psutil.Process] = []
+
+        def stop_one() -> None:
+            time.sleep(stop_one_after)
+            for p in psutil.Process().children(recursive=True):
+                if "spawn_main" in " ".join(p.cmdline()):
+                    p.suspend()
+                    stopped.append(p)
+                    return
+
+        if stop_one_after is not None:
+            threading.Thread(target=stop_one, daemon=True).start()
+        try:
+            return {"rate": unidask.run(spec, merge=False).rate}
+        finally:
+            for p in stopped:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
 
     def run_bare(self, count: int, dim: int, task: int, workers: int) -> dict:
         return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task,
@@ -173,6 +196,21 @@ class Bench:
                 "bare multiprocessing loop": lambda: self.run_bare(count, dim, task, workers),
             }, "task size", f"n={dim} workers={workers} task={task}", "unidask run")
             self.clean()
+
+    # 3c. backup tasks: what they cost a healthy run, what they save with one stopped worker
+    def stragglers(self) -> None:
+        dim, workers = 16, 2
+        task = work.TASK_SIZE[dim] // (2 if self.quick else 1)
+        count = task * (4 if self.quick else 20)
+        self.alternate({"unidask run": lambda: self.run_unidask(count, dim, task, workers),
+                        "backups off": lambda: self.run_unidask(count, dim, task, workers, backups=False)},
+                       "stragglers", f"healthy, n={dim} workers={workers} task={task}", "unidask run")
+        if not self.quick:   # each such run waits out a stopped worker: tens of seconds
+            self.alternate({"unidask run": lambda: self.run_unidask(count, dim, task, workers, stop_one_after=1.0),
+                            "backups off": lambda: self.run_unidask(count, dim, task, workers, backups=False,
+                                                                    stop_one_after=1.0)},
+                           "stragglers", f"one of {workers} workers stopped 1 s in", "unidask run")
+        self.clean()
 
     # 4. merge
     def merge(self) -> None:
@@ -291,7 +329,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "merge", "memory"])
+    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "stragglers",
+                                                  "merge", "memory"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

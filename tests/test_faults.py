@@ -4,6 +4,7 @@ database exactly once, byte-identical to a fault-free run, or the user is told w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -21,7 +22,7 @@ import unidask
 from unidask import RunDir, db, generators, shard, stopping, worker
 from unidask.errors import Stopped
 
-from conftest import merged_data, write_config
+from conftest import merged_data, messages, write_config
 
 # slow enough tasks (n = 64) that faults land mid-run on 2 cores
 SLOW = {"run": {"count": 12000, "task_size": 100}, "generator": {"dim": 64}}
@@ -260,3 +261,63 @@ def test_eight_writers_on_one_node(config):
     con = sqlite3.connect(result.merged.out)
     assert len({w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}) >= 6
     assert merged_data(result.merged.out) == reference(spec)
+
+
+def test_a_stopped_worker_costs_a_bounded_delay(config, tmp_path):
+    """One of two workers SIGSTOPped for the rest of the run (a node in an NFS stall, swapping, a
+    hung driver): its tasks get backup copies on the other worker, Dask retires it after its time
+    to live, what it finished but never staged is generated again; byte-identical, within 2x the
+    fault-free time plus 60 s."""
+    spec = config(**SLOW, cluster={"nodes": 2, "workers": 1})
+    clean = config("clean.toml", run={**SLOW["run"], "run_dir": str(tmp_path / "clean")},
+                   generator=SLOW["generator"], cluster={"nodes": 2, "workers": 1})
+    start = time.monotonic()
+    unidask.run(clean)
+    fault_free = time.monotonic() - start
+    stopped = []
+
+    def stop_node2():
+        [victim] = wait_for(lambda: worker_processes("node2"))
+        time.sleep(0.5)
+        victim.suspend()
+        stopped.append(victim)
+
+    thread, errors = in_background(stop_node2)
+    start = time.monotonic()
+    try:
+        with messages() as lines:
+            result = unidask.run(spec)
+        elapsed = time.monotonic() - start
+    finally:
+        thread.join()
+        for p in stopped:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert not errors and stopped
+    assert result.merged.complete and merged_data(result.merged.out) == reference(spec)
+    assert any("a backup copy started on another worker" in line for line in lines), lines
+    assert elapsed < 2 * fault_free + 60, (elapsed, fault_free)
+
+
+def test_workers_killed_as_they_start_are_started_again(config):
+    """Every worker process killed as it starts, again and again, for 15 s: Dask's nannies give up
+    ("Failed to start process"); unidask starts them again, and the run finishes byte-identical."""
+    spec = config(run={"count": 3000, "task_size": 100}, cluster={"nodes": 2, "workers": 1})
+    until, killed = time.monotonic() + 15, []
+
+    def kill_as_they_start():
+        while time.monotonic() < until:
+            for p in worker_processes():
+                with contextlib.suppress(psutil.Error):
+                    if time.time() - p.create_time() < 3:
+                        p.kill()
+                        killed.append(p.pid)
+            time.sleep(0.01)
+
+    thread, errors = in_background(kill_as_they_start)
+    with messages() as lines:
+        result = unidask.run(spec)
+    thread.join()
+    assert not errors and len(set(killed)) >= 4, killed
+    assert any("started again" in line for line in lines), lines
+    assert result.merged.complete and merged_data(result.merged.out) == reference(spec)

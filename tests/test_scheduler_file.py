@@ -64,3 +64,37 @@ def test_scheduler_file_mode(config, tmp_path, external_cluster):
 
     local = config("local.toml", run={"count": 3000, "task_size": 100, "run_dir": str(tmp_path / "local-run")})
     assert merged_data(result.merged.out) == merged_data(unidask.run(local).merged.out)
+
+
+def test_a_scheduler_file_that_never_appears_ends_the_run(config, tmp_path, capsys):
+    from conftest import run_main, write_config
+
+    missing = tmp_path / "never" / "scheduler.json"
+    cfg = write_config(tmp_path / "c.toml", cluster={"mode": "scheduler_file", "scheduler_file": str(missing),
+                                                     "security": "none", "worker_timeout": 3})
+    start = time.monotonic()
+    code, out, err = run_main("run", cfg, capsys=capsys)
+    assert code == 1 and f"unidask: error: no scheduler file {missing} after 3 s" in err, err
+    assert err.count("unidask: error:") == 1 and time.monotonic() - start < 60
+
+
+def test_a_scheduler_without_workers_ends_the_run(config, tmp_path, capsys):
+    """A scheduler whose workers never come (their jobs died, a wrong interface): the run says what
+    it waits for, and ends after cluster.worker_timeout with one line, resumable."""
+    from conftest import run_main, write_config
+
+    sched_file = tmp_path / "scheduler.json"
+    proc = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                             "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(sched_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cfg = write_config(tmp_path / "c.toml", cluster={"mode": "scheduler_file", "scheduler_file": str(sched_file),
+                                                         "security": "none", "worker_timeout": 15})
+        start = time.monotonic()
+        code, out, err = run_main("run", cfg, capsys=capsys)
+        assert code == 1 and "unidask: error: no worker for " in err and "(cluster.worker_timeout)" in err, err
+        assert "waiting: no task finished for " in err and "0 worker(s)" in err
+        assert time.monotonic() - start < 2 * 15 + 60   # wait_for_nodes, then worker_timeout
+    finally:
+        proc.terminate()
+        proc.wait(30)

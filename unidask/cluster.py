@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Iterator
 
 import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster
+from distributed.core import Status
 
 from . import dashboard, files, slurm, tls, worker
 from .config import Spec, dask_exports, dask_settings
 from .errors import InputError, RunError
 from .rundir import RunDir
+
+log = logging.getLogger("unidask")
 
 
 # every worker imports the task code as it starts rather than in its first task (~40 ms, and a
@@ -56,7 +62,38 @@ def local_cluster(spec: Spec) -> SpecCluster:
         for node in local_node_names(c.nodes) for j in range(c.workers)
     }
     with dask.config.set(dask_settings()):   # the scheduler, made here, reads them as it starts
-        return SpecCluster(workers=workers, scheduler=scheduler, security=sec, name=f"unidask-{spec.name}")
+        cluster = SpecCluster(workers={}, scheduler=scheduler, security=sec, name=f"unidask-{spec.name}")
+    # the workers after the cluster exists: one that fails to start (killed as it starts, out of
+    # memory) must not take the cluster down with it; keep_size starts it again
+    cluster.worker_spec.update(workers)
+    keep_size(cluster)
+    return cluster
+
+
+def keep_size(cluster: SpecCluster) -> list[str]:
+    """Start again the local workers whose nanny gave up ("Failed to start process"), so the
+    cluster stays at the size asked for; the names of those started."""
+    gone = [name for name, nanny in cluster.workers.items() if nanny.status in (Status.closed, Status.failed)]
+    if not gone and set(cluster.worker_spec) <= set(cluster.workers):
+        return []
+    for name in gone:
+        del cluster.workers[name]
+    try:
+        cluster.sync(cluster._correct_state)
+    except (RuntimeError, OSError) as e:   # tried again at the next look
+        log.warning("worker(s) could not start (%s); starting them again", e)
+    return gone + [name for name in cluster.worker_spec if name not in cluster.workers and name not in gone]
+
+
+def replace(cluster: SpecCluster, name: str) -> bool:
+    """Kill the process of local worker ``name`` (stopped, hung): its nanny starts a new one."""
+    nanny = cluster.workers.get(name)
+    pid = getattr(getattr(getattr(nanny, "process", None), "process", None), "pid", None)
+    if not pid:
+        return False
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def dask_config() -> dict[str, Any]:
@@ -72,13 +109,32 @@ def security(spec: Spec):
     return tls.security(spec.run_dir)
 
 
+def wait_for_file(path: Path, timeout: float, every: float = 10.0) -> None:
+    """Wait for the scheduler file a job's scheduler writes, saying so every ``every`` seconds;
+    fail with one line after ``timeout`` (Dask's own wait for it has no end)."""
+    start = said = time.monotonic()
+    while not (path.exists() and path.stat().st_size > 0):
+        now = time.monotonic()
+        if now - start > timeout:
+            raise RunError(f"no scheduler file {path} after {timeout:.0f} s (cluster.worker_timeout): "
+                           "did the scheduler start? (its log is in the run dir's logs/)")
+        if now - said >= every:
+            said = now
+            log.info("waiting for the scheduler file %s (%.0f s of %.0f)", path, now - start, timeout)
+        time.sleep(0.2)
+
+
 def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
     """Wait until workers of ``nodes`` nodes have joined (inside a SLURM job: all of its nodes),
     so the first tasks do not all land on the node whose workers started first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(set(client.run(worker.node_name, on_error="ignore").values())) >= nodes:
+    start = said = time.monotonic()
+    while (now := time.monotonic()) < start + timeout:
+        if (joined := len(set(client.run(worker.node_name, on_error="ignore").values()))) >= nodes:
             return
+        if now - said >= 10:
+            said = now
+            log.info("waiting for workers of %d node(s): %d joined (%.0f s of %.0f)", nodes, joined, now - start,
+                     timeout)
         time.sleep(0.5)
 
 
@@ -104,9 +160,10 @@ def connect(spec: Spec) -> Iterator[Client]:
         with local_cluster(spec) as cluster, Client(cluster, security=cluster.security) as client:
             yield client
     elif mode == "scheduler_file":
+        wait_for_file(Path(spec.cluster.scheduler_file), spec.cluster.worker_timeout)
         with Client(scheduler_file=spec.cluster.scheduler_file, timeout="120s",
                     security=security(spec)) as client:
-            wait_for_nodes(client, slurm.job_nodes())
+            wait_for_nodes(client, slurm.job_nodes(), timeout=min(120.0, spec.cluster.worker_timeout))
             yield client
     else:
         with slurm_cluster(spec) as cluster, Client(cluster) as client:

@@ -118,6 +118,8 @@ class Cluster:
     dashboard_address: str = checked(text('"127.0.0.1:8787"'))
     max_in_flight: int | None = checked(optional(integer()))
     security: str = checked(one_of("tls", "none"))
+    backups: bool = checked(boolean)
+    worker_timeout: float = checked(seconds)
     stop_before: int = checked(integer())
     memory: str = checked(text('"4GB"'))
     walltime: str = checked(text('"01:00:00"'))

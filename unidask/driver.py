@@ -19,6 +19,7 @@ from .merge import MergeReport, merge as merge_run
 from .progress import Progress
 from .rundir import RunDir
 from .stopping import check_stop
+from .stragglers import Stragglers
 
 log = logging.getLogger("unidask")
 
@@ -29,6 +30,12 @@ REDO_ROUNDS = 3
 SHORT_TASK = 0.05
 HINT_AFTER = 50        # tasks timed before the hint is given
 HINT_MIN_TASKS = 500   # no hint for runs too short for it to matter
+WATCH_EVERY = 1.0         # seconds between looks for stragglers and silent workers
+# Dask's workers heartbeat every 0.5-1 s up to 200 workers, every n/200 + 1 s beyond: seconds of
+# silence, scaled so, after which a worker is asked nothing more, and after which it is retired
+SILENT_AFTER = 5.0
+RETIRE_AFTER = 20.0
+SAY_WAITING_AFTER = 10.0  # seconds without a finished task before the run says what it waits for
 
 
 @dataclass
@@ -55,19 +62,24 @@ class Driver:
         self.client, self.spec, self.attempt, self.result = client, spec, attempt, result
         self.tracker = dashboard.Tracker(client, spec, sum(spec.task_count(t) for t in staged), len(staged))
         self.run_dir = RunDir(spec.run_dir)
+        self.said = 0.0
+        self.stragglers = Stragglers()   # task times, kept across the rounds of a run
+        self.no_workers_since: float | None = None
 
     def stage_all(self, *, final: bool = False) -> dict:
         """Start one stage-out per local disk (per node, or per job where jobs get a private /tmp),
         each on one of the workers that write there: {future: worker address}."""
         client = self.client
         # a worker that died a moment ago must not fail the stage-out of the others
-        disks = client.run(worker.disk, self.spec, on_error="ignore")
+        # only workers that answer: a stopped one would hold the broadcast until Dask retires it
+        answering = self.responsive_workers()
+        disks = client.run(worker.disk, self.spec, workers=answering, on_error="ignore") if answering else {}
         one_worker: dict[str, str] = {}
         for address, disk in sorted(disks.items()):
             if isinstance(disk, str):
                 one_worker.setdefault(disk, address)
         if final and self.spec.storage.shard_per == "node":  # a process shard closes itself
-            client.run(worker.close_shards, on_error="ignore")
+            client.run(worker.close_shards, workers=answering, on_error="ignore")
         return {client.submit(worker.stage_out, self.spec, self.attempt, final=final, workers=[address],
                               allow_other_workers=False, pure=False, priority=10,
                               key=f"stage-out-{disk.split(':')[0]}-{time.time_ns()}"): address
@@ -125,41 +137,68 @@ class Driver:
         inflight: set = set()
         refill = max(1, window // 4)
 
-        def submit(n: int) -> None:
+        def submit(n: int) -> list[Future]:
             """Submit up to ``n`` more tasks in one message: measured here, Dask spent ~3 ms of
             driver and scheduler CPU on a task submitted alone, ~2 on one of a batch."""
             batch = list(itertools.islice(todo, n))
-            if batch:
-                new = client.map(worker.generate_task, [spec] * len(batch), batch, [self.attempt] * len(batch),
-                                 key=[(prefix, t) for t in batch], pure=False, retries=2)
-                inflight.update(new)
-                futures.update(new)
+            if not batch:
+                return []
+            new = client.map(worker.generate_task, [spec] * len(batch), batch, [self.attempt] * len(batch),
+                             key=[(prefix, t) for t in batch], pure=False, retries=2)
+            inflight.update(new)
+            futures.update(new)
+            return new
 
         submit(window)
         last_stage, stages = time.monotonic(), {}
         n_done, durations = 0, []
+        task_of: dict[Future, int] = {f: int(f.key[1]) for f in inflight}
+        copies: dict[int, list[Future]] = {}        # task -> its backup copies
+        stragglers, watched, last_done = self.stragglers, 0.0, time.monotonic()
         try:
-            for future, summary in futures:
+            while (batch := next_batch(futures, timeout=1.0)) is not None:
                 check_stop()
-                if future.status == "error":
-                    raise task_error(future)
-                inflight.discard(future)
-                future.release()
-                if window - len(inflight) >= refill:
-                    submit(window - len(inflight))
-                n_done += 1
-                result.written += summary["count"]
-                result.per_node[summary["node"]] = result.per_node.get(summary["node"], 0) + summary["count"]
-                progress.update(summary["count"], f"{n_done}/{len(tasks)} tasks")
-                self.tracker.task_done(summary, len(inflight))
-                if n_done <= HINT_AFTER and len(tasks) >= HINT_MIN_TASKS:
-                    durations.append(summary["seconds"])
-                    if n_done == HINT_AFTER and (hint := task_size_hint(spec.task_size, durations)):
-                        log.info(hint)
+                now = time.monotonic()
+                if now - watched >= WATCH_EVERY:
+                    watched = now
+                    self.retire_silent()
+                    self.watch(now - last_done)
+                    if spec.cluster.backups:
+                        for future in self.back_up(stragglers, prefix, copies, task_of):
+                            inflight.add(future)
+                            futures.add(future)
+                for future, summary in batch:
+                    if future.status == "cancelled" or (task := task_of.pop(future, None)) is None:
+                        continue   # the other copy of its task finished first
+                    if future.status == "error":
+                        raise task_error(future)
+                    inflight.discard(future)
+                    future.release()
+                    for other in [f for f, t in task_of.items() if t == task] if task in copies else []:
+                        task_of.pop(other)      # a backup, or the straggler it backed up: not needed
+                        inflight.discard(other)
+                        other.cancel()
+                    copies.pop(task, None)
+                    last_done = time.monotonic()
+                    stragglers.finished(summary["seconds"])
+                    if window - len(inflight) >= refill:
+                        new = submit(window - len(inflight))
+                        task_of.update((f, int(f.key[1])) for f in new)
+                    n_done += 1
+                    result.written += summary["count"]
+                    result.per_node[summary["node"]] = result.per_node.get(summary["node"], 0) + summary["count"]
+                    progress.update(summary["count"], f"{n_done}/{len(tasks)} tasks")
+                    self.tracker.task_done(summary, len(inflight))
+                    if n_done <= HINT_AFTER and len(tasks) >= HINT_MIN_TASKS:
+                        durations.append(summary["seconds"])
+                        if n_done == HINT_AFTER and (hint := task_size_hint(spec.task_size, durations)):
+                            log.info(hint)
                 self.settle_periodic(stages, block=False)
                 if not stages and time.monotonic() - last_stage >= spec.storage.stage_every:
                     stages = self.stage_all()
                     last_stage = time.monotonic()
+                if not task_of:
+                    break
             self.settle_periodic(stages, block=True)  # before the final one closes the shards
         except BaseException:
             # keep what the workers finished: cancel the rest and stage every shard out
@@ -172,6 +211,92 @@ class Driver:
             raise
         finally:
             progress.close()
+
+    def back_up(self, stragglers: Stragglers, prefix: str, copies: dict[int, list[Future]],
+                task_of: dict[Future, int]) -> list[Future]:
+        """Start a second copy of each task that has run much longer than its peers, on another
+        worker; whichever copy finishes first is kept, the other cancelled."""
+        workers = self.responsive_workers()
+        new = []
+        for key, address, seconds in stragglers.due(self.client.processing(), time.monotonic()):
+            task = int(key[1])
+            others = [w for w in workers if w != address]
+            if task in copies or task not in task_of.values() or not others:
+                continue
+            backup = self.client.submit(worker.generate_task, self.spec, task, self.attempt, workers=others,
+                                        allow_other_workers=False, key=(f"{prefix}-backup", task), pure=False,
+                                        retries=2)
+            copies[task] = [backup]
+            task_of[backup] = task
+            new.append(backup)
+            log.info("task %d has run %.0f s on %s (the median task: %.2f s): a backup copy started "
+                     "on another worker", task, seconds, address, stragglers.median)
+        return new
+
+    def retire_silent(self) -> None:
+        """Retire workers that stopped answering (their tasks are rescheduled; in local mode,
+        where unidask owns the processes, the stopped process is killed and its nanny starts a new
+        one, and its shard is staged by a living worker of its node). Restart local workers whose
+        nanny gave up: the cluster is kept at the size asked for."""
+        now = time.time()
+        workers = self.client.scheduler_info()["workers"]
+        local = getattr(self.client, "cluster", None) if self.spec.cluster.mode == "local" else None
+        limit = RETIRE_AFTER * max(1.0, len(workers) / 200)
+        for address, w in workers.items():
+            if now - w.get("last_seen", now) < limit:
+                continue
+            self.client.run_on_scheduler(_remove_worker, address=address)
+            replaced = local is not None and cluster.replace(local, w.get("name"))
+            log.warning("worker %s (%s) has not answered for %.0f s: retired%s", w.get("name"), address,
+                        now - w["last_seen"], ", its process killed and started again" if replaced else "")
+        if local is not None and (started := cluster.keep_size(local)):
+            log.warning("worker(s) %s had stopped or could not start: started again", ", ".join(map(str, started)))
+
+    def responsive_workers(self) -> list[str]:
+        """Workers that heartbeated lately: a stopped one (SIGSTOP, a hung node) never answers a
+        broadcast, and Dask retires it only after its time to live (``worker-ttl``)."""
+        now = time.time()
+        workers = self.client.scheduler_info()["workers"]
+        silent = SILENT_AFTER * max(1.0, len(workers) / 200)
+        return [address for address, w in workers.items() if now - w.get("last_seen", now) < silent]
+
+    def watch(self, idle: float) -> None:
+        """Say what the run waits for when nothing has finished for a while; end the run when no
+        worker has been there for ``cluster.worker_timeout`` seconds."""
+        workers = self.client.scheduler_info()["workers"]
+        now = time.monotonic()
+        if workers:
+            self.no_workers_since = None
+        elif self.no_workers_since is None:
+            self.no_workers_since = now
+        elif now - self.no_workers_since > self.spec.cluster.worker_timeout:
+            raise RunError(f"no worker for {now - self.no_workers_since:.0f} s (cluster.worker_timeout): "
+                           "every finished task is staged; run again with --resume once workers can start")
+        if idle < SAY_WAITING_AFTER or now - self.said < SAY_WAITING_AFTER:
+            return
+        self.said = now
+        silent = len(workers) - len(self.responsive_workers())
+        running = sum(len(keys) for keys in self.client.processing().values())
+        log.info("waiting: no task finished for %.0f s; %d worker(s)%s, %d task(s) running", idle, len(workers),
+                 f" ({silent} not answering)" if silent else "", running)
+
+
+async def _remove_worker(dask_scheduler, address: str) -> None:
+    """Runs on the scheduler: drop a worker that stopped answering, as its time to live would."""
+    await dask_scheduler.remove_worker(address=address, stimulus_id=f"unidask-silent-{time.time()}", close=False)
+
+
+def next_batch(futures: as_completed, timeout: float) -> list | None:
+    """The futures that finished (with their results), waiting at most ``timeout`` seconds for
+    one; [] if none did, None once none is left."""
+    deadline = time.monotonic() + timeout
+    while not futures.has_ready():
+        if futures.is_empty():
+            return None
+        if time.monotonic() > deadline:
+            return []
+        time.sleep(0.005)
+    return futures.next_batch(block=False)
 
 
 def task_error(future: Future) -> UnidaskError:
