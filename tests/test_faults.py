@@ -321,3 +321,21 @@ def test_workers_killed_as_they_start_are_started_again(config):
     assert not errors and len(set(killed)) >= 4, killed
     assert any("started again" in line for line in lines), lines
     assert result.merged.complete and merged_data(result.merged.out) == reference(spec)
+
+
+def test_straggler_policy():
+    """A task is a straggler past 4x the median task time and never before 10 s; only tasks seen
+    running that long on the same worker count (one moved to another worker starts again)."""
+    from unidask.stragglers import Stragglers
+
+    s = Stragglers()
+    assert s.due({"w1": [("g", 1)]}, now=0.0) == []             # no verdict before 3 tasks finished
+    for seconds in (1.0, 2.0, 3.0):
+        s.finished(seconds)
+    assert s.threshold == 10.0                                    # 4 x 2 s is under the floor
+    s.finished(5.0), s.finished(6.0)
+    assert s.threshold == 12.0                                    # 4 x the median, 3 s
+    assert s.due({"w1": [("g", 1)], "w2": [["g", 2]]}, now=11.0) == []
+    assert s.due({"w1": [("g", 1)], "w2": [["g", 2]]}, now=12.5) == [(("g", 1), "w1", 12.5)]
+    assert s.due({"w1": [], "w3": [("g", 2)]}, now=13.0) == []   # task 2 moved: its clock starts again
+    assert s.due({"w3": [("g", 2)]}, now=26.0) == [(("g", 2), "w3", 13.0)]

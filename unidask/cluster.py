@@ -207,13 +207,27 @@ def slurm_cluster(spec: Spec):
 
 def wait_for_worker_jobs(cluster, spec: Spec) -> None:
     """Block until a worker has joined; fail if every worker job left the queue before that (a job
-    that dies at start would otherwise leave the run waiting forever). Pending jobs are waited for."""
+    that dies at start would otherwise leave the run waiting forever). Jobs still in the queue are
+    waited for, as long as SLURM keeps them there, saying so every minute; without any job for
+    ``cluster.worker_timeout`` (none could be submitted) the run ends."""
+    start = said = time.monotonic()
     while not cluster.scheduler_info.get("workers"):
         time.sleep(1.0)
-        jobs = [getattr(job, "job_id", None) for job in cluster.workers.values()]
-        jobs = [j for j in jobs if j]
+        now = time.monotonic()
+        jobs = job_ids(cluster)
         if not jobs:
+            if now - start > spec.cluster.worker_timeout:
+                raise RunError(f"no worker job was submitted in {now - start:.0f} s (cluster.worker_timeout)")
             continue   # still being submitted
         if not slurm.queued(jobs) and not cluster.scheduler_info.get("workers"):
             raise RunError(f"the worker jobs {', '.join(jobs)} ended before any worker joined; "
                            f"see {RunDir(spec.run_dir).logs}")
+        if now - said >= 60:
+            said = now
+            log.info("waiting for the worker jobs %s in the SLURM queue (%.0f s)", ", ".join(jobs), now - start)
+
+
+def job_ids(cluster) -> list[str]:
+    """The SLURM job ids of a dask-jobqueue cluster's worker jobs (none for other clusters)."""
+    workers = getattr(cluster, "workers", {}) or {}
+    return [j for j in (getattr(job, "job_id", None) for job in workers.values()) if j]

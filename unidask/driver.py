@@ -12,7 +12,7 @@ from pathlib import Path
 
 from distributed import Client, Future, as_completed, wait
 
-from . import cluster, dashboard, generators, plan, shard, worker
+from . import cluster, dashboard, generators, plan, shard, slurm, worker
 from .config import Spec
 from .errors import RunError, UnidaskError
 from .merge import MergeReport, merge as merge_run
@@ -217,8 +217,11 @@ class Driver:
         """Start a second copy of each task that has run much longer than its peers, on another
         worker; whichever copy finishes first is kept, the other cancelled."""
         workers = self.responsive_workers()
+        # generation tasks only: their keys are (prefix, task); stage-outs and backups are not
+        running = {address: [k for k in keys if isinstance(k, (tuple, list)) and len(k) == 2 and k[0] == prefix]
+                   for address, keys in self.client.processing().items()}
         new = []
-        for key, address, seconds in stragglers.due(self.client.processing(), time.monotonic()):
+        for key, address, seconds in stragglers.due(running, time.monotonic()):
             task = int(key[1])
             others = [w for w in workers if w != address]
             if task in copies or task not in task_of.values() or not others:
@@ -265,7 +268,9 @@ class Driver:
         worker has been there for ``cluster.worker_timeout`` seconds."""
         workers = self.client.scheduler_info()["workers"]
         now = time.monotonic()
-        if workers:
+        queued = self.spec.cluster.mode == "slurm" and not workers and slurm.queued(
+            cluster.job_ids(getattr(self.client, "cluster", None)))
+        if workers or queued:   # worker jobs still in SLURM's queue: waited for while SLURM keeps them
             self.no_workers_since = None
         elif self.no_workers_since is None:
             self.no_workers_since = now
@@ -277,8 +282,10 @@ class Driver:
         self.said = now
         silent = len(workers) - len(self.responsive_workers())
         running = sum(len(keys) for keys in self.client.processing().values())
-        log.info("waiting: no task finished for %.0f s; %d worker(s)%s, %d task(s) running", idle, len(workers),
-                 f" ({silent} not answering)" if silent else "", running)
+        oldest = min(self.stragglers.seen.items(), key=lambda kv: kv[1][0], default=None)
+        log.info("waiting: no task finished for %.0f s; %d worker(s)%s%s, %d task(s) running%s", idle, len(workers),
+                 f" ({silent} not answering)" if silent else "", f", worker job(s) {queued} queued" if queued else "",
+                 running, f"; the longest: task {oldest[0][1]} on {oldest[1][1]}" if oldest and running else "")
 
 
 async def _remove_worker(dask_scheduler, address: str) -> None:

@@ -130,8 +130,13 @@ def check_accepts(script: str) -> None:
 
 def queued(jobs: list[str]) -> list[str]:
     """Which of ``jobs`` are still in the queue (pending or running)."""
-    return subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
-                          text=True).stdout.split()
+    if not jobs:
+        return []
+    try:
+        return subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
+                              text=True, timeout=60).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):   # no answer is no evidence of a queued job
+        return []
 
 
 def submit(spec: Spec, config: str | os.PathLike, overrides: Mapping[str, Any] = {}, *, nodes: int = 2,
