@@ -125,7 +125,7 @@ def config(tmp_path: Path):
     return make
 
 
-MARKED_BY_FIXTURE = ("slurm", "netfs", "browser")
+MARKED_BY_FIXTURE = ("slurm", "netfs", "browser", "hosts")
 SLURM_DIR = "/var/tmp/unidask-slurm-tests"
 
 
