@@ -28,6 +28,7 @@ stop() {
         ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
         ip netns del "$ns" 2>/dev/null || true
     done
+    if mountpoint -q "$BASE/cgroup" 2>/dev/null; then umount -R "$BASE/cgroup" 2>/dev/null || umount -l "$BASE/cgroup" || true; fi
     for link in $(ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 \
                   | grep -E "^(${PREFIX}m|${PREFIX}d)[0-9]+$|^$PREFIX-(mgmt|data)$" || true); do
         ip link del "$link" 2>/dev/null || true
@@ -48,7 +49,9 @@ if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null || ! command -v unshare >/d
 fi
 NODES=${2:-3}
 stop
-mkdir -p "$BASE/scratch"
+mkdir -p "$BASE/scratch" "$BASE/cgroup"
+# this host's cgroups, where the nodes' fresh /sys can bind them from
+if [ -d /sys/fs/cgroup ] && ! mountpoint -q "$BASE/cgroup"; then mount --rbind /sys/fs/cgroup "$BASE/cgroup" || true; fi
 for net in mgmt data; do
     ip link add "$PREFIX-$net" type bridge
     ip link set "$PREFIX-$net" up
@@ -71,6 +74,8 @@ for k in $(seq 1 "$NODES"); do
     ip netns exec "$ns" unshare --uts --mount --propagation private sh -c "
         hostname node$k
         mount -t tmpfs -o size=2g,mode=1777 tmpfs '$BASE/scratch'
+        # ip netns exec gave the node a fresh /sys without cgroups; slurmd wants this host's
+        mount --rbind '$BASE/cgroup' /sys/fs/cgroup 2>/dev/null || true
         echo \$\$ > '$BASE/node$k.pid'
         exec sleep infinity" </dev/null >/dev/null 2>&1 &
 done

@@ -15,6 +15,10 @@ NODES=${1:-2}
 CPUS=${2:-2}
 BASE=${UNIDASK_SLURM_DIR:-/var/tmp/unidask-slurm}
 HERE=$(cd "$(dirname "$0")" && pwd)
+# UNIDASK_SLURM_HOSTS=1: every node a separate host of cluster/hosts.sh (its own addresses, host
+# name and scratch), the controller on this machine, the login host, at 10.77.0.1
+HOSTS=${UNIDASK_SLURM_HOSTS:-0}
+export UNIDASK_HOSTS_DIR=${UNIDASK_HOSTS_DIR:-$BASE/hosts}
 
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then
     echo "start.sh: SLURM is not installed (cluster/install.sh installs it, as root)" >&2
@@ -26,16 +30,29 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 "$HERE/stop.sh" >/dev/null 2>&1 || true
+if [ "$HOSTS" = 1 ]; then "$HERE/hosts.sh" start "$NODES" >/dev/null; fi
 rm -rf "$BASE/state" "$BASE/spool" "$BASE/run" "$BASE/log" "$BASE/nodes"
 mkdir -p "$BASE"/{state,spool,run,log,nodes}
 chmod 1777 "$BASE/nodes"
 HOST=$(hostname -s)
 LAST=$((17000 + NODES))
+CTLD_ADDR=127.0.0.1
+CTLD_PORT=16817
+NODE_LINES="NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$LAST] CPUs=$CPUS RealMemory=64000 State=UNKNOWN"
+SCRATCH='$(dirname "$0")/nodes/$SLURMD_NODENAME'
+if [ "$HOSTS" = 1 ]; then
+    CTLD_ADDR=10.77.0.1
+    CTLD_PORT=16818   # beside a single-stack cluster of this script, if one runs
+    NODE_LINES=$(for k in $(seq 1 "$NODES"); do
+        echo "NodeName=node$k NodeHostname=node$k NodeAddr=10.77.0.$((10 + k)) Port=17001 CPUs=$CPUS RealMemory=64000 State=UNKNOWN"
+    done)
+    SCRATCH="$UNIDASK_HOSTS_DIR/scratch"   # each node's own tmpfs there
+fi
 
 cat >"$BASE/slurm.conf" <<CONF
 ClusterName=unidask
-SlurmctldHost=$HOST(127.0.0.1)
-SlurmctldPort=16817
+SlurmctldHost=$HOST($CTLD_ADDR)
+SlurmctldPort=$CTLD_PORT
 SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
@@ -59,19 +76,19 @@ SlurmctldPidFile=$BASE/run/slurmctld.pid
 SlurmdPidFile=$BASE/run/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd-%n.log
-NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$LAST] CPUs=$CPUS RealMemory=64000 State=UNKNOWN
+$NODE_LINES
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-cat >"$BASE/taskprolog.sh" <<'SH'
+cat >"$BASE/taskprolog.sh" <<SH
 #!/bin/sh
-# each task of a job sees this node's scratch dir of the job as $TMPDIR
-d="$(dirname "$0")/nodes/$SLURMD_NODENAME/job$SLURM_JOB_ID"
-mkdir -p "$d" && echo "export TMPDIR=$d"
+# each task of a job sees this node's scratch dir of the job as \$TMPDIR
+d="$SCRATCH/job\$SLURM_JOB_ID"
+mkdir -p "\$d" && echo "export TMPDIR=\$d"
 SH
-cat >"$BASE/epilog.sh" <<'SH'
+cat >"$BASE/epilog.sh" <<SH
 #!/bin/sh
 # the job ended: its scratch dir on this node is gone, as on a real cluster
-rm -rf "$(dirname "$0")/nodes/$SLURMD_NODENAME/job$SLURM_JOB_ID"
+rm -rf "$SCRATCH/job\$SLURM_JOB_ID"
 SH
 chmod 755 "$BASE/taskprolog.sh" "$BASE/epilog.sh"
 export SLURM_CONF=$BASE/slurm.conf
@@ -85,7 +102,11 @@ fi
 
 slurmctld -f "$SLURM_CONF"
 for k in $(seq 1 "$NODES"); do
-    slurmd -f "$SLURM_CONF" -N "node$k"
+    if [ "$HOSTS" = 1 ]; then
+        "$HERE/hosts.sh" exec "$k" slurmd -f "$SLURM_CONF" -N "node$k"
+    else
+        slurmd -f "$SLURM_CONF" -N "node$k"
+    fi
 done
 
 for _ in $(seq 1 60); do

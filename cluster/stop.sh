@@ -29,4 +29,6 @@ for p in "${pids[@]}"; do
     for _ in $(seq 1 40); do alive "$p" || break; sleep 0.25; done
     alive "$p" && kill -9 "$p" 2>/dev/null
 done
+# the separate hosts, if this cluster ran on them (cluster/hosts.sh)
+UNIDASK_HOSTS_DIR=${UNIDASK_HOSTS_DIR:-$BASE/hosts} "$(dirname "$0")/hosts.sh" stop >/dev/null 2>&1 || true
 exit 0

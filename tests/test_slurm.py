@@ -117,3 +117,13 @@ def test_slurm_mode_fails_when_worker_jobs_die(slurm, shared):
     with dask.config.set({"jobqueue.slurm.job-script-prologue": ["exit 1"]}):   # every job dies at start
         with pytest.raises(unidask.RunError, match="ended before any worker joined"):
             unidask.run(spec)
+
+
+def test_node_address_reaches_beyond_loopback():
+    from unidask.errors import InputError
+    from unidask.slurm import node_address
+
+    assert node_address("lo") == "127.0.0.1"                     # cluster.interface: that one's
+    assert node_address() != "127.0.0.1"                         # this machine has a way out
+    with pytest.raises(InputError, match="cluster.interface 'nope0': no IPv4 address"):
+        node_address("nope0")

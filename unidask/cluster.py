@@ -182,6 +182,7 @@ def slurm_cluster(spec: Spec):
     c = spec.cluster
     with dask.config.set(dask_settings()):   # the scheduler runs here, the workers get the exports
         cluster = SLURMCluster(cores=c.workers, processes=c.workers, memory=c.memory,
+                               **({"interface": c.interface} if c.interface else {}),
                                walltime=c.walltime, job_name=f"unidask-{spec.name}",
                                log_directory=str(RunDir(spec.run_dir).logs), python=sys.executable,
                                scheduler_options={"dashboard_address": c.dashboard_address},

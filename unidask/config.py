@@ -116,6 +116,7 @@ class Cluster:
     nodes: int = checked(integer())
     scheduler_file: str | None = checked(optional(text('"scheduler.json"')))
     dashboard_address: str = checked(text('"127.0.0.1:8787"'))
+    interface: str | None = checked(optional(text('"ib0"')))
     max_in_flight: int | None = checked(optional(integer()))
     security: str = checked(one_of("tls", "none"))
     backups: bool = checked(boolean)

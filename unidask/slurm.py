@@ -3,6 +3,7 @@ submitting the job scripts (``sbatch``), and asking the queue (``squeue``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -45,6 +46,37 @@ def submit_host() -> str:
     return os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
 
 
+def node_address(interface: str | None = None) -> str:
+    """An address of this node that the other nodes can reach: ``interface``'s (dask-jobqueue's
+    meaning), else the one the default route leaves by, else (a compute node often has no default
+    route) the first address of an interface that is up and not loopback. Dask's own guess falls
+    back to 127.0.0.1 where there is no default route: a scheduler there is unreachable."""
+    names = [interface] if interface else [name for _, name in socket.if_nameindex() if name != "lo"]
+    if not interface:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))   # TEST-NET-1: nothing is sent, a route is chosen
+            return s.getsockname()[0]
+    for name in names:
+        if (address := _interface_address(name)) is not None:
+            return address
+    if interface:
+        raise InputError(f"cluster.interface {interface!r}: no IPv4 address on this node "
+                         f"({', '.join(n for _, n in socket.if_nameindex())} exist)")
+    return "127.0.0.1"
+
+
+def _interface_address(name: str) -> str | None:
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:   # SIOCGIFADDR
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
 def walltime_seconds(text: str) -> int:
     m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
     if not m:
@@ -74,7 +106,8 @@ def job_env(spec: Spec) -> list[str]:
     this job, from ``SLURM_JOB_ID``) and the run's security."""
     rd = RunDir(spec.run_dir)
     values = {"RUN_DIR": rd.path, "LOGS": rd.logs, "SCHEDULER_FILE": rd.scheduler_file(job_id() or "local"),
-              "SECURITY": spec.cluster.security}
+              "SECURITY": spec.cluster.security, "SCHEDULER_HOST": node_address(spec.cluster.interface),
+              "INTERFACE": spec.cluster.interface or ""}
     return [f"export {k}={shlex.quote(str(v))}" for k, v in values.items()]
 
 
