@@ -225,9 +225,15 @@ class Expected:
     dim: int | None = None
 
     @classmethod
-    def of(cls, spec: Spec) -> "Expected":
-        return cls(spec.n_tasks, spec.task_size, spec.count, np.dtype(spec.dtype).itemsize,
-                   generators.matrix_dim(spec.kind, spec.params))
+    def of(cls, spec: Spec, first: Path | None = None) -> "Expected":
+        """``spec``'s; where it does not say the matrix size (a plugin), the first row of the
+        database ``first`` does (where it has none, :func:`task_faults` takes a file's first)."""
+        dim = generators.matrix_dim(spec.kind, spec.params)
+        if dim is None and first is not None:
+            with reading(first) as con:
+                row = con.execute("SELECT dim FROM unitaries ORDER BY id LIMIT 1").fetchone()
+            dim = row[0] if row and isinstance(row[0], int) else None
+        return cls(spec.n_tasks, spec.task_size, spec.count, np.dtype(spec.dtype).itemsize, dim)
 
     def task_count(self, task: int) -> int:
         return plan.task_count(self.count, self.task_size, task)

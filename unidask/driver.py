@@ -153,7 +153,7 @@ class Driver:
         last_stage, stages = time.monotonic(), {}
         n_done, durations = 0, []
         task_of: dict[Future, int] = {f: int(f.key[1]) for f in inflight}
-        copies: dict[int, list[Future]] = {}        # task -> its backup copies
+        backed_up: set[int] = set()                 # tasks with a backup copy running
         stragglers, watched, last_done = self.stragglers, 0.0, time.monotonic()
         try:
             while (batch := next_batch(futures, timeout=1.0)) is not None:
@@ -164,7 +164,7 @@ class Driver:
                     self.retire_silent()
                     self.watch(now - last_done)
                     if spec.cluster.backups:
-                        for future in self.back_up(stragglers, prefix, copies, task_of):
+                        for future in self.back_up(stragglers, prefix, backed_up, task_of):
                             inflight.add(future)
                             futures.add(future)
                 for future, summary in batch:
@@ -174,11 +174,11 @@ class Driver:
                         raise task_error(future)
                     inflight.discard(future)
                     future.release()
-                    for other in [f for f, t in task_of.items() if t == task] if task in copies else []:
+                    for other in [f for f, t in task_of.items() if t == task] if task in backed_up else []:
                         task_of.pop(other)      # a backup, or the straggler it backed up: not needed
                         inflight.discard(other)
                         other.cancel()
-                    copies.pop(task, None)
+                    backed_up.discard(task)
                     last_done = time.monotonic()
                     stragglers.finished(summary["seconds"])
                     if window - len(inflight) >= refill:
@@ -212,7 +212,7 @@ class Driver:
         finally:
             progress.close()
 
-    def back_up(self, stragglers: Stragglers, prefix: str, copies: dict[int, list[Future]],
+    def back_up(self, stragglers: Stragglers, prefix: str, backed_up: set[int],
                 task_of: dict[Future, int]) -> list[Future]:
         """Start a second copy of each task that has run much longer than its peers, on another
         worker; whichever copy finishes first is kept, the other cancelled."""
@@ -221,15 +221,16 @@ class Driver:
         running = {address: [k for k in keys if isinstance(k, (tuple, list)) and len(k) == 2 and k[0] == prefix]
                    for address, keys in self.client.processing().items()}
         new = []
+        pending = set(task_of.values())
         for key, address, seconds in stragglers.due(running, time.monotonic()):
             task = int(key[1])
             others = [w for w in workers if w != address]
-            if task in copies or task not in task_of.values() or not others:
+            if task in backed_up or task not in pending or not others:
                 continue
             backup = self.client.submit(worker.generate_task, self.spec, task, self.attempt, workers=others,
                                         allow_other_workers=False, key=(f"{prefix}-backup", task), pure=False,
                                         retries=2)
-            copies[task] = [backup]
+            backed_up.add(task)
             task_of[backup] = task
             new.append(backup)
             log.info("task %d has run %.0f s on %s (the median task: %.2f s): a backup copy started "

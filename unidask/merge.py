@@ -8,7 +8,6 @@ filesystem), with ``trusted_schema`` off and a check that nothing in them is a v
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import sqlite3
@@ -98,7 +97,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     # every page and every task of every shard (counts, ids, dims, lengths, recomputed checksums:
     # the integrity invariant, db.task_faults) is checked on another core while the rows are
     # copied; a batch commits only once its shards passed
-    expected = _expected(spec, good[0])
+    expected = Expected.of(spec, first=good[0])   # a plugin's matrix size: its first shard's
     # (two threads: a shard's pages and its tasks are checked side by side, 1.1x at n = 4)
     checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check")
     checks = {p: (checker.submit(check_pages, p), checker.submit(check_tasks, p, expected)) for p in good}
@@ -147,17 +146,6 @@ def _passed(checks: tuple[Future, ...]) -> None:
     """Wait for a shard's checks; raise the first one's BadFile."""
     for check in checks:
         check.result()
-
-
-def _expected(spec, first: Path) -> Expected:
-    """What every task must be; a plugin's matrix size is the first shard's first row's."""
-    expected = Expected.of(spec)
-    if expected.dim is None:
-        with db.reading(first) as con:
-            row = con.execute("SELECT dim FROM unitaries LIMIT 1").fetchone()
-        if row is not None and isinstance(row[0], int):
-            expected = dataclasses.replace(expected, dim=row[0])
-    return expected
 
 
 def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path, expected: Expected
