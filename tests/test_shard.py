@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -130,6 +131,30 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
         blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE id / 1000 = ? ORDER BY id", (task,))]
         assert db.checksum(b"".join(blobs), [None] * 1000) == digest
     con.close()
+
+
+def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypatch):
+    """A worker killed between creating its shard and its first task leaves a file with nothing
+    in it (empty, or the schema without meta): its successor removes it instead of leaving it on
+    local disk with a warning; one with a task in its hot journal is still kept for a person."""
+    monkeypatch.setenv("UNIDASK_NODE", "n")
+    spec = config(run={"count": 1000, "task_size": 100}, storage={"shard_per": "process"})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    local = shard.run_local_dir(spec)
+    local.mkdir(parents=True)
+    empty, schema_only, journal = (local / f"n-k-p{dead}{i}.db" for i in ("", "0", "1"))
+    pids = {empty: dead, schema_only: dead + "0", journal: dead + "1"}
+    empty.touch()
+    for path in (schema_only, journal):
+        con = sqlite3.connect(path)
+        con.executescript(db.SCHEMA)
+        con.close()
+    Path(f"{journal}-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + bytes(1000))
+    assert all(not files.pid_alive(int(pid)) for pid in pids.values())
+    assert shard.stage_orphans(spec, "k", "n") == []
+    assert not empty.exists() and not schema_only.exists()
+    assert journal.exists() and os.path.getsize(f"{journal}-journal") > 0   # not ours to drop
 
 
 def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):

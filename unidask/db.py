@@ -121,6 +121,28 @@ def remove_files(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def never_written(path: Path) -> bool:
+    """True for a shard whose writer died before its first task committed (killed while it created
+    the file): empty, or its tables absent or without a row, and no journal or WAL holding more.
+    Removing such a file loses nothing; anything else must be staged or left for a person."""
+    if any(Path(f"{path}{s}").exists() and Path(f"{path}{s}").stat().st_size for s in ("-journal", "-wal")):
+        return False
+    try:
+        if files.regular(path) is not None:
+            return False
+        if path.stat().st_size == 0:
+            return True
+        con = connect_readonly(path)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return all(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] == 0
+                       for t in ("tasks", "unitaries") if t in tables)
+        finally:
+            con.close()
+    except (sqlite3.Error, OSError):
+        return False
+
+
 def rows_of(paths: Iterable[Path], sql: str) -> Iterator[tuple]:
     """The rows of ``sql`` in each finished database, read-only; unreadable files are skipped here
     and reported by the merge."""

@@ -426,9 +426,14 @@ def salvage(spec: Spec) -> list[Path]:
 
 def stage_and_remove(spec: Spec, path: Path) -> Path | None:
     """Stage a shard whose writer is gone, then remove it from local disk. Only a file of this
-    user's, of this run, whose every task passes the merge's checks is staged; anything else is
-    left in place with a warning naming it (None)."""
+    user's, of this run, whose every task passes the merge's checks is staged; one its writer died
+    in before a task committed is removed (it holds nothing); anything else is left in place with a
+    warning naming it (None)."""
     if (why := files.owned_file(path)) is None:
+        if db.never_written(path):
+            log.info("%s: removed, its writer died before its first task", path)
+            db.remove_files(path)
+            return None
         try:
             db.check_database(path, spec.fingerprint)   # read-only, before it is opened to write
         except db.BadFile as e:
