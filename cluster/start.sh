@@ -38,6 +38,7 @@ HOST=$(hostname -s)
 LAST=$((17000 + NODES))
 CTLD_ADDR=127.0.0.1
 CTLD_PORT=16817
+TIMEOUTS=
 NODE_LINES="NodeName=node[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[17001-$LAST] CPUs=$CPUS RealMemory=64000 State=UNKNOWN"
 SCRATCH='$(dirname "$0")/nodes/$SLURMD_NODENAME'
 if [ "$HOSTS" = 1 ]; then
@@ -47,6 +48,9 @@ if [ "$HOSTS" = 1 ]; then
         echo "NodeName=node$k NodeHostname=node$k NodeAddr=10.77.0.$((10 + k)) Port=17001 CPUs=$CPUS RealMemory=64000 State=UNKNOWN"
     done)
     SCRATCH="$UNIDASK_HOSTS_DIR/scratch"   # each node's own tmpfs there
+    # a node that stops answering is DOWN after 30 s (SLURM's default: 300), so the host-fault
+    # tests see what a cluster does with a lost node within minutes
+    TIMEOUTS="SlurmdTimeout=30"
 fi
 
 cat >"$BASE/slurm.conf" <<CONF
@@ -69,6 +73,7 @@ JobRequeue=0
 MinJobAge=5
 KillWait=5
 InactiveLimit=0
+$TIMEOUTS
 SlurmdParameters=config_overrides
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool/%n

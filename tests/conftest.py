@@ -64,6 +64,20 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subproc
                           text=True, cwd=cwd, env=env, timeout=600)
 
 
+def slow_haar_reference(spec: unidask.Spec) -> list[tuple[int, bytes]]:
+    """What a run of ``plugin_generators:slow_haar`` (dim 2) must merge to: every task once, in
+    id order, generated here from the plan's seeds."""
+    import plugin_generators
+
+    from unidask import plan
+
+    expected = []
+    for t in range(spec.n_tasks):
+        u = plugin_generators.slow_haar(plan.rng(spec, t), spec.task_count(t), dim=2)
+        expected += [(t * spec.task_size + i, m.astype(np.complex128).tobytes()) for i, m in enumerate(u)]
+    return expected
+
+
 def run_main(*args, capsys) -> tuple[int, str, str]:
     """Run the CLI in this process (its real entry point); return exit status, stdout, stderr."""
     from unidask.cli import main

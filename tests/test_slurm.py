@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import unidask
-from unidask import RunDir, plan
+from unidask import RunDir
 
-import plugin_generators
-from conftest import REPO, SLURM_DIR, cli, config_in, merged_data, unitarity_error, write_config
+from conftest import (REPO, SLURM_DIR, cli, config_in, merged_data, slow_haar_reference, unitarity_error,
+                      write_config)
+
 
 def test_dry_run_prints_both_scripts(tmp_path):
     cfg = write_config(tmp_path / "c.toml")
@@ -88,11 +88,7 @@ def test_walltime_ends_job_then_resubmit_finishes(slurm, shared):
 
     r = cli("submit", cfg, "--time", "00:05:00", "--wait", cwd=shared)
     assert r.returncode == 0, r.stdout + r.stderr
-    expected = []
-    for t in range(spec.n_tasks):
-        u = plugin_generators.slow_haar(plan.rng(spec, t), spec.task_count(t), dim=2)
-        expected += [(t * spec.task_size + i, m.astype(np.complex128).tobytes()) for i, m in enumerate(u)]
-    assert merged_data(shared / "run" / "t.db") == expected
+    assert merged_data(shared / "run" / "t.db") == slow_haar_reference(spec)
 
 
 def test_slurm_mode(slurm, shared):

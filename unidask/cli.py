@@ -157,6 +157,16 @@ def tls_args(run_dir: str) -> None:
     click.echo(" ".join(cli_args(run_dir)))
 
 
+@cli.command()
+@click.option("--interface", default="", help="The network interface to use (cluster.interface).")
+@click.option("--towards", metavar="HOST", help="The host to be reached from (the scheduler).")
+def address(interface: str, towards: str | None) -> None:
+    """Print this node's address that the other nodes reach (job scripts: a worker's --host)."""
+    from .slurm import node_address
+
+    click.echo(node_address(interface or None, towards))
+
+
 @cli.command("config")
 @click.argument("config", type=click.Path(dir_okay=False))
 @set_option

@@ -4,6 +4,7 @@ a job script started (``scheduler_file``)."""
 from __future__ import annotations
 
 import contextlib
+import shlex
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any, Iterator
 import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster
 from distributed.core import Status
+from distributed.comm import get_address_host
 
 from . import dashboard, files, slurm, tls, worker
 from .config import Spec, dask_exports, dask_settings
@@ -129,7 +131,14 @@ def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
     so the first tasks do not all land on the node whose workers started first."""
     start = said = time.monotonic()
     while (now := time.monotonic()) < start + timeout:
-        if (joined := len(set(client.run(worker.node_name, on_error="ignore").values()))) >= nodes:
+        where = client.run(worker.node_name, on_error="ignore")   # {worker address: node}
+        if (joined := len(set(where.values()))) >= nodes:
+            # the addresses Dask really uses, which a network setting is about
+            hosts: dict[str, set[str]] = {}
+            for address, node in where.items():
+                hosts.setdefault(node, set()).add(get_address_host(address))
+            log.info("workers joined from %s", ", ".join(f"{node} at {' '.join(sorted(h))}"
+                                                         for node, h in sorted(hosts.items())))
             return
         if now - said >= 10:
             said = now
@@ -180,15 +189,21 @@ def slurm_cluster(spec: Spec):
         raise InputError("cluster.mode = 'slurm' needs dask-jobqueue: pip install 'unidask[slurm]'") from e
     dashboard.install()
     c = spec.cluster
+    host = slurm.login_address(c.interface)
+    # each worker at its node's address on the way here, found in the job (Dask's own guess is
+    # 127.0.0.1 on a node without a default route); with an interface, Dask's --interface does it
+    find_host = [] if c.interface else [
+        f"UNIDASK_WORKER_HOST=$({shlex.quote(sys.executable)} -m unidask.cli address --towards {host})"]
     with dask.config.set(dask_settings()):   # the scheduler runs here, the workers get the exports
         cluster = SLURMCluster(cores=c.workers, processes=c.workers, memory=c.memory,
-                               **({"interface": c.interface} if c.interface else {}),
+                               **({"interface": c.interface} if c.interface else {}),  # the workers'
                                walltime=c.walltime, job_name=f"unidask-{spec.name}",
                                log_directory=str(RunDir(spec.run_dir).logs), python=sys.executable,
-                               scheduler_options={"dashboard_address": c.dashboard_address},
-                               worker_extra_args=["--preload", WORKER_PRELOAD],
+                               scheduler_options={"dashboard_address": c.dashboard_address, "host": host},
+                               worker_extra_args=["--preload", WORKER_PRELOAD,
+                                                  *(["--host", '"$UNIDASK_WORKER_HOST"'] if find_host else [])],
                                job_script_prologue=[*(dask.config.get("jobqueue.slurm.job-script-prologue") or []),
-                                                    *dask_exports()],
+                                                    *dask_exports(), *find_host],
                                **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
     # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
     # reason instead of leaving it waiting for workers that never come

@@ -46,16 +46,18 @@ def submit_host() -> str:
     return os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
 
 
-def node_address(interface: str | None = None) -> str:
+def node_address(interface: str | None = None, towards: str | None = None) -> str:
     """An address of this node that the other nodes can reach: ``interface``'s (dask-jobqueue's
-    meaning), else the one the default route leaves by, else (a compute node often has no default
-    route) the first address of an interface that is up and not loopback. Dask's own guess falls
-    back to 127.0.0.1 where there is no default route: a scheduler there is unreachable."""
+    meaning), else the one this node reaches ``towards`` (the scheduler) from, else the one the
+    default route leaves by, else (a compute node often has no default route) the first address
+    of an interface that is up and not loopback. Dask's own guess falls back to 127.0.0.1 where
+    there is no default route: a scheduler or worker there is unreachable."""
     names = [interface] if interface else [name for _, name in socket.if_nameindex() if name != "lo"]
     if not interface:
-        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))   # TEST-NET-1: nothing is sent, a route is chosen
-            return s.getsockname()[0]
+        for target in filter(None, (towards, "192.0.2.1")):   # TEST-NET-1: any default route
+            with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((target, 9))   # nothing is sent: the kernel picks the route and its source
+                return s.getsockname()[0]
     for name in names:
         if (address := _interface_address(name)) is not None:
             return address
@@ -63,6 +65,20 @@ def node_address(interface: str | None = None) -> str:
         raise InputError(f"cluster.interface {interface!r}: no IPv4 address on this node "
                          f"({', '.join(n for _, n in socket.if_nameindex())} exist)")
     return "127.0.0.1"
+
+
+def login_address(interface: str | None = None) -> str:
+    """An address of this (login) host that the compute nodes can reach, for a scheduler here
+    (``mode = "slurm"``): ``interface``'s, else the one this host reaches SLURM's nodes from (their
+    ``NodeAddr``). A login node's default route often leads out to the users, not to the nodes."""
+    if interface:
+        return node_address(interface)
+    try:
+        addrs = subprocess.run(["sinfo", "-h", "-N", "-o", "%o"], capture_output=True, text=True,
+                               timeout=60).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        addrs = []
+    return node_address(towards=addrs[0] if addrs else None)
 
 
 def _interface_address(name: str) -> str | None:
@@ -127,8 +143,9 @@ def job_scripts(spec: Spec, config: Path, args: list[str], *, nodes: int, time_l
     logs = RunDir(spec.run_dir).logs
     common = [f"--partition={partition}"] * bool(partition) + [f"--account={account}"] * bool(account)
     stop_before = min(int(spec.cluster.stop_before), max(60, walltime_seconds(time_limit) // 2))
+    # --no-kill: a node that fails takes only its own workers; the run goes on without them
     generate = [f"--job-name=unidask-{spec.name}", f"--nodes={nodes}", "--ntasks-per-node=1",
-                "--exclusive", f"--time={time_limit}", f"--signal=B:USR1@{stop_before}",
+                "--exclusive", "--no-kill", f"--time={time_limit}", f"--signal=B:USR1@{stop_before}",
                 f"--output={logs}/%x-%j.out", *common]
     merge = [f"--job-name=unidask-merge-{spec.name}", "--nodes=1", "--ntasks=1",
              f"--time={time_limit}", f"--output={logs}/%x-%j.out", *common]
