@@ -71,6 +71,8 @@ class Bench:
             if any("locked" in r and r["locked"] for r in rs) or name == "seed shared db":
                 row["locked"] = sum(r.get("locked", 0) for r in rs)
                 row["stall"] = max(r.get("stall", 0.0) for r in rs)
+            if all("driver_ms" in r for r in rs):
+                row["driver_ms"] = statistics.median(r["driver_ms"] for r in rs)
             self.rows.append(row)
             print(format_row(row), flush=True)
 
@@ -158,8 +160,13 @@ class Bench:
 
         if stop_one_after is not None:
             threading.Thread(target=stop_one, daemon=True).start()
+        # the driver's process holds the local cluster's scheduler too: its own CPU per task is
+        # what a SLURM job's first node spends beside its workers (issue 18: reserve a core?)
+        own = psutil.Process()
+        before = sum(own.cpu_times()[:2])
         try:
-            return {"rate": unidask.run(spec, merge=False).rate}
+            rate = unidask.run(spec, merge=False).rate
+            return {"rate": rate, "driver_ms": 1000 * (sum(own.cpu_times()[:2]) - before) / spec.n_tasks}
         finally:
             for p in stopped:
                 with contextlib.suppress(psutil.Error):
@@ -321,6 +328,8 @@ class Bench:
 def format_row(r: dict) -> str:
     ratio = f"{r['ratio']:6.2f}x" if r.get("ratio") is not None else "       "
     extra = f"  locked {r['locked']}, longest stall {r['stall']:.2f} s" if "locked" in r else ""
+    if "driver_ms" in r:
+        extra += f"  driver+scheduler {r['driver_ms']:.1f} ms CPU/task"
     return f"{r['section']:<11} {r['case']:<26} {r['contender']:<27} {r['rate']:>13,.1f}  {ratio}{extra}"
 
 

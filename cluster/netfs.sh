@@ -4,16 +4,28 @@
 # it; staging, merging and reading must work on it.
 #
 #   cluster/netfs.sh start MOUNTPOINT    mounts $UNIDASK_NETFS_DIR/export at MOUNTPOINT
+#   cluster/netfs.sh mount MOUNTPOINT HOST   mounts the same export from the sshd at HOST (another
+#                                        host: a node of cluster/hosts.sh, through hosts.sh exec)
 #   cluster/netfs.sh stop MOUNTPOINT     unmounts it and ends the sshd this started
 #
+# The sshd listens on 127.0.0.1 and on $UNIDASK_NETFS_LISTEN (an address the other hosts reach).
 # Everything else lives under $UNIDASK_NETFS_DIR (default /var/tmp/unidask-netfs); each start
 # begins with an empty export. Exits 2 where it cannot run: not root (to run sshd), no /dev/fuse,
 # or sshfs not installed (cluster/install.sh).
 set -euo pipefail
-ACTION=${1:?usage: netfs.sh start|stop MOUNTPOINT}
-MNT=${2:?usage: netfs.sh start|stop MOUNTPOINT}
+ACTION=${1:?usage: netfs.sh start|stop|mount MOUNTPOINT [HOST]}
+MNT=${2:?usage: netfs.sh start|stop|mount MOUNTPOINT [HOST]}
 BASE=${UNIDASK_NETFS_DIR:-/var/tmp/unidask-netfs}
 PORT=${UNIDASK_NETFS_PORT:-16822}
+
+LISTEN=${UNIDASK_NETFS_LISTEN:-}
+
+mount_from() {   # mount_from HOST: the export at $MNT, over SFTP from the sshd at HOST
+    mkdir -p "$MNT"
+    sshfs -p "$PORT" -o IdentityFile="$BASE/client_key",BatchMode=yes,StrictHostKeyChecking=no \
+        -o UserKnownHostsFile=/dev/null,LogLevel=ERROR "root@$1:$BASE/export" "$MNT"
+    grep -q " $MNT fuse.sshfs " /proc/mounts
+}
 
 stop() {
     if mountpoint -q "$MNT"; then fusermount3 -u "$MNT" 2>/dev/null || umount -l "$MNT"; fi
@@ -21,6 +33,7 @@ stop() {
 }
 
 if [ "$ACTION" = stop ]; then stop; exit 0; fi
+if [ "$ACTION" = mount ]; then mount_from "${3:?usage: netfs.sh mount MOUNTPOINT HOST}"; exit 0; fi
 if [ "$(id -u)" != 0 ] || [ ! -e /dev/fuse ]; then
     echo "netfs.sh: needs root (for sshd) and /dev/fuse" >&2
     exit 2
@@ -38,6 +51,7 @@ mkdir -p "$BASE/export" "$MNT" /run/sshd
 cp "$BASE/client_key.pub" "$BASE/authorized_keys"
 cat >"$BASE/sshd_config" <<CONF
 ListenAddress 127.0.0.1
+${LISTEN:+ListenAddress $LISTEN}
 Port $PORT
 HostKey $BASE/host_key
 AuthorizedKeysFile $BASE/authorized_keys
@@ -51,6 +65,4 @@ Subsystem sftp internal-sftp
 CONF
 /usr/sbin/sshd -f "$BASE/sshd_config"
 for _ in $(seq 50); do [ -f "$BASE/sshd.pid" ] && break; sleep 0.1; done
-sshfs -p "$PORT" -o IdentityFile="$BASE/client_key",BatchMode=yes,StrictHostKeyChecking=no \
-    -o UserKnownHostsFile=/dev/null,LogLevel=ERROR "root@127.0.0.1:$BASE/export" "$MNT"
-grep -q " $MNT fuse.sshfs " /proc/mounts
+mount_from 127.0.0.1

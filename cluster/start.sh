@@ -105,6 +105,17 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     cp /run/munge/munged.pid "$BASE/run/munged.pid"
 fi
 
+# UNIDASK_SLURM_SHARED=DIR (with UNIDASK_SLURM_HOSTS=1): DIR is the cluster's shared storage, a
+# network filesystem (cluster/netfs.sh) that the login host and every node mount over the
+# management network, each through its own sshfs: a node cut off loses it too, as on a cluster
+SHARED=${UNIDASK_SLURM_SHARED:-}
+if [ "$HOSTS" = 1 ] && [ -n "$SHARED" ]; then
+    export UNIDASK_NETFS_DIR=$BASE/netfs UNIDASK_NETFS_PORT=16823 UNIDASK_NETFS_LISTEN=10.77.0.1
+    "$HERE/netfs.sh" start "$SHARED"
+    echo "$SHARED" >"$BASE/run/shared"
+    for k in $(seq 1 "$NODES"); do "$HERE/hosts.sh" exec "$k" "$HERE/netfs.sh" mount "$SHARED" 10.77.0.1; done
+fi
+
 slurmctld -f "$SLURM_CONF"
 for k in $(seq 1 "$NODES"); do
     if [ "$HOSTS" = 1 ]; then

@@ -29,6 +29,11 @@ for p in "${pids[@]}"; do
     for _ in $(seq 1 40); do alive "$p" || break; sleep 0.25; done
     alive "$p" && kill -9 "$p" 2>/dev/null
 done
-# the separate hosts, if this cluster ran on them (cluster/hosts.sh)
+# the separate hosts, if this cluster ran on them (cluster/hosts.sh): their mounts of the shared
+# storage end with them; then the login host's and its server
 UNIDASK_HOSTS_DIR=${UNIDASK_HOSTS_DIR:-$BASE/hosts} "$(dirname "$0")/hosts.sh" stop >/dev/null 2>&1 || true
+if [ -r "$BASE/run/shared" ]; then
+    UNIDASK_NETFS_DIR=$BASE/netfs "$(dirname "$0")/netfs.sh" stop "$(cat "$BASE/run/shared")" >/dev/null 2>&1 || true
+    rm -f "$BASE/run/shared"
+fi
 exit 0

@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,9 @@ from conftest import REPO, cli, config_in, merged_data, slow_haar_reference
 pytestmark = [pytest.mark.slurm, pytest.mark.hosts]
 DIR = "/var/tmp/unidask-slurm-hosts-tests"
 HOSTS = f"{DIR}/hosts"
-ENV = {"UNIDASK_SLURM_DIR": DIR, "UNIDASK_SLURM_HOSTS": "1", "UNIDASK_HOSTS_DIR": HOSTS}
+SHARED = "/var/tmp/unidask-hosts-shared"   # the cluster's network filesystem, on every host
+ENV = {"UNIDASK_SLURM_DIR": DIR, "UNIDASK_SLURM_HOSTS": "1", "UNIDASK_HOSTS_DIR": HOSTS,
+       "UNIDASK_SLURM_SHARED": SHARED}
 
 
 class Hosts:
@@ -64,6 +69,16 @@ def cluster():
     subprocess.run([str(REPO / "cluster" / "stop.sh")], env={**os.environ, **ENV}, timeout=120)
 
 
+@pytest.fixture
+def shared(cluster):
+    """A directory on the cluster's shared storage, which the login host and every node mount
+    from the network filesystem over the management network."""
+    path = Path(SHARED) / uuid.uuid4().hex[:8]
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def haar_reference(tmp_path_factory):
     """The bytes a local run of the hosts' Haar config writes, to hold the cluster's runs to."""
@@ -75,7 +90,7 @@ def haar_reference(tmp_path_factory):
 
 def haar_config(shared: Path, **cluster) -> Path:
     return config_in(shared, "gen", run={"count": 6000, "task_size": 200, "run_dir": str(shared / "run")},
-                     cluster={"nodes": 3, **cluster})
+                     cluster={"nodes": 3, "dashboard_address": ":8790", **cluster})
 
 
 def worker_addresses(logs: Path) -> set[str]:
@@ -85,8 +100,13 @@ def worker_addresses(logs: Path) -> set[str]:
 
 
 def test_submit_on_three_separate_hosts(cluster, shared, haar_reference):
-    cfg = haar_config(shared)
-    r = cli("submit", cfg, "--nodes", "3", "--time", "00:05:00", "--wait", cwd=shared, env=cluster.env)
+    # the run dir on the network filesystem, which each node mounts itself over the network
+    for k in (1, 2, 3):
+        seen = cluster.on_node(k, "import sys; from unidask import files; print(files.filesystem_type(sys.argv[1]))",
+                               str(shared))
+        assert seen.stdout.strip() == "fuse.sshfs", seen.stderr
+    cfg = haar_config(shared, workers=2, walltime="00:05:00")
+    r = cli("submit", cfg, "--wait", cwd=shared, env=cluster.env)   # every job parameter from the config
     assert r.returncode == 0, r.stdout + r.stderr
     shards = RunDir(shared / "run").staged_shards()
     assert sorted({p.name.split("-")[0] for p in shards}) == ["node1", "node2", "node3"]   # all three wrote
@@ -94,9 +114,9 @@ def test_submit_on_three_separate_hosts(cluster, shared, haar_reference):
     assert "on 3 node(s)" in log
     # the scheduler at node1's own address (no default route there: Dask alone would pick 127.0.0.1):
     # the dashboard link is the scheduler's, and the ssh tunnel goes through the login host
-    assert "unidask page: http://10.77.0.11:8787/unidask" in log and "-L 8787:10.77.0.11:8787" in log
-    # and every node's workers at their own management address, none at a loopback one
-    assert "workers joined from node1 at 10.77.0.11, node2 at 10.77.0.12, node3 at 10.77.0.13" in log
+    assert "unidask page: http://10.77.0.11:8790/unidask" in log and "-L 8790:10.77.0.11:8790" in log
+    # and cluster.workers processes of every node at its own management address, none at a loopback one
+    assert "workers joined: node1 2 at 10.77.0.11, node2 2 at 10.77.0.12, node3 2 at 10.77.0.13" in log
     assert merged_data(shared / "run" / "t.db") == haar_reference
 
 
@@ -159,15 +179,23 @@ def test_tls_refuses_a_client_on_another_host(cluster, shared):
         assert json.loads(tried.stdout.splitlines()[-1]) == {
             "the run's certificate": True, "no certificate": False, "plain tcp": False,
             "another CA's certificate": False}
+        # the dashboard link the job's log gives opens from the login host (the end of the ssh
+        # tunnel line it prints), here without the tunnel
+        log = RunDir(shared / "run").logs / f"unidask-t-{jobs[0]}.out"
+        while not (link := re.search(r"unidask page: (http://10\.77\.0\.11:\d+/unidask)", log.read_text())):
+            assert time.monotonic() < deadline, "the job's log never gave the dashboard link"
+            time.sleep(0.5)
+        with urllib.request.urlopen(link.group(1), timeout=10) as page:
+            assert page.status == 200 and b"unidask" in page.read()
     finally:
         cluster.slurm("scancel", *jobs)
 
 
 # -- faults of a host -------------------------------------------------------------------------------
 
-def slow_config(shared: Path) -> Path:
-    """A run of a few minutes on 3 nodes with little data: 1200 tasks of 0.3 s, staged every 5 s."""
-    return config_in(shared, "slow", run={"count": 12_000, "task_size": 10, "run_dir": str(shared / "run")},
+def slow_config(shared: Path, tasks: int = 600) -> Path:
+    """A run of a minute or more on 3 nodes with little data: tasks of 0.3 s, staged every 5 s."""
+    return config_in(shared, "slow", run={"count": 10 * tasks, "task_size": 10, "run_dir": str(shared / "run")},
                      generator={"kind": "plugin_generators:slow_haar", "delay": 0.3},
                      storage={"stage_every": 5})
 
@@ -215,7 +243,7 @@ def test_a_node_cut_off_for_a_minute(fresh, shared):
     """node3's links go down for 60 s mid-run: SLURM declares it down, the job goes on without it
     (--no-kill, a worker step per node), the tasks it finished but had not staged are generated
     again, and the result is whole."""
-    cfg = slow_config(shared)
+    cfg = slow_config(shared, 1200)   # long enough to outlast the cut
     thread, done = submit_in_background(fresh, cfg, "--nodes", "3")
     wait_for_staged(shared / "run", 60)
     fresh.hosts("cut", "3")
@@ -248,7 +276,7 @@ def test_the_first_node_crashes_then_a_resubmit_resumes(fresh, shared):
     assert 60 <= len(staged) < unidask.load_config(cfg).n_tasks
     r = cli("submit", cfg, "--nodes", "2", "--time", "00:10:00", "--wait", cwd=shared, env=fresh.env)
     log = assert_complete(shared, cfg, r)
-    assert re.search(rf"resume: {len(staged)} of 1200 tasks already staged", log), log[-3000:]
+    assert re.search(rf"resume: {len(staged)} of 600 tasks already staged", log), log[-3000:]
 
 
 def test_a_partition_between_two_nodes(fresh, shared):

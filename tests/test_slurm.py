@@ -4,7 +4,9 @@ and resubmitted, `mode = "slurm"`."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,21 +21,52 @@ from conftest import (REPO, SLURM_DIR, cli, config_in, merged_data, slow_haar_re
 
 
 def test_dry_run_prints_both_scripts(tmp_path):
-    cfg = write_config(tmp_path / "c.toml")
-    r = subprocess.run([sys.executable, "-m", "unidask.cli", "submit", str(cfg), "--dry-run", "--nodes", "3",
-                        "--time", "00:10:00", "--partition", "short", "--set", "run.seed=9"],
+    cfg = write_config(tmp_path / "c.toml", cluster={"nodes": 3, "walltime": "00:20:00", "workers": 2,
+                                                     "job_extra_directives": ["--qos=high"]})
+    r = subprocess.run([sys.executable, "-m", "unidask.cli", "submit", str(cfg), "--dry-run", "--time", "00:10:00",
+                        "--partition", "short", "--sbatch", "--comment=two words; rm -rf ~", "--set", "run.seed=9"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    gen, merge = r.stdout.split("# ---- merge.sbatch ----")
-    for line in ("#SBATCH --nodes=3", "#SBATCH --time=00:10:00", "#SBATCH --partition=short",
-                 "#SBATCH --signal=B:USR1@300", "srun --overlap", "distributed.cli.dask_worker",
-                 "--preload unidask.preload", f"export UNIDASK_PYTHON={sys.executable}", "run.seed=9"):
+    gen, rest = r.stdout.split("# ---- merge.sbatch ----")
+    merge, spec = rest.split(f"# ---- {tmp_path / 'run' / 'jobs'}/spec-")
+    # every job parameter from the config's [cluster], the command line's over it, values quoted
+    for line in ("#SBATCH --nodes=3", "#SBATCH --time=00:10:00", "#SBATCH --partition=short", "#SBATCH --qos=high",
+                 "#SBATCH --comment='two words; rm -rf ~'", "#SBATCH --no-kill", "#SBATCH --signal=B:USR1@300",
+                 "srun --overlap", "distributed.cli.dask_worker", "--preload unidask.preload",
+                 f"export UNIDASK_PYTHON={sys.executable}"):
         assert line in gen, line
-    assert "#SBATCH --nodes=1" in merge and "unidask.cli merge" in merge
+    assert "#SBATCH --nodes=1" in merge and "unidask.cli merge" in merge and "#SBATCH --qos=high" in merge
+    # the jobs read the resolved spec, overrides and all, not the config
+    recorded = json.loads(spec.split("----\n", 1)[1])
+    assert recorded["run"]["seed"] == 9 and recorded["cluster"]["workers"] == 2
+    assert recorded["cluster"]["walltime"] == "00:10:00" and recorded["storage"]["local_dir"] == str(tmp_path / "local")
     assert not (tmp_path / "run").exists()                  # nothing submitted, nothing created
-    r = subprocess.run([sys.executable, "-m", "unidask.cli", "submit", str(cfg), "--time", "soon"],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "'--time'" in r.stderr and "'soon'" in r.stderr
+    for bad, said in ((["--time", "soon"], "'soon'"), (["--sbatch", "qos=high"], "'qos=high'"),
+                      (["--sbatch", "--qos=a\n#SBATCH --b"], "one sbatch option on one line")):
+        r = subprocess.run([sys.executable, "-m", "unidask.cli", "submit", str(cfg), *bad], capture_output=True,
+                           text=True)
+        assert r.returncode == 2 and said in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_job_parameters_default_from_the_config(tmp_path):
+    cfg = write_config(tmp_path / "c.toml", cluster={"nodes": 1})
+    r = subprocess.run([sys.executable, "-m", "unidask.cli", "submit", str(cfg), "--dry-run"], capture_output=True,
+                       text=True)
+    assert "#SBATCH --nodes=1\n" in r.stdout and "#SBATCH --time=01:00:00" in r.stdout   # unidask.yaml's
+
+
+def test_extra_directives_reach_sbatch(slurm, shared):
+    """sbatch reads a quoted value as one value: the job's comment keeps its spaces (the job is
+    held an hour by --begin, so it can be looked at, then cancelled)."""
+    cfg = config_in(shared, "gen", run={"run_dir": str(shared / "run")})
+    r = cli("submit", cfg, "--sbatch", "--comment=two words", "--sbatch", "--begin=now+3600", cwd=shared)
+    assert r.returncode == 0, r.stderr
+    jobs = re.search(r"generation job (\d+) and merge job (\d+)", r.stdout).groups()
+    try:
+        shown = subprocess.run(["squeue", "-h", "-o", "%k", "-j", jobs[0]], capture_output=True, text=True).stdout
+        assert shown.strip() == "two words"
+    finally:
+        subprocess.run(["scancel", *jobs])
 
 
 def test_start_twice_and_after_a_stale_stop(slurm):
@@ -53,7 +86,7 @@ def test_submit_and_wait(slurm, shared):
     cfg = config_in(shared, "gen", run={"count": 4000, "task_size": 200, "run_dir": str(shared / "run")})
     r = cli("submit", cfg, "--nodes", "2", "--time", "00:05:00", "--wait", cwd=shared)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "submitted generation job" in r.stdout and "ssh -N -L 8787:" in r.stdout
+    assert "submitted generation job" in r.stdout
     shards = RunDir(shared / "run").staged_shards()
     assert sorted({p.name.split("-")[0] for p in shards}) == ["node1", "node2"]   # both nodes wrote
     db = shared / "run" / "t.db"          # run.name = "t" in the test configs
@@ -63,7 +96,7 @@ def test_submit_and_wait(slurm, shared):
                                       "cluster.dashboard_address": "127.0.0.1:0"})
     assert merged_data(db) == merged_data(unidask.run(local).merged.out)
     logs = list((shared / "run" / "logs").glob("unidask-t-*.out"))
-    assert logs and "unidask page: http://" in logs[0].read_text()
+    assert logs and "unidask page: http://" in logs[0].read_text() and "ssh -N -L " in logs[0].read_text()
 
 
 def test_submit_refused_by_sbatch_is_one_line(slurm, shared):

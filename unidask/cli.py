@@ -55,12 +55,12 @@ class Walltime(click.ParamType):
     name = "HH:MM:SS"
 
     def convert(self, value: Any, param, ctx) -> str:
-        from .slurm import walltime_seconds
+        from .config import walltime_seconds
 
         try:
             walltime_seconds(value)
-        except UnidaskError as e:
-            self.fail(str(e), param, ctx)
+        except ValueError as e:
+            self.fail(f"{value!r} {e}", param, ctx)
         return value
 
 
@@ -118,30 +118,40 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @set_option
-@click.option("--nodes", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--time", "time_limit", type=Walltime(), default="01:00:00", show_default=True, help="Walltime.")
-@click.option("--partition", help="SLURM partition.")
-@click.option("--account", help="SLURM account.")
-@click.option("--dry-run", is_flag=True, help="Print the job scripts, submit nothing.")
+@click.option("--nodes", type=click.IntRange(min=1), help="Nodes of the generation job (cluster.nodes).")
+@click.option("--time", "time_limit", type=Walltime(), help="Walltime of each job (cluster.walltime).")
+@click.option("--partition", help="SLURM partition (cluster.partition).")
+@click.option("--account", help="SLURM account (cluster.account).")
+@click.option("--sbatch", "extra", multiple=True, metavar="OPTION",
+              help="One more sbatch option for both jobs, e.g. --sbatch=--qos=high (repeatable; "
+                   "after cluster.job_extra_directives).")
+@click.option("--dry-run", is_flag=True, help="Print the job scripts and the jobs' spec, submit nothing.")
 @click.option("--wait", is_flag=True, help="Wait for both jobs; exit with the merge job's status.")
-def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int, time_limit: str,
-           partition: str | None, account: str | None, dry_run: bool, wait: bool) -> int:
-    """Submit CONFIG to SLURM: the generation job, then the merge job after it."""
+def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int | None, time_limit: str | None,
+           partition: str | None, account: str | None, extra: tuple[str, ...], dry_run: bool,
+           wait: bool) -> int:
+    """Submit CONFIG to SLURM: the generation job, then the merge job after it. Every job
+    parameter comes from the config's [cluster]; these options override it."""
     from .config import load_config
-    from .slurm import submit as submit_jobs, submit_host
+    from .slurm import submit as submit_jobs
 
-    spec = load_config(config, dict(overrides))
-    sub = submit_jobs(spec, config, dict(overrides), nodes=nodes, time_limit=time_limit,
-                      partition=partition, account=account, dry_run=dry_run, wait=wait)
+    flags = {"cluster.nodes": nodes, "cluster.walltime": time_limit, "cluster.partition": partition,
+             "cluster.account": account}
+    given = {**dict(overrides), **{k: v for k, v in flags.items() if v is not None}}
+    spec = load_config(config, given)
+    if extra:
+        spec = load_config(config, {**given, "cluster.job_extra_directives":
+                                    [*spec.cluster.job_extra_directives, *extra]})
+    sub = submit_jobs(spec, dry_run=dry_run, wait=wait)
     if dry_run:
         for name, text in sub.scripts.items():
             click.echo(f"# ---- {name}.sbatch ----\n{text}")
+        click.echo(f"# ---- {sub.spec_path} ----\n{sub.spec_text}", nl=False)
         return 0
     click.echo(f"submitted generation job {sub.generate_job} and merge job {sub.merge_job} "
                f"(after it succeeds)\nlogs: {sub.logs}/\ndashboard: once job {sub.generate_job} runs, "
-               f"its first node N (squeue -j {sub.generate_job} -o %N) serves it on port 8787; from your "
-               f"machine: ssh -N -L 8787:N:8787 {submit_host()}, "
-               "then open http://localhost:8787/unidask")
+               f"its log ({sub.logs}/unidask-{spec.name}-{sub.generate_job}.out) gives the link and "
+               "the ssh tunnel to it")
     if wait:
         click.echo(f"merge job {sub.merge_job} ended with status {sub.status}")
         return sub.status or 0

@@ -4,9 +4,9 @@ a job script started (``scheduler_file``)."""
 from __future__ import annotations
 
 import contextlib
-import shlex
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -52,6 +52,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
                                                **tls_options}}
     # each worker process gets this config (a nanny copies the config it is given into its worker)
     config = dask_config()
+    per_node = c.workers_per_node(max(1, (os.cpu_count() or 1) // c.nodes))   # "auto": the cores shared out
     workers = {
         f"{node}-{j}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1",
                                                   "env": {"UNIDASK_NODE": node}, "preload": [WORKER_PRELOAD],
@@ -61,7 +62,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
                                                   "local_directory": str(files.private_dir(spec.local_dir / "dask")),
                                                   # the driver reports task failures in one line
                                                   "silence_logs": logging.CRITICAL}}
-        for node in local_node_names(c.nodes) for j in range(c.workers)
+        for node in local_node_names(c.nodes) for j in range(per_node)
     }
     with dask.config.set(dask_settings()):   # the scheduler, made here, reads them as it starts
         cluster = SpecCluster(workers={}, scheduler=scheduler, security=sec, name=f"unidask-{spec.name}")
@@ -134,11 +135,11 @@ def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
         where = client.run(worker.node_name, on_error="ignore")   # {worker address: node}
         if (joined := len(set(where.values()))) >= nodes:
             # the addresses Dask really uses, which a network setting is about
-            hosts: dict[str, set[str]] = {}
+            hosts: dict[str, list[str]] = {}
             for address, node in where.items():
-                hosts.setdefault(node, set()).add(get_address_host(address))
-            log.info("workers joined from %s", ", ".join(f"{node} at {' '.join(sorted(h))}"
-                                                         for node, h in sorted(hosts.items())))
+                hosts.setdefault(node, []).append(get_address_host(address))
+            log.info("workers joined: %s", ", ".join(f"{node} {len(h)} at {' '.join(sorted(set(h)))}"
+                                                     for node, h in sorted(hosts.items())))
             return
         if now - said >= 10:
             said = now
@@ -195,9 +196,15 @@ def slurm_cluster(spec: Spec):
     find_host = [] if c.interface else [
         f"UNIDASK_WORKER_HOST=$({shlex.quote(sys.executable)} -m unidask.cli address --towards {host})"]
     with dask.config.set(dask_settings()):   # the scheduler runs here, the workers get the exports
-        cluster = SLURMCluster(cores=c.workers, processes=c.workers, memory=c.memory,
+        # "auto": dask-jobqueue's own cores per job where set (jobqueue.slurm.cores), else one
+        workers = c.workers_per_node(dask.config.get("jobqueue.slurm.cores", None) or 1)
+        cluster = SLURMCluster(cores=workers, processes=workers, memory=c.memory,
                                **({"interface": c.interface} if c.interface else {}),  # the workers'
                                walltime=c.walltime, job_name=f"unidask-{spec.name}",
+                               **({"queue": c.partition} if c.partition else {}),
+                               **({"account": c.account} if c.account else {}),
+                               job_extra_directives=[*(dask.config.get("jobqueue.slurm.job-extra-directives") or []),
+                                                     *map(slurm.directive, c.job_extra_directives)],
                                log_directory=str(RunDir(spec.run_dir).logs), python=sys.executable,
                                scheduler_options={"dashboard_address": c.dashboard_address, "host": host},
                                worker_extra_args=["--preload", WORKER_PRELOAD,

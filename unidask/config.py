@@ -78,9 +78,37 @@ def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else check(value)
 
 
+def auto_or(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: value if value == "auto" else check(value)
+
+
+def directives(value: Any) -> tuple[str, ...]:
+    """Extra ``#SBATCH`` options: each one option (``--qos=high``), on one line."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError('must be a list of sbatch options, e.g. ["--qos=high", "--constraint=avx2"]')
+    for v in value:
+        if not v.startswith("-") or any(c in v for c in "\n\r\0"):
+            raise ValueError(f"{v!r}: each must be one sbatch option on one line, e.g. \"--qos=high\"")
+    return tuple(value)
+
+
 def page_size(value: Any) -> int | str:
     if value != "auto" and (value not in PAGE_SIZES or isinstance(value, (bool, float))):
         raise ValueError("must be \"auto\" or a power of 2 from 512 to 65536 bytes")
+    return value
+
+
+def walltime_seconds(value: Any) -> int:
+    """A SLURM walltime (``HH:MM:SS``, ``MM:SS`` or ``D-HH:MM:SS``) in seconds; ValueError if not one."""
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError('must be a walltime, HH:MM:SS or D-HH:MM:SS, e.g. "01:00:00"')
+    d, h, mi, s = (int(x) if x else 0 for x in m.groups())
+    return ((d * 24 + h) * 60 + mi) * 60 + s
+
+
+def walltime(value: Any) -> str:
+    walltime_seconds(value)
     return value
 
 
@@ -112,7 +140,7 @@ class Cluster:
     """``[cluster]``: where the workers come from."""
 
     mode: str = checked(one_of("local", "scheduler_file", "slurm"))
-    workers: int = checked(integer())
+    workers: int | str = checked(auto_or(integer()))
     nodes: int = checked(integer())
     scheduler_file: str | None = checked(optional(text('"scheduler.json"')))
     dashboard_address: str = checked(text('"127.0.0.1:8787"'))
@@ -123,7 +151,14 @@ class Cluster:
     worker_timeout: float = checked(seconds)
     stop_before: int = checked(integer())
     memory: str = checked(text('"4GB"'))
-    walltime: str = checked(text('"01:00:00"'))
+    walltime: str = checked(walltime)
+    partition: str | None = checked(optional(text('"short"')))
+    account: str | None = checked(optional(text('"myproject"')))
+    job_extra_directives: tuple[str, ...] = checked(directives)
+
+    def workers_per_node(self, cores: int) -> int:
+        """Worker processes on a node of ``cores`` cores: ``workers``, or with "auto" one per core."""
+        return cores if self.workers == "auto" else self.workers
 
 
 def _section(cls: type, section: str, values: Mapping[str, Any], where: str):
@@ -230,23 +265,30 @@ def _rebuild_spec(values: dict[str, Any]) -> Spec:
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] = MappingProxyType({}),
                 data: Mapping[str, Any] | None = None) -> Spec:
-    """Read a run config (TOML file, or ``data``), apply ``{"section.key": value}`` overrides,
-    validate."""
+    """Read a run config (TOML file, a job's resolved spec in JSON, or ``data``), apply
+    ``{"section.key": value}`` overrides, validate."""
     if data is None:
         if path is None:
             raise InputError("no config given")
         path = Path(path)
+        # a job's spec (RUN_DIR/jobs/spec-*.json), resolved and checked by `unidask submit`
+        recorded = path.suffix == ".json"
         try:
-            data = tomllib.loads(path.read_text())
+            data = json.loads(path.read_text()) if recorded else tomllib.loads(path.read_text())
         except FileNotFoundError as e:
             raise InputError(f"{path}: config file not found") from e
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"{path}: cannot read config: {e}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise InputError(f"{path}: not valid TOML: {e}") from e
+        except (tomllib.TOMLDecodeError, ValueError) as e:
+            raise InputError(f"{path}: not valid {'JSON' if recorded else 'TOML'}: {e}") from e
+    else:
+        recorded = False
     where = str(path) if path is not None else "config"
     defaults = dask.config.get("unidask")
     merged = {s: copy.deepcopy(defaults[s]) for s in SECTIONS}
+    if recorded and not isinstance(data, dict):
+        raise InputError(f"{where}: not a unidask job spec (a JSON object of sections)")
+    code = data.pop("code", "") if recorded else ""
     _update(merged, data, where)
     for key, value in overrides.items():
         section, dot, item = key.partition(".")
@@ -255,7 +297,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         _update(merged, {section: {item: value}}, "override")
     if merged["run"]["name"] is None:
         merged["run"]["name"] = Path(path).stem if path is not None else "unidask"
-    return Spec.from_dict(merged, where)
+    return Spec.from_dict({**merged, "code": code}, where, recorded=recorded)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -270,25 +312,6 @@ def parse_override(item: str) -> tuple[str, Any]:
     except tomllib.TOMLDecodeError:
         parsed = value
     return key.strip(), parsed
-
-
-def format_override(key: str, value: Any) -> str:
-    """The ``section.key=value`` that :func:`parse_override` reads back as ``value``."""
-    return f"{key}={_toml(value)}"
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)   # a JSON string is a TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(map(_toml, value)) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise InputError(f"override value {value!r} has no TOML form (TOML has no null)")
 
 
 def _update(merged: dict, data: Mapping[str, Any], where: str) -> None:

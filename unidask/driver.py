@@ -127,7 +127,7 @@ class Driver:
         """Run ``tasks`` with a bounded number in flight, staging every ``stage_every`` seconds."""
         client, spec, result = self.client, self.spec, self.result
         # workers may still be starting (SLURM jobs): size the window for the ones asked for
-        threads = sum(client.nthreads().values()) or spec.cluster.nodes * spec.cluster.workers
+        threads = sum(client.nthreads().values()) or spec.cluster.nodes * spec.cluster.workers_per_node(1)
         window = spec.cluster.max_in_flight or 2 * threads + 4
         prefix = generators.get(spec.kind).label(spec.params)
         todo = iter(tasks)

@@ -4,21 +4,20 @@ submitting the job scripts (``sbatch``), and asking the queue (``squeue``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
-import re
 import shlex
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
 
 from . import files
-from .config import Spec, format_override
+from .config import Spec, walltime_seconds
 from .errors import InputError, RunError
 from .rundir import RunDir
 
@@ -93,14 +92,6 @@ def _interface_address(name: str) -> str | None:
     return socket.inet_ntoa(packed[20:24])
 
 
-def walltime_seconds(text: str) -> int:
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
-    if not m:
-        raise InputError(f"walltime {text!r}: expected HH:MM:SS (or D-HH:MM:SS)")
-    d, h, mi, s = (int(x) if x else 0 for x in m.groups())
-    return ((d * 24 + h) * 60 + mi) * 60 + s
-
-
 # -- the job scripts -------------------------------------------------------------------------------
 
 def template(name: str) -> str:
@@ -119,12 +110,24 @@ def render(script: str, directives: list[str], env: dict[str, str]) -> str:
 
 def job_env(spec: Spec) -> list[str]:
     """What a generation job needs to know of its run, as shell exports: the run dir's paths (of
-    this job, from ``SLURM_JOB_ID``) and the run's security."""
-    rd = RunDir(spec.run_dir)
+    this job, from ``SLURM_JOB_ID``), the run's security, its workers per node and where the
+    scheduler and its dashboard listen."""
+    rd, c = RunDir(spec.run_dir), spec.cluster
+    host = node_address(c.interface)
     values = {"RUN_DIR": rd.path, "LOGS": rd.logs, "SCHEDULER_FILE": rd.scheduler_file(job_id() or "local"),
-              "SECURITY": spec.cluster.security, "SCHEDULER_HOST": node_address(spec.cluster.interface),
-              "INTERFACE": spec.cluster.interface or ""}
+              "SECURITY": c.security, "SCHEDULER_HOST": host, "INTERFACE": c.interface or "",
+              "WORKERS": c.workers, "DASHBOARD": dashboard_address(c.dashboard_address, host)}
     return [f"export {k}={shlex.quote(str(v))}" for k, v in values.items()]
+
+
+def dashboard_address(configured: str, host: str) -> str:
+    """Where a job's dashboard listens: ``cluster.dashboard_address``, at the scheduler's own
+    address where that names no host or a loopback one (the default, right for a local run: on a
+    node only the node itself could reach it, and the ssh tunnel could not)."""
+    name, _, port = configured.rpartition(":")
+    if name in ("", "localhost", "[::1]") or name.startswith("127."):
+        return f"{host}:{port}"
+    return configured
 
 
 @dataclass
@@ -133,26 +136,35 @@ class Submission:
     merge_job: str | None
     scripts: dict[str, str]
     logs: Path
+    spec_path: Path
+    spec_text: str
     status: int | None = None      # the merge job's exit status, with --wait
-    args: list[str] = field(default_factory=list)
 
 
-def job_scripts(spec: Spec, config: Path, args: list[str], *, nodes: int, time_limit: str,
-                partition: str | None, account: str | None) -> dict[str, str]:
-    """The rendered generation and merge scripts for ``spec``; ``args`` follow CONFIG."""
-    logs = RunDir(spec.run_dir).logs
-    common = [f"--partition={partition}"] * bool(partition) + [f"--account={account}"] * bool(account)
-    stop_before = min(int(spec.cluster.stop_before), max(60, walltime_seconds(time_limit) // 2))
+def directive(option: str) -> str:
+    """One ``#SBATCH`` option with its value quoted (sbatch unquotes it), so a value with spaces
+    stays one value."""
+    name, eq, value = option.partition("=")
+    return f"{name}={shlex.quote(value)}" if eq and shlex.quote(value) != value else option
+
+
+def job_scripts(spec: Spec, spec_path: Path) -> dict[str, str]:
+    """The rendered generation and merge scripts for ``spec``, whose resolved copy each job reads
+    from ``spec_path``: every job parameter from ``[cluster]``."""
+    c, logs = spec.cluster, RunDir(spec.run_dir).logs
+    common = [*([f"--partition={c.partition}"] if c.partition else []),
+              *([f"--account={c.account}"] if c.account else []), *c.job_extra_directives]
+    stop_before = min(int(c.stop_before), max(60, walltime_seconds(c.walltime) // 2))
     # --no-kill: a node that fails takes only its own workers; the run goes on without them
-    generate = [f"--job-name=unidask-{spec.name}", f"--nodes={nodes}", "--ntasks-per-node=1",
-                "--exclusive", "--no-kill", f"--time={time_limit}", f"--signal=B:USR1@{stop_before}",
+    generate = [f"--job-name=unidask-{spec.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1",
+                "--exclusive", "--no-kill", f"--time={c.walltime}", f"--signal=B:USR1@{stop_before}",
                 f"--output={logs}/%x-%j.out", *common]
     merge = [f"--job-name=unidask-merge-{spec.name}", "--nodes=1", "--ntasks=1",
-             f"--time={time_limit}", f"--output={logs}/%x-%j.out", *common]
+             f"--time={c.walltime}", f"--output={logs}/%x-%j.out", *common]
     env = {"UNIDASK_PYTHON": sys.executable}
-    line = "# args: " + " ".join(shlex.quote(a) for a in [str(config), *args]) + "\n"
-    return {"generate": render(template("generate.sbatch"), generate, env) + line,
-            "merge": render(template("merge.sbatch"), merge, env) + line}
+    line = f"# args: {shlex.quote(str(spec_path))}\n"
+    return {"generate": render(template("generate.sbatch"), list(map(directive, generate)), env) + line,
+            "merge": render(template("merge.sbatch"), list(map(directive, merge)), env) + line}
 
 
 def sbatch(script: Path, args: list[str], extra: list[str] = (), *, wait: bool = False) -> tuple[str, int]:
@@ -189,28 +201,26 @@ def queued(jobs: list[str]) -> list[str]:
         return []
 
 
-def submit(spec: Spec, config: str | os.PathLike, overrides: Mapping[str, Any] = {}, *, nodes: int = 2,
-           time_limit: str = "01:00:00", partition: str | None = None, account: str | None = None,
-           dry_run: bool = False, wait: bool = False) -> Submission:
-    """Render both job scripts, submit generation, then merge with ``--dependency=afterok``.
-    ``overrides`` (``{"section.key": value}``) reach both jobs as ``--set`` arguments."""
-    config = Path(config).absolute()
-    args = [a for key, value in overrides.items() for a in ("--set", format_override(key, value))]
-    scripts = job_scripts(spec, config, args, nodes=nodes, time_limit=time_limit, partition=partition,
-                          account=account)
+def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submission:
+    """Write the run's resolved spec for its jobs (``RUN_DIR/jobs/spec-*.json``: the job reads it
+    instead of the config, which may change or not be there), render both job scripts, submit
+    generation, then merge with ``--dependency=afterok``."""
     rd = RunDir(spec.run_dir)
-    sub = Submission(None, None, scripts, rd.logs, args=args)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    spec_path = rd.jobs / f"spec-{stamp}.json"
+    sub = Submission(None, None, job_scripts(spec, spec_path), rd.logs, spec_path,
+                     json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
     if dry_run:
         return sub
     rd.prepare(spec, resume=True)
     rd.logs.mkdir(mode=0o700, exist_ok=True)
     rd.jobs.mkdir(mode=0o700, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    files.write_atomic(spec_path, sub.spec_text)
     paths = {}
-    for name, text in scripts.items():
+    for name, text in sub.scripts.items():
         paths[name] = files.write_atomic(rd.jobs / f"{name}-{stamp}.sbatch", text)
-    sub.generate_job, _ = sbatch(paths["generate"], [str(config), *args])
-    sub.merge_job, status = sbatch(paths["merge"], [str(config), *args],
+    sub.generate_job, _ = sbatch(paths["generate"], [str(spec_path)])
+    sub.merge_job, status = sbatch(paths["merge"], [str(spec_path)],
                                    [f"--dependency=afterok:{sub.generate_job}", "--kill-on-invalid-dep=yes"],
                                    wait=wait)
     if wait:
