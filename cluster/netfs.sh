@@ -19,11 +19,12 @@ BASE=${UNIDASK_NETFS_DIR:-/var/tmp/unidask-netfs}
 PORT=${UNIDASK_NETFS_PORT:-16822}
 
 LISTEN=${UNIDASK_NETFS_LISTEN:-}
+OPTIONS=${UNIDASK_NETFS_OPTIONS:-}   # more sshfs -o options, e.g. dir_cache=no
 
 mount_from() {   # mount_from HOST: the export at $MNT, over SFTP from the sshd at HOST
     mkdir -p "$MNT"
     sshfs -p "$PORT" -o IdentityFile="$BASE/client_key",BatchMode=yes,StrictHostKeyChecking=no \
-        -o UserKnownHostsFile=/dev/null,LogLevel=ERROR "root@$1:$BASE/export" "$MNT"
+        -o UserKnownHostsFile=/dev/null,LogLevel=ERROR${OPTIONS:+,$OPTIONS} "root@$1:$BASE/export" "$MNT"
     grep -q " $MNT fuse.sshfs " /proc/mounts
 }
 

@@ -107,10 +107,13 @@ fi
 
 # UNIDASK_SLURM_SHARED=DIR (with UNIDASK_SLURM_HOSTS=1): DIR is the cluster's shared storage, a
 # network filesystem (cluster/netfs.sh) that the login host and every node mount over the
-# management network, each through its own sshfs: a node cut off loses it too, as on a cluster
+# management network, each through its own sshfs: a node cut off loses it too, as on a cluster.
+# No directory cache (sshfs keeps listings 20 s): a test that lists from the login host what the
+# nodes just staged must see it (NFS's attribute cache has the same effect: README, Tested against)
 SHARED=${UNIDASK_SLURM_SHARED:-}
 if [ "$HOSTS" = 1 ] && [ -n "$SHARED" ]; then
-    export UNIDASK_NETFS_DIR=$BASE/netfs UNIDASK_NETFS_PORT=16823 UNIDASK_NETFS_LISTEN=10.77.0.1
+    export UNIDASK_NETFS_DIR=$BASE/netfs UNIDASK_NETFS_PORT=16823 UNIDASK_NETFS_LISTEN=10.77.0.1 \
+        UNIDASK_NETFS_OPTIONS=dir_cache=no
     "$HERE/netfs.sh" start "$SHARED"
     echo "$SHARED" >"$BASE/run/shared"
     for k in $(seq 1 "$NODES"); do "$HERE/hosts.sh" exec "$k" "$HERE/netfs.sh" mount "$SHARED" 10.77.0.1; done
