@@ -1,5 +1,6 @@
 """Bad input: one clear line, exit status 2, no traceback, nothing written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -112,7 +113,7 @@ BAD = [
     ({"generator": {"dim": True}}, "generator.dim must be int"),
     ({"generator": {"kind": "nope"}}, "unknown generator kind 'nope'"),
     ({"generator": {"dtype": "float64"}}, "generator.dtype must be one of complex128, complex64"),
-    ({"generator": {"colour": 1}}, "unknown key generator.colour"),
+    ({"generator": {"colour": 1}}, "takes no generator.colour: remove it from [generator]"),
     ({"storage": {"synchronous": "SOMETIMES"}}, "storage.synchronous must be one of"),
     ({"storage": {"page_size": 3000}}, "storage.page_size must be \"auto\" or a power of 2 from 512 to 65536"),
     ({"storage": {"page_size": 4096.0}}, "storage.page_size must be \"auto\" or a power of 2"),
@@ -168,12 +169,29 @@ def test_unwritable_run_dir_and_local_dir(tmp_path, capsys):
     assert code == 2 and f"local_dir {blocker / 'local'} is not writable" in one_error(err)
 
 
-def test_run_dir_of_another_run_is_refused(tmp_path, capsys):
+def test_run_dir_of_another_run_is_refused_once_it_staged(tmp_path, capsys):
+    """A run dir whose first attempt staged nothing (it failed as it started) takes the corrected
+    config, saying so in one line; once anything is staged, another run is refused."""
     spec = unidask.load_config(write_config(tmp_path / "a.toml"))
-    unidask.RunDir(spec.run_dir).prepare(spec, resume=False)
-    cfg = write_config(tmp_path / "b.toml", run={"seed": 99})
-    code, _, err = run_main("run", cfg, capsys=capsys)
+    unidask.RunDir(spec.run_dir).prepare(spec, resume=False)   # what a failed first attempt leaves
+    code, out, err = run_main("run", write_config(tmp_path / "b.toml", run={"seed": 99}), capsys=capsys)
+    assert code == 0 and "replacing the record of a run that staged nothing" in err, err
+    assert json.loads((spec.run_dir / "run.json").read_text())["spec"]["run"]["seed"] == 99
+    code, _, err = run_main("run", write_config(tmp_path / "c.toml", run={"seed": 5}), capsys=capsys)
     assert code == 2 and "holds another run" in err
+
+
+def test_a_complete_run_says_so(tmp_path, capsys):
+    """Running a finished, merged run again (with or without --resume) generates nothing and says
+    where its database is."""
+    cfg = write_config(tmp_path / "a.toml")
+    assert run_main("run", cfg, capsys=capsys)[0] == 0
+    db_path = tmp_path / "run" / "t.db"
+    before = db_path.stat().st_mtime_ns
+    for extra in ([], ["--resume"]):
+        code, out, err = run_main("run", cfg, *extra, capsys=capsys)
+        assert code == 0 and f"complete: {db_path}" in out and "nothing to do" in err, out + err
+    assert db_path.stat().st_mtime_ns == before           # not merged again
 
 
 def test_usage_errors_exit_2(capsys):
@@ -199,3 +217,62 @@ def test_dask_env_carries_unidask_settings_to_a_bare_dask_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, **exports}).stdout.split()
     assert out == ["10", "False", "1s", "False"]
+
+
+def test_dashboard_address_mistakes_are_one_line_and_leave_nothing(tmp_path, capsys):
+    """A malformed address is refused as config; one this machine cannot listen at fails before
+    the run dir exists; a port in use is one warning line, and the run goes on elsewhere."""
+    import socket
+
+    for bad, said in (("nohost:99999", "must be HOST:PORT or :PORT"), ("8787", "must be HOST:PORT"),
+                      ("nohost.invalid:8787", "cannot listen there"), ("192.0.2.1:8787", "cannot listen there")):
+        cfg = write_config(tmp_path / "c.toml", cluster={"dashboard_address": bad})
+        code, _, err = run_main("run", cfg, capsys=capsys)
+        assert code == 2 and said in one_error(err) and not (tmp_path / "run").exists(), (bad, err)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = write_config(tmp_path / "d.toml", run={"count": 200}, cluster={"dashboard_address": f"127.0.0.1:{port}"})
+        code, _, err = run_main("run", cfg, capsys=capsys)
+    assert code == 0, err
+    assert f"cluster.dashboard_address 127.0.0.1:{port}: that port is in use" in err
+    assert "already in use" not in err and "Perhaps" not in err
+
+
+def test_merge_into_a_place_that_takes_no_file_is_bad_input(haar_run, capsys):
+    spec, _ = haar_run
+    code, _, err = run_main("merge", spec.run_dir, "-o", "/proc/out.db", capsys=capsys)
+    assert code == 2 and "cannot write /proc/out.db" in one_error(err)
+
+
+def test_config_get_prints_the_value_the_run_uses(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.toml", cluster={"nodes": 2, "workers": 3})
+    for key, value in (("cluster.max_in_flight", "16"), ("cluster.workers", "3"), ("cluster.interface", "null"),
+                       ("cluster.job_extra_directives", "[]"), ("run.count", "2000")):
+        code, out, _ = run_main("config", cfg, "--get", key, capsys=capsys)
+        assert code == 0 and out == value + "\n", (key, out)
+    code, out, _ = run_main("config", cfg, "--get", "cluster.workers", "--set", 'cluster.workers="auto"',
+                            capsys=capsys)
+    assert out.strip() == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+@pytest.mark.parametrize("name", ["quickstart", "circuits", "orthogonal"])
+def test_each_shipped_config_runs(name, tmp_path, capsys):
+    """configs/ has a config per generator family; each runs as shipped (smaller, elsewhere)."""
+    from conftest import REPO
+
+    cfg = REPO / "configs" / f"{name}.toml"
+    code, out, err = run_main("run", cfg, "--set", "run.count=400", "--set", "run.task_size=200",
+                              "--set", f'run.run_dir="{tmp_path / "run"}"',
+                              "--set", f'storage.local_dir="{tmp_path / "local"}"',
+                              "--set", 'cluster.dashboard_address="127.0.0.1:0"', capsys=capsys)
+    assert code == 0 and "400 unitaries, 2/2 tasks" in out, out + err
+
+
+def test_switching_kind_names_the_key_to_drop(capsys):
+    from conftest import REPO
+
+    code, _, err = run_main("run", REPO / "configs" / "quickstart.toml", "--set", 'generator.kind="circuit"',
+                            capsys=capsys)
+    assert code == 2 and "kind 'circuit' takes no generator.dim: remove it from [generator]" in one_error(err)

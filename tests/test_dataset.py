@@ -67,6 +67,17 @@ def test_export_txt_round_trip(haar_run, tmp_path, capsys):
             assert np.array_equal(np.loadtxt(f, dtype=complex), ds[i])   # exact, bit for bit
 
 
+def test_export_of_many_text_files_must_be_asked_for(haar_run, tmp_path, capsys):
+    """An OUT that is no .npy would mean a text file per unitary: thousands of them (the pattern
+    unidask exists to avoid) only with --format txt, and the refusal writes nothing."""
+    _, db = haar_run
+    code, _, err = run_main("export", db, tmp_path / "all", capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "that would be 20,000 text files" in err, err
+    assert f"{tmp_path / 'all'}.npy" in err and "--format txt" in err and not (tmp_path / "all").exists()
+    code, stdout, _ = run_main("export", db, tmp_path / "all", "--format", "txt", "--ids", "0:1001", capsys=capsys)
+    assert code == 0 and len(list((tmp_path / "all").iterdir())) == 1001
+
+
 def test_export_txt_of_complex64_is_exact(config, tmp_path):
     spec = config(run={"count": 50, "task_size": 25}, generator={"dtype": "complex64", "dim": 3})
     db = unidask.run(spec).merged.out

@@ -165,7 +165,7 @@ def test_plugin_unitarity_check_can_be_turned_off(config):
 def test_bad_plugin_names(tmp_path, capsys):
     for kind, message in [("no_such_module_x:f", "cannot import"),
                           ("plugin_generators:nothing", "has no 'nothing'"),
-                          ("plugin_generators:rotations", "unknown key generator.size")]:
+                          ("plugin_generators:rotations", "takes no generator.size")]:
         cfg = write_config(tmp_path / "p.toml", generator={"kind": kind, "size": 3} if "rot" in kind
                            else {"kind": kind})
         code, _, err = run_main("run", cfg, capsys=capsys)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -339,3 +340,32 @@ def test_straggler_policy():
     assert s.due({"w1": [("g", 1)], "w2": [["g", 2]]}, now=12.5) == [(("g", 1), "w1", 12.5)]
     assert s.due({"w1": [], "w3": [("g", 2)]}, now=13.0) == []   # task 2 moved: its clock starts again
     assert s.due({"w3": [("g", 2)]}, now=26.0) == [(("g", 2), "w3", 13.0)]
+
+
+def test_ctrl_c_stages_and_says_how_to_finish(tmp_path):
+    """A Ctrl-C reaches every process of the terminal's group, the local cluster's workers too:
+    the run stages what it finished and ends with one line naming what is staged and the command
+    that finishes it, without a traceback from any process; that command then finishes it."""
+    cfg = write_config(tmp_path / "c.toml", **SLOW, storage={"local_dir": str(tmp_path / "local"),
+                                                              "stage_every": 0.5})
+    spec = unidask.load_config(cfg)
+    driver = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg), "--set", "run.seed=7"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        wait_for(lambda: len(staged_tasks(spec.run_dir)) >= 10, timeout=120)
+        os.killpg(driver.pid, signal.SIGINT)     # what the terminal does on Ctrl-C
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    last = err.strip().splitlines()[-1]
+    assert driver.returncode == 3, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    done = len(staged_tasks(spec.run_dir))
+    assert last == (f"unidask: error: interrupted: {done:,} of {spec.n_tasks:,} tasks staged in {spec.run_dir}; "
+                    f"to finish: unidask run {cfg} --set run.seed=7 --resume"), last
+    again = subprocess.run(shlex.split(last.split("to finish: ", 1)[1].replace("unidask", f"{sys.executable} -m unidask.cli", 1)),
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert merged_data(spec.run_dir / "t.db") == reference(spec)

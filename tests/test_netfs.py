@@ -2,6 +2,7 @@
 live on local disk, are staged to the network filesystem and merged there; a live shard refuses it."""
 
 import sqlite3
+from pathlib import Path
 
 import unidask
 from unidask import RunDir, files
@@ -61,3 +62,56 @@ def test_slurm_job_with_run_dir_on_a_network_filesystem(slurm, netfs):
     assert (shared / "run" / "tls" / "key.pem").exists()   # the job ran with TLS, from there
     verified = cli("verify", shared / "run" / "t.db")
     assert verified.returncode == 0 and "4,000 unitaries in 20/20 tasks" in verified.stdout, verified.stdout
+
+
+def test_one_driver_per_run_dir_on_a_network_filesystem(netfs, tmp_path):
+    """A second `unidask run` on a run dir in use is refused in one line naming the first's host
+    and pid (two would both generate everything); a lock from another host is taken over only once
+    it has not been refreshed for a while; the lock of a driver that was killed, at once."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from unidask import runlock
+
+    base = netfs / "lock"
+    (base / "run").mkdir(parents=True)
+    cfg = write_config(base / "slow.toml", run={"count": 2000, "task_size": 10, "run_dir": str(base / "run")},
+                       generator={"kind": "plugin_generators:slow_haar", "delay": 0.2},
+                       storage={"local_dir": str(tmp_path / "local")})
+    lock = RunDir(base / "run").lock_path
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x", "since": time.time()}))
+    refused = cli("run", cfg)
+    error = refused.stderr.splitlines()[-1]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert error.startswith("unidask: error: ") and "another unidask run is using this run dir (host elsewhere, pid 1" in error
+    old = time.time() - runlock.STALE - 60
+    os.utime(lock, (old, old))
+
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)], stdout=out, stderr=out,
+                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while runlock.holder_of(lock).get("pid") != first.pid:
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            time.sleep(0.2)
+        assert files.filesystem_type(lock) == "fuse.sshfs"
+        assert "taking over the run lock of host elsewhere, pid 1 (it was last refreshed" in log.read_text()
+        second = cli("run", cfg, "--resume")
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"(host {socket.gethostname()}, pid {first.pid}," in second.stderr.splitlines()[-1]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)   # the driver, its scheduler and workers: the lock stays
+        first.wait()
+    assert runlock.holder_of(lock)["pid"] == first.pid
+    resumed = cli("run", cfg, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"taking over the run lock of host {socket.gethostname()}, pid {first.pid} (its process" in resumed.stderr
+    assert not lock.exists()                 # released at the end

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
 from typing import Any
 
@@ -101,13 +102,28 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
     """Run CONFIG: generate, stage every node's shard, merge."""
     from .config import load_config
     from .driver import run as run_spec
+    from .errors import Stopped
+    from .rundir import RunDir
     from .stopping import stop_on_signal
 
     spec = load_config(config, dict(overrides))
     log.info("unidask %s: %s x %s %s in %d task(s) -> %s", __version__, f"{spec.count:,}", spec.kind,
              spec.dtype, spec.n_tasks, spec.run_dir)
-    with stop_on_signal():
-        result = run_spec(spec, resume=resume, merge=not no_merge)
+    try:
+        with stop_on_signal():
+            result = run_spec(spec, resume=resume, merge=not no_merge)
+    except Stopped as e:
+        if not str(e).startswith("interrupted"):
+            raise
+        # what a Ctrl-C leaves, and the command that finishes it
+        argv = list((click.get_current_context().obj or {}).get("argv", ["run", config]))
+        again = shlex.join(["unidask", *argv, *([] if "--resume" in argv else ["--resume"])])
+        done = len(RunDir(spec.run_dir).staged_tasks())
+        raise Stopped(f"interrupted: {done:,} of {spec.n_tasks:,} tasks staged in {spec.run_dir}; "
+                      f"to finish: {again}") from None
+    if result.complete is not None:
+        click.echo(f"complete: {result.complete}")
+        return
     click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
                f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
                f"{len(result.shards)} shard(s) staged in {spec.run_dir / 'shards'}")
@@ -200,9 +216,16 @@ def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | 
         return 0
     section, _, name = key.partition(".")
     try:
-        click.echo(data[section][name])
+        value = data[section][name]
     except KeyError as e:
         raise click.UsageError(f"no config key {key!r}") from e
+    c = spec.cluster
+    if key == "cluster.max_in_flight" and value is None:   # the value the run will use
+        value = (c.in_flight(c.local_workers()) if c.mode == "local"
+                 else "2 per worker thread + 4, once the workers have joined")
+    elif key == "cluster.workers" and value == "auto" and c.mode == "local":
+        value = c.local_workers() // c.nodes
+    click.echo("null" if value is None else json.dumps(value) if isinstance(value, (list, tuple, dict)) else value)
     return 0
 
 
@@ -245,7 +268,8 @@ def report(run_dir: str, out: str) -> None:
 @cli.command()
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["npy", "txt"]),
-              help="Default: npy when OUT ends in .npy, else txt (OUT a directory).")
+              help="Default: npy when OUT ends in .npy, else txt (OUT a directory; up to 1000 files "
+                   "unless --format txt asks for more).")
 @click.argument("out", type=click.Path())
 @click.option("--ids", type=IdRange(), help="Export ids A to B-1 only.")
 def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None] | None) -> None:
@@ -253,7 +277,7 @@ def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None
     from .export import IdsOutOfRange, export as export_db
 
     try:
-        n = export_db(db, fmt or ("npy" if out.endswith(".npy") else "txt"), out, ids)
+        n = export_db(db, fmt, out, ids)
     except IdsOutOfRange as e:
         raise click.BadParameter(str(e), param_hint="'--ids'") from e
     click.echo(f"exported {n:,} unitaries to {out}")
@@ -304,7 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("distributed").setLevel(logging.WARNING)
     handler = log_to_stderr()
     try:
-        code = cli.main(args=argv, prog_name="unidask", standalone_mode=False)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        code = cli.main(args=argv, prog_name="unidask", standalone_mode=False, obj={"argv": argv})
     except click.ClickException as e:   # a usage error is one line too, as every other error
         click.echo(f"unidask: error: {e.format_message()}", err=True)
         code = e.exit_code

@@ -8,8 +8,10 @@ import logging
 import os
 import shlex
 import signal
+import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any, Iterator
@@ -52,7 +54,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
                                                **tls_options}}
     # each worker process gets this config (a nanny copies the config it is given into its worker)
     config = dask_config()
-    per_node = c.workers_per_node(max(1, (os.cpu_count() or 1) // c.nodes))   # "auto": the cores shared out
+    per_node = c.local_workers() // c.nodes
     workers = {
         f"{node}-{j}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1",
                                                   "env": {"UNIDASK_NODE": node}, "preload": [WORKER_PRELOAD],
@@ -64,13 +66,33 @@ def local_cluster(spec: Spec) -> SpecCluster:
                                                   "silence_logs": logging.CRITICAL}}
         for node in local_node_names(c.nodes) for j in range(per_node)
     }
-    with dask.config.set(dask_settings()):   # the scheduler, made here, reads them as it starts
+    with dask.config.set(dask_settings()), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")   # Dask's multi-line "Port 8787 is already in use" as one line
         cluster = SpecCluster(workers={}, scheduler=scheduler, security=sec, name=f"unidask-{spec.name}")
+    for w in said:
+        if "already in use" in str(w.message):
+            log.warning("cluster.dashboard_address %s: that port is in use; the dashboard is on another "
+                        "(its link follows)", c.dashboard_address)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     # the workers after the cluster exists: one that fails to start (killed as it starts, out of
     # memory) must not take the cluster down with it; keep_size starts it again
     cluster.worker_spec.update(workers)
     keep_size(cluster)
     return cluster
+
+
+def check_dashboard_address(spec: Spec) -> None:
+    """Fail in one line on a local dashboard address this machine cannot listen at (a host that is
+    not one of its own), before anything starts."""
+    host = spec.cluster.dashboard_address.rpartition(":")[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise InputError(f"cluster.dashboard_address {spec.cluster.dashboard_address!r}: cannot listen "
+                         f"there ({e.strerror or e})") from e
 
 
 def keep_size(cluster: SpecCluster) -> list[str]:

@@ -112,6 +112,14 @@ def walltime(value: Any) -> str:
     return value
 
 
+def address(value: Any) -> str:
+    """``HOST:PORT`` or ``:PORT`` (every interface), the port 0 (any free one) to 65535."""
+    host, colon, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not colon or not port.isdigit() or int(port) > 65535 or any(c.isspace() for c in host):
+        raise ValueError('must be HOST:PORT or :PORT, the port 0 (any free one) to 65535, e.g. "127.0.0.1:8787"')
+    return value
+
+
 def name(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
         raise ValueError("must be letters, digits, '_', '-' or '.'")
@@ -143,7 +151,7 @@ class Cluster:
     workers: int | str = checked(auto_or(integer()))
     nodes: int = checked(integer())
     scheduler_file: str | None = checked(optional(text('"scheduler.json"')))
-    dashboard_address: str = checked(text('"127.0.0.1:8787"'))
+    dashboard_address: str = checked(address)
     interface: str | None = checked(optional(text('"ib0"')))
     max_in_flight: int | None = checked(optional(integer()))
     security: str = checked(one_of("tls", "none"))
@@ -159,6 +167,14 @@ class Cluster:
     def workers_per_node(self, cores: int) -> int:
         """Worker processes on a node of ``cores`` cores: ``workers``, or with "auto" one per core."""
         return cores if self.workers == "auto" else self.workers
+
+    def in_flight(self, threads: int) -> int:
+        """Tasks submitted ahead for ``threads`` worker threads: ``max_in_flight``, else 2 each + 4."""
+        return self.max_in_flight or 2 * threads + 4
+
+    def local_workers(self) -> int:
+        """Worker processes of a local run, on all its simulated nodes (``auto``: the cores shared out)."""
+        return self.nodes * self.workers_per_node(max(1, (os.cpu_count() or 1) // self.nodes))
 
 
 def _section(cls: type, section: str, values: Mapping[str, Any], where: str):

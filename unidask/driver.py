@@ -18,6 +18,7 @@ from .errors import RunError, UnidaskError
 from .merge import MergeReport, merge as merge_run
 from .progress import Progress
 from .rundir import RunDir
+from .runlock import run_lock
 from .stopping import check_stop
 from .stragglers import Stragglers
 
@@ -48,6 +49,7 @@ class RunResult:
     per_node: dict[str, int] = field(default_factory=dict)
     redone: list[int] = field(default_factory=list)   # tasks lost with a node and generated again
     merged: MergeReport | None = None
+    complete: Path | None = None     # the run was already complete: its merged database
 
     @property
     def rate(self) -> float:
@@ -128,7 +130,7 @@ class Driver:
         client, spec, result = self.client, self.spec, self.result
         # workers may still be starting (SLURM jobs): size the window for the ones asked for
         threads = sum(client.nthreads().values()) or spec.cluster.nodes * spec.cluster.workers_per_node(1)
-        window = spec.cluster.max_in_flight or 2 * threads + 4
+        window = spec.cluster.in_flight(threads)
         prefix = generators.get(spec.kind).label(spec.params)
         todo = iter(tasks)
         progress = Progress(spec.count, initial=spec.count - sum(spec.task_count(t) for t in tasks))
@@ -332,10 +334,20 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     """Run ``spec`` to the end: every task generated and staged, then (by default) merged.
     Progress and messages go to the ``unidask`` logger."""
     run_dir = RunDir(spec.run_dir)
+    if merge and (done := run_dir.complete_database(spec)) is not None:
+        log.info("this run is complete: %s holds all %s unitaries; nothing to do", done, f"{spec.count:,}")
+        return RunResult(spec.run_dir, skipped_tasks=spec.n_tasks, complete=done)
+    if spec.cluster.mode == "local":   # what can be checked here fails before the run dir is made
+        shard.check_local_dir(spec)
+        cluster.check_dashboard_address(spec)
+    run_dir.create()
+    with run_lock(run_dir.lock_path):   # one driver per run dir: a second would do it all again
+        return _run(spec, run_dir, resume, merge)
+
+
+def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
     run_dir.prepare(spec, resume)
     local = spec.cluster.mode == "local"
-    if local:
-        shard.check_local_dir(spec)
     if resume and local:
         if salvaged := shard.salvage(spec):
             log.info("resume: staged %d shard(s) an earlier run left on local disk", len(salvaged))

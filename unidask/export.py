@@ -14,6 +14,7 @@ from .db import check_database, check_pages
 from .errors import InputError, writing
 
 FORMATS = ("npy", "txt")
+TXT_UNASKED = 1000   # text files an export writes without --format txt
 
 
 class IdsOutOfRange(InputError):
@@ -30,19 +31,27 @@ def id_range(ds: Dataset, ids: tuple[int | None, int | None] | None) -> tuple[in
     return start, stop
 
 
-def export(db: str | os.PathLike, fmt: str, out: str | os.PathLike,
+def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
            ids: tuple[int | None, int | None] | None = None) -> int:
     """Write unitaries ``ids`` (``(start, stop)``, default all) of ``db`` as one ``.npy`` array
     ``(k, n, n)``, or as one ``.txt`` file per unitary (``OUT/ID.txt``) that
-    ``np.loadtxt(f, dtype=complex)`` reads back exactly. Returns how many were written."""
+    ``np.loadtxt(f, dtype=complex)`` reads back exactly. ``fmt`` None: ``npy`` where ``out``
+    ends in ``.npy``, else ``txt``, but only up to :data:`TXT_UNASKED` files (thousands of small
+    files are what unidask exists to avoid: more must be asked for). Returns how many were written."""
     writers = {"npy": _export_npy, "txt": _export_txt}
-    if fmt not in writers:
+    if fmt is not None and fmt not in writers:
         raise InputError(f"unknown export format {fmt!r} ({' or '.join(FORMATS)})")
     out = Path(out)
     check_database(Path(db), None, what="database")
     check_pages(Path(db))   # a damaged file is refused before anything is written
     with Dataset(db) as ds:
         start, stop = id_range(ds, ids)
+        if fmt is None:
+            fmt = "npy" if out.suffix == ".npy" else "txt"
+            if fmt == "txt" and stop - start > TXT_UNASKED:
+                raise InputError(f"{out} does not end in .npy: that would be {stop - start:,} text files, one "
+                                 f"per unitary; write one array to {out}.npy, or ask for the files with "
+                                 "--format txt")
         with writing(out):
             return writers[fmt](ds, start, stop, out)
 

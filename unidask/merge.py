@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import sqlite3
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from . import db, files, plan
 from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_tasks
-from .errors import InputError, RunError
+from .errors import InputError, RunError, writing
 from .progress import Progress
 from .rundir import RunDir
 
@@ -69,6 +70,8 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     out = Path(out) if out is not None else rd.database(spec.name)
     if not out.parent.is_dir():
         raise InputError(f"cannot write {out}: no directory {out.parent}")
+    with writing(out):   # a place that takes no file (/proc, read-only) is the user's to change: exit 2
+        tempfile.TemporaryFile(dir=out.parent).close()
     paths = rd.staged_shards()
     if not paths:
         raise InputError(f"{rd.shards}: no staged shards to merge")

@@ -5,6 +5,7 @@ or refusing one. Nothing else names a file of a run dir.
 
     RUN_DIR/
       run.json                 the spec and fingerprint of the run (what decides the data)
+      lock                     the host and pid of the driver running now (runlock.py)
       shards/NODE-ATTEMPT[-pPID]-UID.db   staged snapshots, each written whole
       stages.jsonl             one line per stage-out (the report's figures)
       NAME.db                  the merged database
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import time
@@ -27,6 +29,8 @@ from typing import Any, Iterable
 from . import db, files
 from .config import Spec
 from .errors import InputError
+
+log = logging.getLogger("unidask")
 
 
 class RunDir:
@@ -44,6 +48,10 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "lock"
 
     def database(self, name: str) -> Path:
         """The merged database's default path."""
@@ -73,15 +81,26 @@ class RunDir:
         except (KeyError, TypeError, AttributeError) as e:
             raise InputError(f"{self.record_path}: unreadable run record ({e})") from e
 
-    def prepare(self, spec: Spec, resume: bool) -> None:
+    def create(self) -> None:
         """Create the run dir, owner-only (it holds the run's TLS key, the scheduler file, the
-        shards), refuse one that holds another run, record the spec in run.json."""
+        shards); fail in one line where it cannot be written."""
         try:
             self.shards.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.path, 0o700)
             tempfile.TemporaryFile(dir=self.path).close()
         except OSError as e:
             raise InputError(f"run_dir {self.path} is not writable: {e.strerror or e}") from e
+
+    def prepare(self, spec: Spec, resume: bool) -> None:
+        """Create the run dir (:meth:`create`), refuse one that holds another run, record the
+        spec in run.json."""
+        self.create()
+        if self.record_path.exists() and self.record()["fingerprint"] != spec.fingerprint \
+                and not self.staged_shards() and not self.odd_entries():
+            # an attempt that staged nothing (it failed as it started): nothing of it to keep
+            log.info("%s: replacing the record of a run that staged nothing (%s)", self.path,
+                     self.record_path)
+            self.record_path.unlink()
         if self.record_path.exists() and self.record()["fingerprint"] != spec.fingerprint:
             recorded = self.spec()
             if recorded.code != spec.code and dataclasses.replace(recorded, code=spec.code).fingerprint \
@@ -116,6 +135,19 @@ class RunDir:
 
     def _listed(self) -> list[Path]:
         return sorted(self.shards.glob("[!.]*.db"))
+
+    def complete_database(self, spec: Spec) -> Path | None:
+        """The run's merged database, where it exists and holds every task of ``spec``'s run."""
+        path = self.database(spec.name)
+        if not path.exists():
+            return None
+        try:
+            db.check_database(path, spec.fingerprint, "merged database")
+            with db.reading(path) as con:
+                tasks = con.execute("SELECT count(*) FROM tasks").fetchone()[0]
+        except db.BadFile:
+            return None
+        return path if tasks == spec.n_tasks else None
 
     def staged_tasks(self) -> set[int]:
         """Tasks listed in the run's staged shards, unchecked: what the driver counts between

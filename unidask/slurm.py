@@ -201,6 +201,17 @@ def queued(jobs: list[str]) -> list[str]:
         return []
 
 
+def job_ended(job: str) -> bool | None:
+    """Whether SLURM job ``job`` has left the queue (None: no answer from SLURM here)."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if r.returncode != 0 and "Invalid job id" not in r.stderr:   # an ended job's id is invalid
+        return None
+    return job not in r.stdout.split()
+
+
 def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submission:
     """Write the run's resolved spec for its jobs (``RUN_DIR/jobs/spec-*.json``: the job reads it
     instead of the config, which may change or not be there), render both job scripts, submit

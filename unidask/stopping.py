@@ -1,5 +1,6 @@
-"""Stopping on a signal: SLURM's pre-walltime USR1 (or a TERM) becomes :class:`Stopped` in the
-main thread, so the driver stages every shard out before it exits (status 3)."""
+"""Stopping on a signal: SLURM's pre-walltime USR1 (or a TERM), or a Ctrl-C (INT), becomes
+:class:`Stopped` in the main thread, so the driver stages every shard out before it exits
+(status 3)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Iterator
 
 from .errors import Stopped
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 _stop_message: str | None = None
 
@@ -23,8 +24,11 @@ def stop_on_signal() -> Iterator[None]:
         global _stop_message
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
-        _stop_message = (f"stopped by {signal.Signals(signum).name} (walltime near?): every finished "
-                         "task is staged; submit again to finish, it resumes")
+        if signum == signal.SIGINT:
+            _stop_message = "interrupted: every finished task is staged; run again with --resume to finish"
+        else:
+            _stop_message = (f"stopped by {signal.Signals(signum).name} (walltime near?): every finished "
+                             "task is staged; submit again to finish, it resumes")
         raise Stopped(_stop_message)
 
     _stop_message = None

@@ -7,15 +7,25 @@ staged shard.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import os
+import signal
 import socket
 import time
 from typing import Any
 
 from . import generators, plan, shard, slurm
 from .config import Spec
+
+
+def dask_setup(worker) -> None:
+    """Dask's preload hook, as a worker starts: a Ctrl-C at the terminal reaches every process of
+    its group, a local cluster's workers included; the driver alone acts on it (stages every shard
+    out, then stops), so the workers ignore it instead of dying with a traceback each."""
+    with contextlib.suppress(ValueError):   # only the main thread may set a handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @functools.cache

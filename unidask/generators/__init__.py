@@ -58,8 +58,10 @@ class Generator:
         unknown = set(given) - set(self.params)
         if unknown and not (self.plugin and _takes_kwargs(self.function)):
             known = ", ".join(["kind", "dtype", *self.params])
-            raise InputError(f"unknown key generator.{sorted(unknown)[0]} for kind {self.kind!r} "
-                             f"(known: {known})")
+            keys = ", ".join(f"generator.{k}" for k in sorted(unknown))
+            raise InputError(f"kind {self.kind!r} takes no {keys}: remove {'it' if len(unknown) == 1 else 'them'} "
+                             f"from [generator] (the keys of {self.kind!r}: {known}; configs/ has a config "
+                             "for each kind)")
         out = {k: given[k] for k in unknown}
         for name, p in self.params.items():
             value = given.get(name, p.default)

@@ -1,0 +1,119 @@
+"""One driver per run dir at a time: a lock file in the run dir, on shared storage.
+
+A network filesystem may not have POSIX locks (sshfs) or have unreliable ones (NFS without a working
+lockd), so the lock is a file created with ``O_EXCL`` (atomic on NFSv3+ and SFTP) naming its holder's
+host and process, and refreshed (its mtime) every :data:`BEAT` seconds while the run lives. A lock
+whose holder is gone is taken over: on this host, when its process no longer runs; when the SLURM job
+it ran in has ended; else when it has not been refreshed for :data:`STALE` seconds (the hosts'
+clocks agree to well within that on a cluster, through NTP)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from . import files, slurm
+from .errors import InputError, RunError
+
+BEAT = 10.0
+STALE = 120.0
+
+log = logging.getLogger("unidask")
+
+
+def holder_of(path: Path) -> dict:
+    """What a lock file says of its holder (empty where it cannot be read: being written, damaged)."""
+    try:
+        found = json.loads(path.read_text())
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def stale(path: Path, holder: dict) -> str | None:
+    """Why the lock at ``path`` is stale (its holder is gone), or None while it may be alive."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return "it is gone"
+    pid, job = holder.get("pid"), holder.get("job")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not files.pid_alive(pid):
+        return f"its process {pid} on this host is gone"
+    if isinstance(job, str) and slurm.job_ended(job):   # its node may have crashed: SLURM knows
+        return f"its SLURM job {job} has ended"
+    if age > STALE:
+        return f"it was last refreshed {age:.0f} s ago"
+    return None
+
+
+@contextlib.contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """Hold the run lock at ``path`` for the ``with`` block, refreshing it; raise
+    :class:`InputError` naming the holder where another live run holds it."""
+    token = secrets.token_hex(8)
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "job": slurm.job_id(), "token": token,
+            "since": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            holder = holder_of(path)
+            if (why := stale(path, holder)) is None:
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+                raise InputError(f"{path.parent}: another unidask run is using this run dir (host "
+                                 f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {since}; "
+                                 f"its lock is {path}): wait for it to end") from None
+            _take_over(path, holder, why)
+            continue
+        except OSError as e:
+            raise InputError(f"{path.parent}: cannot create the run lock {path.name}: {e.strerror or e}") from e
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(mine) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        break
+    else:
+        raise RunError(f"{path}: could not take the run lock (another run kept taking it)")
+    stop = threading.Event()
+    beat = threading.Thread(target=_refresh, args=(path, token, stop), name="unidask-run-lock", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        if holder_of(path).get("token") == token:
+            path.unlink(missing_ok=True)
+
+
+def _take_over(path: Path, holder: dict, why: str) -> None:
+    """Move a stale lock aside, unless another run took it over first (then its new lock stays)."""
+    aside = path.with_name(f".{path.name}.stale-{secrets.token_hex(4)}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return   # someone else moved it: race them for a fresh one
+    if holder_of(aside).get("token") != holder.get("token"):   # not the lock we judged: put it back
+        with contextlib.suppress(OSError):
+            os.link(aside, path)
+    else:
+        log.warning("%s: taking over the run lock of host %s, pid %s (%s)", path.parent, holder.get("host", "?"),
+                    holder.get("pid", "?"), why)
+    aside.unlink(missing_ok=True)
+
+
+def _refresh(path: Path, token: str, stop: threading.Event) -> None:
+    while not stop.wait(BEAT):
+        if holder_of(path).get("token") != token:
+            log.warning("%s: the run lock was taken by another run", path)
+            return
+        with contextlib.suppress(OSError):   # a filesystem that hiccups: the next beat tries again
+            os.utime(path)
