@@ -2,9 +2,11 @@
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import numpy as np
 from scipy import stats
@@ -114,7 +116,11 @@ def test_cli_run_status_and_rerun_refusal(tmp_path):
     r = cli("status", tmp_path / "run")
     assert "4/4 done" in r.stdout
 
-    # running the same config into the same run dir again must not mix attempts silently
+    # the same config again: the run is complete, and says so
+    r = cli("run", cfg, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == f"complete: {tmp_path / 'run' / 't.db'}\n", r.stdout + r.stderr
+    # without its merged database, running again must not mix attempts silently
+    (tmp_path / "run" / "t.db").unlink()
     r = cli("run", cfg, cwd=tmp_path)
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     r = cli("run", cfg, "--resume", cwd=tmp_path)
@@ -246,7 +252,38 @@ def test_odd_files_in_shards_are_named_never_opened(config, tmp_path):
     assert r.returncode == 0 and "not counted: a socket, not a regular file" in r.stdout and "10/10 done" in r.stdout
     r = unidask_cli("verify", shards / "a-fifo.db")
     assert r.returncode == 2 and "a FIFO, not a regular file" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert unidask.run(spec, resume=True).complete == spec.run_dir / "t.db"   # --skip-bad merged every task
+    (spec.run_dir / "t.db").unlink()
     result = unidask.run(spec, resume=True)
     assert result.merged.complete and result.written == 0
     assert sorted(p.name for p in (spec.run_dir / "rejected").iterdir()) == ["a-fifo.db", "b-dir.db", "c-sock.db"]
     sock.close()
+
+
+def test_status_shows_a_running_run_live(config, tmp_path):
+    """Before the first stage-out, `status` still shows how far a running run is: its driver's
+    figures (RUN_DIR/live.json), which tasks are staged (safe) and which only written; once the
+    run ends, only what the files say."""
+    import threading
+
+    from unidask.status import status
+
+    spec = config(run={"count": 2000, "task_size": 10}, generator={"kind": "plugin_generators:slow_haar", "delay": 0.2},
+                  storage={"stage_every": 300})
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (unidask.run(spec), done.set()), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while (st := status(spec.run_dir) if (spec.run_dir / "run.json").exists() else None) is None \
+            or st.live is None or st.live["tasks_done"] < 5:
+        assert time.monotonic() < deadline and not done.is_set(), "no live figures while it ran"
+        time.sleep(0.2)
+    line = st.format().splitlines()[1]
+    assert line.startswith(f"running on {socket.gethostname()} (pid {os.getpid()}, figures of ")
+    written = st.live["tasks_done"]
+    assert f"{written}/200 tasks written" in line and f"{st.tasks_done} of them staged (safe)" in line
+    assert st.tasks_done < written          # nothing staged yet: the old view said 0/200 and nothing else
+    runner.join(120)
+    assert done.is_set()
+    after = status(spec.run_dir)
+    assert after.live is None and not (spec.run_dir / "live.json").exists() and after.tasks_done == 200

@@ -7,7 +7,10 @@ to Dask's dashboard; it must run before the scheduler is created (the local clus
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import time
 from collections import deque
 from typing import Any
@@ -15,8 +18,12 @@ from typing import Any
 import dask.config
 from distributed.http.utils import RequestHandler
 
+from . import files
+from .rundir import RunDir
+
 KEY = "unidask"
 PUBLISH_EVERY = 1.0   # seconds
+LIVE_EVERY = 5.0      # seconds between copies of the state in RUN_DIR/live.json (for `unidask status`)
 HISTORY = 600         # samples of (time, unitaries written) kept for the rate plot
 
 
@@ -30,7 +37,8 @@ class Tracker:
             "written": done_units, "tasks_done": done_tasks, "in_flight": 0, "started": time.time(),
             "nodes": {}, "history": deque([(time.time(), done_units)], maxlen=HISTORY),
         }
-        self.last = 0.0
+        self.last = self.last_live = 0.0
+        self.live_path = RunDir(spec.run_dir).live_path
 
     def node(self, name: str) -> dict[str, Any]:
         return self.state["nodes"].setdefault(name, {"written": 0, "staged": 0, "shard_bytes": 0,
@@ -62,6 +70,22 @@ class Tracker:
             self.client.set_metadata(KEY, {**self.state, "history": list(self.state["history"])})
         except Exception:  # the page is a view: never let it fail the run
             pass
+        if force or now - self.last_live >= LIVE_EVERY:
+            self.last_live = now
+            live = {k: v for k, v in self.state.items() if k not in ("history", "nodes")}
+            live.update(updated=now, host=socket.gethostname(), pid=os.getpid(), rate=self.rate())
+            with contextlib.suppress(OSError):   # a view again: a hiccup of the shared filesystem
+                files.write_atomic(self.live_path, json.dumps(live) + "\n")
+
+    def rate(self) -> float:
+        return rate_of(list(self.state["history"]), time.time())
+
+
+def rate_of(history: list[tuple[float, int]], now: float) -> float:
+    """Unitaries per second over the last 30 s of ``(time, written)`` samples."""
+    recent = [(t, w) for t, w in history if t >= now - 30] or history[-2:]
+    dt = recent[-1][0] - recent[0][0]
+    return (recent[-1][1] - recent[0][1]) / dt if dt > 0 else 0.0
 
 
 def figures(state: dict[str, Any] | None, scheduler=None) -> dict[str, Any]:
@@ -70,9 +94,7 @@ def figures(state: dict[str, Any] | None, scheduler=None) -> dict[str, Any]:
         return {"status": "no unidask run has reported to this scheduler yet"}
     hist = state["history"]
     now = time.time()
-    recent = [(t, w) for t, w in hist if t >= now - 30] or hist[-2:]
-    dt = recent[-1][0] - recent[0][0]
-    rate = (recent[-1][1] - recent[0][1]) / dt if dt > 0 else 0.0
+    rate = rate_of(hist, now)
     left = state["total"] - state["written"]
     running = state.get("in_flight", 0)
     if scheduler is not None:

@@ -342,7 +342,10 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
         cluster.check_dashboard_address(spec)
     run_dir.create()
     with run_lock(run_dir.lock_path):   # one driver per run dir: a second would do it all again
-        return _run(spec, run_dir, resume, merge)
+        try:
+            return _run(spec, run_dir, resume, merge)
+        finally:
+            run_dir.live_path.unlink(missing_ok=True)   # its figures are live no more
 
 
 def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:

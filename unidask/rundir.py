@@ -6,6 +6,7 @@ or refusing one. Nothing else names a file of a run dir.
     RUN_DIR/
       run.json                 the spec and fingerprint of the run (what decides the data)
       lock                     the host and pid of the driver running now (runlock.py)
+      live.json                its figures every few seconds while it runs (`unidask status`)
       shards/NODE-ATTEMPT[-pPID]-UID.db   staged snapshots, each written whole
       stages.jsonl             one line per stage-out (the report's figures)
       NAME.db                  the merged database
@@ -52,6 +53,10 @@ class RunDir:
     @property
     def lock_path(self) -> Path:
         return self.path / "lock"
+
+    @property
+    def live_path(self) -> Path:
+        return self.path / "live.json"
 
     def database(self, name: str) -> Path:
         """The merged database's default path."""

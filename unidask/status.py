@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ class RunStatus:
     bytes: int
     rate: float | None               # unitaries per second between the first start and last finish
     shards: list[ShardStatus] = field(default_factory=list)
+    live: dict[str, Any] | None = None   # the running driver's figures (RUN_DIR/live.json), if fresh
 
     @property
     def tasks_missing(self) -> int:
@@ -46,8 +48,15 @@ class RunStatus:
         return {**asdict(self), "tasks_missing": self.tasks_missing, "missing": plan.ranges(self.missing)}
 
     def format(self) -> str:
-        lines = [f"run {self.name} in {self.run_dir}",
-                 f"tasks: {self.tasks_done}/{self.tasks_expected} done, {self.tasks_missing} missing"
+        lines = [f"run {self.name} in {self.run_dir}"]
+        if (live := self.live) is not None:
+            ago = max(0.0, time.time() - live["updated"])
+            written = live["tasks_done"]
+            lines.append(f"running on {live['host']} (pid {live['pid']}, figures of {ago:.0f} s ago): "
+                         f"{written}/{self.tasks_expected} tasks written, {live['rate']:,.0f} unitaries/s; "
+                         f"{self.tasks_done} of them staged (safe), {max(0, written - self.tasks_done)} "
+                         "only on the nodes' local disks until the next stage-out")
+        lines += [f"tasks: {self.tasks_done}/{self.tasks_expected} done, {self.tasks_missing} missing"
                  + (f" ({plan.ranges(self.missing)})" if self.missing else ""),
                  f"unitaries: {self.unitaries:,}/{self.count:,} staged, {self.bytes / 1e6:,.1f} MB"
                  + (f", {self.rate:,.0f}/s" if self.rate else ""),
@@ -91,4 +100,18 @@ def status(run_dir: str | os.PathLike) -> RunStatus:
     return RunStatus(run_dir=str(rd.path), name=spec.name, count=spec.count, tasks_expected=spec.n_tasks,
                      tasks_done=len(done), missing=[t for t in range(spec.n_tasks) if t not in done],
                      unitaries=unitaries, bytes=sum(s.bytes for s in shards),
-                     rate=unitaries / span if span else None, shards=shards)
+                     rate=unitaries / span if span else None, shards=shards, live=_live(rd))
+
+
+LIVE_FOR = 60.0   # seconds: older figures are of a driver that no longer runs (killed, its host lost)
+
+
+def _live(rd: RunDir) -> dict[str, Any] | None:
+    """The running driver's figures, where it wrote them lately."""
+    try:
+        live = json.loads(rd.live_path.read_text())
+        fresh = time.time() - float(live["updated"]) < LIVE_FOR
+        live["tasks_done"], live["rate"], live["host"], live["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return live if fresh else None
