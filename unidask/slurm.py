@@ -202,9 +202,11 @@ def queued(jobs: list[str]) -> list[str]:
 
 
 def job_ended(job: str) -> bool | None:
-    """Whether SLURM job ``job`` has left the queue (None: no answer from SLURM here)."""
+    """Whether SLURM job ``job`` has ended: left the queue, or completing (None: no answer from
+    SLURM here)."""
     try:
-        r = subprocess.run(["squeue", "-h", "-o", "%i", "-j", job], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(["squeue", "-h", "-o", "%i", "-t", "PD,CF,R,S", "-j", job], capture_output=True,
+                           text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if r.returncode != 0 and "Invalid job id" not in r.stderr:   # an ended job's id is invalid
