@@ -287,3 +287,40 @@ def test_status_shows_a_running_run_live(config, tmp_path):
     assert done.is_set()
     after = status(spec.run_dir)
     assert after.live is None and not (spec.run_dir / "live.json").exists() and after.tasks_done == 200
+
+
+def test_clean_never_removes_the_only_copy(config, tmp_path, capsys):
+    """`unidask clean` removes the staged shards and this machine's leftovers only once the merged
+    database holds every task and passes the merge's checks again; before that, or with a damaged
+    database, it removes nothing."""
+    import shutil
+
+    from conftest import run_main
+    from unidask import shard
+
+    spec = config(run={"count": 1000, "task_size": 100})
+    unidask.run(spec, merge=False)
+    staged = RunDir(spec.run_dir).staged_shards()
+    code, out, _ = run_main("clean", spec.run_dir, capsys=capsys)
+    assert code == 0 and "removed 0 file(s)" in out and "the staged shards stay: no merged database" in out
+    assert RunDir(spec.run_dir).staged_shards() == staged
+
+    merged = unidask.merge(spec.run_dir).out
+    good = merged.read_bytes()
+    con = sqlite3.connect(merged)
+    con.execute("UPDATE unitaries SET data = zeroblob(length(data)) WHERE id = 500")   # a task's rows damaged
+    con.commit()
+    con.close()
+    code, out, _ = run_main("clean", spec.run_dir, capsys=capsys)
+    assert code == 0 and "removed 0 file(s)" in out and "task 5" in out, out
+    assert RunDir(spec.run_dir).staged_shards() == staged
+
+    merged.write_bytes(good)
+    leftover = shard.run_local_dir(spec) / "node1-old-p999999.db"
+    shutil.copy(staged[0], leftover)     # what a killed run of this machine left on local disk
+    code, out, _ = run_main("clean", spec.run_dir, "--dry-run", capsys=capsys)
+    assert code == 0 and f"would remove {leftover}" in out and leftover.exists()
+    code, out, _ = run_main("clean", spec.run_dir, capsys=capsys)
+    assert code == 0 and f"removed {len(staged) + 1} file(s)" in out, out
+    assert not RunDir(spec.run_dir).staged_shards() and not leftover.exists()
+    assert run_main("verify", merged, capsys=capsys)[0] == 0          # the database is the data now

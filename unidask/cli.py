@@ -245,6 +245,21 @@ def merge(run_dir: str, out: str | None, append: bool, skip_bad: bool) -> int:
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Say what would be removed, remove nothing.")
+def clean(run_dir: str, dry_run: bool) -> None:
+    """Remove what RUN_DIR's run no longer needs, never the only copy of a task: once its merged
+    database holds every task (checked again), the staged shards, set-aside files and this
+    machine's leftover live shards; before that, only stage those leftovers."""
+    from .clean import clean as clean_run
+
+    report = clean_run(run_dir, dry_run=dry_run)
+    for p in report.removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {p}")
+    click.echo(("(dry run) " if dry_run else "") + report.summary())
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(run_dir: str, as_json: bool) -> int:
     """Tasks done and missing in RUN_DIR, per node."""

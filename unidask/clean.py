@@ -1,0 +1,74 @@
+"""Remove what a run no longer needs, never the only copy of a task: the staged shards and set-aside
+files of a run whose merged database holds every task (checked again first, as the merge checks a
+shard), and this machine's leftover live shards of the run (staged first where the run is not
+complete, so their finished tasks are kept)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import db, shard
+from .rundir import RunDir
+from .runlock import run_lock
+
+log = logging.getLogger("unidask")
+
+
+@dataclass
+class CleanReport:
+    removed: list[Path] = field(default_factory=list)
+    bytes: int = 0
+    staged: list[Path] = field(default_factory=list)   # leftover live shards staged (their tasks kept)
+    kept: str | None = None          # why the staged shards stay
+
+    def summary(self) -> str:
+        text = f"removed {len(self.removed)} file(s), {self.bytes / 1e6:,.1f} MB"
+        if self.staged:
+            text += f"; staged {len(self.staged)} leftover shard(s) of this machine first"
+        return text + (f"; the staged shards stay: {self.kept}" if self.kept else "")
+
+
+def complete_and_sound(rd: RunDir) -> tuple[Path | None, str]:
+    """The run's merged database where it holds every planned task and passes every check of the
+    merge now; else None and why not."""
+    spec = rd.spec()
+    out = rd.database(spec.name)
+    if not out.exists():
+        return None, f"no merged database {out} yet (unidask merge {rd.path})"
+    try:
+        db.check_database(out, spec.fingerprint, "merged database")
+        db.check_pages(out)
+        tasks = db.check_tasks(out, db.Expected.of(spec, first=out))
+    except db.BadFile as e:
+        return None, f"{out}: {e.reason}"
+    if len(tasks) != spec.n_tasks:
+        return None, f"{out} holds {len(tasks)} of {spec.n_tasks} tasks"
+    return out, ""
+
+
+def clean(run_dir: str | os.PathLike, *, dry_run: bool = False) -> CleanReport:
+    """Remove what the run in ``run_dir`` no longer needs (``dry_run``: only say what). Holds the
+    run lock meanwhile: a running driver's live shards are never touched."""
+    rd = RunDir(run_dir)
+    spec = rd.spec()
+    report = CleanReport()
+    with run_lock(rd.lock_path):
+        merged, why = complete_and_sound(rd)
+        local_dir = shard.run_local_dir(spec)
+        local = sorted(p for p in local_dir.iterdir() if p.is_file()) if local_dir.is_dir() else []
+        if merged is None:   # every copy may be the only one: stage this machine's leftovers, remove nothing
+            report.kept = why
+            if not dry_run:
+                report.staged = shard.salvage(spec)
+            return report
+        for p in [*rd.staged_shards(), *(sorted(rd.rejected.iterdir()) if rd.rejected.is_dir() else []), *local]:
+            if p.is_symlink() or not p.is_file():
+                continue
+            report.bytes += p.stat().st_size
+            report.removed.append(p)
+            if not dry_run:
+                p.unlink()
+    return report
