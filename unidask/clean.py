@@ -5,7 +5,6 @@ complete, so their finished tasks are kept)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,6 @@ from pathlib import Path
 from . import db, shard
 from .rundir import RunDir
 from .runlock import run_lock
-
-log = logging.getLogger("unidask")
 
 
 @dataclass
@@ -32,20 +29,17 @@ class CleanReport:
 
 
 def complete_and_sound(rd: RunDir) -> tuple[Path | None, str]:
-    """The run's merged database where it holds every planned task and passes every check of the
-    merge now; else None and why not."""
+    """The run's merged database where it holds every planned task (:meth:`RunDir.complete_database`)
+    and passes every check of the merge now; else None and why not."""
     spec = rd.spec()
-    out = rd.database(spec.name)
-    if not out.exists():
-        return None, f"no merged database {out} yet (unidask merge {rd.path})"
+    if (out := rd.complete_database(spec)) is None:
+        return None, (f"no merged database {rd.database(spec.name)} holding all {spec.n_tasks} tasks yet "
+                      f"(unidask merge {rd.path})")
     try:
-        db.check_database(out, spec.fingerprint, "merged database")
         db.check_pages(out)
-        tasks = db.check_tasks(out, db.Expected.of(spec, first=out))
+        db.check_tasks(out, db.Expected.of(spec, first=out))
     except db.BadFile as e:
         return None, f"{out}: {e.reason}"
-    if len(tasks) != spec.n_tasks:
-        return None, f"{out} holds {len(tasks)} of {spec.n_tasks} tasks"
     return out, ""
 
 
@@ -57,14 +51,14 @@ def clean(run_dir: str | os.PathLike, *, dry_run: bool = False) -> CleanReport:
     report = CleanReport()
     with run_lock(rd.lock_path):
         merged, why = complete_and_sound(rd)
-        local_dir = shard.run_local_dir(spec)
-        local = sorted(p for p in local_dir.iterdir() if p.is_file()) if local_dir.is_dir() else []
         if merged is None:   # every copy may be the only one: stage this machine's leftovers, remove nothing
             report.kept = why
             if not dry_run:
                 report.staged = shard.salvage(spec)
             return report
-        for p in [*rd.staged_shards(), *(sorted(rd.rejected.iterdir()) if rd.rejected.is_dir() else []), *local]:
+        local_dir = shard.run_local_dir(spec)
+        for p in [*rd.staged_shards(), *(sorted(rd.rejected.iterdir()) if rd.rejected.is_dir() else []),
+                  *(sorted(local_dir.iterdir()) if local_dir.is_dir() else [])]:
             if p.is_symlink() or not p.is_file():
                 continue
             report.bytes += p.stat().st_size

@@ -102,7 +102,7 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
     """Run CONFIG: generate, stage every node's shard, merge."""
     from .config import load_config
     from .driver import run as run_spec
-    from .errors import Stopped
+    from .errors import Interrupted
     from .rundir import RunDir
     from .stopping import stop_on_signal
 
@@ -112,14 +112,12 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
     try:
         with stop_on_signal():
             result = run_spec(spec, resume=resume, merge=not no_merge)
-    except Stopped as e:
-        if not str(e).startswith("interrupted"):
-            raise
+    except Interrupted:
         # what a Ctrl-C leaves, and the command that finishes it
         argv = list((click.get_current_context().obj or {}).get("argv", ["run", config]))
         again = shlex.join(["unidask", *argv, *([] if "--resume" in argv else ["--resume"])])
         done = len(RunDir(spec.run_dir).staged_tasks())
-        raise Stopped(f"interrupted: {done:,} of {spec.n_tasks:,} tasks staged in {spec.run_dir}; "
+        raise Interrupted(f"interrupted: {done:,} of {spec.n_tasks:,} tasks staged in {spec.run_dir}; "
                       f"to finish: {again}") from None
     if result.complete is not None:
         click.echo(f"complete: {result.complete}")
@@ -221,10 +219,10 @@ def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | 
         raise click.UsageError(f"no config key {key!r}") from e
     c = spec.cluster
     if key == "cluster.max_in_flight" and value is None:   # the value the run will use
-        value = (c.in_flight(c.local_workers()) if c.mode == "local"
+        value = (c.in_flight(c.nodes * c.local_per_node()) if c.mode == "local"
                  else "2 per worker thread + 4, once the workers have joined")
     elif key == "cluster.workers" and value == "auto" and c.mode == "local":
-        value = c.local_workers() // c.nodes
+        value = c.local_per_node()
     click.echo("null" if value is None else json.dumps(value) if isinstance(value, (list, tuple, dict)) else value)
     return 0
 

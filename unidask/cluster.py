@@ -54,7 +54,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
                                                **tls_options}}
     # each worker process gets this config (a nanny copies the config it is given into its worker)
     config = dask_config()
-    per_node = c.local_workers() // c.nodes
+    per_node = c.local_per_node()
     workers = {
         f"{node}-{j}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1",
                                                   "env": {"UNIDASK_NODE": node}, "preload": [WORKER_PRELOAD],

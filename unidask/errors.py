@@ -32,6 +32,10 @@ class Stopped(RunError):
     exit_code = 3
 
 
+class Interrupted(Stopped):
+    """Stopped by a Ctrl-C (SIGINT), after staging every finished task."""
+
+
 @contextlib.contextmanager
 def writing(path: str | os.PathLike) -> Iterator[None]:
     """An OSError while writing the user's ``path`` as one line: a path that cannot be written is

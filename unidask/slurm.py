@@ -190,28 +190,27 @@ def check_accepts(script: str) -> None:
         raise RunError(f"SLURM refuses the worker jobs: {reason[-1]}")
 
 
+def _squeue(jobs: list[str], states: str | None = None) -> list[str] | None:
+    """Which of ``jobs`` SLURM lists (in ``states``, default pending or running); None where it
+    gave no answer. An ended job's id is invalid to squeue: simply not listed."""
+    try:
+        r = subprocess.run(["squeue", "-h", "-o", "%i", *(["-t", states] if states else []), "-j", ",".join(jobs)],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.split() if r.returncode == 0 or "Invalid job id" in r.stderr else None
+
+
 def queued(jobs: list[str]) -> list[str]:
     """Which of ``jobs`` are still in the queue (pending or running)."""
-    if not jobs:
-        return []
-    try:
-        return subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True,
-                              text=True, timeout=60).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):   # no answer is no evidence of a queued job
-        return []
+    return (_squeue(jobs) or []) if jobs else []   # no answer is no evidence of a queued job
 
 
 def job_ended(job: str) -> bool | None:
     """Whether SLURM job ``job`` has ended: left the queue, or completing (None: no answer from
     SLURM here)."""
-    try:
-        r = subprocess.run(["squeue", "-h", "-o", "%i", "-t", "PD,CF,R,S", "-j", job], capture_output=True,
-                           text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if r.returncode != 0 and "Invalid job id" not in r.stderr:   # an ended job's id is invalid
-        return None
-    return job not in r.stdout.split()
+    listed = _squeue([job], "PD,CF,R,S")
+    return None if listed is None else job not in listed
 
 
 def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submission:
