@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 import threading
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import unidask
-from unidask import RunDir, db
+from unidask import RunDir, dashboard, db
+from unidask.report import task_rows
 
 from conftest import REPO, messages, run_main
 
@@ -111,32 +113,105 @@ def browser():
         b.close()
 
 
-def open_page(browser, url: str, root_text: str, shot: str):
-    """Open ``url``, wait until bokeh rendered ``root_text``, screenshot it; return console errors."""
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    errors = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
+# what a person sees, asked of the rendered document: every named figure, its axes labelled and its
+# counts as k/M (not 1.800e+5), tables without an index column
+FIGURES_JS = """(names) => names.map((name) => {
+    const m = Bokeh.documents[0].get_model_by_name(name);
+    if (m == null) return [name, "missing"];
+    if (m.columns !== undefined)
+        return [name, m.index_position === null && m.reorderable === false ? "ok" : "index/reorder"];
+    const y = m.left[0], x = m.below[0];
+    if (!x.axis_label || !y.axis_label) return [name, "unlabelled axis"];
+    return [name, y.formatter.format === "0,0.[0]a" ? "counts as k/M" : "labelled"];
+})"""
+
+
+WRITTEN_JS = """() => {
+    const s = Bokeh.documents[0].get_model_by_name("unidask-nodes").source.data;
+    return s.node.map((n, i) => [n, s.written[i].toLocaleString("en-US")]);
+}"""
+
+
+def table_follows_its_data(page) -> bool:
+    """Whether the node table shows what its data source holds now, seconds after it was first
+    drawn (a table that is drawn once and never again shows the first second's figures)."""
+    page.wait_for_timeout(3000)
+    for _ in range(20):
+        want = page.evaluate(WRITTEN_JS)
+        cells = page.locator(".slick-cell").all_inner_texts()
+        shown = [[cells[i].strip(), cells[i + 1].strip()] for i in range(0, len(cells), 6)]
+        if want and shown == want:
+            return True
+        page.wait_for_timeout(200)
+    return False
+
+
+def open_page(browser, url: str, root_text: str, shot: str, figures: list[str] = (), live=False):
+    """Open ``url``, wait until bokeh rendered ``root_text``, screenshot it; return the console's
+    errors and warnings, and what :data:`FIGURES_JS` says of each of ``figures`` (and, ``live``,
+    whether the node table follows its data)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    said, found = [], {}
+    page.on("console", lambda m: said.append(f"{m.type}: {m.text}") if m.type in ("error", "warning")
+            else None)
+    page.on("pageerror", lambda e: said.append(f"page error: {e}"))
     page.goto(url)
     page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
                            "Bokeh.documents[0].roots().length > 0", timeout=30000)
     page.get_by_text(root_text).first.wait_for(timeout=30000)
-    page.wait_for_timeout(500)
+    page.wait_for_timeout(1500)
+    if live:
+        found["table follows its data"] = table_follows_its_data(page)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / shot), full_page=True)
-    canvases = page.locator("canvas").count() + page.evaluate(
-        "() => document.querySelectorAll('.bk-Canvas, [class*=bk-]').length")
+    found.update(page.evaluate(FIGURES_JS, list(figures)))
     page.close()
-    return errors, canvases
+    return said, found
+
+
+PAGE_FIGURES = {"unidask-progress": "counts as k/M", "unidask-throughput": "counts as k/M",
+                "unidask-durations": "counts as k/M", "unidask-nodes": "ok"}
 
 
 def test_page_renders_in_a_browser(config, browser):
     spec = config(**SLOW)
-    errors, canvases = run_while(spec, lambda url: open_page(browser, url, "unitaries written",
-                                                            "dashboard-unidask.png"))
-    assert canvases > 0
-    assert errors == []
+
+    def watch(url):
+        _, dask_status = get(url.rsplit("/", 1)[0] + "/status")
+        seen = open_page(browser, url, "unitaries written", "dashboard-unidask.png", PAGE_FIGURES,
+                         live=True)
+        _, html = get(url)
+        return dask_status, html, seen
+
+    dask_status, html, (said, found) = run_while(spec, watch)
+    assert said == [], "\n".join(said)
+    assert found == {**PAGE_FIGURES, "table follows its data": True}
+    assert 'href="individual-unidask"' in dask_status     # Dask's own menu links to the page
+    assert 'id="myTopnav"' in html                        # and the page has Dask's menu
     assert (ARTIFACTS / "dashboard-unidask.png").stat().st_size > 10_000
+
+
+def test_page_says_why_nothing_is_staged_yet(config):
+    """Before the first stage-out the page says when it comes, not just "0 staged"."""
+    spec = config(run={"count": 3000, "task_size": 100}, generator={"dim": 16},
+                  storage={"stage_every": 600})
+
+    def watch(url):
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            f = json.loads(get(url + "/json")[1])
+            if f.get("written"):
+                return f
+            time.sleep(0.05)
+
+    f = run_while(spec, watch)
+    text = dashboard.summary_html(f)
+    assert f["staged"] == 0 and "No stage-out yet" in text and "storage.stage_every" in text, text
+    assert "10 min 00 s" in text
+
+
+REPORT_FIGURES = {"progress": "counts as k/M", "throughput": "counts as k/M",
+                  "durations": "counts as k/M", "stageouts": "labelled"}
 
 
 def test_report_renders_in_a_browser(config, browser, tmp_path, capsys):
@@ -147,8 +222,22 @@ def test_report_renders_in_a_browser(config, browser, tmp_path, capsys):
     assert code == 0 and out.exists()
     text = out.read_text()
     assert "cdn.bokeh.org" not in text and "http://" not in text.split("<body")[1][:2000]  # self-contained
-    errors, canvases = open_page(browser, out.as_uri(), "unitaries staged", "report.png")
-    assert canvases > 0 and errors == []
+    said, found = open_page(browser, out.as_uri(), "first task started", "report.png", REPORT_FIGURES)
+    assert said == [] and found == REPORT_FIGURES
+    for shown in ("wall time", "run.count", "3000", "generator.dim", "3,000 of 3,000 staged"):
+        assert shown in text, shown
+
+
+def test_report_time_axes_span_the_run(haar_run, tmp_path):
+    """Every time axis spans the run, from its first task to its last (the stage-out plot once
+    spanned the millisecond of its single point)."""
+    spec, _ = haar_run
+    out = unidask.report(spec.run_dir, tmp_path / "r.html")
+    rows = task_rows(spec.run_dir)
+    wall = max(r[3] for r in rows) - min(r[2] for r in rows)
+    spans = [float(m) for m in re.findall(r'"type":"object","name":"Range1d","id":"[^"]+",'
+                                          r'"attributes":\{"end":([0-9.e+-]+)', out.read_text())]
+    assert spans and all(s >= wall for s in spans), (spans, wall)
 
 
 @pytest.mark.parametrize("out,reason", [("missing/r.html", "No such file or directory"),

@@ -8,6 +8,7 @@ to Dask's dashboard; it must run before the scheduler is created (the local clus
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import os
 import socket
@@ -18,13 +19,15 @@ from typing import Any
 import dask.config
 from distributed.http.utils import RequestHandler
 
-from . import files
+from . import files, plots
 from .rundir import RunDir
 
 KEY = "unidask"
 PUBLISH_EVERY = 1.0   # seconds
 LIVE_EVERY = 5.0      # seconds between copies of the state in RUN_DIR/live.json (for `unidask status`)
-HISTORY = 600         # samples of (time, unitaries written) kept for the rate plot
+HISTORY = 600         # samples of (time, unitaries written, per node) kept for the plots
+DURATIONS = 2000      # durations of the last tasks kept for the histogram
+NODE_LINES = 32       # above this many nodes the page draws the total throughput only
 
 
 class Tracker:
@@ -32,10 +35,13 @@ class Tracker:
 
     def __init__(self, client, spec, done_units: int, done_tasks: int):
         self.client, self.spec = client, spec
+        now = time.time()
         self.state: dict[str, Any] = {
             "name": spec.name, "kind": spec.kind, "total": spec.count, "tasks_total": spec.n_tasks,
-            "written": done_units, "tasks_done": done_tasks, "in_flight": 0, "started": time.time(),
-            "nodes": {}, "history": deque([(time.time(), done_units)], maxlen=HISTORY),
+            "written": done_units, "tasks_done": done_tasks, "in_flight": 0, "started": now,
+            "resumed_from": done_units, "stage_every": spec.storage.stage_every, "nodes": {},
+            "history": deque([(now, done_units, {})], maxlen=HISTORY),
+            "durations": deque(maxlen=DURATIONS),
         }
         self.last = self.last_live = 0.0
         self.live_path = RunDir(spec.run_dir).live_path
@@ -49,6 +55,7 @@ class Tracker:
         s["written"] += summary["count"]
         s["tasks_done"] += 1
         s["in_flight"] = in_flight
+        s["durations"].append(round(summary["seconds"], 4))
         n = self.node(summary["node"])
         n["written"] += summary["count"]
         n["shard_bytes"] = summary.get("shard_bytes", n["shard_bytes"])
@@ -65,14 +72,19 @@ class Tracker:
         if not force and now - self.last < PUBLISH_EVERY:
             return
         self.last = now
-        self.state["history"].append((now, self.state["written"]))
+        nodes = self.state["nodes"]
+        # per-node samples for the per-node throughput plot, while there are few enough lines to read
+        per_node = {k: v["written"] for k, v in nodes.items()} if len(nodes) <= NODE_LINES else {}
+        self.state["history"].append((now, self.state["written"], per_node))
+        published = {**self.state, "history": list(self.state["history"]),
+                     "durations": list(self.state["durations"])}
         try:
-            self.client.set_metadata(KEY, {**self.state, "history": list(self.state["history"])})
+            self.client.set_metadata(KEY, published)
         except Exception:  # the page is a view: never let it fail the run
             pass
         if force or now - self.last_live >= LIVE_EVERY:
             self.last_live = now
-            live = {k: v for k, v in self.state.items() if k not in ("history", "nodes")}
+            live = {k: v for k, v in self.state.items() if k not in ("history", "nodes", "durations")}
             live.update(updated=now, host=socket.gethostname(), pid=os.getpid(), rate=self.rate())
             with contextlib.suppress(OSError):   # a view again: a hiccup of the shared filesystem
                 files.write_atomic(self.live_path, json.dumps(live) + "\n")
@@ -81,11 +93,26 @@ class Tracker:
         return rate_of(list(self.state["history"]), time.time())
 
 
-def rate_of(history: list[tuple[float, int]], now: float) -> float:
-    """Unitaries per second over the last 30 s of ``(time, written)`` samples."""
-    recent = [(t, w) for t, w in history if t >= now - 30] or history[-2:]
+def rate_of(history: list[tuple], now: float, node: str | None = None) -> float:
+    """Unitaries per second over the last 30 s of ``(time, written, {node: written})`` samples
+    (of ``node`` alone if given)."""
+    samples = [(t, w if node is None else per.get(node, 0)) for t, w, *rest in history
+               for per in (rest[0] if rest else {},)]
+    recent = [(t, w) for t, w in samples if t >= now - 30] or samples[-2:]
     dt = recent[-1][0] - recent[0][0]
     return (recent[-1][1] - recent[0][1]) / dt if dt > 0 else 0.0
+
+
+def rates_over(history: list[tuple], node: str, window: float = 30) -> list[tuple[float, float]]:
+    """``(time, unitaries/s of node over the window before)`` at each sample that has the node."""
+    pts = [(t, rest[0][node]) for t, _, *rest in history if rest and node in rest[0]]
+    out, j = [], 0
+    for t, w in pts:
+        while pts[j][0] < t - window:
+            j += 1
+        if t > pts[j][0]:
+            out.append((t, (w - pts[j][1]) / (t - pts[j][0])))
+    return out
 
 
 def figures(state: dict[str, Any] | None, scheduler=None) -> dict[str, Any]:
@@ -99,15 +126,18 @@ def figures(state: dict[str, Any] | None, scheduler=None) -> dict[str, Any]:
     running = state.get("in_flight", 0)
     if scheduler is not None:
         running = sum(len(ws.processing) for ws in scheduler.workers.values())
+    nodes = {k: {**v, "rate": rate_of(hist, now, k)} for k, v in state["nodes"].items()}
     return {
         "name": state["name"], "kind": state["kind"],
         "written": state["written"], "total": state["total"],
+        "staged": sum(v["staged"] for v in nodes.values()),
         "tasks_done": state["tasks_done"], "tasks_running": running,
         "tasks_pending": max(0, state["tasks_total"] - state["tasks_done"] - running),
         "tasks_total": state["tasks_total"],
         "rate": rate, "eta_seconds": left / rate if rate > 0 else None,
-        "elapsed_seconds": now - state["started"],
-        "nodes": state["nodes"], "history": hist,
+        "started": state["started"], "elapsed_seconds": now - state["started"],
+        "stage_every": state["stage_every"], "resumed_from": state["resumed_from"],
+        "nodes": nodes, "history": hist, "durations": state["durations"],
     }
 
 
@@ -121,52 +151,109 @@ class FiguresJSON(RequestHandler):
 routes: list[tuple] = [(r"unidask/json", FiguresJSON, {})]
 
 
+def summary_html(f: dict[str, Any]) -> str:
+    """The page's head: where the run is against its plan, and what "staged" means."""
+    done = f["written"] / max(1, f["total"])
+    eta = f["eta_seconds"]
+    finish = "" if eta is None else f" (about {plots.clock(time.time() + eta)})"
+    first_stage = f["started"] + f["stage_every"]
+    if any(n["last_stage"] for n in f["nodes"].values()):
+        staged = (f"<b>{f['staged']:,}</b> unitaries staged: copied to the run dir on shared storage, "
+                  f"safe if a node is lost; the rest are on the nodes' local disks until the next "
+                  f"stage-out (every {plots.duration(f['stage_every'])}).")
+    else:
+        staged = (f"No stage-out yet: the written unitaries are on the nodes' local disks until the "
+                  f"first, about {plots.clock(first_stage)} (<code>storage.stage_every</code> = "
+                  f"{plots.duration(f['stage_every'])}), and at the end of the run.")
+    resumed = f" (resumed: {f['resumed_from']:,} were staged before)" if f["resumed_from"] else ""
+    return (
+        f"<h2 style='margin:0.3em 0'>unidask run {html.escape(f['name'])} "
+        f"<small>({html.escape(f['kind'])})</small></h2>"
+        f"<div style='background:#eee;width:100%;height:14px;border-radius:3px'>"
+        f"<div style='background:#3b7dd8;width:{100 * done:.1f}%;height:14px;border-radius:3px'>"
+        f"</div></div>"
+        f"<p><b>{f['written']:,}</b> of {f['total']:,} unitaries written ({100 * done:.1f}%){resumed}"
+        f" &middot; <b>{f['rate']:,.0f}</b> unitaries/s &middot; running for "
+        f"{plots.duration(f['elapsed_seconds'])} &middot; time left <b>{plots.duration(eta)}</b>{finish}"
+        f"</p><p>tasks: {f['tasks_done']:,} done, {f['tasks_running']:,} running, "
+        f"{f['tasks_pending']:,} pending, of {f['tasks_total']:,}</p><p>{staged}</p>")
+
+
 def page(scheduler, extra, doc) -> None:
-    """The bokeh document of /unidask: summary, rate over time, per-node table; updated every second."""
-    from bokeh.layouts import column
-    from bokeh.models import ColumnDataSource, DataTable, Div, TableColumn
-    from bokeh.plotting import figure
+    """The bokeh document of /unidask, in Dask's page template (its menu): the run against its
+    plan, throughput per node, task durations, a per-node table; updated every second."""
+    from bokeh.layouts import column, row
+    from bokeh.models import ColumnDataSource, Div, Range1d, Span
+    from distributed.dashboard.components.scheduler import env
 
     doc.title = "unidask"
-    summary = Div(text="waiting for the driver...", sizing_mode="stretch_width")
-    rate = ColumnDataSource({"time": [], "rate": []})
-    plot = figure(height=260, sizing_mode="stretch_width", x_axis_type="datetime",
-                  title="unitaries per second", name="unidask-rate")
-    plot.line("time", "rate", source=rate, line_width=2)
-    nodes = ColumnDataSource({k: [] for k in ("node", "written", "staged", "shard_mb", "last_stage")})
-    table = DataTable(source=nodes, height=200, sizing_mode="stretch_width", name="unidask-nodes",
-                      columns=[TableColumn(field="node", title="node"),
-                               TableColumn(field="written", title="rows written"),
-                               TableColumn(field="staged", title="rows staged"),
-                               TableColumn(field="shard_mb", title="shard MB"),
-                               TableColumn(field="last_stage", title="last stage-out")])
+    summary = Div(text="waiting for the driver of a unidask run to report...",
+                  sizing_mode="stretch_width", name="unidask-summary")
+    progress = ColumnDataSource({"time": [], "written": []})
+    # explicit ranges wherever a plot can be empty (bokeh warns of a range with no data to fit)
+    against = plots.figure("progress against the plan", "time", "unitaries written", counts="y",
+                           x_axis_type="datetime", x_range=Range1d(1000 * time.time() - 60_000,
+                                                                   1000 * time.time()),
+                           y_range=Range1d(0, 1), name="unidask-progress")
+    against.line("time", "written", source=progress, line_width=2)
+    plan = Span(dimension="width", location=0, line_color=plots.PLAN_COLOUR, line_dash="dashed",
+                line_width=2)
+    against.add_layout(plan)
+    per_node = ColumnDataSource({"xs": [], "ys": [], "node": [], "colour": []})
+    throughput = plots.figure("throughput per node (30 s average)", "time", "unitaries/s",
+                              counts="y", x_axis_type="datetime", x_range=against.x_range,
+                              y_range=Range1d(0, 1), name="unidask-throughput")
+    throughput.multi_line("xs", "ys", source=per_node, color="colour", legend_field="node",
+                          line_width=2)
+    throughput.legend.location = "top_left"
+    durations = ColumnDataSource(plots.histogram([]))
+    spread = plots.figure("task durations (the last tasks)", "seconds", "tasks", counts="y",
+                          x_range=Range1d(0, 1), y_range=Range1d(0, 1), name="unidask-durations")
+    spread.quad(top="top", bottom=0, left="left", right="right", source=durations, fill_alpha=0.7)
+    nodes = ColumnDataSource({k: [] for k in ("node", "written", "rate", "staged", "shard_mb",
+                                              "last_stage")})
+    table = plots.table(nodes, [("node", "node", "text"), ("written", "unitaries written", "count"),
+                                ("rate", "unitaries/s", "count"),
+                                ("staged", "unitaries staged", "count"),
+                                ("shard_mb", "local shard MB", "float"),
+                                ("last_stage", "last stage-out", "text")], name="unidask-nodes")
 
     def update() -> None:
         f = figures(scheduler.get_metadata([KEY], default=None), scheduler)
         if "written" not in f:
             return
-        eta = "?" if f["eta_seconds"] is None else time.strftime("%H:%M:%S", time.gmtime(f["eta_seconds"]))
-        summary.text = (
-            f"<h2>unidask: {f['name']} ({f['kind']})</h2>"
-            f"<p><b>{f['written']:,}</b> / {f['total']:,} unitaries written "
-            f"({100 * f['written'] / max(1, f['total']):.1f}%) &middot; {f['rate']:,.0f} per second "
-            f"&middot; time left {eta}</p><p>tasks: {f['tasks_done']} done, {f['tasks_running']} running, "
-            f"{f['tasks_pending']} pending of {f['tasks_total']}</p>")
+        summary.text = summary_html(f)
         hist = f["history"]
-        times = [1000 * t for t, _ in hist[1:]]
-        rates = [(w1 - w0) / (t1 - t0) if t1 > t0 else 0.0 for (t0, w0), (t1, w1) in zip(hist, hist[1:])]
-        rate.data = {"time": times, "rate": rates}
+        progress.data = {"time": [1000 * t for t, *_ in hist], "written": [w for _, w, *_ in hist]}
+        plan.location = f["total"]
+        against.y_range.end = 1.05 * f["total"]
+        plots.fit(against.x_range, progress.data["time"], lo=progress.data["time"][0],
+                  least=60_000)   # milliseconds
         names = sorted(f["nodes"])
+        colour = plots.colours(names)
+        lines = [(n, pts) for n in names if (pts := rates_over(hist, n))]
+        per_node.data = {"xs": [[1000 * t for t, _ in pts] for _, pts in lines],
+                         "ys": [[y for _, y in pts] for _, pts in lines],
+                         "node": [n for n, _ in lines], "colour": [colour[n] for n, _ in lines]}
+        durations.data = h = plots.histogram(f["durations"])
+        plots.fit(throughput.y_range, [y for _, pts in lines for _, y in pts])
+        plots.fit(spread.x_range, h["right"], lo=min(h["left"], default=0), least=1e-3)
+        plots.fit(spread.y_range, h["top"])
         ns = [f["nodes"][k] for k in names]
         nodes.data = {"node": names, "written": [n["written"] for n in ns],
+                      "rate": [round(n["rate"]) for n in ns],
                       "staged": [n["staged"] for n in ns],
-                      "shard_mb": [round(n["shard_bytes"] / 1e6, 2) for n in ns],
-                      "last_stage": [time.strftime("%H:%M:%S", time.localtime(n["last_stage"]))
-                                     if n["last_stage"] else "-" for n in ns]}
+                      "shard_mb": [round(n["shard_bytes"] / 1e6, 1) for n in ns],
+                      "last_stage": [plots.clock(n["last_stage"]) if n["last_stage"] else
+                                     f"not yet (first about {plots.clock(f['started'] + f['stage_every'])})"
+                                     for n in ns]}
 
     update()
     doc.add_periodic_callback(update, 1000)
-    doc.add_root(column(summary, plot, table, sizing_mode="stretch_width", name="unidask"))
+    doc.add_root(column(summary, row(against, throughput, sizing_mode="stretch_width"), spread, table,
+                        sizing_mode="stretch_width", name="unidask"))
+    doc.template = env.get_template("simple.html")
+    doc.template_variables.update(extra)
 
 
 def install() -> None:
@@ -174,6 +261,8 @@ def install() -> None:
     from distributed.dashboard.scheduler import applications
 
     applications["/unidask"] = page
+    # Dask lists every page whose path has "individual" in its "More..." menu: the way back here
+    applications["/individual-unidask"] = page
     key = "distributed.scheduler.http.routes"
     routes_ = dask.config.get(key)
     if __name__ not in routes_:

@@ -1,18 +1,20 @@
-"""``unidask report``: a self-contained HTML page (bokeh, inline resources) of how a run went,
-from the run directory alone: throughput per node over time, task durations, stage-outs, summary."""
+"""``unidask report``: a self-contained HTML page (bokeh, inline resources) of how a run went, from
+the run directory alone: its config and times, progress against the plan, throughput per node, task
+durations, stage-outs, and a table per node."""
 
 from __future__ import annotations
 
 import html
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from . import db, files
+from . import db, files, plots
 from .errors import writing
 from .rundir import RunDir
-from .status import status
+from .status import RunStatus, status
 
 
 def task_rows(run_dir: Path) -> list[tuple[int, str, float, float, int]]:
@@ -24,61 +26,118 @@ def task_rows(run_dir: Path) -> list[tuple[int, str, float, float, int]]:
     return sorted(seen.values())
 
 
+def flat(spec: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"run": {"count": 5}}`` -> ``[("run.count", 5)]``: the config as a person sets it."""
+    out: list[tuple[str, Any]] = []
+    for k, v in spec.items():
+        out += flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return out
+
+
+def _rows(cells: list[tuple[str, str]]) -> str:
+    return "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
+                   f"<td>{html.escape(v)}</td></tr>" for k, v in cells)
+
+
+def summary_html(st: RunStatus, record: dict[str, Any], rows: list[tuple], n_stages: int) -> str:
+    start = min((r[2] for r in rows), default=None)
+    end = max((r[3] for r in rows), default=None)
+    missing = st.to_dict()["missing"]
+    facts = [
+        ("run dir", st.run_dir),
+        ("created", plots.clock(record.get("created"))),
+        ("first task started", plots.clock(start)),
+        ("last task finished", plots.clock(end)),
+        ("wall time", plots.duration(end - start) if rows else "-"),
+        ("unitaries", f"{st.unitaries:,} of {st.count:,} staged"),
+        ("tasks", f"{st.tasks_done:,} of {st.tasks_expected:,} done"
+                  + (f", {st.tasks_missing:,} missing: {missing}" if missing else "")),
+        ("throughput", f"{st.rate:,.0f} unitaries/s" if st.rate else "-"),
+        ("staged", f"{st.bytes / 1e6:,.1f} MB in {len(st.shards)} shard(s), {n_stages} stage-out(s)"),
+        ("unidask", str(record.get("unidask_version", "?"))),
+    ]
+    config = [(k, "" if v is None else str(v)) for k, v in flat(record["spec"])]
+    per_node: dict[str, list] = {}
+    for _, node, started, finished, count in rows:
+        p = per_node.setdefault(node, [0, 0, started, finished])
+        p[0] += 1
+        p[1] += count
+        p[2], p[3] = min(p[2], started), max(p[3], finished)
+    nodes = "".join(
+        f"<tr><td>{html.escape(n)}</td><td align=right>{t:,}</td><td align=right>{u:,}</td>"
+        f"<td align=right>{u / (b - a) if b > a else 0:,.0f}</td></tr>"
+        for n, (t, u, a, b) in sorted(per_node.items()))
+    return (
+        f"<h1>unidask run {html.escape(st.name)}</h1>"
+        "<div style='display:flex;gap:3em;flex-wrap:wrap'>"
+        f"<div><h3>the run</h3><table>{_rows(facts)}</table>"
+        "<h3>nodes</h3><table border=1 cellpadding=4 style='border-collapse:collapse'>"
+        "<tr><th>node</th><th>tasks</th><th>unitaries</th><th>unitaries/s</th></tr>"
+        f"{nodes}</table></div>"
+        f"<div><h3>config</h3><table>{_rows(config)}</table></div></div>")
+
+
 def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     from bokeh.embed import file_html
-    from bokeh.layouts import column
-    from bokeh.models import Div
-    from bokeh.palettes import Category10_10
-    from bokeh.plotting import figure
+    from bokeh.layouts import column, row
+    from bokeh.models import Div, Range1d, Span
     from bokeh.resources import INLINE
 
     run_dir, out = Path(run_dir), Path(out)
+    rd = RunDir(run_dir)
     st = status(run_dir)
     rows = task_rows(run_dir)
+    stages = rd.read_stages()
     t0 = min((r[2] for r in rows), default=0.0)
+    end = max((r[3] for r in rows), default=t0) - t0
+    last = max([end, *(s["time"] - t0 for s in stages)])
+    span = Range1d(0, max(last, 1e-3) * 1.02)   # every time axis spans the whole run
     nodes = sorted({r[1] for r in rows})
-    colour = {n: Category10_10[i % 10] for i, n in enumerate(nodes)}
+    colour = plots.colours(nodes)
+    since = "seconds since the first task started"
 
-    throughput = figure(height=300, sizing_mode="stretch_width", title="unitaries per second, per node",
-                        x_axis_label="seconds since the first task started", name="throughput")
+    progress = plots.figure("progress against the plan", since, "unitaries staged", counts="y",
+                            x_range=span, name="progress")
     if rows:
-        end = max(r[3] for r in rows) - t0
+        finished = np.array([r[3] - t0 for r in rows])
+        order = np.argsort(finished)
+        done = np.cumsum(np.array([r[4] for r in rows])[order])
+        progress.step(np.r_[0, finished[order]], np.r_[0, done], mode="after", line_width=2)
+    progress.add_layout(Span(dimension="width", location=st.count, line_color=plots.PLAN_COLOUR,
+                             line_dash="dashed", line_width=2))
+
+    throughput = plots.figure("throughput per node", since, "unitaries/s", counts="y",
+                              x_range=span, name="throughput")
+    if rows:
         bins = int(np.clip(len(rows) // (4 * len(nodes)), 5, 60))  # a few tasks per bin per node
         edges = np.linspace(0, max(end, 1e-3), bins + 1)
-        width = edges[1] - edges[0]
         for n in nodes:
             fin = np.array([r[3] - t0 for r in rows if r[1] == n])
             cnt = np.array([r[4] for r in rows if r[1] == n])
             hist, _ = np.histogram(fin, bins=edges, weights=cnt)
-            throughput.line(edges[1:], hist / width, legend_label=n, color=colour[n], line_width=2)
-    durations = figure(height=260, sizing_mode="stretch_width", title="task duration",
-                       x_axis_label="seconds", y_axis_label="tasks", name="durations")
-    if rows:
-        d = np.array([r[3] - r[2] for r in rows])
-        hist, edges = np.histogram(d, bins=30)
-        durations.quad(top=hist, bottom=0, left=edges[:-1], right=edges[1:], fill_alpha=0.7)
-    stages = RunDir(run_dir).read_stages()
-    staging = figure(height=260, sizing_mode="stretch_width", title="stage-outs",
-                     x_axis_label="seconds since the first task started",
-                     y_axis_label="stage-out seconds", name="stageouts")
+            throughput.line(edges[1:], hist / (edges[1] - edges[0]), legend_label=n, color=colour[n],
+                            line_width=2)
+        throughput.legend.location = "top_left"
+
+    durations = plots.figure("task durations", "seconds", "tasks", counts="y", name="durations")
+    durations.quad(top="top", bottom=0, left="left", right="right", fill_alpha=0.7,
+                   source=plots.histogram([r[3] - r[2] for r in rows]))
+
+    unit, scale = ("seconds", 1) if max((s["seconds"] for s in stages), default=0) >= 1 else ("ms", 1e3)
+    staging = plots.figure("stage-outs: when, and how long each took", since, unit,
+                           x_range=span, name="stageouts")
+    staging.y_range.start = 0
     for n in sorted({s["node"] for s in stages}):
         mine = [s for s in stages if s["node"] == n]
-        staging.scatter([s["time"] - t0 for s in mine], [s["seconds"] for s in mine], size=8,
+        staging.scatter([s["time"] - t0 for s in mine], [scale * s["seconds"] for s in mine], size=8,
                         legend_label=n, color=colour.get(n, "black"))
-    table = "".join(f"<tr><td>{html.escape(s.node)}</td><td>{s.tasks}</td><td>{s.unitaries:,}</td>"
-                    f"<td>{s.bytes / 1e6:,.1f}</td><td>{html.escape(Path(s.path).name)}</td></tr>"
-                    for s in st.shards)
-    rate = f"{st.rate:,.0f} unitaries/s" if st.rate else "-"
-    missing = st.to_dict()["missing"]
-    summary = Div(sizing_mode="stretch_width", name="summary", text=(
-        f"<h1>unidask run {html.escape(st.name)}</h1>"
-        f"<p>{st.unitaries:,} of {st.count:,} unitaries staged; tasks {st.tasks_done}/"
-        f"{st.tasks_expected} ({st.tasks_missing} missing{': ' + missing if missing else ''}); "
-        f"{st.bytes / 1e6:,.1f} MB in {len(st.shards)} shard(s); {rate}; "
-        f"{len(stages)} stage-out(s)</p>"
-        "<table border=1 cellpadding=4><tr><th>node</th><th>tasks</th><th>unitaries</th><th>MB</th>"
-        f"<th>shard</th></tr>{table}</table>"))
-    page = column(summary, throughput, durations, staging, sizing_mode="stretch_width")
+    if stages:
+        staging.legend.location = "top_left"
+
+    summary = Div(sizing_mode="stretch_width", name="summary",
+                  text=summary_html(st, rd.record(), rows, len(stages)))
+    page = column(summary, row(progress, throughput, sizing_mode="stretch_width"),
+                  row(durations, staging, sizing_mode="stretch_width"), sizing_mode="stretch_width")
     with writing(out):
         files.write_atomic(out, file_html(page, INLINE, title=f"unidask report: {st.name}"), mode=None)
     return out
