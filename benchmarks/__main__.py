@@ -279,6 +279,56 @@ class Bench:
                            "merge MB/s", f"n={dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")
             self.clean()
 
+    # 6. reading a dataset back, as training reads it
+    def read(self) -> None:
+        import unidask
+
+        d = self.fresh("r")
+        count = 200_000 if self.quick else 2_000_000
+        spec = unidask.load_config(None, data={
+            "run": {"name": "r", "count": count, "task_size": 10_000, "run_dir": str(d / "run")},
+            "generator": {"dim": 4}, "storage": {"local_dir": str(d / "local")},
+            "cluster": {"nodes": 2, "workers": 1, "dashboard_address": "127.0.0.1:0"}})
+        unidask.run(spec)
+        db_path = unidask.RunDir(d / "run").database("r")
+        npy = d / "r.npy"
+        unidask.export(db_path, "npy", npy)
+        ds = unidask.Dataset(db_path)
+        minibatches = np.random.default_rng(0).integers(0, count, (400, 256))
+        mapped = np.load(npy, mmap_mode="r")
+
+        def scan_unidask():
+            t, n = time.perf_counter(), 0
+            for _, batch in ds.batches(100_000):
+                n += len(batch)
+            return {"rate": n / (time.perf_counter() - t)}
+
+        def scan_npy():
+            t = time.perf_counter()
+            n = len(np.load(npy))
+            return {"rate": n / (time.perf_counter() - t)}
+
+        def random_unidask():
+            t = time.perf_counter()
+            for ids in minibatches:
+                ds[ids]
+            return {"rate": len(minibatches) / (time.perf_counter() - t)}
+
+        def random_npy():
+            t = time.perf_counter()
+            for ids in minibatches:
+                mapped[ids]
+            return {"rate": len(minibatches) / (time.perf_counter() - t)}
+
+        case = f"{count / 1e6:g}M U(4), {npy.stat().st_size / 1e6:.0f} MB"
+        self.alternate({"unidask Dataset.batches": scan_unidask, "np.load of the .npy": scan_npy},
+                       "read scan", case, "unidask Dataset.batches")
+        self.alternate({"unidask ds[ids]": random_unidask, "memory-mapped .npy": random_npy},
+                       "read 256/s", case + ", random ids", "unidask ds[ids]")
+        ds.close()
+        del mapped
+        self.clean()
+
     # 5. memory
     def memory(self) -> None:
         d = self.fresh("mem")
@@ -339,7 +389,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "stragglers",
-                                                  "merge", "memory"])
+                                                  "merge", "memory", "read"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -1,5 +1,10 @@
 """Reading the merged database back: Dataset, export to .npy and .txt."""
 
+import concurrent.futures
+import functools
+import json
+import multiprocessing
+import pickle
 import sqlite3
 
 import numpy as np
@@ -39,11 +44,85 @@ def test_dataset_takes_an_array_of_ids(haar_run):
         assert batch.shape == (300, 4, 4)
         assert np.array_equal(batch, np.stack([ds[int(i)] for i in ids]))
         assert np.array_equal(ds[[5, 3]], np.stack([ds[5], ds[3]])) and ds[[]].shape == (0, 4, 4)
-        with pytest.raises(IndexError, match="no unitary with id 20000 \\(and 1 more\\)"):
+        with pytest.raises(IndexError, match="id 20000 is out of range: the dataset holds ids 0:20000"):
             ds[[1, 20000, 30000]]
         for bad in (np.array([1.5]), np.array([True]), [[1, 2]]):
             with pytest.raises(TypeError):
                 ds[bad]
+
+
+def test_dataset_indexes_as_numpy_does(haar_run):
+    """Every key a numpy user would try gives what it gives on the same array in memory; what numpy
+    refuses, the Dataset refuses with the same kind of error, and booleans are refused."""
+    _, db = haar_run
+    with unidask.Dataset(db) as ds:
+        ref = ds[:]
+        assert ref.shape == (20000, 4, 4)
+        for key in (slice(None, None, -1), slice(5, 0, -1), slice(5, 0), slice(-3, None),
+                    slice(None, None, 100), slice(19990, 5, -7), slice(0, 100, 20), slice(-5, -1, 2),
+                    slice(30000, 40000), slice(-30000, 3), -1, -20000, 0, 19999, np.int64(5),
+                    np.array(7), [3, -1, 3], np.array([19999, 0], dtype=np.uint16)):
+            got = ds[key]
+            assert got.shape == ref[key].shape and np.array_equal(got, ref[key]), key
+        for key in (20000, -20001, 2**63, -2**63 - 1, [0, 2**63], np.array([20000])):
+            with pytest.raises(IndexError, match="out of range"):
+                ds[key]
+        for key in (True, False, np.True_, np.array([True, False]), [True]):
+            with pytest.raises(TypeError, match="booleans"):
+                ds[key]
+
+
+def test_dataset_arrays_are_the_callers(haar_run):
+    """Writable arrays (torch.from_numpy warns of a read-only one), not views of shared memory."""
+    _, db = haar_run
+    with unidask.Dataset(db) as ds:
+        for a in (ds[0], ds[0:5], ds[::-3], ds[[1, 2, 1]], next(ds.batches(10))[1]):
+            assert a.flags.writeable and a.flags.owndata or a.base is not None and a.flags.writeable
+            before = ds[1].copy()
+            a[...] = 0
+            assert np.array_equal(ds[1], before)
+
+
+def read_rows(ds: unidask.Dataset, ids: list[int]) -> bytes:
+    return ds[ids].tobytes() + json.dumps(ds.meta_of(ids[0])).encode()
+
+
+def test_dataset_goes_to_spawned_processes_and_threads(haar_run):
+    """A DataLoader's workers: the Dataset pickled to processes started with spawn (macOS's
+    default, Linux's forkserver from Python 3.14) and read from many threads at once."""
+    _, db = haar_run
+    ds = unidask.Dataset(db)
+    batches = [list(np.random.default_rng(i).integers(0, 20000, 256)) for i in range(16)]
+    want = [read_rows(ds, b) for b in batches]
+    assert pickle.loads(pickle.dumps(ds)).path == ds.path
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert pool.map(functools.partial(read_rows, ds), batches) == want
+    with concurrent.futures.ThreadPoolExecutor(8) as threads:
+        assert list(threads.map(functools.partial(read_rows, ds), batches * 4)) == want * 4
+    ds.close()                      # every thread's connection, from this one
+    assert read_rows(ds, batches[0]) == want[0]   # and it opens again when read
+    ds.close()
+
+
+def test_split_is_deterministic_disjoint_and_by_fraction(haar_run):
+    _, db = haar_run
+    with unidask.Dataset(db) as ds:
+        parts = ds.split(seed=1, train=0.8, validation=0.1, test=0.1)
+        again = unidask.Dataset(db).split(seed=1, train=0.8, validation=0.1, test=0.1)
+        assert list(parts) == ["train", "validation", "test"]
+        assert all(np.array_equal(parts[k], again[k]) for k in parts)
+        assert np.array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(20000))
+        for name, f in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
+            sigma = (20000 * f * (1 - f)) ** 0.5
+            assert abs(len(parts[name]) - 20000 * f) < 4 * sigma, (name, len(parts[name]))
+        other = ds.split(seed=2, train=0.8, validation=0.1, test=0.1)
+        assert not np.array_equal(other["test"], parts["test"])
+        # an id's part depends on the id and the seed only, not on what else the dataset holds
+        small = ds.split(seed=1, train=0.8, rest=0.2)
+        assert np.array_equal(small["train"], parts["train"])
+        for bad in ({"train": 0.8}, {"train": 1.2, "test": -0.2}, {}):
+            with pytest.raises(ValueError, match="sum to 1"):
+                ds.split(**bad)
 
 
 def test_export_npy_round_trip(haar_run, tmp_path, capsys):

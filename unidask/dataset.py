@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,21 +21,50 @@ class Dataset:
     """A unidask database (merged, or a staged shard), read-only.
 
     ``ds[i]`` is the unitary with global id ``i`` (``task * task_size + idx``; in a complete
-    dataset ids run from 0 to ``len(ds) - 1``), ``ds[a:b]`` a ``(k, n, n)`` array.
+    dataset ids run from 0 to ``len(ds) - 1``), ``ds[a:b:step]`` and ``ds[array_of_ids]`` a
+    ``(k, n, n)`` array, indexed as numpy indexes a sequence of that length (negative ids count
+    from the end, any step, an id out of range is an IndexError; booleans are refused). Arrays come
+    back writable and owned by the caller. ``ds.meta_of(i)`` is the metadata stored with unitary
+    ``i`` (a circuit's gates and QASM), ``ds.meta`` the database's own.
+
+    A Dataset pickles as its path, and every process and every thread opens its own connection
+    when it first reads: it can go to a ``multiprocessing`` pool or a PyTorch ``DataLoader``
+    with any start method, and be read from many threads at once.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if (why := files.regular(self.path)) is not None:
             raise InputError(f"{self.path}: {why}")
+        self._local = threading.local()
+        self._cons: list[tuple[int, sqlite3.Connection]] = []
         try:
-            self.con = connect_readonly(self.path)
             self.meta = read_meta(self.con)
             self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
             self.spec: dict[str, Any] = json.loads(self.meta["spec"])
             self.meta["schema_version"]
         except (sqlite3.DatabaseError, KeyError, TypeError, ValueError) as e:
+            self.close()
             raise InputError(f"{self.path}: not a unidask database ({e})") from e
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path)}       # connections do not travel: each process opens its own
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    @property
+    def con(self) -> sqlite3.Connection:
+        """This thread's connection, opened on its first use (in this process)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.con = connect_readonly(self.path, check_same_thread=False)  # closed by close()
+            # read through a memory map, not a read() per page: random minibatches are page
+            # lookups all over the file (README, Performance)
+            local.con.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+            local.pid = os.getpid()
+            self._cons.append((local.pid, local.con))
+        return local.con
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.path)!r}, {len(self)} x {self.dim}x{self.dim} {self.dtype.name})"
@@ -65,54 +95,116 @@ class Dataset:
         except sqlite3.DatabaseError as e:
             raise InputError(f"{self.path}: damaged database ({e})") from e
 
-    def _read(self, sql: str, args: tuple) -> tuple[list[int], np.ndarray]:
+    @cached_property
+    def _rows_per_read(self) -> int:
+        """Rows one query concatenates: SQLite's strings stop at 1 GB; far less keeps memory flat."""
+        return max(1, READ_BYTES // max(1, self.dim * self.dim * self.dtype.itemsize))
+
+    def _read(self, where: str, args: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, (k, n, n) writable array)`` of the rows ``where`` selects, in id order.
+
+        SQLite concatenates the rows' ids and blobs itself (``group_concat``): a Python object per
+        row cost more than the read (README, Performance). The ids say in which order the blobs
+        came, so the result is in id order whatever order SQLite aggregated them in."""
+        sql = (f"SELECT group_concat(id), CAST(group_concat(data, x'') AS BLOB) FROM "
+               f"(SELECT id, data FROM unitaries {where})")
         try:
-            rows = self._query(sql, args).fetchall()
-            ids = [r[0] for r in rows]
-            flat = np.frombuffer(b"".join(r[1] for r in rows), dtype=self.dtype)
-            return ids, flat.reshape(len(rows), self.dim, self.dim)
+            text, blob = self._query(sql, args).fetchone()
+            ids = np.array(text.split(","), dtype=np.int64) if text else np.zeros(0, np.int64)
+            out = np.frombuffer(bytearray(blob or b""), dtype=self.dtype).reshape(len(ids), self.dim, self.dim)
         except (sqlite3.DatabaseError, TypeError, ValueError) as e:   # rows that are not matrices
             raise InputError(f"{self.path}: damaged database ({type(e).__name__}: {str(e)[:120]})") from e
+        if len(ids) > 1 and (np.diff(ids) <= 0).any():
+            order = np.argsort(ids, kind="stable")
+            ids, out = ids[order], out[order]
+        return ids, out
 
-    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+    def _ids(self, key: Any) -> int | range | np.ndarray:
+        """``key`` as an id, a range of ids or an array of ids, by numpy's rules for a sequence
+        of ``id_range[1]`` items."""
+        n = self.id_range[1]
+        if isinstance(key, (list, tuple)):
+            if key and all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+                           for i in key):
+                if (bad := next((i for i in key if not -n <= i < n), None)) is not None:
+                    raise IndexError(f"{self.path}: id {bad} is out of range: the dataset holds ids "
+                                     f"{self.id_range[0]}:{n}")   # before numpy makes it a float
+                key = np.asarray(key, dtype=np.int64)
+            else:
+                key = np.asarray(key)
+        if isinstance(key, (bool, np.bool_)) or getattr(key, "dtype", None) == bool:
+            raise TypeError("Dataset indices must be integers, slices or integer arrays, not "
+                            "booleans (for a mask, index with np.flatnonzero(mask))")
         if isinstance(key, slice):
-            start, stop, step = key.indices(self.id_range[1])
-            if step != 1:
-                return self[start:stop][::step]
-            ids, out = self._read("SELECT id, data FROM unitaries WHERE id >= ? AND id < ? ORDER BY id",
-                                  (start, stop))
-            if len(ids) != max(0, stop - start):
-                raise IndexError(f"{self.path}: ids {start}:{stop} are not all present "
-                                 f"({len(ids)} of {stop - start})")
-            return out
-        if isinstance(key, (int, np.integer)):
-            i = int(key) + (self.id_range[1] if key < 0 else 0)
-            ids, out = self._read("SELECT id, data FROM unitaries WHERE id = ?", (i,))
-            if not ids:
-                raise IndexError(f"{self.path}: no unitary with id {key}")
-            return out[0]
-        if isinstance(key, (list, tuple, np.ndarray)):
-            ids = np.asarray(key)
+            return range(*key.indices(n))
+        if isinstance(key, (int, np.integer)) or (isinstance(key, np.ndarray) and key.ndim == 0
+                                                  and key.dtype.kind in "iu"):
+            i = int(key)
+            if not -n <= i < n:
+                raise IndexError(f"{self.path}: id {i} is out of range: the dataset holds ids "
+                                 f"{self.id_range[0]}:{n}")
+            return i % n if n else i
+        if isinstance(key, np.ndarray):
+            ids = key
             if ids.ndim == 1 and (ids.dtype.kind in "iu" or ids.size == 0):
-                return self._take(ids.astype(np.int64))
+                if ids.size and (ids.min() < -n or ids.max() >= n):
+                    bad = ids[(ids < -n) | (ids >= n)][0]
+                    raise IndexError(f"{self.path}: id {bad} is out of range: the dataset holds ids "
+                                     f"{self.id_range[0]}:{n}")
+                return np.where(ids < 0, ids + n, ids).astype(np.int64)
         raise TypeError(f"Dataset indices must be integers, slices or 1-D integer arrays, not "
                         f"{type(key).__name__}")
 
-    def _take(self, key: np.ndarray) -> np.ndarray:
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = self._ids(key)
+        if isinstance(ids, int):
+            found, out = self._read("WHERE id = ?", (ids,))
+            if not len(found):
+                raise IndexError(f"{self.path}: no unitary with id {ids}")
+            return out[0]
+        if isinstance(ids, range):
+            if ids.step == 1 or not ids:
+                return self._span(ids.start, max(ids.start, ids.stop))
+            if abs(ids.step) > SPARSE_STEP:
+                return self._take(np.arange(ids.start, ids.stop, ids.step))
+            lo, hi = min(ids[0], ids[-1]), max(ids[0], ids[-1]) + 1
+            return self._span(lo, hi)[ids.start - lo::ids.step].copy()
+        return self._take(ids)
+
+    def _span(self, start: int, stop: int) -> np.ndarray:
+        """The unitaries of ids ``start`` to ``stop - 1``, every one present."""
+        step = self._rows_per_read
+        parts = [self._read("WHERE id >= ? AND id < ?", (a, min(stop, a + step)))[1]
+                 for a in range(start, stop, step)]
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else \
+            np.zeros((0, self.dim, self.dim), self.dtype)
+        if len(out) != stop - start:
+            raise IndexError(f"{self.path}: ids {start}:{stop} are not all present "
+                             f"({len(out)} of {stop - start})")
+        return out
+
+    def _take(self, want: np.ndarray) -> np.ndarray:
         """The unitaries of an array of ids, in its order, repeats allowed (a random minibatch):
         each distinct id read once, by rowid, the ids bound as one JSON array."""
-        want = np.where(key < 0, key + self.id_range[1], key)
         unique = np.unique(want)
-        ids, out = self._read("SELECT id, data FROM unitaries WHERE id IN (SELECT value FROM json_each(?)) "
-                              "ORDER BY id", (json.dumps(unique.tolist()),))
+        step = self._rows_per_read
+        parts = [self._read("WHERE id IN (SELECT value FROM json_each(?))",
+                            (json.dumps(unique[a:a + step].tolist()),)) for a in range(0, len(unique), step)]
+        ids = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64)
+        out = parts[0][1] if len(parts) == 1 else np.concatenate([o for _, o in parts]) if parts else \
+            np.zeros((0, self.dim, self.dim), self.dtype)
         if len(ids) != len(unique):
             missing = np.setdiff1d(unique, ids)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise IndexError(f"{self.path}: no unitary with id {missing[0]}{more}")
-        return out[np.searchsorted(unique, want)]
+        return out[np.searchsorted(unique, want)] if len(unique) != len(want) or \
+            (len(want) > 1 and (np.diff(want) <= 0).any()) else out
 
     def meta_of(self, i: int) -> Any:
         """The JSON metadata stored with unitary ``i`` (e.g. its circuit), or None."""
+        i = self._ids(i)
+        if not isinstance(i, int):
+            raise TypeError("meta_of takes one id")
         row = self._query("SELECT meta FROM unitaries WHERE id = ?", (i,)).fetchone()
         if row is None:
             raise IndexError(f"{self.path}: no unitary with id {i}")
@@ -124,22 +216,60 @@ class Dataset:
         stop = self.id_range[1] if stop is None else stop
         last = start - 1
         while True:
-            ids, out = self._read("SELECT id, data FROM unitaries WHERE id > ? AND id < ? "
-                                  "ORDER BY id LIMIT ?", (last, stop, size))
-            if not ids:
+            ids, out = self._read("WHERE id > ? AND id < ? ORDER BY id LIMIT ?",
+                                  (last, stop, min(size, self._rows_per_read)))
+            if not len(ids):
                 return
-            last = ids[-1]
-            yield np.asarray(ids), out
+            last = int(ids[-1])
+            yield ids, out
+
+    def split(self, seed: int = 0, **fractions: float) -> dict[str, np.ndarray]:
+        """Ids split by fraction, e.g. ``ds.split(seed=0, train=0.8, validation=0.1, test=0.1)``
+        -> ``{"train": ids, ...}``, each sorted. Where an id goes depends on the id and the seed
+        alone (a hash of both), so the split is the same on every machine and an id keeps its
+        part when the dataset grows; the parts' sizes follow the fractions within sampling error."""
+        if not fractions or any(not 0 <= f <= 1 for f in fractions.values()) \
+                or abs(sum(fractions.values()) - 1) > 1e-9:
+            raise ValueError(f"split fractions must be in [0, 1] and sum to 1, not {fractions}")
+        ids = self._all_ids()
+        u = uniform_of(ids, seed)
+        edges = np.cumsum([0.0, *fractions.values()])
+        edges[-1] = 1.0
+        return {name: ids[(u >= lo) & (u < hi)] for name, lo, hi in zip(fractions, edges, edges[1:])}
+
+    def _all_ids(self) -> np.ndarray:
+        return np.fromiter((i for (i,) in self._query("SELECT id FROM unitaries ORDER BY id")),
+                           dtype=np.int64)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for _, batch in self.batches():
             yield from batch
 
     def close(self) -> None:
-        self.con.close()
+        """Close the connections this process opened (in every thread)."""
+        mine = [c for pid, c in self._cons if pid == os.getpid()]
+        self._cons = [(pid, c) for pid, c in self._cons if pid != os.getpid()]
+        self._local = threading.local()
+        for con in mine:
+            con.close()
 
     def __enter__(self) -> "Dataset":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+MMAP_BYTES = 1 << 40      # the whole file, as far as the address space goes
+READ_BYTES = 64 << 20   # at most this many bytes of matrices per query
+SPARSE_STEP = 16   # a slice with a longer step reads its ids one by one, not the span between
+
+
+def uniform_of(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) for each id, from the id and the seed alone (SplitMix64)."""
+    with np.errstate(over="ignore"):
+        z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)

@@ -61,13 +61,13 @@ def checksum(data: bytes, metas: Sequence[str | None]) -> str:
     return h.hexdigest()
 
 
-def connect_readonly(path: str | os.PathLike) -> sqlite3.Connection:
+def connect_readonly(path: str | os.PathLike, check_same_thread: bool = True) -> sqlite3.Connection:
     """Open a finished database (a staged shard, a merged result) read-only, without locking, and
     without trusting its schema: nothing in the file gets to run."""
     if (why := files.regular(Path(path))) is not None:   # never open a FIFO or device: it would block
         raise sqlite3.OperationalError(f"unable to open database file: {why}")
     uri = f"file:{Path(path).absolute()}?mode=ro&immutable=1"
-    con = sqlite3.connect(uri, uri=True)
+    con = sqlite3.connect(uri, uri=True, check_same_thread=check_same_thread)
     con.execute("PRAGMA trusted_schema = OFF")
     return con
 
