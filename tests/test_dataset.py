@@ -198,3 +198,23 @@ def test_export_refuses_what_is_not_a_unidask_database(tmp_path, capsys):
         assert code == 2 and str(path) in err and err.count("\n") == 1, err
         with pytest.raises(unidask.InputError):
             unidask.Dataset(path)
+
+
+def test_info_says_what_a_database_holds(haar_run, capsys, tmp_path):
+    spec, db = haar_run
+    code, out, err = run_main("info", db, capsys=capsys)
+    assert code == 0 and err == ""
+    assert "20,000 unitaries of 4x4 complex128" in out and "haar (dim=4" in out
+    assert "seed       7 " in out and "complete: 20 of 20 tasks" in out
+    assert f"fingerprint {spec.fingerprint}" in out and "merged     -" not in out
+    code, out, _ = run_main("info", db, "--json", capsys=capsys)
+    i = json.loads(out)
+    assert code == 0 and (i["rows"], i["dim"], i["kind"], i["tasks"], i["tasks_planned"]) == \
+        (20000, 4, "haar", 20, 20) and i["merged"] > 0 and i["bytes"] == db.stat().st_size
+    shard = unidask.RunDir(spec.run_dir).staged_shards()[0]
+    code, out, _ = run_main("info", shard, capsys=capsys)
+    assert code == 0 and "INCOMPLETE" in out and "merged     -" in out
+    (tmp_path / "text.db").write_text("not sqlite")
+    for bad in (tmp_path / "text.db", tmp_path / "missing.db"):
+        code, out, err = run_main("info", bad, capsys=capsys)
+        assert code == 2 and out == "" and err.startswith(f"unidask: error: {bad}") and err.count("\n") == 1

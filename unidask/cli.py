@@ -263,9 +263,23 @@ def status(run_dir: str, as_json: bool) -> int:
     """Tasks done and missing in RUN_DIR, per node."""
     from .status import status as run_status
 
-    st = run_status(run_dir)
-    click.echo(json.dumps(st.to_dict(), indent=2) if as_json else st.format())
+    return show(run_status(run_dir), as_json)
+
+
+def show(figures: Any, as_json: bool) -> int:
+    """Print what a ``to_dict``/``format`` object says: JSON for scripts, else for a person."""
+    click.echo(json.dumps(figures.to_dict(), indent=2) if as_json else figures.format())
     return 0
+
+
+@cli.command()
+@click.argument("db", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def info(db: str, as_json: bool) -> int:
+    """What DB holds: rows, matrices, generator, seed, tasks, when merged, size."""
+    from .info import info as db_info
+
+    return show(db_info(db), as_json)
 
 
 @cli.command()

@@ -130,7 +130,8 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
             report.tasks = len(done)
             report.missing = [t for t in range(spec.n_tasks) if t not in done]
             con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                            [("rows", str(report.rows)), ("tasks", str(report.tasks))])
+                            [("rows", str(report.rows)), ("tasks", str(report.tasks)),
+                             ("merged", repr(time.time()))])
             con.execute("PRAGMA journal_mode = DELETE")
         files.publish(tmp, out, mode=None)   # the result is meant to be shared: the umask decides
     except sqlite3.Error as e:
