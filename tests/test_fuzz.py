@@ -280,8 +280,9 @@ def test_damaged_databases_get_one_line_everywhere(good_run, tmp_path, capsys):
         assert "Traceback" not in out + err and (out + err).count("\n") == 1, f"{where}: {out}{err}"
         assert (code == 1 and out.startswith("FAILED: ")) or (code == 2 and str(bad) in err) or \
             (code == 0 and tasks_of(bad) == reference), f"{where}: {out}{err}"
-        code, out, err = run_main("export", bad, tmp_path / f"x{case}.npy", capsys=capsys)
-        assert code in (0, 2) and "Traceback" not in err and err.count("\n") <= 1, f"{where}: {err}"
+        for suffix in (".npy", ".h5"):
+            code, out, err = run_main("export", bad, tmp_path / f"x{case}{suffix}", capsys=capsys)
+            assert code in (0, 2) and "Traceback" not in err and err.count("\n") <= 1, f"{where}: {err}"
         try:
             with unidask.Dataset(bad) as ds:
                 ds[0:len(ds)], ds[r.randrange(max(1, len(ds)))]

@@ -294,13 +294,14 @@ def report(run_dir: str, out: str) -> None:
 
 @cli.command()
 @click.argument("db", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["npy", "txt"]),
-              help="Default: npy when OUT ends in .npy, else txt (OUT a directory; up to 1000 files "
+@click.option("--format", "fmt", type=click.Choice(["npy", "h5", "txt"]),
+              help="Default: from OUT: .npy, .h5 or .hdf5; else txt (OUT a directory; up to 1000 files "
                    "unless --format txt asks for more).")
 @click.argument("out", type=click.Path())
 @click.option("--ids", type=IdRange(), help="Export ids A to B-1 only.")
 def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None] | None) -> None:
-    """Export DB as one .npy array (k, n, n) or one .txt file per unitary in OUT."""
+    """Export DB as one .npy array (k, n, n) with its metadata beside it, one HDF5 file, or one
+    .txt file per unitary in OUT."""
     from .export import IdsOutOfRange, export as export_db
 
     try:

@@ -32,8 +32,8 @@ class Dataset:
     with any start method, and be read from many threads at once.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, mmap: bool = True):
+        self.path, self.mmap = Path(path), mmap
         if (why := files.regular(self.path)) is not None:
             raise InputError(f"{self.path}: {why}")
         self._local = threading.local()
@@ -48,10 +48,10 @@ class Dataset:
             raise InputError(f"{self.path}: not a unidask database ({e})") from e
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": str(self.path)}       # connections do not travel: each process opens its own
+        return {"path": str(self.path), "mmap": self.mmap}   # connections do not travel
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], state["mmap"])
 
     @property
     def con(self) -> sqlite3.Connection:
@@ -60,8 +60,10 @@ class Dataset:
         if getattr(local, "pid", None) != os.getpid():
             local.con = connect_readonly(self.path, check_same_thread=False)  # closed by close()
             # read through a memory map, not a read() per page: random minibatches are page
-            # lookups all over the file (README, Performance)
-            local.con.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+            # lookups all over the file (README, Reading for training). The mapped pages count in
+            # RSS (the kernel drops them as it needs): a one-pass reader, an export, does without
+            if self.mmap:
+                local.con.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
             local.pid = os.getpid()
             self._cons.append((local.pid, local.con))
         return local.con
@@ -208,7 +210,10 @@ class Dataset:
         row = self._query("SELECT meta FROM unitaries WHERE id = ?", (i,)).fetchone()
         if row is None:
             raise IndexError(f"{self.path}: no unitary with id {i}")
-        return None if row[0] is None else json.loads(row[0])
+        try:
+            return None if row[0] is None else json.loads(row[0])
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{self.path}: damaged database (the meta of id {i} is not JSON: {e})") from e
 
     def batches(self, size: int = 10_000, start: int = 0, stop: int | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -1,10 +1,14 @@
-"""Export a unidask database for users of np.load (one ``.npy`` array) and np.loadtxt (one text
-file per unitary)."""
+"""Export a unidask database to the formats users already have: one ``.npy`` array (np.load),
+one HDF5 file (h5py, the format of numerical physics), or one text file per unitary (np.loadtxt).
+Every export streams the database in batches (flat memory at any size) and keeps what the database
+knows beside the matrices: the ids, the per-row metadata (a circuit), the run's spec."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -12,9 +16,12 @@ from . import files
 from .dataset import Dataset
 from .db import check_database, check_pages
 from .errors import InputError, writing
+from .progress import Progress
 
-FORMATS = ("npy", "txt")
+FORMATS = ("npy", "h5", "txt")
+SUFFIXES = {".npy": "npy", ".h5": "h5", ".hdf5": "h5"}
 TXT_UNASKED = 1000   # text files an export writes without --format txt
+BATCH_BYTES = 8 << 20   # a batch passes through SQLite, bytes and numpy: about 4 copies
 
 
 class IdsOutOfRange(InputError):
@@ -33,41 +40,127 @@ def id_range(ds: Dataset, ids: tuple[int | None, int | None] | None) -> tuple[in
 
 def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
            ids: tuple[int | None, int | None] | None = None) -> int:
-    """Write unitaries ``ids`` (``(start, stop)``, default all) of ``db`` as one ``.npy`` array
-    ``(k, n, n)``, or as one ``.txt`` file per unitary (``OUT/ID.txt``) that
-    ``np.loadtxt(f, dtype=complex)`` reads back exactly. ``fmt`` None: ``npy`` where ``out``
-    ends in ``.npy``, else ``txt``, but only up to :data:`TXT_UNASKED` files (thousands of small
-    files are what unidask exists to avoid: more must be asked for). Returns how many were written."""
-    writers = {"npy": _export_npy, "txt": _export_txt}
+    """Write unitaries ``ids`` (``(start, stop)``, default all) of ``db`` as
+
+    - ``npy``: one array ``(k, n, n)`` in ``OUT``, and beside it ``OUT.json`` (the database's meta,
+      the run's spec, the ids) and, where rows carry metadata, ``OUT.meta.jsonl`` (``{"id", "meta"}``
+      a line);
+    - ``h5``: datasets ``unitaries`` ``(k, n, n)`` (chunked), ``ids`` and, where rows carry
+      metadata, ``meta`` (a JSON string a row), the meta and spec as the file's attributes;
+    - ``txt``: one file per unitary (``OUT/ID.txt``) that ``np.loadtxt(f, dtype=complex)`` reads
+      back exactly.
+
+    ``fmt`` None: from ``out``'s suffix (``.npy``, ``.h5``/``.hdf5``), else ``txt``, but only up to
+    :data:`TXT_UNASKED` files (thousands of small files are what unidask exists to avoid: more must
+    be asked for). Returns how many unitaries were written."""
+    writers = {"npy": _export_npy, "h5": _export_h5, "txt": _export_txt}
     if fmt is not None and fmt not in writers:
-        raise InputError(f"unknown export format {fmt!r} ({' or '.join(FORMATS)})")
+        raise InputError(f"unknown export format {fmt!r} ({', '.join(FORMATS)})")
     out = Path(out)
     check_database(Path(db), None, what="database")
     check_pages(Path(db))   # a damaged file is refused before anything is written
-    with Dataset(db) as ds:
+    with Dataset(db, mmap=False) as ds:   # one pass: read() keeps the RSS flat
         start, stop = id_range(ds, ids)
         if fmt is None:
-            fmt = "npy" if out.suffix == ".npy" else "txt"
+            fmt = SUFFIXES.get(out.suffix.lower(), "txt")
             if fmt == "txt" and stop - start > TXT_UNASKED:
-                raise InputError(f"{out} does not end in .npy: that would be {stop - start:,} text files, one "
-                                 f"per unitary; write one array to {out}.npy, or ask for the files with "
-                                 "--format txt")
+                raise InputError(f"{out} does not end in .npy or .h5: that would be {stop - start:,} "
+                                 f"text files, one per unitary; write one array to {out}.npy or "
+                                 f"{out}.h5, or ask for the files with --format txt")
         with writing(out):
             return writers[fmt](ds, start, stop, out)
 
 
+def _batches(ds: Dataset, start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The rows ``start:stop`` in id order, a few MB at a time, with a progress bar."""
+    size = max(1, BATCH_BYTES // max(1, ds.dim * ds.dim * ds.dtype.itemsize))
+    progress = Progress(stop - start, desc="export")
+    for ids, batch in ds.batches(size, start, stop):
+        yield ids, batch
+        progress.update(len(ids))
+    progress.close()
+
+
+def _metas(ds: Dataset, ids: np.ndarray) -> list[tuple[int, Any]]:
+    """``(id, metadata)`` of the rows ``ids[0]..ids[-1]`` that carry metadata."""
+    if not len(ids):
+        return []
+    rows = ds.con.execute("SELECT id, meta FROM unitaries WHERE id >= ? AND id <= ? AND meta IS NOT "
+                          "NULL ORDER BY id", (int(ids[0]), int(ids[-1]))).fetchall()
+    try:
+        return [(i, json.loads(m)) for i, m in rows]
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{ds.path}: damaged database (a row's meta is not JSON: {e})") from e
+
+
+def _present(ds: Dataset, start: int, stop: int) -> int:
+    return ds.con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?",
+                          (start, stop)).fetchone()[0]
+
+
+def described(ds: Dataset, ids: Any) -> dict[str, Any]:
+    """What an export says of itself: the database's meta (its spec as JSON) and the ids."""
+    meta = {k: v for k, v in ds.meta.items() if k != "spec"}
+    return {"source": str(ds.path), "meta": meta, "spec": ds.spec, "ids": ids}
+
+
 def _export_npy(ds: Dataset, start: int, stop: int, out: Path) -> int:
-    present = ds.con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?",
-                             (start, stop)).fetchone()[0]
-    with files.publishing(out, mode=None) as tmp:   # the user's file, to share as they like
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=ds.dtype.newbyteorder("="),
-                                          shape=(present, ds.dim, ds.dim))
-        k = 0
-        for _, batch in ds.batches(start=start, stop=stop):
-            array[k:k + len(batch)] = batch
+    present = _present(ds, start, stop)
+    sidecar, metas = out.with_name(out.name + ".json"), out.with_name(out.name + ".meta.jsonl")
+    k, nxt, gaps = 0, start, None   # gaps: the ids, once one is missing (else a range says it)
+    with files.publishing(out, mode=None) as tmp, files.publishing(metas, mode=None) as tmp_metas, \
+            open(tmp, "wb") as array, open(tmp_metas, "w") as lines:   # the user's, to share
+        # the header, then the rows as they come: written, not mapped, so nothing of the array
+        # stays resident (dirty pages of a map count in the RSS until written back)
+        np.lib.format.write_array_header_2_0(array, {"descr": np.lib.format.dtype_to_descr(ds.dtype),
+                                                     "fortran_order": False,
+                                                     "shape": (present, ds.dim, ds.dim)})
+        for ids, batch in _batches(ds, start, stop):
+            array.write(batch.data)   # C-contiguous: no copy
+            if gaps is None and not (ids[0] == nxt and ids[-1] - ids[0] + 1 == len(ids)):
+                gaps = [np.arange(start, nxt)]
+            if gaps is not None:
+                gaps.append(ids)
+            nxt = int(ids[-1]) + 1
+            lines.writelines(json.dumps({"id": i, "meta": m}) + "\n" for i, m in _metas(ds, ids))
             k += len(batch)
-        array.flush()
-        del array
+        has_metas = lines.tell() > 0
+    if not has_metas:
+        metas.unlink()
+    ids = {"start": start, "stop": nxt} if gaps is None else np.concatenate(gaps).tolist()
+    files.write_atomic(sidecar, json.dumps(described(ds, ids), indent=1) + "\n", mode=None)
+    return present
+
+
+def _export_h5(ds: Dataset, start: int, stop: int, out: Path) -> int:
+    try:
+        import h5py
+    except ImportError as e:
+        raise InputError("export to HDF5 needs h5py: pip install 'unidask[hdf5]'") from e
+    present = _present(ds, start, stop)
+    row = ds.dim * ds.dim * ds.dtype.itemsize
+    chunk = (max(1, min(present, (1 << 20) // max(1, row))), ds.dim, ds.dim)   # about 1 MB a chunk
+    with files.publishing(out, mode=None) as tmp, h5py.File(tmp, "w") as f:
+        data = f.create_dataset("unitaries", shape=(present, ds.dim, ds.dim), chunks=chunk if present else None,
+                                dtype=ds.dtype.newbyteorder("="))
+        id_set = f.create_dataset("ids", shape=(present,), dtype=np.int64)
+        meta_set = None
+        k = 0
+        for ids, batch in _batches(ds, start, stop):
+            data[k:k + len(batch)] = batch
+            id_set[k:k + len(batch)] = ids
+            if rows := _metas(ds, ids):
+                if meta_set is None:
+                    meta_set = f.create_dataset("meta", shape=(present,), dtype=h5py.string_dtype())
+                at = np.searchsorted(ids, [i for i, _ in rows]) + k
+                for j, (_, m) in zip(at, rows):
+                    meta_set[j] = json.dumps(m)
+            k += len(batch)
+        about = described(ds, {"start": start, "stop": stop})
+        for key, value in about["meta"].items():
+            f.attrs[key] = value
+        f.attrs["spec"] = json.dumps(ds.spec, sort_keys=True)
+        f.attrs["source"] = about["source"]
     return present
 
 
@@ -75,7 +168,7 @@ def _export_txt(ds: Dataset, start: int, stop: int, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     width = len(str(ds.id_range[1] - 1))
     k = 0
-    for ids_, batch in ds.batches(start=start, stop=stop):
+    for ids_, batch in _batches(ds, start, stop):
         for i, u in zip(ids_, batch):
             # %.18e keeps every bit of a float64 (and of a float32 widened to it)
             np.savetxt(out / f"{i:0{width}d}.txt", u.astype(np.complex128), fmt="%.18e")
