@@ -2,12 +2,13 @@
 
 import numpy as np
 import pytest
-from scipy import special as sf, stats
+from scipy import stats
 
 import unidask
 from unidask import generators
 from unidask.generators import circuits, groups
 from unidask.generators.haar import haar
+from unidask.stats import spacings, wigner_cdf
 
 from conftest import run_main, unitarity_error, write_config
 
@@ -104,18 +105,6 @@ def test_diagonal_phases_are_uniform():
     u = groups.diagonal(np.random.default_rng(6), 20000, dim=3)
     assert unitarity_error(u) < 1e-12 and np.all(u[:, 0, 1] == 0)
     assert stats.kstest(np.angle(u[:, 1, 1]) % (2 * np.pi), stats.uniform(0, 2 * np.pi).cdf).pvalue > 0.01
-
-
-def wigner_cdf(s):
-    """CDF of the Wigner surmise for CUE (beta = 2) spacings, p(s) = 32/pi^2 s^2 exp(-4 s^2/pi)."""
-    return sf.erf(2 * s / np.sqrt(np.pi)) - 4 * s / np.pi * np.exp(-4 * s * s / np.pi)
-
-
-def spacings(u):
-    n = u.shape[-1]
-    theta = np.sort(np.angle(np.linalg.eigvals(u)), axis=1)
-    gaps = np.diff(np.concatenate([theta, theta[:, :1] + 2 * np.pi], axis=1), axis=1)
-    return (gaps * n / (2 * np.pi)).ravel()   # unfolded: mean spacing 1
 
 
 def test_haar_eigenphase_spacings_follow_cue():

@@ -318,16 +318,31 @@ def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None
 @click.option("--sample", type=click.IntRange(min=1), default=3, show_default=True,
               help="With --against: how many tasks, evenly spread, to generate again.")
 @click.option("--full", is_flag=True, help="With --against: generate every task again.")
+@click.option("--stats", "with_stats", is_flag=True,
+              help="Also test that the data has its generator's distribution (a line per test).")
+@click.option("--stats-rows", type=click.IntRange(min=100), default=5000, show_default=True,
+              help="With --stats: rows sampled (with a fixed seed).")
 @set_option
-def verify(db: str, against: str | None, sample: int, full: bool, overrides: tuple[tuple[str, Any], ...]) -> int:
+def verify(db: str, against: str | None, sample: int, full: bool, with_stats: bool, stats_rows: int,
+           overrides: tuple[tuple[str, Any], ...]) -> int:
     """Check DB: every planned task whole and unaltered, nothing else, every matrix finite and
-    unitary, the total. Exit 0 only when all holds."""
+    unitary, the total; with --stats, its distribution too. Exit 0 only when all holds."""
     from .config import load_config
     from .verify import verify as verify_db
 
     verdict = verify_db(db, load_config(against, dict(overrides)) if against else None, sample=sample, full=full)
     click.echo(verdict.line())
-    return 0 if verdict.ok else 1
+    if not (with_stats and verdict.ok):
+        return 0 if verdict.ok else 1
+    from .stats import check
+
+    checks = check(db, stats_rows)
+    for c in checks:
+        click.echo(c.line())
+    failed = [c.name for c in checks if not c.ok]
+    click.echo(f"stats: FAILED: {', '.join(failed)}" if failed else
+               f"stats: OK: {len(checks)} checks on {stats_rows:,} sampled rows")
+    return 1 if failed else 0
 
 
 @cli.command("generators")

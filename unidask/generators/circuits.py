@@ -8,6 +8,7 @@ by building 2^q x 2^q Kronecker products.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,25 @@ def qasm(qubits: int, ops) -> str:
         args = f"({','.join(repr(float(a)) for a in angles)})" if angles else ""
         lines.append(f"{name}{args} {','.join(f'q[{k}]' for k in qs)};")
     return "\n".join(lines) + "\n"
+
+
+def parse_qasm(text: str) -> tuple[int, list[tuple[str, tuple[int, ...], list[float]]]]:
+    """``(qubits, ops)`` of a circuit :func:`qasm` wrote (its own dialect: one ``qreg``, the gates
+    above), so a stored circuit can be simulated again without qiskit."""
+    qubits, ops = 0, []
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith(("OPENQASM", "include")):
+            continue
+        if m := re.fullmatch(r"qreg q\[(\d+)\]", line):
+            qubits = int(m.group(1))
+            continue
+        m = re.fullmatch(r"(\w+)(?:\(([^)]*)\))? (q\[\d+\](?:,q\[\d+\])*)", line)
+        if m is None or (m.group(1) not in FIXED and m.group(1) not in ANGLES and m.group(1) not in TWO):
+            raise InputError(f"not a circuit unidask wrote: {line!r}")
+        angles = [float(a) for a in m.group(2).split(",")] if m.group(2) else []
+        ops.append((m.group(1), tuple(int(k) for k in re.findall(r"\d+", m.group(3))), angles))
+    return qubits, ops
 
 
 def circuit(rng: np.random.Generator, count: int, *, qubits: int, depth: int = 10, gates: int = 0,
