@@ -211,7 +211,8 @@ def test_page_says_why_nothing_is_staged_yet(config):
 
 
 REPORT_FIGURES = {"progress": "counts as k/M", "throughput": "counts as k/M",
-                  "durations": "counts as k/M", "stageouts": "labelled"}
+                  "durations": "counts as k/M", "stageouts": "labelled",
+                  "data-0": "labelled", "data-1": "labelled", "data-2": "labelled"}
 
 
 def test_report_renders_in_a_browser(config, browser, tmp_path, capsys):
@@ -224,7 +225,8 @@ def test_report_renders_in_a_browser(config, browser, tmp_path, capsys):
     assert "cdn.bokeh.org" not in text and "http://" not in text.split("<body")[1][:2000]  # self-contained
     said, found = open_page(browser, out.as_uri(), "first task started", "report.png", REPORT_FIGURES)
     assert said == [] and found == REPORT_FIGURES
-    for shown in ("wall time", "run.count", "3000", "generator.dim", "3,000 of 3,000 staged"):
+    for shown in ("wall time", "run.count", "3000", "generator.dim", "3,000 of 3,000 staged",
+                  "the data against theory", "Beta(1, 15)", "Wigner surmise"):
         assert shown in text, shown
 
 
@@ -248,3 +250,13 @@ def test_report_to_a_path_it_cannot_write(haar_run, tmp_path, out, reason, capsy
     code, _, err = run_main("report", spec.run_dir, "-o", tmp_path / out, capsys=capsys)
     assert code == 2 and err == f"unidask: error: cannot write {tmp_path / out}: {reason}\n", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_report_data_section_says_why_it_is_empty(config, tmp_path):
+    spec = config(run={"count": 400, "task_size": 100}, generator={"kind": "circuit", "qubits": 2})
+    unidask.run(spec, merge=False)
+    text = unidask.report(spec.run_dir, tmp_path / "r.html").read_text()
+    assert "No merged database yet" in text and "unidask merge" in text
+    unidask.merge(spec.run_dir)
+    text = unidask.report(spec.run_dir, tmp_path / "r.html").read_text()
+    assert "No distribution known to unidask for this generator" in text

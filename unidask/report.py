@@ -77,6 +77,34 @@ def summary_html(st: RunStatus, record: dict[str, Any], rows: list[tuple], n_sta
         f"<div><h3>config</h3><table>{_rows(config)}</table></div></div>")
 
 
+def data_section(db: Path) -> list:
+    """The data against theory: a histogram of each distribution :func:`stats.shown` names, with
+    its theory's curve; a line saying why where there is none."""
+    from bokeh.layouts import row
+    from bokeh.models import Div
+
+    from . import stats
+
+    if not db.exists():
+        return [Div(text=f"<h3>the data</h3><p>No merged database yet ({html.escape(str(db))}): "
+                         "<code>unidask merge</code> it, then the report shows its distributions.</p>")]
+    figures = []
+    for i, d in enumerate(stats.shown(db)):
+        f = plots.figure(d.title, d.x_label, "density", name=f"data-{i}")
+        counts, edges = np.histogram(d.values, bins=40, range=(d.lo, d.hi))   # a density of all values
+        f.quad(top=counts / max(1, len(d.values)) / (edges[1] - edges[0]), bottom=0, left=edges[:-1],
+               right=edges[1:], fill_alpha=0.5, legend_label=f"the data ({len(d.values):,} values)")
+        x = np.linspace(d.lo, d.hi, 400)[1:-1]
+        f.line(x, d.theory(x), line_width=2, color="black", legend_label=d.theory_label)
+        figures.append(f)
+    text = ("<h3>the data against theory</h3><p>Sampled from the merged database; "
+            "<code>unidask verify DB --stats</code> tests the same (README, Trust in the numbers).</p>"
+            if figures else "<h3>the data</h3><p>No distribution known to unidask for this generator "
+            "(<code>unidask verify DB --stats</code> checks what it can).</p>")
+    rows = [row(*figures[i:i + 3], sizing_mode="stretch_width") for i in range(0, len(figures), 3)]
+    return [Div(text=text, sizing_mode="stretch_width"), *rows]
+
+
 def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
@@ -134,10 +162,11 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     if stages:
         staging.legend.location = "top_left"
 
+    data = data_section(rd.database(st.name))
     summary = Div(sizing_mode="stretch_width", name="summary",
                   text=summary_html(st, rd.record(), rows, len(stages)))
     page = column(summary, row(progress, throughput, sizing_mode="stretch_width"),
-                  row(durations, staging, sizing_mode="stretch_width"), sizing_mode="stretch_width")
+                  row(durations, staging, sizing_mode="stretch_width"), *data, sizing_mode="stretch_width")
     with writing(out):
         files.write_atomic(out, file_html(page, INLINE, title=f"unidask report: {st.name}"), mode=None)
     return out

@@ -210,3 +210,41 @@ def check(db: str | os.PathLike, size: int = SAMPLE, seed: int = 0) -> list[Chec
 
 def to_dicts(checks: list[Check]) -> list[dict[str, Any]]:
     return [asdict(c) for c in checks]
+
+
+@dataclass
+class Shown:
+    """A distribution of the data and the theory it should follow, for the report to draw."""
+    title: str
+    x_label: str
+    values: np.ndarray
+    theory: Any = None         # a pdf, vectorised, over (lo, hi); None: no curve
+    theory_label: str = ""
+    lo: float = 0.0
+    hi: float = 1.0
+
+
+def shown(db: str | os.PathLike, size: int = SAMPLE, seed: int = 0) -> list[Shown]:
+    """What the report's data section draws for ``db``'s generator (the groups; nothing for
+    circuits and unknown kinds)."""
+    with Dataset(db) as ds:
+        kind = ds.spec["generator"]["kind"]
+        if kind not in KINDS:
+            return []
+        _, u = sample(ds, size, seed)
+    n = u.shape[-1]
+    if kind == "diagonal" or n < 2:
+        return [Shown("phases of U_nn", "phase", np.angle(u[:, -1, -1]) % (2 * np.pi),
+                      lambda x: np.full_like(x, 1 / (2 * np.pi)), "uniform", 0, 2 * np.pi)]
+    if kind == "orthogonal":
+        return [Shown("U_00^2", "U_00^2", u[:, 0, 0].real ** 2, stats.beta(0.5, (n - 1) / 2).pdf,
+                      f"Beta(1/2, {(n - 1) / 2:g})", 0, 1)]
+    out = [Shown("|U_00|^2", "|U_00|^2", np.abs(u[:, 0, 0]) ** 2, stats.beta(1, n - 1).pdf,
+                 f"Beta(1, {n - 1})", 0, 1)]
+    if kind == "haar":
+        out += [Shown("eigenphase spacings", "spacing (unfolded: mean 1)", spacings(u[:SPACINGS]),
+                      lambda s: 32 / np.pi ** 2 * s ** 2 * np.exp(-4 * s * s / np.pi),
+                      "Wigner surmise (CUE, large n)", 0, 4),
+                Shown("|tr U|^2", "|tr U|^2", np.abs(np.trace(u, axis1=1, axis2=2)) ** 2,
+                      lambda x: np.exp(-x), "exp(-x) (large n; mean 1 at every n >= 1)", 0, 6)]
+    return out
