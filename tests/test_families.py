@@ -1,5 +1,7 @@
 """The generator families: circuits against qiskit, the groups' statistics, user plugins."""
 
+import re
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -51,6 +53,15 @@ def test_circuit_options():
         assert len(m["qasm"].splitlines()[3:]) <= 15
 
 
+def test_circuit_gate_count_range():
+    """gates = [min, max]: each circuit's gate count drawn from the range, every count reached."""
+    u, metas = circuit_batch(4, 400, qubits=3, gates=[2, 6])
+    counts = [m["gates"] for m in metas]
+    assert set(counts) == {2, 3, 4, 5, 6}
+    assert all(m["qasm"].count(";") - 3 == m["gates"] for m in metas)
+    assert unitarity_error(u) < 1e-12
+
+
 @pytest.mark.parametrize("params,message", [
     ({"qubits": 2, "gate_set": ["h", "toffoli"]}, "unknown gate"),
     ({"qubits": 2, "two_qubit_density": 1.5}, "between 0 and 1"),
@@ -58,9 +69,14 @@ def test_circuit_options():
     ({"qubits": 2, "depth": 0}, "give depth or gates"),
     ({"qubits": 1, "gate_set": ["cx"]}, "needs qubits >= 2"),
     ({"depth": 3}, "generator.qubits is required"),
+    ({"qubits": 2, "gates": [5, 2]}, "[min, max] with 1 <= min <= max"),
+    ({"qubits": 2, "gates": [0, 2]}, "[min, max] with 1 <= min <= max"),
+    ({"qubits": 2, "gates": [1, 2, 3]}, "[min, max] with 1 <= min <= max"),
+    ({"qubits": 2, "gates": -1}, "generator.gates must be >= 0"),
+    ({"qubits": 2, "gates": 2.5}, "generator.gates must be int/list"),
 ])
 def test_circuit_bad_options(params, message):
-    with pytest.raises(unidask.InputError, match=message):
+    with pytest.raises(unidask.InputError, match=re.escape(message)):
         generators.get("circuit").validate(params)
 
 

@@ -103,7 +103,8 @@ REGISTRY: dict[str, Generator] = {g.kind: g for g in [
     Generator("circuit", circuits.circuit, {
         "qubits": Param(int, minimum=1, doc="qubits q; unitaries are 2^q x 2^q"),
         "depth": Param(int, 10, minimum=0, doc="layers, each touching a qubit at most once"),
-        "gates": Param(int, 0, minimum=0, doc="if > 0: this many gates instead of depth layers"),
+        "gates": Param((int, list), 0, doc="if > 0: this many gates instead of depth layers; "
+                                            "[min, max]: a count drawn for each circuit"),
         "gate_set": Param(list, list(circuits.GATES), doc="gates to draw from"),
         "two_qubit_density": Param(float, 0.3, doc="chance a slot gets a two-qubit gate"),
         "coupling_map": Param(list, [], doc="allowed [a, b] qubit pairs (default: all)"),

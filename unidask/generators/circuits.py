@@ -56,6 +56,13 @@ def check(params: dict[str, Any]) -> None:
         raise InputError(f"generator.gate_set: unknown gate(s) {unknown} (known: {', '.join(GATES)})")
     if not 0.0 <= params["two_qubit_density"] <= 1.0:
         raise InputError("generator.two_qubit_density must be between 0 and 1")
+    gates = params["gates"]
+    if isinstance(gates, list) and not (len(gates) == 2 and all(isinstance(g, int) and not isinstance(g, bool)
+                                                               for g in gates) and 1 <= gates[0] <= gates[1]):
+        raise InputError(f"generator.gates must be a number of gates or [min, max] with 1 <= min <= max, "
+                         f"got {gates!r}")
+    if isinstance(gates, int) and gates < 0:
+        raise InputError(f"generator.gates must be >= 0, got {gates!r}")
     if params["depth"] == 0 and params["gates"] == 0:
         raise InputError("generator: give depth or gates (a number of gates) > 0")
     for pair in params["coupling_map"]:
@@ -66,9 +73,10 @@ def check(params: dict[str, Any]) -> None:
         raise InputError("generator: a gate_set of two-qubit gates only needs qubits >= 2")
 
 
-def random_circuit(rng: np.random.Generator, qubits: int, depth: int, gates: int, gate_set: list[str],
+def random_circuit(rng: np.random.Generator, qubits: int, depth: int, gates: int | list[int], gate_set: list[str],
                    density: float, pairs: list[tuple[int, int]]) -> list[tuple[str, tuple[int, ...], list[float]]]:
-    """A list of (gate, qubits, angles). With ``gates`` > 0, that many gates on random qubits;
+    """A list of (gate, qubits, angles). With ``gates`` > 0, that many gates on random qubits (a
+    ``[min, max]`` range: a count drawn uniformly from it, as circuit-synthesis datasets are made);
     else ``depth`` layers, each touching every qubit at most once."""
     one = [g for g in gate_set if g not in TWO]
     two = [g for g in gate_set if g in TWO] if pairs else []
@@ -82,7 +90,8 @@ def random_circuit(rng: np.random.Generator, qubits: int, depth: int, gates: int
         ops.append((two[rng.integers(len(two))], (a, b), []))
 
     if gates:
-        for _ in range(gates):
+        count = int(rng.integers(gates[0], gates[1] + 1)) if isinstance(gates, list) else gates
+        for _ in range(count):
             if two and (not one or rng.random() < density):
                 a, b = pairs[rng.integers(len(pairs))]
                 add_two(a, b)
@@ -152,7 +161,7 @@ def parse_qasm(text: str) -> tuple[int, list[tuple[str, tuple[int, ...], list[fl
     return qubits, ops
 
 
-def circuit(rng: np.random.Generator, count: int, *, qubits: int, depth: int = 10, gates: int = 0,
+def circuit(rng: np.random.Generator, count: int, *, qubits: int, depth: int = 10, gates: int | list[int] = 0,
             gate_set: list[str] | tuple[str, ...] = GATES, two_qubit_density: float = 0.3,
             coupling_map: list[list[int]] | tuple = (), dtype: str = "complex128"
             ) -> tuple[np.ndarray, list[dict]]:
