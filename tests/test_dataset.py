@@ -14,6 +14,8 @@ import pytest
 
 import unidask
 
+from unidask.generators.haar import haar
+
 from conftest import run_main, write_config
 
 
@@ -304,3 +306,40 @@ def test_export_streams_with_flat_memory(config, tmp_path):
               f"data {data / 1e6:.0f} MB")
         assert peak - idle < data / 3, (out, peak / 1e6, idle / 1e6, data / 1e6)
         (tmp_path / out).unlink()
+
+
+def test_duplicates_dropped_by_circuit_or_by_unitary(config, tmp_path, capsys):
+    """One qubit, two gates from {s, sdg}: 4 circuits (s s, s sdg, sdg s, sdg sdg) and 2 unitaries
+    (Z and I). The database keeps every row; the export drops the repeats and says how many."""
+    spec = config(run={"count": 400, "task_size": 100},
+                  generator={"kind": "circuit", "qubits": 1, "gates": 2, "gate_set": ["s", "sdg"]})
+    db = unidask.run(spec).merged.out
+    with unidask.Dataset(db) as ds:
+        by_circuit, by_unitary = ds.unique_ids("circuit"), ds.unique_ids("unitary")
+        assert len(by_circuit) == 4 and len(by_unitary) == 2 and len(ds) == 400
+        circuits = {ds.meta_of(int(i))["qasm"] for i in by_circuit}
+        assert len(circuits) == 4 and by_circuit[0] == 0
+        first = {}
+        for i in range(400):
+            first.setdefault(ds.meta_of(i)["qasm"], i)
+        assert sorted(first.values()) == by_circuit.tolist()   # the first of each
+        with pytest.raises(ValueError, match="circuit' or 'unitary"):
+            ds.unique_ids("gates")
+    code, out, err = run_main("export", db, tmp_path / "u.npy", "--unique", "circuit", capsys=capsys)
+    assert code == 0 and "exported 4 unitaries" in out and "dropped 396 of 400 rows that repeat an earlier circuit" in err
+    assert json.loads((tmp_path / "u.npy.json").read_text())["ids"] == by_circuit.tolist()
+    assert len((tmp_path / "u.npy.meta.jsonl").read_text().splitlines()) == 4
+    code, out, err = run_main("export", db, tmp_path / "u.h5", "--unique", "unitary", capsys=capsys)
+    assert code == 0 and "exported 2 unitaries" in out and "dropped 398" in err
+
+
+def test_up_to_phase_identifies_a_global_phase_only():
+    from unidask.dataset import up_to_phase
+
+    u = haar(np.random.default_rng(2), 50, dim=4)
+    phased = u * np.exp(1j * np.random.default_rng(3).uniform(0, 2 * np.pi, 50))[:, None, None]
+    assert np.array_equal(up_to_phase(u, 9), up_to_phase(phased, 9))
+    assert len({r.tobytes() for r in up_to_phase(np.concatenate([u, phased]), 9)}) == 50
+    other = u.copy()
+    other[:, 0] *= -1                     # a phase on one column is not a global phase
+    assert not np.array_equal(up_to_phase(u, 9), up_to_phase(other, 9))

@@ -299,13 +299,16 @@ def report(run_dir: str, out: str) -> None:
                    "unless --format txt asks for more).")
 @click.argument("out", type=click.Path())
 @click.option("--ids", type=IdRange(), help="Export ids A to B-1 only.")
-def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None] | None) -> None:
+@click.option("--unique", type=click.Choice(["circuit", "unitary"]),
+              help="Only the first row of each distinct circuit, or unitary up to a global phase.")
+def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None] | None,
+           unique: str | None) -> None:
     """Export DB as one .npy array (k, n, n) with its metadata beside it, one HDF5 file, or one
     .txt file per unitary in OUT."""
     from .export import IdsOutOfRange, export as export_db
 
     try:
-        n = export_db(db, fmt, out, ids)
+        n = export_db(db, fmt, out, ids, unique)
     except IdsOutOfRange as e:
         raise click.BadParameter(str(e), param_hint="'--ids'") from e
     click.echo(f"exported {n:,} unitaries to {out}")

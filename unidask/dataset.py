@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -246,6 +247,29 @@ class Dataset:
         return np.fromiter((i for (i,) in self._query("SELECT id FROM unitaries ORDER BY id")),
                            dtype=np.int64)
 
+    def unique_ids(self, by: str = "circuit", decimals: int = 9) -> np.ndarray:
+        """The ids of the first row of each distinct circuit (``by="circuit"``: the same stored
+        circuit) or unitary (``by="unitary"``: equal up to a global phase, compared to ``decimals``
+        places), sorted: a random-circuit dataset without its duplicates, as circuit-synthesis
+        training wants it. The database keeps every row (every task stays whole and checkable)."""
+        if by == "circuit":
+            if self._query("SELECT 1 FROM unitaries WHERE meta IS NULL LIMIT 1").fetchone():
+                raise InputError(f"{self.path}: rows without a stored circuit: deduplicate "
+                                 "these by='unitary'")
+            ids = (i for (i,) in self._query("SELECT min(id) FROM unitaries GROUP BY meta"))
+            return np.sort(np.fromiter(ids, dtype=np.int64))
+        if by != "unitary":
+            raise ValueError(f"by must be 'circuit' or 'unitary', not {by!r}")
+        seen: set[bytes] = set()
+        keep = []
+        for ids, batch in self.batches():
+            for i, u in zip(ids, up_to_phase(batch, decimals)):
+                key = hashlib.blake2b(u.tobytes(), digest_size=16).digest()
+                if key not in seen:
+                    seen.add(key)
+                    keep.append(i)
+        return np.asarray(keep, dtype=np.int64)
+
     def __iter__(self) -> Iterator[np.ndarray]:
         for _, batch in self.batches():
             yield from batch
@@ -268,6 +292,16 @@ class Dataset:
 MMAP_BYTES = 1 << 40      # the whole file, as far as the address space goes
 READ_BYTES = 64 << 20   # at most this many bytes of matrices per query
 SPARSE_STEP = 16   # a slice with a longer step reads its ids one by one, not the span between
+
+
+def up_to_phase(u: np.ndarray, decimals: int) -> np.ndarray:
+    """Each matrix times the global phase that makes its first entry of modulus > 1e-6 real and
+    positive, rounded to ``decimals`` places: equal for unitaries equal up to a global phase."""
+    flat = u.reshape(len(u), -1)
+    first = np.argmax(np.abs(flat) > 1e-6, axis=1)
+    pivot = flat[np.arange(len(u)), first]
+    out = np.round(flat * (np.abs(pivot) / np.where(pivot == 0, 1, pivot))[:, None], decimals)
+    return out + 0.0   # -0.0 and 0.0 alike
 
 
 def uniform_of(ids: np.ndarray, seed: int) -> np.ndarray:

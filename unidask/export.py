@@ -6,7 +6,9 @@ knows beside the matrices: the ids, the per-row metadata (a circuit), the run's 
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +23,7 @@ from .progress import Progress
 FORMATS = ("npy", "h5", "txt")
 SUFFIXES = {".npy": "npy", ".h5": "h5", ".hdf5": "h5"}
 TXT_UNASKED = 1000   # text files an export writes without --format txt
+log = logging.getLogger("unidask")
 BATCH_BYTES = 8 << 20   # a batch passes through SQLite, bytes and numpy: about 4 copies
 
 
@@ -39,7 +42,7 @@ def id_range(ds: Dataset, ids: tuple[int | None, int | None] | None) -> tuple[in
 
 
 def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
-           ids: tuple[int | None, int | None] | None = None) -> int:
+           ids: tuple[int | None, int | None] | None = None, unique: str | None = None) -> int:
     """Write unitaries ``ids`` (``(start, stop)``, default all) of ``db`` as
 
     - ``npy``: one array ``(k, n, n)`` in ``OUT``, and beside it ``OUT.json`` (the database's meta,
@@ -52,7 +55,9 @@ def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
 
     ``fmt`` None: from ``out``'s suffix (``.npy``, ``.h5``/``.hdf5``), else ``txt``, but only up to
     :data:`TXT_UNASKED` files (thousands of small files are what unidask exists to avoid: more must
-    be asked for). Returns how many unitaries were written."""
+    be asked for). ``unique``: ``"circuit"`` or ``"unitary"``, only the first row of each distinct
+    circuit or unitary (:meth:`Dataset.unique_ids`); how many were dropped is logged. Returns how
+    many unitaries were written."""
     writers = {"npy": _export_npy, "h5": _export_h5, "txt": _export_txt}
     if fmt is not None and fmt not in writers:
         raise InputError(f"unknown export format {fmt!r} ({', '.join(FORMATS)})")
@@ -67,30 +72,55 @@ def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
                 raise InputError(f"{out} does not end in .npy or .h5: that would be {stop - start:,} "
                                  f"text files, one per unitary; write one array to {out}.npy or "
                                  f"{out}.h5, or ask for the files with --format txt")
+        keep = None
+        if unique is not None:
+            keep = ds.unique_ids(unique)
+            keep = keep[(keep >= start) & (keep < stop)]
         with writing(out):
-            return writers[fmt](ds, start, stop, out)
+            written = writers[fmt](Rows(ds, start, stop, keep), out)
+        if keep is not None:
+            log.info("dropped %s of %s rows that repeat an earlier %s", f"{_present(ds, start, stop) - written:,}",
+                     f"{_present(ds, start, stop):,}", unique)
+        return written
 
 
-def _batches(ds: Dataset, start: int, stop: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The rows ``start:stop`` in id order, a few MB at a time, with a progress bar."""
-    size = max(1, BATCH_BYTES // max(1, ds.dim * ds.dim * ds.dtype.itemsize))
-    progress = Progress(stop - start, desc="export")
-    for ids, batch in ds.batches(size, start, stop):
-        yield ids, batch
-        progress.update(len(ids))
-    progress.close()
+@dataclass
+class Rows:
+    """What an export writes: the rows ``start:stop`` of ``ds`` (only the ids in ``keep``, if given)."""
+    ds: Dataset
+    start: int
+    stop: int
+    keep: np.ndarray | None = None
 
+    @property
+    def count(self) -> int:
+        return len(self.keep) if self.keep is not None else _present(self.ds, self.start, self.stop)
 
-def _metas(ds: Dataset, ids: np.ndarray) -> list[tuple[int, Any]]:
-    """``(id, metadata)`` of the rows ``ids[0]..ids[-1]`` that carry metadata."""
-    if not len(ids):
-        return []
-    rows = ds.con.execute("SELECT id, meta FROM unitaries WHERE id >= ? AND id <= ? AND meta IS NOT "
-                          "NULL ORDER BY id", (int(ids[0]), int(ids[-1]))).fetchall()
-    try:
-        return [(i, json.loads(m)) for i, m in rows]
-    except (TypeError, ValueError) as e:
-        raise InputError(f"{ds.path}: damaged database (a row's meta is not JSON: {e})") from e
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The rows in id order, a few MB at a time, with a progress bar."""
+        ds = self.ds
+        size = max(1, BATCH_BYTES // max(1, ds.dim * ds.dim * ds.dtype.itemsize))
+        progress = Progress(self.stop - self.start, desc="export")
+        for ids, batch in ds.batches(size, self.start, self.stop):
+            progress.update(len(ids))
+            if self.keep is not None:
+                mine = np.isin(ids, self.keep)
+                ids, batch = ids[mine], batch[mine]
+            if len(ids):
+                yield ids, batch
+        progress.close()
+
+    def metas(self, ids: np.ndarray) -> list[tuple[int, Any]]:
+        """``(id, metadata)`` of the rows ``ids`` that carry metadata."""
+        if not len(ids):
+            return []
+        rows = self.ds.con.execute("SELECT id, meta FROM unitaries WHERE id >= ? AND id <= ? AND meta "
+                                   "IS NOT NULL ORDER BY id", (int(ids[0]), int(ids[-1]))).fetchall()
+        wanted = set(ids.tolist()) if self.keep is not None else None
+        try:
+            return [(i, json.loads(m)) for i, m in rows if wanted is None or i in wanted]
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{self.ds.path}: damaged database (a row's meta is not JSON: {e})") from e
 
 
 def _present(ds: Dataset, start: int, stop: int) -> int:
@@ -104,10 +134,10 @@ def described(ds: Dataset, ids: Any) -> dict[str, Any]:
     return {"source": str(ds.path), "meta": meta, "spec": ds.spec, "ids": ids}
 
 
-def _export_npy(ds: Dataset, start: int, stop: int, out: Path) -> int:
-    present = _present(ds, start, stop)
+def _export_npy(rows: Rows, out: Path) -> int:
+    ds, present = rows.ds, rows.count
     sidecar, metas = out.with_name(out.name + ".json"), out.with_name(out.name + ".meta.jsonl")
-    k, nxt, gaps = 0, start, None   # gaps: the ids, once one is missing (else a range says it)
+    k, nxt, gaps = 0, rows.start, None   # gaps: the ids, once one is missing (else a range says it)
     with files.publishing(out, mode=None) as tmp, files.publishing(metas, mode=None) as tmp_metas, \
             open(tmp, "wb") as array, open(tmp_metas, "w") as lines:   # the user's, to share
         # the header, then the rows as they come: written, not mapped, so nothing of the array
@@ -115,29 +145,29 @@ def _export_npy(ds: Dataset, start: int, stop: int, out: Path) -> int:
         np.lib.format.write_array_header_2_0(array, {"descr": np.lib.format.dtype_to_descr(ds.dtype),
                                                      "fortran_order": False,
                                                      "shape": (present, ds.dim, ds.dim)})
-        for ids, batch in _batches(ds, start, stop):
+        for ids, batch in rows.batches():
             array.write(batch.data)   # C-contiguous: no copy
             if gaps is None and not (ids[0] == nxt and ids[-1] - ids[0] + 1 == len(ids)):
-                gaps = [np.arange(start, nxt)]
+                gaps = [np.arange(rows.start, nxt)]
             if gaps is not None:
                 gaps.append(ids)
             nxt = int(ids[-1]) + 1
-            lines.writelines(json.dumps({"id": i, "meta": m}) + "\n" for i, m in _metas(ds, ids))
+            lines.writelines(json.dumps({"id": i, "meta": m}) + "\n" for i, m in rows.metas(ids))
             k += len(batch)
         has_metas = lines.tell() > 0
     if not has_metas:
         metas.unlink()
-    ids = {"start": start, "stop": nxt} if gaps is None else np.concatenate(gaps).tolist()
+    ids = {"start": rows.start, "stop": nxt} if gaps is None else np.concatenate(gaps).tolist()
     files.write_atomic(sidecar, json.dumps(described(ds, ids), indent=1) + "\n", mode=None)
-    return present
+    return k
 
 
-def _export_h5(ds: Dataset, start: int, stop: int, out: Path) -> int:
+def _export_h5(rows: Rows, out: Path) -> int:
     try:
         import h5py
     except ImportError as e:
         raise InputError("export to HDF5 needs h5py: pip install 'unidask[hdf5]'") from e
-    present = _present(ds, start, stop)
+    ds, present = rows.ds, rows.count
     row = ds.dim * ds.dim * ds.dtype.itemsize
     chunk = (max(1, min(present, (1 << 20) // max(1, row))), ds.dim, ds.dim)   # about 1 MB a chunk
     with files.publishing(out, mode=None) as tmp, h5py.File(tmp, "w") as f:
@@ -146,29 +176,29 @@ def _export_h5(ds: Dataset, start: int, stop: int, out: Path) -> int:
         id_set = f.create_dataset("ids", shape=(present,), dtype=np.int64)
         meta_set = None
         k = 0
-        for ids, batch in _batches(ds, start, stop):
+        for ids, batch in rows.batches():
             data[k:k + len(batch)] = batch
             id_set[k:k + len(batch)] = ids
-            if rows := _metas(ds, ids):
+            if metas := rows.metas(ids):
                 if meta_set is None:
                     meta_set = f.create_dataset("meta", shape=(present,), dtype=h5py.string_dtype())
-                at = np.searchsorted(ids, [i for i, _ in rows]) + k
-                for j, (_, m) in zip(at, rows):
+                at = np.searchsorted(ids, [i for i, _ in metas]) + k
+                for j, (_, m) in zip(at, metas):
                     meta_set[j] = json.dumps(m)
             k += len(batch)
-        about = described(ds, {"start": start, "stop": stop})
+        about = described(ds, {"start": rows.start, "stop": rows.stop})
         for key, value in about["meta"].items():
             f.attrs[key] = value
         f.attrs["spec"] = json.dumps(ds.spec, sort_keys=True)
         f.attrs["source"] = about["source"]
-    return present
+    return k
 
 
-def _export_txt(ds: Dataset, start: int, stop: int, out: Path) -> int:
+def _export_txt(rows: Rows, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    width = len(str(ds.id_range[1] - 1))
+    width = len(str(rows.ds.id_range[1] - 1))
     k = 0
-    for ids_, batch in _batches(ds, start, stop):
+    for ids_, batch in rows.batches():
         for i, u in zip(ids_, batch):
             # %.18e keeps every bit of a float64 (and of a float32 widened to it)
             np.savetxt(out / f"{i:0{width}d}.txt", u.astype(np.complex128), fmt="%.18e")
