@@ -279,6 +279,42 @@ class Bench:
                            "merge MB/s", f"n={dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")
             self.clean()
 
+    # 4b. many shards: the merge of a run's deltas against the same data in one shard
+    def shards(self) -> None:
+        import unidask
+        from unidask import RunDir, worker
+
+        tasks, task_size, dim = (100, 200, 4) if self.quick else (500, 2000, 4)
+        runs = {}
+        for name, every in (("one", tasks), ("many", 1)):
+            d = self.fresh(f"s{name}")
+            spec = unidask.load_config(None, data={
+                "run": {"name": "s", "count": tasks * task_size, "task_size": task_size, "run_dir": str(d / "run")},
+                "generator": {"dim": dim}, "storage": {"local_dir": str(d / "local")},
+                "cluster": {"nodes": 1, "workers": 1}})
+            RunDir(spec.run_dir).prepare(spec, resume=False)
+            os.environ["UNIDASK_NODE"] = "n"
+            for t in range(tasks):   # a stage-out after every task: a first copy, then deltas
+                worker.generate_task(spec, t, "a")
+                if (t + 1) % every == 0:
+                    worker.stage_out(spec, "a", final=t + 1 == tasks)
+            runs[name] = d
+        size = sum(p.stat().st_size for p in (runs["one"] / "run" / "shards").glob("*.db"))
+        count = len(list((runs["many"] / "run" / "shards").glob("*.db")))
+
+        def merge_(d):
+            out = d / "out.db"
+            t = time.perf_counter()
+            unidask.merge(d / "run", out)
+            r = {"rate": size / (time.perf_counter() - t) / 1e6}
+            out.unlink()
+            return r
+
+        self.alternate({"unidask merge, 1 shard": lambda: merge_(runs["one"]),
+                        f"unidask merge, {count} shards": lambda: merge_(runs["many"])},
+                       "merge MB/s", f"n={dim}, the same {size / 1e6:.0f} MB", "unidask merge, 1 shard")
+        self.clean()
+
     # 6. reading a dataset back, as training reads it
     def read(self) -> None:
         import unidask
@@ -389,7 +425,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "stragglers",
-                                                  "merge", "memory", "read"])
+                                                  "merge", "shards", "memory", "read"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -324,3 +324,21 @@ def test_clean_never_removes_the_only_copy(config, tmp_path, capsys):
     assert code == 0 and f"removed {len(staged) + 1} file(s)" in out, out
     assert not RunDir(spec.run_dir).staged_shards() and not leftover.exists()
     assert run_main("verify", merged, capsys=capsys)[0] == 0          # the database is the data now
+
+
+def test_staged_bytes_grow_with_the_data_not_the_stage_outs(config, tmp_path):
+    """Many stage-outs: each after the first stages only the tasks written since (a delta shard),
+    so the bytes written to the run dir stay within 1.5x the data (a whole copy each time made
+    them grow with data x stage-outs); the merged data is the same bytes as a run staged once."""
+    spec = config(run={"count": 60000, "task_size": 500}, generator={"dim": 8},
+                  storage={"stage_every": 0.2})
+    result = unidask.run(spec)
+    stages = RunDir(spec.run_dir).read_stages()
+    written = sum(s["bytes"] for s in stages)
+    data = 60000 * 8 * 8 * 16
+    assert len([s for s in stages if s["path"]]) >= 10, len(stages)   # many stage-outs
+    assert written <= 1.5 * data, (written / data, len(stages))
+    once = config("once.toml", run={"count": 60000, "task_size": 500, "run_dir": str(tmp_path / "once")},
+                  generator={"dim": 8}, storage={"local_dir": str(tmp_path / "once-local")})
+    assert merged_data(result.merged.out) == merged_data(unidask.run(once).merged.out)
+    assert result.merged.duplicates == 0

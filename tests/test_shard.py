@@ -84,15 +84,22 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
         header = f.read(20)
     assert header[18:20] == b"\x01\x01"   # rollback-journal file format: readable without -wal/-shm
     assert con.execute("PRAGMA page_size").fetchone()[0] == 65536
-    # the final stage-out removes the live local shard (a single-writer one on the run dir's
-    # filesystem is renamed into place)
+    # a later stage-out stages only the new task, in a shard of its own (a delta); the final one
+    # removes the live local shard
     worker.generate_task(spec, 5, "z")
     final = worker.stage_out(spec, "z", final=True)
-    assert not shard.local_path(spec, "z").exists() and final["path"] == str(dest)
+    delta = Path(final["path"])
+    assert not shard.local_path(spec, "z").exists() and delta != dest and delta.name.startswith(dest.stem)
+    assert (final["tasks"], final["new_tasks"], final["rows"]) == (6, 1, 600)
     assert not list(spec.local_dir.rglob("*.db*"))
-    con = db.connect_readonly(dest)
+    con = db.connect_readonly(delta)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 600
+    assert con.execute("SELECT task, count FROM tasks").fetchall() == [(5, 100)]
+    assert con.execute("SELECT min(id), max(id), count(*) FROM unitaries").fetchone() == (500, 599, 100)
+    assert con.execute("PRAGMA page_size").fetchone()[0] == 65536
+    assert db.read_meta(con) == db.read_meta(db.connect_readonly(dest))
+    db.check(delta, spec.fingerprint, db.Expected.of(spec))   # what the merge checks of a shard
+    assert sorted(db.tasks_in(dest) + db.tasks_in(delta)) == list(range(6))   # each task staged once
     assert dest.read_bytes()[18:20] == b"\x01\x01"
 
 

@@ -272,6 +272,24 @@ def show(figures: Any, as_json: bool) -> int:
     return 0
 
 
+@cli.command("plan")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--nodes", type=click.IntRange(min=1), help="Nodes (default: the config's cluster.nodes).")
+@click.option("--cores", type=click.IntRange(min=1),
+              help="Cores per node (default: this machine's, shared out as local mode does).")
+@click.option("--seconds-per-unitary", type=click.FloatRange(min=0, min_open=True),
+              help="The generator's cost on the nodes, where it differs from this machine's.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@set_option
+def plan_cmd(config: str, nodes: int | None, cores: int | None, seconds_per_unitary: float | None,
+             as_json: bool, overrides: tuple[tuple[str, Any], ...]) -> int:
+    """What CONFIG's run will be: tasks, duration, core-hours, bytes, shards, merge, warnings."""
+    from .config import load_config
+    from .estimate import estimate
+
+    return show(estimate(load_config(config, dict(overrides)), nodes, cores, seconds_per_unitary), as_json)
+
+
 @cli.command()
 @click.argument("db", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

@@ -378,7 +378,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
             if tasks:
                 driver.generate(tasks)
             finals = driver.settle(driver.stage_all(final=True), block=True)
-            result.shards += [s["path"] for s in finals if s["path"] not in result.shards]
+            result.shards += [s["path"] for s in finals if s["path"] and s["path"] not in result.shards]
             # a node that lost its disk took its unstaged tasks with it: generate them again
             tasks = plan.todo(spec, run_dir.staged_tasks())
             if not tasks or round == REDO_ROUNDS:

@@ -80,10 +80,10 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
         if not skip_bad:
             raise BadFile(p, f"{why}; refused")
         report.rejected.append((str(p), why))
-    good = []
+    good, fingerprint = [], spec.fingerprint   # a hash of the spec: once, not once a shard
     for p in paths:
         try:
-            check_database(p, spec.fingerprint)
+            check_database(p, fingerprint)
             good.append(p)
         except BadFile as e:
             if not skip_bad:

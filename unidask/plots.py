@@ -15,8 +15,10 @@ def duration(seconds: float | None) -> str:
     """``3725`` -> ``"1 h 02 min"``; a person's reading of a duration, not a clock's."""
     if seconds is None or not math.isfinite(seconds):
         return "?"
+    if seconds < 0.0995:
+        return f"{max(0.0, seconds) * 1e3:.2g} ms"
     if seconds < 9.95:
-        return f"{max(0.0, seconds):.1f} s"
+        return f"{seconds:.1f} s"
     s = round(seconds)
     if s < 60:
         return f"{s} s"
@@ -25,6 +27,14 @@ def duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600} h {s % 3600 // 60:02d} min"
     return f"{s // 86400} d {s % 86400 // 3600:02d} h"
+
+
+def size(nbytes: float) -> str:
+    """``1.5e9`` -> ``"1.5 GB"``: bytes in the unit that reads best."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:,.0f} B"
 
 
 def clock(t: float | None) -> str:

@@ -204,6 +204,48 @@ class Shard:
             raise self._stage_error(dest, e) from e
         return dest, *counts
 
+    def delta(self, dest: Path, since: set[int]) -> tuple[Path, list[int], int] | None:
+        """Stage out only the tasks not in ``since`` (those an earlier stage-out of this process
+        staged): a shard of its own at ``dest``, merged like any other, so the bytes written to
+        shared storage grow with the data, not with the data times the stage-outs. None when no
+        task is new. Returns the path, the tasks and the rows staged."""
+        task_size = int(db.read_meta(self.con)["task_size"])
+        try:
+            self.con.execute("BEGIN")   # one read snapshot of a WAL shard's other writers' commits
+            try:
+                new = [t for (t,) in self.con.execute("SELECT task FROM tasks ORDER BY task") if t not in since]
+                if not new:
+                    return None
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with files.publishing(dest) as tmp:
+                    out = sqlite3.connect(tmp, isolation_level=None)
+                    try:
+                        out.execute(f"PRAGMA page_size = {self.con.execute('PRAGMA page_size').fetchone()[0]}")
+                        out.execute("PRAGMA journal_mode = OFF")   # built whole, then published
+                        out.executescript(db.SCHEMA)
+                    finally:
+                        out.close()
+                    self.con.execute("ATTACH DATABASE ? AS delta", (str(tmp),))
+                    try:
+                        self.con.execute("INSERT INTO delta.meta SELECT * FROM main.meta")
+                        self.con.executemany("INSERT INTO delta.tasks SELECT * FROM main.tasks WHERE task = ?",
+                                             ((t,) for t in new))
+                        self.con.executemany("INSERT INTO delta.unitaries SELECT * FROM main.unitaries "
+                                             "WHERE id >= ? AND id < ?",
+                                             ((t * task_size, (t + 1) * task_size) for t in new))
+                        self.con.execute("COMMIT")
+                    finally:
+                        if self.con.in_transaction:
+                            self.con.execute("ROLLBACK")
+                        self.con.execute("DETACH DATABASE delta")
+                    tasks, rows = self._seal(tmp)
+            finally:
+                if self.con.in_transaction:
+                    self.con.execute("ROLLBACK")
+        except (sqlite3.Error, OSError) as e:
+            raise self._stage_error(dest, e) from e
+        return dest, new, rows
+
     def _stage_error(self, dest: Path, e: Exception) -> RunError:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         return RunError(f"cannot stage {self.path} to {dest}: {reason}")
@@ -363,10 +405,28 @@ def close_shards() -> list[str]:
 
 # -- stage-outs --------------------------------------------------------------------------------------
 
+class Staged:
+    """What this process staged of one live shard: the tasks, their rows, and the name of its next
+    delta (a token of this process, so no two processes' deltas share a name)."""
+
+    def __init__(self) -> None:
+        self.tasks: set[int] = set()
+        self.rows = 0
+        self.token, self.seq = secrets.token_hex(2), 0
+
+    def next_name(self, live: "Shard") -> str:
+        self.seq += 1
+        return f"{live.path.stem}-{live.uid}-d{self.token}{self.seq:05d}.db"
+
+
+_staged: dict[Path, Staged] = {}   # outlives the Shard objects (a node shard is closed before its final stage)
+
+
 def stage(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
-    """Copy this process's (or node's) shard to the run dir as a whole snapshot; None if it has
-    none. ``final``: close it and delete the local shard after staging (for a node shard, the
-    driver closes the other processes' connections first)."""
+    """Stage this process's (or node's) shard out to the run dir; None if it has none. The first
+    stage-out of a process copies the whole shard; each later one only the tasks written since
+    (:meth:`Shard.delta`). ``final``: then close it and delete the local shard (for a node shard,
+    the driver closes the other processes' connections first)."""
     node = slurm.node_name()
     if spec.storage.shard_per == "process":
         stage_orphans(spec, attempt, node)
@@ -375,14 +435,25 @@ def stage(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | 
         return None
     start = time.time()
     live, staging = for_task(spec, attempt), RunDir(spec.run_dir).shards
-    if not final or (moved := live.close_and_move(staging)) is None:
-        moved = live.snapshot(staging)
-    dest, tasks, rows = moved
+    done = _staged.setdefault(path, Staged())
+    if not done.tasks:   # the whole shard: a rename where it can be (the last stage-out, one disk)
+        if not final or (moved := live.close_and_move(staging)) is None:
+            moved = live.snapshot(staging)
+        dest, _, rows = moved
+        new = db.tasks_in(dest)
+    elif (moved := live.delta(staging / done.next_name(live), done.tasks)) is not None:
+        dest, new, rows = moved
+    else:
+        dest, new, rows = None, [], 0
+    done.tasks.update(new)
+    done.rows += rows
     if final:
         close_shards()
         db.remove_files(path)
-    return {"node": node, "path": str(dest), "tasks": tasks, "rows": rows,
-            "bytes": dest.stat().st_size, "time": time.time(), "seconds": time.time() - start}
+        _staged.pop(path, None)
+    return {"node": node, "path": None if dest is None else str(dest), "tasks": len(done.tasks),
+            "rows": done.rows, "new_tasks": len(new), "bytes": 0 if dest is None else dest.stat().st_size,
+            "time": time.time(), "seconds": time.time() - start}
 
 
 def stage_orphans(spec: Spec, attempt: str, node: str) -> list[Path]:

@@ -1,0 +1,167 @@
+"""``unidask plan CONFIG``: what a run will be, before it spends queue time: tasks and their time,
+duration and core-hours, shards and bytes on local and shared storage, the merged database and
+its merge, and warnings (scheduler-bound, too few tasks per worker, too many shards).
+
+The generator's cost is measured here, on this machine, with a short calibration (the nodes may
+be faster or slower: ``--seconds-per-unitary`` overrides it); the one-of-a-kind parts use the
+figures of the benchmark (README, Performance and Scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import generators
+from .config import Spec
+from .plots import duration, size
+
+SCHEDULER_CPU = 0.0056   # s of driver + scheduler CPU per task (benchmark, task_size section)
+SCHEDULER_LOAD = 0.5     # the share of that core a plan may use before it warns
+TASKS_PER_WORKER = 4     # fewer and the run ends unevenly, with no spare tasks for backups
+MERGE_BYTES_S = 230e6    # merge throughput at n = 4 on 2 cores, the slowest case measured
+MANY_SHARDS = 20_000     # staged files beyond which the merge's per-file cost shows
+CALIBRATE_S = 1.0        # seconds of generation and writing the calibration counts (at least)
+
+
+@dataclass
+class Estimate:
+    tasks: int
+    task_size: int
+    unitaries: int
+    seconds_per_unitary: float
+    nodes: int
+    workers_per_node: int
+    row_bytes: float
+    stage_every: float
+    shard_per: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def workers(self) -> int:
+        return self.nodes * self.workers_per_node
+
+    @property
+    def task_seconds(self) -> float:
+        return self.task_size * self.seconds_per_unitary
+
+    @property
+    def wall_seconds(self) -> float:
+        """Rounds of tasks over the workers, or what the scheduler can hand out, whichever is slower."""
+        rounds = math.ceil(self.tasks / self.workers) * (self.task_seconds + SCHEDULER_CPU)
+        return max(rounds, self.tasks * SCHEDULER_CPU)
+
+    @property
+    def core_hours(self) -> float:
+        return self.wall_seconds * self.workers / 3600
+
+    @property
+    def data_bytes(self) -> int:
+        return int(self.unitaries * self.row_bytes)
+
+    @property
+    def shards(self) -> int:
+        """Staged files: per shard, a first copy, then a delta per stage-out while it writes."""
+        writers = self.workers if self.shard_per == "process" else self.nodes
+        return writers * (1 + int(self.wall_seconds // self.stage_every))
+
+    @property
+    def merge_seconds(self) -> float:
+        return self.data_bytes / MERGE_BYTES_S
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), **{k: getattr(self, k) for k in (
+            "workers", "task_seconds", "wall_seconds", "core_hours", "data_bytes", "shards", "merge_seconds")}}
+
+    def format(self) -> str:
+        lines = [
+            f"tasks       {self.tasks:,} of {self.task_size:,} unitaries, {duration(self.task_seconds)} each "
+            f"({self.seconds_per_unitary * 1e6:,.1f} µs a unitary, measured here)",
+            f"workers     {self.workers:,} ({self.nodes:,} node(s) x {self.workers_per_node})",
+            f"duration    about {duration(self.wall_seconds)} of generation, {self.core_hours:,.1f} core-hours",
+            f"data        {size(self.data_bytes)} merged; about {size(self.data_bytes / self.nodes)} of local "
+            "disk per node",
+            f"shards      about {self.shards:,} staged file(s) ({self.shard_per} shards, a delta per "
+            f"stage-out every {duration(self.stage_every)})",
+            f"merge       about {duration(self.merge_seconds)}",
+        ]
+        return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
+
+
+def calibrate(spec: Spec) -> tuple[float, float]:
+    """(seconds per unitary, stored bytes per row) of ``spec``'s tasks, measured here as a worker
+    does them: generated, then written to a shard (in a temporary directory). Tasks are made
+    smaller than the run's where those would take long; the first, a warm-up, is not counted."""
+    from . import shard
+
+    size, spent, t = 1, 0.0, 0
+    per_unitary: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="unidask-plan-") as tmp:
+        meta, opts = shard.options(spec)
+        live = shard.Shard(Path(tmp) / "c.db", meta, **{**opts, "allow_network_fs": True})
+        try:
+            while spent < CALIBRATE_S:
+                small = dataclasses.replace(spec, task_size=size, count=size * (t + 1))
+                start = time.perf_counter()
+                array, metas = generators.generate(small, t)
+                live.write_task(t, t * size, array, metas, {"seed": "0/0", "node": "plan", "worker": "plan",
+                                                            "started": 0.0, "finished": 0.0})
+                took = time.perf_counter() - start
+                if t > 0:
+                    spent += took
+                    per_unitary.append(took / size)
+                if took < CALIBRATE_S / 10 and size < spec.task_size:
+                    size = min(size * 4, spec.task_size)
+                t += 1
+            stored, rows = live.nbytes, live.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
+        finally:
+            live.close()
+    # the median task: this machine's speed drifts, and a hiccup should not set the plan
+    return float(np.median(per_unitary)), stored / rows
+
+
+def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
+             seconds_per_unitary: float | None = None) -> Estimate:
+    """The run ``spec`` on ``nodes`` nodes of ``cores`` cores (default: the config's nodes, and
+    this machine's cores per node as local mode shares them out)."""
+    per_unitary, row = calibrate(spec)
+    nodes = nodes or spec.cluster.nodes
+    per_node = spec.cluster.workers_per_node(cores) if cores else spec.cluster.local_per_node()
+    e = Estimate(tasks=spec.n_tasks, task_size=spec.task_size, unitaries=spec.count,
+                 seconds_per_unitary=seconds_per_unitary or per_unitary, nodes=nodes,
+                 workers_per_node=per_node, row_bytes=row, stage_every=spec.storage.stage_every,
+                 shard_per=spec.storage.shard_per)
+    rate = e.workers / e.task_seconds if e.task_seconds > 0 else math.inf
+    capacity = SCHEDULER_LOAD / SCHEDULER_CPU
+    if rate > capacity and e.wall_seconds > 60:   # a minute's run is not worth a warning
+        good = math.ceil(e.workers * SCHEDULER_CPU / SCHEDULER_LOAD / e.seconds_per_unitary)
+        # tasks big enough for the scheduler, and still TASKS_PER_WORKER of them each: at most
+        # this many workers (W^2 <= load * count * s/unitary / (TASKS_PER_WORKER * cpu per task))
+        most = int(math.sqrt(SCHEDULER_LOAD * e.unitaries * e.seconds_per_unitary / TASKS_PER_WORKER / SCHEDULER_CPU))
+        e.warnings.append(f"scheduler-bound: {e.workers:,} workers finish {rate:,.0f} tasks/s, more than "
+                          f"the scheduler hands out at half its core ({capacity:,.0f}/s): set run.task_size "
+                          f">= {good:,}" + (f"; a run of {e.unitaries:,} keeps at most about {most:,} workers "
+                                            f"busy with {TASKS_PER_WORKER}+ such tasks each" if most < e.workers else ""))
+    if e.tasks < TASKS_PER_WORKER * e.workers:
+        e.warnings.append(f"{e.tasks:,} tasks for {e.workers:,} workers: fewer than {TASKS_PER_WORKER} each, "
+                          "so the run ends unevenly and backup tasks have little to run; a smaller "
+                          "run.task_size gives more")
+    if e.shards > MANY_SHARDS:
+        e.warnings.append(f"about {e.shards:,} staged files: a longer storage.stage_every or "
+                          "storage.shard_per = \"node\" gives fewer")
+    local = spec.local_dir
+    while not local.exists() and local != local.parent:
+        local = local.parent
+    free = os.statvfs(local).f_bavail * os.statvfs(local).f_frsize
+    if e.data_bytes / e.nodes > free:
+        e.warnings.append(f"a node's share ({e.data_bytes / e.nodes / 1e9:,.1f} GB) exceeds the free space "
+                          f"of {local} here ({free / 1e9:,.1f} GB): check the nodes' local disks")
+    return e
