@@ -98,10 +98,32 @@ class Dataset:
         except sqlite3.DatabaseError as e:
             raise InputError(f"{self.path}: damaged database ({e})") from e
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one matrix."""
+        return self.dim * self.dim * self.dtype.itemsize
+
     @cached_property
     def _rows_per_read(self) -> int:
         """Rows one query concatenates: SQLite's strings stop at 1 GB; far less keeps memory flat."""
-        return max(1, READ_BYTES // max(1, self.dim * self.dim * self.dtype.itemsize))
+        return max(1, READ_BYTES // max(1, self.row_bytes))
+
+    def _out_of_range(self, i: Any) -> IndexError:
+        return IndexError(f"{self.path}: id {i} is out of range: the dataset holds ids "
+                          f"{self.id_range[0]}:{self.id_range[1]}")
+
+    def _joined(self, arrays: list[np.ndarray]) -> np.ndarray:
+        """Read parts as one ``(k, n, n)`` array (no copy for one part)."""
+        if len(arrays) == 1:
+            return arrays[0]
+        return np.concatenate(arrays) if arrays else np.zeros((0, self.dim, self.dim), self.dtype)
+
+    def parse_meta(self, i: int, text: str | None) -> Any:
+        """Row ``i``'s stored metadata (JSON text) as Python; a damaged one is an InputError."""
+        try:
+            return None if text is None else json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{self.path}: damaged database (the meta of id {i} is not JSON: {e})") from e
 
     def _read(self, where: str, args: tuple) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, (k, n, n) writable array)`` of the rows ``where`` selects, in id order.
@@ -130,8 +152,7 @@ class Dataset:
             if key and all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
                            for i in key):
                 if (bad := next((i for i in key if not -n <= i < n), None)) is not None:
-                    raise IndexError(f"{self.path}: id {bad} is out of range: the dataset holds ids "
-                                     f"{self.id_range[0]}:{n}")   # before numpy makes it a float
+                    raise self._out_of_range(bad)   # before numpy makes it a float
                 key = np.asarray(key, dtype=np.int64)
             else:
                 key = np.asarray(key)
@@ -144,16 +165,13 @@ class Dataset:
                                                   and key.dtype.kind in "iu"):
             i = int(key)
             if not -n <= i < n:
-                raise IndexError(f"{self.path}: id {i} is out of range: the dataset holds ids "
-                                 f"{self.id_range[0]}:{n}")
+                raise self._out_of_range(i)
             return i % n if n else i
         if isinstance(key, np.ndarray):
             ids = key
             if ids.ndim == 1 and (ids.dtype.kind in "iu" or ids.size == 0):
                 if ids.size and (ids.min() < -n or ids.max() >= n):
-                    bad = ids[(ids < -n) | (ids >= n)][0]
-                    raise IndexError(f"{self.path}: id {bad} is out of range: the dataset holds ids "
-                                     f"{self.id_range[0]}:{n}")
+                    raise self._out_of_range(ids[(ids < -n) | (ids >= n)][0])
                 return np.where(ids < 0, ids + n, ids).astype(np.int64)
         raise TypeError(f"Dataset indices must be integers, slices or 1-D integer arrays, not "
                         f"{type(key).__name__}")
@@ -179,8 +197,7 @@ class Dataset:
         step = self._rows_per_read
         parts = [self._read("WHERE id >= ? AND id < ?", (a, min(stop, a + step)))[1]
                  for a in range(start, stop, step)]
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else \
-            np.zeros((0, self.dim, self.dim), self.dtype)
+        out = self._joined(parts)
         if len(out) != stop - start:
             raise IndexError(f"{self.path}: ids {start}:{stop} are not all present "
                              f"({len(out)} of {stop - start})")
@@ -194,14 +211,12 @@ class Dataset:
         parts = [self._read("WHERE id IN (SELECT value FROM json_each(?))",
                             (json.dumps(unique[a:a + step].tolist()),)) for a in range(0, len(unique), step)]
         ids = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64)
-        out = parts[0][1] if len(parts) == 1 else np.concatenate([o for _, o in parts]) if parts else \
-            np.zeros((0, self.dim, self.dim), self.dtype)
+        out = self._joined([o for _, o in parts])
         if len(ids) != len(unique):
             missing = np.setdiff1d(unique, ids)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise IndexError(f"{self.path}: no unitary with id {missing[0]}{more}")
-        return out[np.searchsorted(unique, want)] if len(unique) != len(want) or \
-            (len(want) > 1 and (np.diff(want) <= 0).any()) else out
+        return out if np.array_equal(unique, want) else out[np.searchsorted(unique, want)]
 
     def meta_of(self, i: int) -> Any:
         """The JSON metadata stored with unitary ``i`` (e.g. its circuit), or None."""
@@ -211,10 +226,7 @@ class Dataset:
         row = self._query("SELECT meta FROM unitaries WHERE id = ?", (i,)).fetchone()
         if row is None:
             raise IndexError(f"{self.path}: no unitary with id {i}")
-        try:
-            return None if row[0] is None else json.loads(row[0])
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{self.path}: damaged database (the meta of id {i} is not JSON: {e})") from e
+        return self.parse_meta(i, row[0])
 
     def batches(self, size: int = 10_000, start: int = 0, stop: int | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

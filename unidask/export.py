@@ -79,8 +79,9 @@ def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
         with writing(out):
             written = writers[fmt](Rows(ds, start, stop, keep), out)
         if keep is not None:
-            log.info("dropped %s of %s rows that repeat an earlier %s", f"{_present(ds, start, stop) - written:,}",
-                     f"{_present(ds, start, stop):,}", unique)
+            present = _present(ds, start, stop)
+            log.info("dropped %s of %s rows that repeat an earlier %s", f"{present - written:,}",
+                     f"{present:,}", unique)
         return written
 
 
@@ -99,7 +100,7 @@ class Rows:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The rows in id order, a few MB at a time, with a progress bar."""
         ds = self.ds
-        size = max(1, BATCH_BYTES // max(1, ds.dim * ds.dim * ds.dtype.itemsize))
+        size = max(1, BATCH_BYTES // max(1, ds.row_bytes))
         progress = Progress(self.stop - self.start, desc="export")
         for ids, batch in ds.batches(size, self.start, self.stop):
             progress.update(len(ids))
@@ -117,10 +118,7 @@ class Rows:
         rows = self.ds.con.execute("SELECT id, meta FROM unitaries WHERE id >= ? AND id <= ? AND meta "
                                    "IS NOT NULL ORDER BY id", (int(ids[0]), int(ids[-1]))).fetchall()
         wanted = set(ids.tolist()) if self.keep is not None else None
-        try:
-            return [(i, json.loads(m)) for i, m in rows if wanted is None or i in wanted]
-        except (TypeError, ValueError) as e:
-            raise InputError(f"{self.ds.path}: damaged database (a row's meta is not JSON: {e})") from e
+        return [(i, self.ds.parse_meta(i, m)) for i, m in rows if wanted is None or i in wanted]
 
 
 def _present(ds: Dataset, start: int, stop: int) -> int:
@@ -168,8 +166,7 @@ def _export_h5(rows: Rows, out: Path) -> int:
     except ImportError as e:
         raise InputError("export to HDF5 needs h5py: pip install 'unidask[hdf5]'") from e
     ds, present = rows.ds, rows.count
-    row = ds.dim * ds.dim * ds.dtype.itemsize
-    chunk = (max(1, min(present, (1 << 20) // max(1, row))), ds.dim, ds.dim)   # about 1 MB a chunk
+    chunk = (max(1, min(present, (1 << 20) // max(1, ds.row_bytes))), ds.dim, ds.dim)   # about 1 MB a chunk
     with files.publishing(out, mode=None) as tmp, h5py.File(tmp, "w") as f:
         data = f.create_dataset("unitaries", shape=(present, ds.dim, ds.dim), chunks=chunk if present else None,
                                 dtype=ds.dtype.newbyteorder("="))
