@@ -96,8 +96,7 @@ class Tracker:
 def rate_of(history: list[tuple], now: float, node: str | None = None) -> float:
     """Unitaries per second over the last 30 s of ``(time, written, {node: written})`` samples
     (of ``node`` alone if given)."""
-    samples = [(t, w if node is None else per.get(node, 0)) for t, w, *rest in history
-               for per in (rest[0] if rest else {},)]
+    samples = [(t, w if node is None else (rest[0].get(node, 0) if rest else 0)) for t, w, *rest in history]
     recent = [(t, w) for t, w in samples if t >= now - 30] or samples[-2:]
     dt = recent[-1][0] - recent[0][0]
     return (recent[-1][1] - recent[0][1]) / dt if dt > 0 else 0.0

@@ -203,15 +203,20 @@ class Dataset:
                              f"({len(out)} of {stop - start})")
         return out
 
-    def _take(self, want: np.ndarray) -> np.ndarray:
-        """The unitaries of an array of ids, in its order, repeats allowed (a random minibatch):
-        each distinct id read once, by rowid, the ids bound as one JSON array."""
-        unique = np.unique(want)
+    def present(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(the ids of ids that the dataset holds, their unitaries)``, in id order; ``ids``
+        distinct. Each read by rowid, the ids bound as one JSON array a query."""
         step = self._rows_per_read
         parts = [self._read("WHERE id IN (SELECT value FROM json_each(?))",
-                            (json.dumps(unique[a:a + step].tolist()),)) for a in range(0, len(unique), step)]
-        ids = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64)
-        out = self._joined([o for _, o in parts])
+                            (json.dumps(ids[a:a + step].tolist()),)) for a in range(0, len(ids), step)]
+        found = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int64)
+        return found, self._joined([o for _, o in parts])
+
+    def _take(self, want: np.ndarray) -> np.ndarray:
+        """The unitaries of an array of ids, in its order, repeats allowed (a random minibatch):
+        each distinct id read once (:meth:`present`)."""
+        unique = np.unique(want)
+        ids, out = self.present(unique)
         if len(ids) != len(unique):
             missing = np.setdiff1d(unique, ids)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

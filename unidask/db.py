@@ -115,15 +115,6 @@ def read_meta(con: sqlite3.Connection, schema: str = "main") -> dict[str, str]:
     return dict(con.execute(f"SELECT key, value FROM {schema}.meta"))
 
 
-def tasks_in(path: Path) -> list[int]:
-    """The tasks a finished database (a staged shard) holds."""
-    con = connect_readonly(path)
-    try:
-        return [t for (t,) in con.execute("SELECT task FROM tasks")]
-    finally:
-        con.close()
-
-
 def remove_files(path: Path) -> None:
     """Remove a database and its journal, WAL and shared-memory files."""
     for suffix in SUFFIXES:

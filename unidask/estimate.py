@@ -160,7 +160,8 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
     local = spec.local_dir
     while not local.exists() and local != local.parent:
         local = local.parent
-    free = os.statvfs(local).f_bavail * os.statvfs(local).f_frsize
+    st = os.statvfs(local)
+    free = st.f_bavail * st.f_frsize
     if e.data_bytes / e.nodes > free:
         e.warnings.append(f"a node's share ({e.data_bytes / e.nodes / 1e9:,.1f} GB) exceeds the free space "
                           f"of {local} here ({free / 1e9:,.1f} GB): check the nodes' local disks")

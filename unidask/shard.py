@@ -183,11 +183,11 @@ class Shard:
         return f"{self.path.stem}-{self.uid}.db"
 
     def snapshot(self, staging_dir: str | os.PathLike, check: Callable[[Path], Any] | None = None
-                 ) -> tuple[Path, int, int]:
+                 ) -> tuple[Path, list[int], int]:
         """Stage out: write a consistent copy of the shard into ``staging_dir`` under a temporary
         name, fsync it and rename it into place, so the staged name only ever holds a whole
         database. ``check`` sees the copy before the rename (and may refuse it by raising).
-        Returns the staged path and the number of tasks in the copy."""
+        Returns the staged path, the tasks and the rows in the copy."""
         dest = Path(staging_dir) / self.staged_name
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ class Shard:
                         if self.con.in_transaction:
                             self.con.execute("ROLLBACK")
                         self.con.execute("DETACH DATABASE delta")
-                    tasks, rows = self._seal(tmp)
+                    _, rows = self._seal(tmp)
             finally:
                 if self.con.in_transaction:
                     self.con.execute("ROLLBACK")
@@ -251,7 +251,7 @@ class Shard:
         return RunError(f"cannot stage {self.path} to {dest}: {reason}")
 
     @staticmethod
-    def _seal(tmp: Path) -> tuple[int, int]:
+    def _seal(tmp: Path) -> tuple[list[int], int]:
         """Make the staged copy at ``tmp`` a rollback-journal database (header bytes 18-19, the file
         format versions: 1 instead of WAL's 2, what `PRAGMA journal_mode = DELETE` writes; readers
         need no -wal or -shm) and read it back: its tasks and rows."""
@@ -260,11 +260,12 @@ class Shard:
             f.write(b"\x01\x01")
         check = db.connect_readonly(tmp)
         try:
-            return check.execute("SELECT count(*), coalesce(sum(count), 0) FROM tasks").fetchone()
+            rows = check.execute("SELECT task, count FROM tasks").fetchall()
         finally:
             check.close()
+        return [t for t, _ in rows], sum(c for _, c in rows)
 
-    def close_and_move(self, staging_dir: str | os.PathLike) -> tuple[Path, int, int] | None:
+    def close_and_move(self, staging_dir: str | os.PathLike) -> tuple[Path, list[int], int] | None:
         """The final stage-out of a single-writer shard whose staging dir is on the same filesystem
         (one machine): close it and rename the file into place instead of copying it. None, with
         the shard still open, where that does not apply."""
@@ -439,8 +440,7 @@ def stage(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | 
     if not done.tasks:   # the whole shard: a rename where it can be (the last stage-out, one disk)
         if not final or (moved := live.close_and_move(staging)) is None:
             moved = live.snapshot(staging)
-        dest, _, rows = moved
-        new = db.tasks_in(dest)
+        dest, new, rows = moved
     elif (moved := live.delta(staging / done.next_name(live), done.tasks)) is not None:
         dest, new, rows = moved
     else:
