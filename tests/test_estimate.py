@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import unidask
 from unidask import RunDir
@@ -23,8 +24,9 @@ def plan_and_run(tmp_path, name: str, capsys) -> tuple[dict, float, int, int]:
     rows = task_rows(result.merged.out.parent)
     wall = max(r[3] for r in rows) - min(r[2] for r in rows)
     staged = len(RunDir(result.merged.out.parent).staged_shards())
+    # on stderr: stdout is the next plan's JSON when the duration is measured again
     print(f"plan: {plan['wall_seconds']:.2f} s, {plan['data_bytes'] / 1e6:.2f} MB, {plan['shards']} shards; "
-          f"run: {wall:.2f} s, {result.merged.out.stat().st_size / 1e6:.2f} MB, {staged} shards")
+          f"run: {wall:.2f} s, {result.merged.out.stat().st_size / 1e6:.2f} MB, {staged} shards", file=sys.stderr)
     return plan, wall, result.merged.out.stat().st_size, staged
 
 

@@ -133,7 +133,10 @@ def test_slurm_mode_from_the_login_host(cluster, shared, haar_reference, interfa
     r = cli("run", cfg, cwd=shared, env=cluster.env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"dashboard: http://{network}.1:" in r.stderr
-    assert worker_addresses(shared / "run" / "logs") == {f"{network}.{k}" for k in (11, 12, 13)}
+    # every worker on that network; a job SLURM starts after the last task has none to do, so not
+    # every node need have joined
+    seen = worker_addresses(shared / "run" / "logs")
+    assert seen and seen <= {f"{network}.{k}" for k in (11, 12, 13)}, seen
     assert merged_data(shared / "run" / "t.db") == haar_reference
 
 
