@@ -18,6 +18,8 @@ from unidask import db, files, generators, shard, slurm, worker
 from unidask.generators.haar import haar
 from unidask.errors import InputError, RunError
 
+from conftest import REPO, messages
+
 
 def write_tasks(spec, tasks, attempt):
     os.environ["UNIDASK_NODE"] = "shared"
@@ -143,8 +145,9 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
 
 def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypatch):
     """A worker killed between creating its shard and its first task leaves a file with nothing
-    in it (empty, or the schema without meta): its successor removes it instead of leaving it on
-    local disk with a warning; one with a task in its hot journal is still kept for a person."""
+    committed in it (empty, the schema without meta, or a hot journal of its first transaction):
+    its successor removes it instead of leaving it on local disk with a warning. A rollback
+    journal holds the pages as they were before, never a committed task."""
     monkeypatch.setenv("UNIDASK_NODE", "n")
     spec = config(run={"count": 1000, "task_size": 100}, storage={"shard_per": "process"})
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -154,15 +157,29 @@ def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypat
     empty, schema_only, journal = (local / f"n-k-p{dead}{i}.db" for i in ("", "0", "1"))
     pids = {empty: dead, schema_only: dead + "0", journal: dead + "1"}
     empty.touch()
-    for path in (schema_only, journal):
-        con = sqlite3.connect(path)
-        con.executescript(db.SCHEMA)
-        con.close()
-    Path(f"{journal}-journal").write_bytes(b"\xd9\xd5\x05\xf9\x20\xa1\x63\xd7" + bytes(1000))
+    con = sqlite3.connect(schema_only)
+    con.executescript(db.SCHEMA)
+    con.close()
+    # killed inside its first transaction, after SQLite spilled pages to the file: a hot journal
+    subprocess.run([sys.executable, "-c", f"""
+import os, sqlite3, sys
+sys.path.insert(0, {str(REPO)!r})
+from unidask import db
+con = sqlite3.connect({str(journal)!r}, isolation_level=None)
+con.execute("PRAGMA journal_mode = TRUNCATE")
+con.executescript(db.SCHEMA)
+con.execute("PRAGMA cache_size = 1")
+con.execute("BEGIN")
+con.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '2')")
+con.executemany("INSERT INTO unitaries(id, dim, data) VALUES (?, 4, ?)", [(i, bytes(256)) for i in range(2000)])
+os._exit(0)
+"""], check=True)
+    assert os.path.getsize(f"{journal}-journal") > 0 and os.path.getsize(journal) > 100_000
     assert all(not files.pid_alive(int(pid)) for pid in pids.values())
-    assert shard.stage_orphans(spec, "k", "n") == []
-    assert not empty.exists() and not schema_only.exists()
-    assert journal.exists() and os.path.getsize(f"{journal}-journal") > 0   # not ours to drop
+    with messages() as lines:
+        assert shard.stage_orphans(spec, "k", "n") == []
+    assert not empty.exists() and not schema_only.exists() and not journal.exists(), lines
+    assert not any("left in place" in line for line in lines), lines
 
 
 def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):

@@ -121,6 +121,23 @@ def remove_files(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def recover(path: Path) -> None:
+    """Roll back the hot journal (or replay the WAL) a dead writer left beside the shard ``path``,
+    as SQLite does on the next write open: a writer killed inside its first transaction (the
+    meta) leaves the file as it was before it, and :func:`never_written` can then tell. Call it
+    only for a file whose writer is gone."""
+    if not any(Path(f"{path}{s}").exists() and Path(f"{path}{s}").stat().st_size for s in ("-journal", "-wal")):
+        return
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA trusted_schema = OFF")
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()   # the first read rolls back
+    except sqlite3.Error:
+        pass   # a file that is no database: the checks after this name it
+    finally:
+        con.close()
+
+
 def never_written(path: Path) -> bool:
     """True for a shard whose writer died before its first task committed (killed while it created
     the file): empty, or its tables absent or without a row, and no journal or WAL holding more.

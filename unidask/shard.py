@@ -501,6 +501,7 @@ def stage_and_remove(spec: Spec, path: Path) -> Path | None:
     in before a task committed is removed (it holds nothing); anything else is left in place with a
     warning naming it (None)."""
     if (why := files.owned_file(path)) is None:
+        db.recover(path)
         if db.never_written(path):
             log.info("%s: removed, its writer died before its first task", path)
             db.remove_files(path)
