@@ -12,9 +12,9 @@ from pathlib import Path
 
 from distributed import Client, Future, as_completed, wait
 
-from . import cluster, dashboard, generators, plan, shard, slurm, worker
+from . import cluster, dashboard, generators, plan, shard, sizing, slurm, worker
 from .config import Spec
-from .errors import RunError, UnidaskError
+from .errors import RunError, Stopped, UnidaskError
 from .merge import MergeReport, merge as merge_run
 from .progress import Progress
 from .rundir import RunDir
@@ -122,6 +122,8 @@ class Driver:
     def settle_periodic(self, stages: dict, *, block: bool) -> None:
         try:
             self.settle(stages, block=block)
+        except Stopped:   # a signal's, raised where it landed: the run stops
+            raise
         except RunError as e:  # not fatal: the next stage-out, or the final one, tries again
             log.warning("periodic stage-out failed: %s", e)
 
@@ -201,6 +203,7 @@ class Driver:
                     last_stage = time.monotonic()
                 if not task_of:
                     break
+            check_stop()   # one that a view swallowed while the last tasks finished
             self.settle_periodic(stages, block=True)  # before the final one closes the shards
         except BaseException:
             # keep what the workers finished: cancel the rest and stage every shard out
@@ -324,10 +327,10 @@ def task_size_hint(task_size: int, durations: list[float]) -> str | None:
     median = statistics.median(durations)
     if median >= SHORT_TASK:
         return None
-    better = task_size * 0.2 / max(median, 1e-4)
-    better = int(float(f"{better:.1g}"))   # one significant digit: a round number to type
+    better = sizing.round_number(task_size * sizing.TASK_SECONDS / max(median, 1e-4), up=True)
     return (f"hint: a task takes {median * 1e3:.0f} ms, and Dask spends a few ms on each: for tasks "
-            f"of ~0.2 s, give your next run run.task_size = {better} (now {task_size})")
+            f"of ~{sizing.TASK_SECONDS} s, give your next run run.task_size = {better} (now {task_size}), "
+            'or "auto"')
 
 
 def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
@@ -392,5 +395,6 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
         raise RunError(f"{len(missing)} task(s) not staged ({plan.ranges(missing)}): "
                        "run again with --resume")
     if merge:
+        check_stop()
         result.merged = merge_run(spec.run_dir)
     return result
