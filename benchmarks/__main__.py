@@ -73,13 +73,18 @@ class Bench:
                 row["stall"] = max(r.get("stall", 0.0) for r in rs)
             if all("driver_ms" in r for r in rs):
                 row["driver_ms"] = statistics.median(r["driver_ms"] for r in rs)
+                row["driver_core"] = statistics.median(r["driver_core"] for r in rs)
+                row["task_size"] = sorted({r["task_size"] for r in rs})
             self.rows.append(row)
             print(format_row(row), flush=True)
 
-    def alternate(self, contenders: dict, section: str, case: str, baseline: str) -> None:
+    def alternate(self, contenders: dict, section: str, case: str, baseline: str, rounds: int = 0) -> None:
         results: dict[str, list[dict]] = {name: [] for name in contenders}
-        for _ in range(self.rounds):
-            for name, run in contenders.items():
+        names = list(contenders)
+        for r in range(max(rounds, self.rounds)):
+            # each round starts with the next contender: none always runs first (or after the same one)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                run = contenders[name]
                 # no contender pays for the writeback of the one before: the thousands of small
                 # files of file-per-unitary, flushed during the next round's unidask run, gave
                 # 0.75x the bare loop at n=4, 2 workers, in one run of this section; 0.95x with this
@@ -134,7 +139,7 @@ class Bench:
             }, "generate", f"n={dim}", "unidask haar")
 
     # 3. end to end
-    def run_unidask(self, count: int, dim: int, task: int, workers: int, shard_per: str = "process",
+    def run_unidask(self, count: int, dim: int, task: int | str, workers: int, shard_per: str = "process",
                     backups: bool = True, stop_one_after: float | None = None) -> dict:
         """One run; ``stop_one_after``: SIGSTOP one worker process that many seconds in, for good
         (a node in an NFS stall), and kill it at the end."""
@@ -163,14 +168,17 @@ class Bench:
         # the driver's process holds the local cluster's scheduler too: its own CPU per task is
         # what a SLURM job's first node spends beside its workers (issue 18: reserve a core?)
         own = psutil.Process()
-        before = sum(own.cpu_times()[:2])
+        before, start = sum(own.cpu_times()[:2]), time.monotonic()
         try:
             rate = unidask.run(spec, merge=False).rate
-            return {"rate": rate, "driver_ms": 1000 * (sum(own.cpu_times()[:2]) - before) / spec.n_tasks}
+            cpu = sum(own.cpu_times()[:2]) - before
+            return {"rate": rate, "driver_ms": 1000 * cpu / spec.n_tasks, "driver_core": cpu / (time.monotonic() - start),
+                    "task_size": spec.task_size}
         finally:
             for p in stopped:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
+            shutil.rmtree(d, ignore_errors=True)   # only the rate is kept: free the disk for the next
 
     def run_bare(self, count: int, dim: int, task: int, workers: int) -> dict:
         return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task,
@@ -204,7 +212,26 @@ class Bench:
             }, "task size", f"n={dim} workers={workers} task={task}", "unidask run")
             self.clean()
 
-    # 3c. backup tasks: what they cost a healthy run, what they save with one stopped worker
+    # 3c. the one-of-a-kind parts with many workers: the driver's and scheduler's CPU per task
+    # (tasks of one U(2): nothing but that cost), and task_size = "auto" against fixed sizes
+    def scheduler(self) -> None:
+        tasks = 500 if self.quick else 3000
+        for workers in (2, 16, 32):
+            self.alternate({"unidask run": lambda: self.run_unidask(tasks, 2, 1, workers)},
+                           "scheduler", f"empty tasks workers={workers}", "unidask run")
+            self.clean()
+
+    def auto_size(self) -> None:
+        count, workers = (400_000, 32) if self.quick else (2_000_000, 32)
+        contenders = {"task_size auto": lambda: self.run_unidask(count, 4, "auto", workers)}
+        for task in (2_000, 20_000) if self.quick else (5_000, 20_000, 50_000, 100_000, 200_000):
+            contenders[f"task_size {task}"] = lambda task=task: self.run_unidask(count, 4, task, workers)
+        # a run here varies by about 10%: more rounds than elsewhere, for medians that tell apart
+        self.alternate(contenders, "auto size", f"n=4 workers={workers} count={count}", "task_size auto",
+                       rounds=3 if self.quick else 5)
+        self.clean()
+
+    # 3d. backup tasks: what they cost a healthy run, what they save with one stopped worker
     def stragglers(self) -> None:
         dim, workers = 16, 2
         task = work.TASK_SIZE[dim] // (2 if self.quick else 1)
@@ -415,7 +442,8 @@ def format_row(r: dict) -> str:
     ratio = f"{r['ratio']:6.2f}x" if r.get("ratio") is not None else "       "
     extra = f"  locked {r['locked']}, longest stall {r['stall']:.2f} s" if "locked" in r else ""
     if "driver_ms" in r:
-        extra += f"  driver+scheduler {r['driver_ms']:.1f} ms CPU/task"
+        extra += (f"  driver+scheduler {r['driver_ms']:.1f} ms CPU/task ({r['driver_core']:.0%} of a core), "
+                  f"task_size {'/'.join(map(str, r['task_size']))}")
     return f"{r['section']:<11} {r['case']:<26} {r['contender']:<27} {r['rate']:>13,.1f}  {ratio}{extra}"
 
 
@@ -424,7 +452,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "stragglers",
+    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "scheduler", "auto_size", "stragglers",
                                                   "merge", "shards", "memory", "read"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores

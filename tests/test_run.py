@@ -154,7 +154,7 @@ def test_task_size_hint_only_for_short_tasks():
     from unidask.driver import task_size_hint
 
     assert task_size_hint(1000, [0.2] * 50) is None
-    assert "run.task_size = 20000 (now 100)" in task_size_hint(100, [0.001] * 50)
+    assert "run.task_size = 50000 (now 100)" in task_size_hint(100, [0.001] * 50)
 
 
 def test_page_size_auto_follows_the_matrix_size_and_a_set_one_is_kept(config, tmp_path):

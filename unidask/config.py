@@ -79,7 +79,14 @@ def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def auto_or(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda value: value if value == "auto" else check(value)
+    def either(value: Any) -> Any:
+        if value == "auto":
+            return value
+        try:
+            return check(value)
+        except ValueError as e:
+            raise ValueError(f'{e} or "auto"') from None
+    return either
 
 
 def directives(value: Any) -> tuple[str, ...]:
@@ -188,7 +195,7 @@ class Spec:
 
     name: str
     count: int
-    task_size: int
+    task_size: int   # "auto" only until load_config resolves it (sizing.resolve)
     seed: int
     run_dir: Path
     kind: str
@@ -214,8 +221,9 @@ class Spec:
         if run["count"] is None:
             raise InputError(f"{where}: run.count is required")
         values = {"name": _check(name, "run", "name", run["name"], where)}
-        for key, minimum in (("count", 1), ("task_size", 1), ("seed", 0)):
+        for key, minimum in (("count", 1), ("seed", 0)):
             values[key] = _check(integer(minimum), "run", key, run[key], where)
+        values["task_size"] = _check(auto_or(integer(1)), "run", "task_size", run["task_size"], where)
         run_dir = Path(expand_vars(str(run["run_dir"] or f"runs/{run['name']}"), where)).absolute()
         kind = gen.pop("kind")
         dtype = _check(one_of("complex128", "complex64"), "generator", "dtype", gen.pop("dtype"), where)
@@ -313,7 +321,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         _update(merged, {section: {item: value}}, "override")
     if merged["run"]["name"] is None:
         merged["run"]["name"] = Path(path).stem if path is not None else "unidask"
-    return Spec.from_dict({**merged, "code": code}, where, recorded=recorded)
+    from .sizing import resolve   # sizing calibrates with the shard code, which imports this
+
+    return resolve(Spec.from_dict({**merged, "code": code}, where, recorded=recorded))
 
 
 def parse_override(item: str) -> tuple[str, Any]:

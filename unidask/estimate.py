@@ -23,10 +23,8 @@ import numpy as np
 from . import generators
 from .config import Spec
 from .plots import duration, size
+from .sizing import SCHEDULER_CPU, SCHEDULER_LOAD, TASKS_PER_WORKER
 
-SCHEDULER_CPU = 0.0056   # s of driver + scheduler CPU per task (benchmark, task_size section)
-SCHEDULER_LOAD = 0.5     # the share of that core a plan may use before it warns
-TASKS_PER_WORKER = 4     # fewer and the run ends unevenly, with no spare tasks for backups
 MERGE_BYTES_S = 230e6    # merge throughput at n = 4 on 2 cores, the slowest case measured
 MANY_SHARDS = 20_000     # staged files beyond which the merge's per-file cost shows
 CALIBRATE_S = 1.0        # seconds of generation and writing the calibration counts (at least)

@@ -1,0 +1,80 @@
+"""run.task_size = "auto": the size chosen keeps the scheduler under its load and every worker
+busy, is recorded, and is reused on resume whatever the workers, so the bytes stay the same."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given, settings, strategies as st
+
+import unidask
+from unidask import RunDir, plan, sizing
+
+from conftest import merged_data, messages, run_main, write_config
+
+ROUND = {m * 10 ** e for e in range(12) for m in (1, 2, 5)}
+
+
+@settings(max_examples=500, deadline=None)
+@given(count=st.integers(1, 10**12), seconds=st.floats(1e-8, 10.0), unitary_bytes=st.integers(8, 1 << 31),
+       workers=st.integers(1, 100_000))
+def test_auto_size_keeps_the_scheduler_under_its_load_and_every_worker_busy(count, seconds, unitary_bytes,
+                                                                             workers):
+    size = sizing.choose(count, seconds, unitary_bytes, workers)
+    assert 1 <= size <= count and (size in ROUND or size == count)
+    if size == 1:
+        return
+    # never fewer tasks than a few per worker, nor a task's array beyond the bound
+    assert plan.n_tasks(count, size) >= sizing.TASKS_PER_WORKER * workers
+    assert size * unitary_bytes <= sizing.TASK_BYTES
+    bounded = min(count / (sizing.TASKS_PER_WORKER * workers), sizing.TASK_BYTES / unitary_bytes)
+    if size * 10 > bounded:   # bounded by the workers or memory: the largest round size under it
+        return
+    # otherwise long enough: the scheduler at most at SCHEDULER_LOAD, each task TASK_SECONDS or more
+    task = size * seconds
+    assert task >= sizing.TASK_SECONDS * (1 - 1e-9)
+    assert workers * sizing.SCHEDULER_CPU / task <= sizing.SCHEDULER_LOAD * (1 + 1e-9)
+
+
+def test_round_numbers():
+    assert [sizing.round_number(x, up=True) for x in (0.3, 1, 1.5, 3, 20, 21, 999, 1001)] == \
+        [1, 1, 2, 5, 20, 50, 1000, 2000]
+    assert [sizing.round_number(x, up=False) for x in (0.3, 1.9, 3, 20, 49, 999, 1001)] == \
+        [1, 1, 2, 20, 20, 500, 1000]
+
+
+def test_a_bad_task_size_is_named_in_one_line(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.toml", run={"task_size": "big"})
+    code, out, err = run_main("run", cfg, capsys=capsys)
+    assert code == 2 and err.strip().splitlines()[-1].endswith('run.task_size must be an integer >= 1 or "auto", '
+                                                               "got 'big'")
+
+
+def test_auto_size_is_recorded_and_a_resume_on_other_workers_reuses_it(tmp_path):
+    """Two simulated nodes choose the size and stage; a shard is lost; the resume on one node of
+    one worker reuses the recorded size (no calibration) and merges to the bytes of a run with
+    that size fixed."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    cfg = write_config(tmp_path / "a" / "c.toml", run={"count": 20_000, "task_size": "auto"})
+    with messages() as lines:
+        first = unidask.load_config(cfg)
+    size = first.task_size
+    assert isinstance(size, int) and any("run.task_size = auto" in line for line in lines)
+    assert 1 < size <= 20_000 // (sizing.TASKS_PER_WORKER * 2)   # 2 nodes of 1 worker
+    result = unidask.run(first, merge=False)
+    rd = RunDir(first.run_dir)
+    assert json.loads(rd.record_path.read_text())["spec"]["run"]["task_size"] == size
+    lost = max(map(Path, result.shards), key=lambda p: p.stat().st_size)
+    lost.unlink()
+    assert rd.staged_tasks() and len(rd.staged_tasks()) < first.n_tasks
+
+    with messages() as lines:
+        again = unidask.load_config(cfg, {"cluster.nodes": 1, "cluster.workers": 1})
+    assert again.task_size == size and not any("run.task_size = auto" in line for line in lines)
+    resumed = unidask.run(again, resume=True)
+    assert resumed.merged.complete and resumed.skipped_tasks > 0
+
+    fixed = write_config(tmp_path / "b" / "c.toml", run={"count": 20_000, "task_size": size})
+    reference = unidask.run(unidask.load_config(fixed))
+    assert merged_data(resumed.merged.out) == merged_data(reference.merged.out)
