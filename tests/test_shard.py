@@ -98,7 +98,9 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT task, count FROM tasks").fetchall() == [(5, 100)]
     assert con.execute("SELECT min(id), max(id), count(*) FROM unitaries").fetchone() == (500, 599, 100)
-    assert con.execute("PRAGMA page_size").fetchone()[0] == 65536
+    row = con.execute("SELECT length(data) FROM unitaries LIMIT 1").fetchone()[0]
+    # a small delta gets small pages: its table roots would otherwise outweigh its rows
+    assert con.execute("PRAGMA page_size").fetchone()[0] == db.page_size_for(row, 100 * row) < 65536
     assert db.read_meta(con) == db.read_meta(db.connect_readonly(dest))
     db.check(delta, spec.fingerprint, db.Expected.of(spec))   # what the merge checks of a shard
     staged = [t for p in (dest, delta) for (t,) in db.connect_readonly(p).execute("SELECT task FROM tasks")]
@@ -332,3 +334,14 @@ def test_write_behind_flushes_while_the_file_is_written(tmp_path):
             time.sleep(0.01)
         assert _dirty_pages(tmp_path / "behind") <= pages // 4   # before the body's own fsync
     assert _dirty_pages(tmp_path / "plain") >= pages // 2       # no flush without it
+
+
+def test_a_small_file_gets_pages_that_its_fixed_pages_do_not_outweigh():
+    """A delta of one small task: 4 KiB pages (64 KiB made it 1.7x its data); a large one keeps
+    the run's pages; rows too big for small pages (n = 32) never get pages that waste space."""
+    u4, u32 = 4 * 4 * 16, 32 * 32 * 16
+    assert db.page_size_for(u4, 2000 * u4) == 4096
+    assert db.page_size_for(u4, 10**8) == db.page_size_for(u4) == 65536
+    for rows in (1, 10, 1000, 10**5):
+        page = db.page_size_for(u32, rows * u32)
+        assert page in db.AUTO_PAGE_SIZES and (rows < 1000 or db.FIXED_PAGES * page <= rows * u32 / 20)

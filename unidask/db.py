@@ -81,11 +81,26 @@ def page_size(path: str | os.PathLike) -> int:
         con.close()
 
 
-def page_size_for(row_bytes: int) -> int:
+def run_page_size(setting: int | str, row_bytes: int | None) -> int:
+    """The page size of a run's shards: ``storage.page_size``, or for "auto" :func:`page_size_for`
+    rows of ``row_bytes`` (where that is not known, the largest)."""
+    if setting != "auto":
+        return int(setting)
+    return page_size_for(row_bytes) if row_bytes else max(AUTO_PAGE_SIZES)
+
+
+FIXED_PAGES = 6   # pages of a database that hold no rows: the schema, each table's and index's root
+
+
+def page_size_for(row_bytes: int, data_bytes: int | None = None) -> int:
     """``storage.page_size = "auto"``: the largest page size whose file, for rows of ``row_bytes``
     of matrix data, is within 10% of the smallest. A 64 KiB page holds only three 16 KiB rows
     (n = 32, complex128) and one of n = 48, wasting a quarter and nearly half of the file; smaller
-    pages keep most of such a row on full overflow pages. At n <= 24 it stays 64 KiB."""
+    pages keep most of such a row on full overflow pages. At n <= 24 it stays 64 KiB.
+
+    ``data_bytes``: for a small file of that much matrix data (a stage-out's delta), the largest
+    of those sizes whose :data:`FIXED_PAGES` are at most 5% of it, else the smallest: 64 KiB
+    pages made a delta of one 512 KB task 1.7x its data, and the merge reads every byte."""
     def file_bytes_per_row(page: int) -> float:
         # SQLite's table leaf cell layout (fileformat2.html, "Cell Payload Overflow Pages")
         payload = row_bytes + 8                  # record header, dim and a NULL meta
@@ -99,7 +114,10 @@ def page_size_for(row_bytes: int) -> int:
         return page / ((page - 8) // cell) + overflow * page
 
     sizes = {page: file_bytes_per_row(page) for page in AUTO_PAGE_SIZES}
-    return max(page for page, size in sizes.items() if size <= 1.1 * min(sizes.values()))
+    good = [page for page, size in sizes.items() if size <= 1.1 * min(sizes.values())]
+    if data_bytes is not None:
+        return max((p for p in good if FIXED_PAGES * p <= data_bytes / 20), default=min(good))
+    return max(good)
 
 
 def database_meta(spec: dict[str, Any], fingerprint: str) -> dict[str, str]:

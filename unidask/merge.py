@@ -95,8 +95,6 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     start = time.monotonic()
     tmp = files.temp_name(out)
     files.remove_stale_temps(out)
-    # every page of every shard is checked on another core while the rows are copied (the check
-    # was a fifth of the merge); a batch commits only once its shards passed
     # every page and every task of every shard (counts, ids, dims, lengths, recomputed checksums:
     # the integrity invariant, db.task_faults) is checked on another core while the rows are
     # copied; a batch commits only once its shards passed
@@ -104,9 +102,12 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     # (two threads: a shard's pages and its tasks are checked side by side, 1.1x at n = 4)
     checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check")
     checks = {p: (checker.submit(check_pages, p), checker.submit(check_tasks, p, expected)) for p in good}
+    # the shards' page size (a delta's may be smaller): the rows fill the pages as well, and the
+    # copy runs ~2x faster than at 4 KiB at n = 4
+    page_size = db.run_page_size(spec.storage.page_size, expected.dim and expected.dim ** 2 * expected.itemsize)
     try:
         existing = out if append and out.exists() else None
-        with contextlib.closing(_open_target(tmp, existing, record, good[0], expected)) as con, files.write_behind(tmp):
+        with contextlib.closing(_open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
             progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
                                 scale=1e-6)
             merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
@@ -152,7 +153,7 @@ def _passed(checks: tuple[Future, ...]) -> None:
         check.result()
 
 
-def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path, expected: Expected
+def _open_target(tmp: Path, existing: Path | None, record: dict, page_size: int, expected: Expected
                  ) -> sqlite3.Connection:
     if existing is not None:
         try:   # the same checks hold for a merged result
@@ -164,9 +165,7 @@ def _open_target(tmp: Path, existing: Path | None, record: dict, a_shard: Path, 
         shutil.copyfile(existing, tmp)
     con = sqlite3.connect(tmp, isolation_level=None, uri=True)
     con.execute("PRAGMA trusted_schema = OFF")
-    # the shards' page size (storage.page_size, or "auto"'s choice for this matrix size): the rows
-    # fill the pages as well, and the copy runs ~2x faster than at 4 KiB at n = 4
-    con.execute(f"PRAGMA page_size = {db.page_size(a_shard)}")
+    con.execute(f"PRAGMA page_size = {page_size}")
     # the temp file is thrown away on any failure and never seen under its final name, so its
     # journal need not survive a crash: keep it in memory (ROLLBACK still works)
     con.execute("PRAGMA journal_mode = MEMORY")

@@ -213,14 +213,19 @@ class Shard:
         try:
             self.con.execute("BEGIN")   # one read snapshot of a WAL shard's other writers' commits
             try:
-                new = [t for (t,) in self.con.execute("SELECT task FROM tasks ORDER BY task") if t not in since]
+                counts = dict(self.con.execute("SELECT task, count FROM tasks"))
+                new = sorted(t for t in counts if t not in since)
                 if not new:
                     return None
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                row_bytes = self.con.execute("SELECT length(data) FROM unitaries WHERE id >= ? LIMIT 1",
+                                             (new[0] * task_size,)).fetchone()[0] or 1
+                page = min(self.con.execute("PRAGMA page_size").fetchone()[0],
+                           db.page_size_for(row_bytes, row_bytes * sum(counts[t] for t in new)))
                 with files.publishing(dest) as tmp:
                     out = sqlite3.connect(tmp, isolation_level=None)
                     try:
-                        out.execute(f"PRAGMA page_size = {self.con.execute('PRAGMA page_size').fetchone()[0]}")
+                        out.execute(f"PRAGMA page_size = {page}")
                         out.execute("PRAGMA journal_mode = OFF")   # built whole, then published
                         out.executescript(db.SCHEMA)
                     finally:
@@ -347,12 +352,9 @@ def options(spec: Spec, row_bytes: int | None = None) -> tuple[dict[str, str], d
     """The meta rows and the open options of this run's shards; ``row_bytes`` (one matrix) sizes
     the pages of a new shard under ``page_size = "auto"`` (an existing file keeps its own)."""
     s = spec.storage
-    page_size = s.page_size
-    if page_size == "auto":
-        page_size = db.page_size_for(row_bytes) if row_bytes else max(db.AUTO_PAGE_SIZES)
     return (db.database_meta(spec.to_dict(), spec.fingerprint),
             {"synchronous": s.synchronous, "busy_timeout": s.busy_timeout,
-             "allow_network_fs": s.allow_network_fs, "page_size": page_size,
+             "allow_network_fs": s.allow_network_fs, "page_size": db.run_page_size(s.page_size, row_bytes),
              "single_writer": s.shard_per == "process"})
 
 
