@@ -152,10 +152,10 @@ def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int | Non
     flags = {"cluster.nodes": nodes, "cluster.walltime": time_limit, "cluster.partition": partition,
              "cluster.account": account}
     given = {**dict(overrides), **{k: v for k, v in flags.items() if v is not None}}
-    spec = load_config(config, given)
+    spec = load_config(config, given, resolve=False)   # submit sizes "auto" tasks for the job's nodes
     if extra:
         spec = load_config(config, {**given, "cluster.job_extra_directives":
-                                    [*spec.cluster.job_extra_directives, *extra]})
+                                    [*spec.cluster.job_extra_directives, *extra]}, resolve=False)
     sub = submit_jobs(spec, dry_run=dry_run, wait=wait)
     if dry_run:
         for name, text in sub.scripts.items():

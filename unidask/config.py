@@ -288,9 +288,10 @@ def _rebuild_spec(values: dict[str, Any]) -> Spec:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] = MappingProxyType({}),
-                data: Mapping[str, Any] | None = None) -> Spec:
+                data: Mapping[str, Any] | None = None, *, resolve: bool = True) -> Spec:
     """Read a run config (TOML file, a job's resolved spec in JSON, or ``data``), apply
-    ``{"section.key": value}`` overrides, validate."""
+    ``{"section.key": value}`` overrides, validate; ``resolve``: give ``task_size = "auto"`` its
+    size (:func:`unidask.sizing.resolve`)."""
     if data is None:
         if path is None:
             raise InputError("no config given")
@@ -321,9 +322,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         _update(merged, {section: {item: value}}, "override")
     if merged["run"]["name"] is None:
         merged["run"]["name"] = Path(path).stem if path is not None else "unidask"
-    from .sizing import resolve   # sizing calibrates with the shard code, which imports this
+    spec = Spec.from_dict({**merged, "code": code}, where, recorded=recorded)
+    if not resolve:
+        return spec
+    from . import sizing   # it calibrates with the shard code, which imports this module
 
-    return resolve(Spec.from_dict({**merged, "code": code}, where, recorded=recorded))
+    return sizing.resolve(spec)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

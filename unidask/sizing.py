@@ -34,12 +34,12 @@ TASKS_PER_WORKER = 4     # fewer and the run ends unevenly, with no spare tasks 
 TASK_BYTES = 64 << 20    # a task's array (as generated) at most
 
 
-def parallel(spec: Spec) -> int:
+def parallel(spec: Spec, local: bool | None = None) -> int:
     """Worker threads of ``spec``'s run that run at once: on a cluster each has its own core
     (``workers = "auto"``: as many as this machine has cores, the best guess for the nodes'
-    where nothing else says); local mode shares this machine's cores."""
+    where nothing else says); a ``local`` run (default: local mode) shares this machine's cores."""
     cores = os.cpu_count() or 1
-    if spec.cluster.mode == "local":
+    if spec.cluster.mode == "local" if local is None else local:
         return min(spec.cluster.nodes * spec.cluster.local_per_node(), cores)
     return spec.cluster.nodes * spec.cluster.workers_per_node(cores)
 
@@ -62,9 +62,10 @@ def choose(count: int, seconds_per_unitary: float, unitary_bytes: float, workers
     return max(1, min(size, round_number(most, up=False), count))
 
 
-def resolve(spec: Spec) -> Spec:
+def resolve(spec: Spec, local: bool | None = None) -> Spec:
     """``spec`` with a task size: its own; for "auto" the one its run dir's run.json records
-    for this run (a resume, a merge, a status), else :func:`choose`'s, from a calibration here."""
+    for this run (a resume, a merge, a status), else :func:`choose`'s, from a calibration here
+    (``local``: see :func:`parallel`)."""
     if spec.task_size != AUTO:
         return spec
     from .rundir import RunDir   # rundir imports config, which imports this lazily
@@ -77,7 +78,7 @@ def resolve(spec: Spec) -> Spec:
     from .estimate import calibrate
 
     per_unitary, row_bytes = calibrate(dataclasses.replace(spec, task_size=spec.count))
-    workers = parallel(spec)
+    workers = parallel(spec, local)
     size = choose(spec.count, per_unitary, row_bytes, workers)
     log.info("run.task_size = auto: %s unitaries a task (%s of work each, at %.1f µs a unitary measured "
              "here, for %d worker thread(s) at once)", f"{size:,}", duration(size * per_unitary),

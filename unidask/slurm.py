@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import files
+from . import files, sizing
 from .config import Spec, walltime_seconds
 from .errors import InputError, RunError
 from .rundir import RunDir
@@ -216,7 +216,9 @@ def job_ended(job: str) -> bool | None:
 def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submission:
     """Write the run's resolved spec for its jobs (``RUN_DIR/jobs/spec-*.json``: the job reads it
     instead of the config, which may change or not be there), render both job scripts, submit
-    generation, then merge with ``--dependency=afterok``."""
+    generation, then merge with ``--dependency=afterok``. A ``task_size = "auto"`` is sized here
+    for the job's nodes, whatever the config's mode (``load_config(..., resolve=False)``)."""
+    spec = sizing.resolve(spec, local=False)
     rd = RunDir(spec.run_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     spec_path = rd.jobs / f"spec-{stamp}.json"
