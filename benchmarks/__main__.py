@@ -215,16 +215,16 @@ class Bench:
     # 3c. the one-of-a-kind parts with many workers: the driver's and scheduler's CPU per task
     # (tasks of one U(2): nothing but that cost), and task_size = "auto" against fixed sizes
     def scheduler(self) -> None:
-        tasks = 500 if self.quick else 3000
-        for workers in (2, 16, 32):
+        tasks = 200 if self.quick else 3000
+        for workers in (2, 4) if self.quick else (2, 16, 32):   # --quick: only that it works
             self.alternate({"unidask run": lambda: self.run_unidask(tasks, 2, 1, workers)},
                            "scheduler", f"empty tasks workers={workers}", "unidask run")
             self.clean()
 
     def auto_size(self) -> None:
-        count, workers = (400_000, 32) if self.quick else (2_000_000, 32)
+        count, workers = (200_000, 4) if self.quick else (2_000_000, 32)
         contenders = {"task_size auto": lambda: self.run_unidask(count, 4, "auto", workers)}
-        for task in (2_000, 20_000) if self.quick else (5_000, 20_000, 50_000, 100_000, 200_000):
+        for task in (20_000,) if self.quick else (5_000, 20_000, 50_000, 100_000, 200_000):
             contenders[f"task_size {task}"] = lambda task=task: self.run_unidask(count, 4, task, workers)
         # a run here varies by about 10%: more rounds than elsewhere, for medians that tell apart
         self.alternate(contenders, "auto size", f"n=4 workers={workers} count={count}", "task_size auto",
@@ -449,7 +449,7 @@ def format_row(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="small sizes: under 2 minutes on 2 cores")
+    ap.add_argument("--quick", action="store_true", help="small sizes: about 2.5 minutes on 2 cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "scheduler", "auto_size", "stragglers",

@@ -80,14 +80,17 @@ def test_auto_size_is_recorded_and_a_resume_on_other_workers_reuses_it(tmp_path)
     assert merged_data(resumed.merged.out) == merged_data(reference.merged.out)
 
 
-def test_submit_sizes_auto_tasks_for_the_jobs_nodes(tmp_path, capsys):
+def test_submit_and_plan_size_auto_tasks_for_the_clusters_nodes(tmp_path, capsys):
     """A local-mode config submitted to 64 nodes of 8 workers: the job spec's tasks are sized for
-    those 512 workers (a few each), not for this machine's cores."""
+    those 512 workers (a few each), not for this machine's cores; so are the plan's for
+    --nodes 64 --cores 8."""
     cfg = write_config(tmp_path / "c.toml", run={"count": 10**7, "task_size": "auto"},
                        cluster={"nodes": 64, "workers": 8})
     code, out, _ = run_main("submit", cfg, "--dry-run", capsys=capsys)
     assert code == 0
     job = json.loads(out.split(".json ----\n", 1)[1])
     assert plan.n_tasks(10**7, job["run"]["task_size"]) >= sizing.TASKS_PER_WORKER * 512
+    code, out, _ = run_main("plan", cfg, "--nodes", "64", "--cores", "8", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["tasks"] >= sizing.TASKS_PER_WORKER * 512
     here = unidask.load_config(cfg)   # a local run of it: this machine's cores, far fewer tasks
     assert here.task_size > job["run"]["task_size"]

@@ -287,7 +287,9 @@ def plan_cmd(config: str, nodes: int | None, cores: int | None, seconds_per_unit
     from .config import load_config
     from .estimate import estimate
 
-    return show(estimate(load_config(config, dict(overrides)), nodes, cores, seconds_per_unitary), as_json)
+    # an "auto" task size is sized by the plan, for its --nodes and --cores
+    return show(estimate(load_config(config, dict(overrides), resolve=False), nodes, cores, seconds_per_unitary),
+                as_json)
 
 
 @cli.command()

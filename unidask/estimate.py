@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import generators
+from . import generators, sizing
 from .config import Spec
 from .plots import duration, size
 from .sizing import SCHEDULER_CPU, SCHEDULER_LOAD, TASKS_PER_WORKER
@@ -129,12 +129,17 @@ def calibrate(spec: Spec) -> tuple[float, float]:
 def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
              seconds_per_unitary: float | None = None) -> Estimate:
     """The run ``spec`` on ``nodes`` nodes of ``cores`` cores (default: the config's nodes, and
-    this machine's cores per node as local mode shares them out)."""
-    per_unitary, row = calibrate(spec)
+    this machine's cores per node as local mode shares them out). A ``task_size = "auto"`` is
+    sized for those workers."""
+    auto = spec.task_size == sizing.AUTO
+    per_unitary, row = calibrate(dataclasses.replace(spec, task_size=spec.count) if auto else spec)
+    per_unitary = seconds_per_unitary or per_unitary
+    on_cluster = nodes is not None or cores is not None
     nodes = nodes or spec.cluster.nodes
     per_node = spec.cluster.workers_per_node(cores) if cores else spec.cluster.local_per_node()
+    spec = sizing.resolve(spec, workers=nodes * per_node if on_cluster else None, measured=(per_unitary, row))
     e = Estimate(tasks=spec.n_tasks, task_size=spec.task_size, unitaries=spec.count,
-                 seconds_per_unitary=seconds_per_unitary or per_unitary, nodes=nodes,
+                 seconds_per_unitary=per_unitary, nodes=nodes,
                  workers_per_node=per_node, row_bytes=row, stage_every=spec.storage.stage_every,
                  shard_per=spec.storage.shard_per)
     rate = e.workers / e.task_seconds if e.task_seconds > 0 else math.inf

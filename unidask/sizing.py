@@ -62,10 +62,12 @@ def choose(count: int, seconds_per_unitary: float, unitary_bytes: float, workers
     return max(1, min(size, round_number(most, up=False), count))
 
 
-def resolve(spec: Spec, local: bool | None = None) -> Spec:
+def resolve(spec: Spec, local: bool | None = None, *, workers: int | None = None,
+            measured: tuple[float, float] | None = None) -> Spec:
     """``spec`` with a task size: its own; for "auto" the one its run dir's run.json records
-    for this run (a resume, a merge, a status), else :func:`choose`'s, from a calibration here
-    (``local``: see :func:`parallel`)."""
+    for this run (a resume, a merge, a status), else :func:`choose`'s for ``workers`` (default:
+    :func:`parallel`'s, with ``local``), from ``measured`` (seconds per unitary and bytes per row,
+    :func:`unidask.estimate.calibrate`'s; default: a calibration here)."""
     if spec.task_size != AUTO:
         return spec
     from .rundir import RunDir   # rundir imports config, which imports this lazily
@@ -75,12 +77,14 @@ def resolve(spec: Spec, local: bool | None = None) -> Spec:
         recorded = dataclasses.replace(spec, task_size=run_dir.record()["spec"]["run"]["task_size"])
         if recorded.fingerprint == run_dir.record()["fingerprint"]:
             return recorded
-    from .estimate import calibrate
+    if measured is None:
+        from .estimate import calibrate
 
-    per_unitary, row_bytes = calibrate(dataclasses.replace(spec, task_size=spec.count))
-    workers = parallel(spec, local)
+        measured = calibrate(dataclasses.replace(spec, task_size=spec.count))
+    per_unitary, row_bytes = measured
+    workers = workers or parallel(spec, local)
     size = choose(spec.count, per_unitary, row_bytes, workers)
     log.info("run.task_size = auto: %s unitaries a task (%s of work each, at %.1f µs a unitary measured "
-             "here, for %d worker thread(s) at once)", f"{size:,}", duration(size * per_unitary),
-             per_unitary * 1e6, workers)
+             "here, for %s worker thread(s) at once)", f"{size:,}", duration(size * per_unitary),
+             per_unitary * 1e6, f"{workers:,}")
     return dataclasses.replace(spec, task_size=size)
