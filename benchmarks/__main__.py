@@ -146,13 +146,14 @@ class Bench:
         import threading
 
         import unidask
+        from unidask import sizing
 
         d = self.fresh("e")
-        spec = unidask.load_config(None, data={
+        spec = sizing.resolve(unidask.load_config(None, data={
             "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
             "generator": {"dim": dim},
             "storage": {"local_dir": str(d / "local"), "shard_per": shard_per},
-            "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0", "backups": backups}})
+            "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0", "backups": backups}}))
         stopped: list[psutil.Process] = []
 
         def stop_one() -> None:

@@ -58,7 +58,7 @@ def test_auto_size_is_recorded_and_a_resume_on_other_workers_reuses_it(tmp_path)
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     cfg = write_config(tmp_path / "a" / "c.toml", run={"count": 20_000, "task_size": "auto"})
     with messages() as lines:
-        first = unidask.load_config(cfg)
+        first = sizing.resolve(unidask.load_config(cfg))
     size = first.task_size
     assert isinstance(size, int) and any("run.task_size = auto" in line for line in lines)
     assert 1 < size <= 20_000 // (sizing.TASKS_PER_WORKER * 2)   # 2 nodes of 1 worker
@@ -70,7 +70,7 @@ def test_auto_size_is_recorded_and_a_resume_on_other_workers_reuses_it(tmp_path)
     assert rd.staged_tasks() and len(rd.staged_tasks()) < first.n_tasks
 
     with messages() as lines:
-        again = unidask.load_config(cfg, {"cluster.nodes": 1, "cluster.workers": 1})
+        again = sizing.resolve(unidask.load_config(cfg, {"cluster.nodes": 1, "cluster.workers": 1}))
     assert again.task_size == size and not any("run.task_size = auto" in line for line in lines)
     resumed = unidask.run(again, resume=True)
     assert resumed.merged.complete and resumed.skipped_tasks > 0
@@ -81,16 +81,21 @@ def test_auto_size_is_recorded_and_a_resume_on_other_workers_reuses_it(tmp_path)
 
 
 def test_submit_and_plan_size_auto_tasks_for_the_clusters_nodes(tmp_path, capsys):
-    """A local-mode config submitted to 64 nodes of 8 workers: the job spec's tasks are sized for
-    those 512 workers (a few each), not for this machine's cores; so are the plan's for
-    --nodes 64 --cores 8."""
+    """A local-mode config submitted to 64 nodes of 8 workers: the job's spec leaves the size to
+    the job, which sizes it for those 512 workers (a few tasks each), not for this machine's
+    cores; the plan for --nodes 64 --cores 8 does the same."""
     cfg = write_config(tmp_path / "c.toml", run={"count": 10**7, "task_size": "auto"},
                        cluster={"nodes": 64, "workers": 8})
     code, out, _ = run_main("submit", cfg, "--dry-run", capsys=capsys)
     assert code == 0
-    job = json.loads(out.split(".json ----\n", 1)[1])
-    assert plan.n_tasks(10**7, job["run"]["task_size"]) >= sizing.TASKS_PER_WORKER * 512
+    (tmp_path / "spec.json").write_text(out.split(".json ----\n", 1)[1])
+    assert json.loads((tmp_path / "spec.json").read_text())["run"]["task_size"] == "auto"
+    # as the generation job's first node reads it (generate.sbatch)
+    job = unidask.load_config(tmp_path / "spec.json", {"cluster.mode": "scheduler_file",
+                                                       "cluster.scheduler_file": str(tmp_path / "s.json")})
+    assert sizing.parallel(job) == 512
+    assert sizing.resolve(job).n_tasks >= sizing.TASKS_PER_WORKER * 512
     code, out, _ = run_main("plan", cfg, "--nodes", "64", "--cores", "8", "--json", capsys=capsys)
     assert code == 0 and json.loads(out)["tasks"] >= sizing.TASKS_PER_WORKER * 512
-    here = unidask.load_config(cfg)   # a local run of it: this machine's cores, far fewer tasks
-    assert here.task_size > job["run"]["task_size"]
+    here = sizing.resolve(unidask.load_config(cfg))   # a local run of it: this machine's cores
+    assert here.n_tasks < sizing.TASKS_PER_WORKER * 512

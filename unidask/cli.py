@@ -104,9 +104,10 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
     from .driver import run as run_spec
     from .errors import Interrupted
     from .rundir import RunDir
+    from .sizing import resolve
     from .stopping import stop_on_signal
 
-    spec = load_config(config, dict(overrides))
+    spec = resolve(load_config(config, dict(overrides)))
     log.info("unidask %s: %s x %s %s in %d task(s) -> %s", __version__, f"{spec.count:,}", spec.kind,
              spec.dtype, spec.n_tasks, spec.run_dir)
     try:
@@ -152,10 +153,10 @@ def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int | Non
     flags = {"cluster.nodes": nodes, "cluster.walltime": time_limit, "cluster.partition": partition,
              "cluster.account": account}
     given = {**dict(overrides), **{k: v for k, v in flags.items() if v is not None}}
-    spec = load_config(config, given, resolve=False)   # submit sizes "auto" tasks for the job's nodes
+    spec = load_config(config, given)
     if extra:
         spec = load_config(config, {**given, "cluster.job_extra_directives":
-                                    [*spec.cluster.job_extra_directives, *extra]}, resolve=False)
+                                    [*spec.cluster.job_extra_directives, *extra]})
     sub = submit_jobs(spec, dry_run=dry_run, wait=wait)
     if dry_run:
         for name, text in sub.scripts.items():
@@ -223,6 +224,10 @@ def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | 
                  else "2 per worker thread + 4, once the workers have joined")
     elif key == "cluster.workers" and value == "auto" and c.mode == "local":
         value = c.local_per_node()
+    elif key == "run.task_size" and value == "auto":
+        from .sizing import resolve
+
+        value = resolve(spec).task_size
     click.echo("null" if value is None else json.dumps(value) if isinstance(value, (list, tuple, dict)) else value)
     return 0
 
@@ -288,8 +293,7 @@ def plan_cmd(config: str, nodes: int | None, cores: int | None, seconds_per_unit
     from .estimate import estimate
 
     # an "auto" task size is sized by the plan, for its --nodes and --cores
-    return show(estimate(load_config(config, dict(overrides), resolve=False), nodes, cores, seconds_per_unitary),
-                as_json)
+    return show(estimate(load_config(config, dict(overrides)), nodes, cores, seconds_per_unitary), as_json)
 
 
 @cli.command()

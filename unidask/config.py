@@ -24,7 +24,7 @@ import dask.config
 import yaml
 
 from . import generators, plan
-from .errors import InputError
+from .errors import InputError, RunError
 
 _defaults_file = Path(__file__).with_name("unidask.yaml")
 # only unidask's own namespace: Dask's settings for the clusters unidask starts sit under
@@ -195,7 +195,7 @@ class Spec:
 
     name: str
     count: int
-    task_size: int   # "auto" only until load_config resolves it (sizing.resolve)
+    task_size: int   # or "auto" until the run sizes it (sizing.resolve)
     seed: int
     run_dir: Path
     kind: str
@@ -246,6 +246,9 @@ class Spec:
 
     @property
     def n_tasks(self) -> int:
+        if not isinstance(self.task_size, int):
+            raise RunError(f"{self.source or 'config'}: run.task_size = {self.task_size!r} is not sized yet "
+                           "(unidask.sizing.resolve)")
         return plan.n_tasks(self.count, self.task_size)
 
     def task_count(self, task: int) -> int:
@@ -288,10 +291,10 @@ def _rebuild_spec(values: dict[str, Any]) -> Spec:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] = MappingProxyType({}),
-                data: Mapping[str, Any] | None = None, *, resolve: bool = True) -> Spec:
+                data: Mapping[str, Any] | None = None) -> Spec:
     """Read a run config (TOML file, a job's resolved spec in JSON, or ``data``), apply
-    ``{"section.key": value}`` overrides, validate; ``resolve``: give ``task_size = "auto"`` its
-    size (:func:`unidask.sizing.resolve`)."""
+    ``{"section.key": value}`` overrides, validate. A ``task_size = "auto"`` stays so until the
+    run sizes it (:func:`unidask.sizing.resolve`)."""
     if data is None:
         if path is None:
             raise InputError("no config given")
@@ -322,12 +325,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         _update(merged, {section: {item: value}}, "override")
     if merged["run"]["name"] is None:
         merged["run"]["name"] = Path(path).stem if path is not None else "unidask"
-    spec = Spec.from_dict({**merged, "code": code}, where, recorded=recorded)
-    if not resolve:
-        return spec
-    from . import sizing   # it calibrates with the shard code, which imports this module
-
-    return sizing.resolve(spec)
+    return Spec.from_dict({**merged, "code": code}, where, recorded=recorded)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

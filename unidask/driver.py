@@ -336,6 +336,7 @@ def task_size_hint(task_size: int, durations: list[float]) -> str | None:
 def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     """Run ``spec`` to the end: every task generated and staged, then (by default) merged.
     Progress and messages go to the ``unidask`` logger."""
+    spec = sizing.resolve(spec)
     run_dir = RunDir(spec.run_dir)
     if merge and (done := run_dir.complete_database(spec)) is not None:
         log.info("this run is complete: %s holds all %s unitaries; nothing to do", done, f"{spec.count:,}")

@@ -12,22 +12,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from . import generators, sizing
+from . import sizing
 from .config import Spec
 from .plots import duration, size
 from .sizing import SCHEDULER_CPU, SCHEDULER_LOAD, TASKS_PER_WORKER
 
 MERGE_BYTES_S = 230e6    # merge throughput at n = 4 on 2 cores, the slowest case measured
 MANY_SHARDS = 20_000     # staged files beyond which the merge's per-file cost shows
-CALIBRATE_S = 1.0        # seconds of generation and writing the calibration counts (at least)
 
 
 @dataclass
@@ -94,45 +88,13 @@ class Estimate:
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
 
 
-def calibrate(spec: Spec) -> tuple[float, float]:
-    """(seconds per unitary, stored bytes per row) of ``spec``'s tasks, measured here as a worker
-    does them: generated, then written to a shard (in a temporary directory). Tasks are made
-    smaller than the run's where those would take long; the first, a warm-up, is not counted."""
-    from . import shard
-
-    size, spent, t = 1, 0.0, 0
-    per_unitary: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="unidask-plan-") as tmp:
-        meta, opts = shard.options(spec)
-        live = shard.Shard(Path(tmp) / "c.db", meta, **{**opts, "allow_network_fs": True})
-        try:
-            while spent < CALIBRATE_S:
-                small = dataclasses.replace(spec, task_size=size, count=size * (t + 1))
-                start = time.perf_counter()
-                array, metas = generators.generate(small, t)
-                live.write_task(t, t * size, array, metas, {"seed": "0/0", "node": "plan", "worker": "plan",
-                                                            "started": 0.0, "finished": 0.0})
-                took = time.perf_counter() - start
-                if t > 0:
-                    spent += took
-                    per_unitary.append(took / size)
-                if took < CALIBRATE_S / 10 and size < spec.task_size:
-                    size = min(size * 4, spec.task_size)
-                t += 1
-            stored, rows = live.nbytes, live.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
-        finally:
-            live.close()
-    # the median task: this machine's speed drifts, and a hiccup should not set the plan
-    return float(np.median(per_unitary)), stored / rows
-
-
 def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
              seconds_per_unitary: float | None = None) -> Estimate:
     """The run ``spec`` on ``nodes`` nodes of ``cores`` cores (default: the config's nodes, and
     this machine's cores per node as local mode shares them out). A ``task_size = "auto"`` is
     sized for those workers."""
     auto = spec.task_size == sizing.AUTO
-    per_unitary, row = calibrate(dataclasses.replace(spec, task_size=spec.count) if auto else spec)
+    per_unitary, row = sizing.calibrate(dataclasses.replace(spec, task_size=spec.count) if auto else spec)
     per_unitary = seconds_per_unitary or per_unitary
     on_cluster = nodes is not None or cores is not None
     nodes = nodes or spec.cluster.nodes

@@ -86,6 +86,18 @@ class RunDir:
         except (KeyError, TypeError, AttributeError) as e:
             raise InputError(f"{self.record_path}: unreadable run record ({e})") from e
 
+    def sized(self, spec: Spec) -> Spec:
+        """``spec`` with the task size this run dir's run.json records, where ``spec`` leaves it
+        to ``"auto"`` and the record is of this run: a resume makes the same bytes on any number
+        of workers. Otherwise ``spec`` as it is."""
+        if spec.task_size != "auto" or not self.record_path.exists():
+            return spec
+        record = self.record()
+        size = record["spec"]["run"]["task_size"]
+        if isinstance(size, int) and dataclasses.replace(spec, task_size=size).fingerprint == record["fingerprint"]:
+            return dataclasses.replace(spec, task_size=size)
+        return spec
+
     def create(self) -> None:
         """Create the run dir, owner-only (it holds the run's TLS key, the scheduler file, the
         shards); fail in one line where it cannot be written."""

@@ -20,18 +20,26 @@ import dataclasses
 import logging
 import math
 import os
+import tempfile
+import time
+from pathlib import Path
 
+import numpy as np
+
+from . import generators, shard
 from .config import Spec
 from .plots import duration
+from .rundir import RunDir
 
 log = logging.getLogger("unidask")
 
 AUTO = "auto"
-SCHEDULER_CPU = 0.0056   # s of driver + scheduler CPU per task (benchmark, task_size section)
+SCHEDULER_CPU = 0.0056   # s of driver + scheduler CPU per task (benchmark: task_size, scheduler)
 SCHEDULER_LOAD = 0.5     # the share of the scheduler's core a run may use
 TASK_SECONDS = 0.5       # the shortest task: Dask's and the shard's per-task cost a few % of it
 TASKS_PER_WORKER = 4     # fewer and the run ends unevenly, with no spare tasks for backups
 TASK_BYTES = 64 << 20    # a task's array (as generated) at most
+CALIBRATE_S = 1.0        # seconds of generation and writing a calibration counts (at least)
 
 
 def parallel(spec: Spec, local: bool | None = None) -> int:
@@ -65,26 +73,46 @@ def choose(count: int, seconds_per_unitary: float, unitary_bytes: float, workers
 def resolve(spec: Spec, local: bool | None = None, *, workers: int | None = None,
             measured: tuple[float, float] | None = None) -> Spec:
     """``spec`` with a task size: its own; for "auto" the one its run dir's run.json records
-    for this run (a resume, a merge, a status), else :func:`choose`'s for ``workers`` (default:
-    :func:`parallel`'s, with ``local``), from ``measured`` (seconds per unitary and bytes per row,
-    :func:`unidask.estimate.calibrate`'s; default: a calibration here)."""
+    for this run (a resume: :meth:`RunDir.sized`), else :func:`choose`'s for ``workers``
+    (default: :func:`parallel`'s, with ``local``), from ``measured`` (seconds per unitary and
+    bytes per row, :func:`calibrate`'s; default: a calibration here)."""
+    spec = RunDir(spec.run_dir).sized(spec)
     if spec.task_size != AUTO:
         return spec
-    from .rundir import RunDir   # rundir imports config, which imports this lazily
-
-    run_dir = RunDir(spec.run_dir)
-    if run_dir.record_path.exists():
-        recorded = dataclasses.replace(spec, task_size=run_dir.record()["spec"]["run"]["task_size"])
-        if recorded.fingerprint == run_dir.record()["fingerprint"]:
-            return recorded
-    if measured is None:
-        from .estimate import calibrate
-
-        measured = calibrate(dataclasses.replace(spec, task_size=spec.count))
-    per_unitary, row_bytes = measured
+    per_unitary, row_bytes = measured or calibrate(dataclasses.replace(spec, task_size=spec.count))
     workers = workers or parallel(spec, local)
     size = choose(spec.count, per_unitary, row_bytes, workers)
     log.info("run.task_size = auto: %s unitaries a task (%s of work each, at %.1f µs a unitary measured "
              "here, for %s worker thread(s) at once)", f"{size:,}", duration(size * per_unitary),
              per_unitary * 1e6, f"{workers:,}")
     return dataclasses.replace(spec, task_size=size)
+
+
+def calibrate(spec: Spec) -> tuple[float, float]:
+    """(seconds per unitary, stored bytes per row) of ``spec``'s tasks, measured here as a worker
+    does them: generated, then written to a shard (in a temporary directory). Tasks are made
+    smaller than the run's where those would take long; the first, a warm-up, is not counted."""
+    size, spent, t = 1, 0.0, 0
+    per_unitary: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="unidask-plan-") as tmp:
+        meta, opts = shard.options(spec)
+        live = shard.Shard(Path(tmp) / "c.db", meta, **{**opts, "allow_network_fs": True})
+        try:
+            while spent < CALIBRATE_S:
+                small = dataclasses.replace(spec, task_size=size, count=size * (t + 1))
+                start = time.perf_counter()
+                array, metas = generators.generate(small, t)
+                live.write_task(t, t * size, array, metas, {"seed": "0/0", "node": "plan", "worker": "plan",
+                                                            "started": 0.0, "finished": 0.0})
+                took = time.perf_counter() - start
+                if t > 0:
+                    spent += took
+                    per_unitary.append(took / size)
+                if took < CALIBRATE_S / 10 and size < spec.task_size:
+                    size = min(size * 4, spec.task_size)
+                t += 1
+            stored, rows = live.nbytes, live.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
+        finally:
+            live.close()
+    # the median task: this machine's speed drifts, and a hiccup should not set the run
+    return float(np.median(per_unitary)), stored / rows

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from . import files, sizing
+from . import files
 from .config import Spec, walltime_seconds
 from .errors import InputError, RunError
 from .rundir import RunDir
@@ -216,17 +216,21 @@ def job_ended(job: str) -> bool | None:
 def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submission:
     """Write the run's resolved spec for its jobs (``RUN_DIR/jobs/spec-*.json``: the job reads it
     instead of the config, which may change or not be there), render both job scripts, submit
-    generation, then merge with ``--dependency=afterok``. A ``task_size = "auto"`` is sized here
-    for the job's nodes, whatever the config's mode (``load_config(..., resolve=False)``)."""
-    spec = sizing.resolve(spec, local=False)
+    generation, then merge with ``--dependency=afterok``. A ``task_size = "auto"`` keeps the
+    size its run.json records (a resubmitted run), else the generation job sizes it on its first
+    node, for the job's nodes and their cores."""
     rd = RunDir(spec.run_dir)
+    spec = rd.sized(spec)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     spec_path = rd.jobs / f"spec-{stamp}.json"
     sub = Submission(None, None, job_scripts(spec, spec_path), rd.logs, spec_path,
                      json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
     if dry_run:
         return sub
-    rd.prepare(spec, resume=True)
+    if spec.task_size == "auto":
+        rd.create()   # the job records the run, once it has sized its tasks
+    else:
+        rd.prepare(spec, resume=True)
     rd.logs.mkdir(mode=0o700, exist_ok=True)
     rd.jobs.mkdir(mode=0o700, exist_ok=True)
     files.write_atomic(spec_path, sub.spec_text)

@@ -4,6 +4,8 @@ is the data that config makes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
         with reading(path) as con:
             _check_contents(con, v, spec, expected, meta)
             if against is not None and not v.problems:
+                if against.task_size == "auto":   # sized when it ran: the database says how
+                    against = dataclasses.replace(against, task_size=spec.task_size)
                 _regenerate(con, v, spec, against, None if full else sample)
     except BadFile as e:
         v.problems.append(e.reason)
