@@ -139,12 +139,17 @@ def remove_files(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+def _journaled(path: Path) -> bool:
+    """Whether a journal or WAL beside ``path`` holds anything (a writer's unfinished work)."""
+    return any(Path(f"{path}{s}").exists() and Path(f"{path}{s}").stat().st_size for s in ("-journal", "-wal"))
+
+
 def recover(path: Path) -> None:
     """Roll back the hot journal (or replay the WAL) a dead writer left beside the shard ``path``,
     as SQLite does on the next write open: a writer killed inside its first transaction (the
     meta) leaves the file as it was before it, and :func:`never_written` can then tell. Call it
     only for a file whose writer is gone."""
-    if not any(Path(f"{path}{s}").exists() and Path(f"{path}{s}").stat().st_size for s in ("-journal", "-wal")):
+    if not _journaled(path):
         return
     con = sqlite3.connect(path)
     try:
@@ -160,7 +165,7 @@ def never_written(path: Path) -> bool:
     """True for a shard whose writer died before its first task committed (killed while it created
     the file): empty, or its tables absent or without a row, and no journal or WAL holding more.
     Removing such a file loses nothing; anything else must be staged or left for a person."""
-    if any(Path(f"{path}{s}").exists() and Path(f"{path}{s}").stat().st_size for s in ("-journal", "-wal")):
+    if _journaled(path):
         return False
     try:
         if files.regular(path) is not None:

@@ -9,7 +9,6 @@ figures of the benchmark (README, Performance and Scale).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -93,8 +92,7 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
     """The run ``spec`` on ``nodes`` nodes of ``cores`` cores (default: the config's nodes, and
     this machine's cores per node as local mode shares them out). A ``task_size = "auto"`` is
     sized for those workers."""
-    auto = spec.task_size == sizing.AUTO
-    per_unitary, row = sizing.calibrate(dataclasses.replace(spec, task_size=spec.count) if auto else spec)
+    per_unitary, row = sizing.calibrate(spec)
     per_unitary = seconds_per_unitary or per_unitary
     on_cluster = nodes is not None or cores is not None
     nodes = nodes or spec.cluster.nodes

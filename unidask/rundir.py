@@ -94,9 +94,8 @@ class RunDir:
             return spec
         record = self.record()
         size = record["spec"]["run"]["task_size"]
-        if isinstance(size, int) and dataclasses.replace(spec, task_size=size).fingerprint == record["fingerprint"]:
-            return dataclasses.replace(spec, task_size=size)
-        return spec
+        sized = dataclasses.replace(spec, task_size=size) if isinstance(size, int) else spec
+        return sized if sized.fingerprint == record["fingerprint"] else spec
 
     def create(self) -> None:
         """Create the run dir, owner-only (it holds the run's TLS key, the scheduler file, the

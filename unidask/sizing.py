@@ -79,7 +79,7 @@ def resolve(spec: Spec, local: bool | None = None, *, workers: int | None = None
     spec = RunDir(spec.run_dir).sized(spec)
     if spec.task_size != AUTO:
         return spec
-    per_unitary, row_bytes = measured or calibrate(dataclasses.replace(spec, task_size=spec.count))
+    per_unitary, row_bytes = measured or calibrate(spec)
     workers = workers or parallel(spec, local)
     size = choose(spec.count, per_unitary, row_bytes, workers)
     log.info("run.task_size = auto: %s unitaries a task (%s of work each, at %.1f µs a unitary measured "
@@ -91,7 +91,9 @@ def resolve(spec: Spec, local: bool | None = None, *, workers: int | None = None
 def calibrate(spec: Spec) -> tuple[float, float]:
     """(seconds per unitary, stored bytes per row) of ``spec``'s tasks, measured here as a worker
     does them: generated, then written to a shard (in a temporary directory). Tasks are made
-    smaller than the run's where those would take long; the first, a warm-up, is not counted."""
+    smaller than the run's (for "auto", than the whole run) where those would take long; the
+    first, a warm-up, is not counted."""
+    largest = spec.count if spec.task_size == AUTO else spec.task_size
     size, spent, t = 1, 0.0, 0
     per_unitary: list[float] = []
     with tempfile.TemporaryDirectory(prefix="unidask-plan-") as tmp:
@@ -108,8 +110,8 @@ def calibrate(spec: Spec) -> tuple[float, float]:
                 if t > 0:
                     spent += took
                     per_unitary.append(took / size)
-                if took < CALIBRATE_S / 10 and size < spec.task_size:
-                    size = min(size * 4, spec.task_size)
+                if took < CALIBRATE_S / 10 and size < largest:
+                    size = min(size * 4, largest)
                 t += 1
             stored, rows = live.nbytes, live.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
         finally:
