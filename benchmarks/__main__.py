@@ -307,28 +307,30 @@ class Bench:
                            "merge MB/s", f"n={dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")
             self.clean()
 
-    # 4b. many shards: the merge of a run's 500 deltas against the same data in 4 shards
+    # 4b. many shards: the merge of a run's deltas (a stage-out every 1, 4 or 16 tasks) against
+    # the same data in 4 shards: what a merge pays per file
     def shards(self) -> None:
         import unidask
         from unidask import RunDir, worker
 
-        tasks, task_size, dim = (100, 200, 4) if self.quick else (500, 2000, 4)
+        tasks, task_size, dim = (96, 200, 4) if self.quick else (512, 2000, 4)
+        layouts = {"4 shards": tasks // 4, **{f"deltas of {k} task{'s' * (k > 1)}": k for k in (16, 4, 1)}}
         runs = {}
-        for name, every in (("four", tasks // 4), ("many", 1)):   # a first copy, then 3 or 499 deltas
-            d = self.fresh(f"s{name}")
+        for name, every in layouts.items():   # a first copy, then deltas
+            d = self.fresh(f"s{every}")
             spec = unidask.load_config(None, data={
                 "run": {"name": "s", "count": tasks * task_size, "task_size": task_size, "run_dir": str(d / "run")},
                 "generator": {"dim": dim}, "storage": {"local_dir": str(d / "local")},
                 "cluster": {"nodes": 1, "workers": 1}})
             RunDir(spec.run_dir).prepare(spec, resume=False)
             os.environ["UNIDASK_NODE"] = "n"
-            for t in range(tasks):   # a stage-out after every task: a first copy, then deltas
+            for t in range(tasks):
                 worker.generate_task(spec, t, "a")
                 if (t + 1) % every == 0:
                     worker.stage_out(spec, "a", final=t + 1 == tasks)
             runs[name] = d
-        size = sum(p.stat().st_size for p in (runs["four"] / "run" / "shards").glob("*.db"))
-        count = len(list((runs["many"] / "run" / "shards").glob("*.db")))
+        files = {name: sorted((d / "run" / "shards").glob("*.db")) for name, d in runs.items()}
+        size = sum(p.stat().st_size for p in files["4 shards"])
 
         def merge_(d):
             out = d / "out.db"
@@ -338,9 +340,10 @@ class Bench:
             out.unlink()
             return r
 
-        self.alternate({"unidask merge, 4 shards": lambda: merge_(runs["four"]),
-                        f"unidask merge, {count} shards": lambda: merge_(runs["many"])},
-                       "merge MB/s", f"n={dim}, the same {size / 1e6:.0f} MB", "unidask merge, 4 shards")
+        contenders = {f"unidask merge, {name}: {len(files[name])} files, "
+                      f"{sum(p.stat().st_size for p in files[name]) / len(files[name]) / 1e6:.1f} MB each":
+                      (lambda d=d: merge_(d)) for name, d in runs.items()}
+        self.alternate(contenders, "merge MB/s", f"n={dim}, the same {size / 1e6:.0f} MB", next(iter(contenders)))
         self.clean()
 
     # 6. reading a dataset back, as training reads it

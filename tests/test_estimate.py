@@ -49,7 +49,7 @@ def test_plan_warns_before_the_queue_time_is_spent(tmp_path, capsys):
     code, out, _ = run_main("plan", cfg, "--nodes", "1000", "--cores", "64", capsys=capsys)
     assert code == 0 and "workers     64,000 (1,000 node(s) x 64)" in out
     assert "warning: scheduler-bound" in out and "set run.task_size >=" in out
-    assert "staged files: a longer storage.stage_every" in out
+    assert "staged files of" in out and "a longer storage.stage_every" in out
     code, out, _ = run_main("plan", cfg, "--nodes", "1000", "--cores", "64", "--set", "run.count=1000000",
                             capsys=capsys)
     assert "fewer than 4 each" in out

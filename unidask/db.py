@@ -209,38 +209,53 @@ def check_database(path: Path, fingerprint: str | None, what: str = "shard") -> 
     before any of it is read. Its pages: :func:`check_pages`; its rows: :func:`check_tasks`.
     ``what`` names the file in the reasons (a shard, a merged database). Returns its meta."""
     with reading(path) as con:
-        objects = con.execute("SELECT type, name FROM sqlite_master").fetchall()
-        active = [f"{t} {n}" for t, n in objects if t in ("view", "trigger")]
-        active += [f"virtual table {n}" for t, n in objects if t == "table" and n in COLUMNS and
-                   con.execute("SELECT sql FROM sqlite_master WHERE name = ?", (n,)).fetchone()[0]
-                   .upper().startswith("CREATE VIRTUAL")]
-        if active:
-            raise BadFile(path, f"holds {', '.join(active)}; refused, nothing in a {what} may run")
-        for table in ("meta", *(t for t in COLUMNS if t != "meta")):  # meta's version explains the rest
-            found = [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
-            if found != COLUMNS[table]:
-                raise BadFile(path, f"not a unidask {what} (table {table!r} "
-                              f"{'missing' if not found else 'has columns ' + ', '.join(found)})")
-            if table == "meta":
-                meta = read_meta(con)
-                version = meta.get("schema_version", "")
-                if version != str(SCHEMA_VERSION):
-                    newer = version.isdigit() and int(version) > SCHEMA_VERSION
-                    raise BadFile(path, f"schema_version {version!r} is {'newer' if newer else 'older'} than "
-                                  f"this unidask reads ({SCHEMA_VERSION}); "
-                                  + ("upgrade unidask" if newer else "merge it with the unidask that wrote it"))
-        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-            raise BadFile(path, f"belongs to another run (fingerprint {meta.get('fingerprint')}, "
-                          f"this run's is {fingerprint})")
+        return check_schema(con, path, fingerprint, what)
+
+
+def check_schema(con: sqlite3.Connection, path: Path, fingerprint: str | None, what: str = "shard",
+                 schema: str = "main") -> dict[str, str]:
+    """:func:`check_database` of the database open as ``schema`` of ``con`` (an attached shard)."""
+    objects = con.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master").fetchall()
+    active = [f"{t} {n}" for t, n, _ in objects if t in ("view", "trigger")]
+    active += [f"virtual table {n}" for t, n, sql in objects if t == "table" and n in COLUMNS and
+               str(sql).upper().startswith("CREATE VIRTUAL")]
+    if active:
+        raise BadFile(path, f"holds {', '.join(active)}; refused, nothing in a {what} may run")
+    found: dict[str, list[str]] = {table: [] for table in COLUMNS}
+    tables = ", ".join(f"'{t}'" for t in COLUMNS)
+    for table, column in con.execute(   # every table's columns in one query, in their order
+            f"SELECT m.name, c.name FROM {schema}.sqlite_master AS m, pragma_table_info(m.name, ?) AS c "
+            f"WHERE m.type = 'table' AND m.name IN ({tables}) ORDER BY m.name, c.cid", (schema,)):
+        found.setdefault(table, []).append(column)
+    meta: dict[str, str] = {}
+    for table in ("meta", *(t for t in COLUMNS if t != "meta")):   # meta's version explains the rest
+        if found[table] != COLUMNS[table]:
+            raise BadFile(path, f"not a unidask {what} (table {table!r} "
+                          f"{'missing' if not found[table] else 'has columns ' + ', '.join(found[table])})")
+        if table == "meta":
+            meta = read_meta(con, schema)
+            version = meta.get("schema_version", "")
+            if version != str(SCHEMA_VERSION):
+                newer = version.isdigit() and int(version) > SCHEMA_VERSION
+                raise BadFile(path, f"schema_version {version!r} is {'newer' if newer else 'older'} than "
+                              f"this unidask reads ({SCHEMA_VERSION}); "
+                              + ("upgrade unidask" if newer else "merge it with the unidask that wrote it"))
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise BadFile(path, f"belongs to another run (fingerprint {meta.get('fingerprint')}, "
+                      f"this run's is {fingerprint})")
     return meta
 
 
 def check_pages(path: Path) -> None:
     """Raise :class:`BadFile` unless SQLite's ``quick_check`` finds every page of ``path`` sound."""
     with reading(path) as con:
-        con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")   # faster, and less of the merge's CPU
-        if (ok := con.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
-            raise BadFile(path, f"damaged ({ok})")
+        _quick_check(con, path)
+
+
+def _quick_check(con: sqlite3.Connection, path: Path) -> None:
+    con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")   # faster, and less of the merge's CPU
+    if (ok := con.execute("PRAGMA quick_check").fetchone()[0]) != "ok":
+        raise BadFile(path, f"damaged ({ok})")
 
 
 @contextlib.contextmanager
@@ -430,14 +445,20 @@ def check_tasks(path: Path, expected: Expected) -> dict[int, str]:
     """Raise :class:`BadFile` naming the first task of ``path`` that breaks the integrity
     invariant; return task -> checksum of a file that keeps it."""
     with reading(path) as con:
-        con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-        for task, reason in task_faults(con, expected):
-            raise BadFile(path, reason)
-        return dict(con.execute("SELECT task, checksum FROM tasks"))
+        return _checked_tasks(con, path, expected)
+
+
+def _checked_tasks(con: sqlite3.Connection, path: Path, expected: Expected) -> dict[int, str]:
+    con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+    for task, reason in task_faults(con, expected):
+        raise BadFile(path, reason)
+    return dict(con.execute("SELECT task, checksum FROM tasks"))
 
 
 def check(path: Path, fingerprint: str, expected: Expected) -> dict[int, str]:
-    """Every check a staged shard must pass (meta and schema, pages, tasks); its task -> checksum."""
-    check_database(path, fingerprint)
-    check_pages(path)
-    return check_tasks(path, expected)
+    """Every check a staged shard must pass (meta and schema, pages, tasks), on one connection (a
+    merge of many small shards pays for each open); its task -> checksum."""
+    with reading(path) as con:
+        check_schema(con, path, fingerprint)
+        _quick_check(con, path)
+        return _checked_tasks(con, path, expected)

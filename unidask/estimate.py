@@ -20,7 +20,8 @@ from .plots import duration, size
 from .sizing import SCHEDULER_CPU, SCHEDULER_LOAD, TASKS_PER_WORKER
 
 MERGE_BYTES_S = 230e6    # merge throughput at n = 4 on 2 cores, the slowest case measured
-MANY_SHARDS = 20_000     # staged files beyond which the merge's per-file cost shows
+MERGE_FILE_S = 1.1e-3    # and per staged file, over its bytes (benchmark "shards", 2 cores)
+MERGE_FILES_SHARE = 0.3  # the files' share of the merge's time beyond which plan warns
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Estimate:
 
     @property
     def merge_seconds(self) -> float:
-        return self.data_bytes / MERGE_BYTES_S
+        return self.data_bytes / MERGE_BYTES_S + self.shards * MERGE_FILE_S
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), **{k: getattr(self, k) for k in (
@@ -117,9 +118,11 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
         e.warnings.append(f"{e.tasks:,} tasks for {e.workers:,} workers: fewer than {TASKS_PER_WORKER} each, "
                           "so the run ends unevenly and backup tasks have little to run; a smaller "
                           "run.task_size gives more")
-    if e.shards > MANY_SHARDS:
-        e.warnings.append(f"about {e.shards:,} staged files: a longer storage.stage_every or "
-                          "storage.shard_per = \"node\" gives fewer")
+    opening, copying = e.shards * MERGE_FILE_S, e.data_bytes / MERGE_BYTES_S
+    if opening > MERGE_FILES_SHARE * copying and opening > 60:
+        e.warnings.append(f"about {e.shards:,} staged files of {size(e.data_bytes / e.shards)} on average: "
+                          f"opening them adds {duration(opening)} to the merge's {duration(copying)} of "
+                          "copying; a longer storage.stage_every or storage.shard_per = \"node\" gives fewer")
     local = spec.local_dir
     while not local.exists() and local != local.parent:
         local = local.parent

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import db, files, plan
-from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_tasks
+from .db import (COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema,
+                 check_tasks)
 from .errors import InputError, RunError, writing
 from .progress import Progress
 from .rundir import RunDir
@@ -80,42 +81,34 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
         if not skip_bad:
             raise BadFile(p, f"{why}; refused")
         report.rejected.append((str(p), why))
-    good, fingerprint = [], spec.fingerprint   # a hash of the spec: once, not once a shard
-    for p in paths:
-        try:
-            check_database(p, fingerprint)
-            good.append(p)
-        except BadFile as e:
-            if not skip_bad:
-                raise
-            report.rejected.append((str(p), e.reason))
-    if not good:
-        raise InputError(f"{run_dir}: no shard could be merged")
+    fingerprint = spec.fingerprint   # a hash of the spec: once, not once a shard
+    expected = Expected.of(spec)
+    if expected.dim is None:   # a plugin's matrix size: its first sound shard's
+        expected = Expected.of(spec, first=_first_sound(paths, fingerprint))
 
     start = time.monotonic()
     tmp = files.temp_name(out)
     files.remove_stale_temps(out)
-    # every page and every task of every shard (counts, ids, dims, lengths, recomputed checksums:
-    # the integrity invariant, db.task_faults) is checked on another core while the rows are
-    # copied; a batch commits only once its shards passed
-    expected = Expected.of(spec, first=good[0])   # a plugin's matrix size: its first shard's
-    # (two threads: a shard's pages and its tasks are checked side by side, 1.1x at n = 4)
+    # every shard is checked (meta and schema, every page, every task: counts, ids, dims, lengths,
+    # recomputed checksums: the integrity invariant, db.task_faults) on other cores while the rows
+    # are copied; a batch commits only once its shards passed. A shard's schema is checked again
+    # where it is attached, before anything of it is read.
     checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check")
-    checks = {p: (checker.submit(check_pages, p), checker.submit(check_tasks, p, expected)) for p in good}
+    checks = {p: checker.submit(db.check, p, fingerprint, expected) for p in paths}
     # the shards' page size (a delta's may be smaller): the rows fill the pages as well, and the
     # copy runs ~2x faster than at 4 KiB at n = 4
     page_size = db.run_page_size(spec.storage.page_size, expected.dim and expected.dim ** 2 * expected.itemsize)
     try:
         existing = out if append and out.exists() else None
         with contextlib.closing(_open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
-            progress = Progress(sum(p.stat().st_size for p in good), unit="MB", desc="merge",
+            progress = Progress(sum(p.stat().st_size for p in paths), unit="MB", desc="merge",
                                 scale=1e-6)
             merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
-            for i in range(0, len(good), ATTACH_BATCH):
-                batch = good[i:i + ATTACH_BATCH]
+            for i in range(0, len(paths), ATTACH_BATCH):
+                batch = paths[i:i + ATTACH_BATCH]
                 while batch:
                     try:
-                        report.duplicates += _merge_batch(con, batch, merged, task_size, checks)
+                        report.duplicates += _merge_batch(con, batch, merged, task_size, checks, fingerprint)
                         report.shards += map(str, batch)
                         break
                     except BadFile as e:
@@ -123,8 +116,10 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
                             raise
                         report.rejected.append((str(e.path), e.reason))
                         batch = [p for p in batch if p != e.path]  # and merge the others again
-                progress.update(sum(p.stat().st_size for p in good[i:i + ATTACH_BATCH]))
+                progress.update(sum(p.stat().st_size for p in paths[i:i + ATTACH_BATCH]))
             progress.close()
+            if not report.shards:
+                raise InputError(f"{run_dir}: no shard could be merged")
             # every task's row count was checked as it was copied: no need to count the table
             report.rows = con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
             done = set(merged)
@@ -142,15 +137,17 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     finally:
         checker.shutdown(cancel_futures=True)
         tmp.unlink(missing_ok=True)
-    report.bytes_read = sum(p.stat().st_size for p in good)
+    report.bytes_read = sum(Path(p).stat().st_size for p in report.shards)
     report.seconds = time.monotonic() - start
     return report
 
 
-def _passed(checks: tuple[Future, ...]) -> None:
-    """Wait for a shard's checks; raise the first one's BadFile."""
-    for check in checks:
-        check.result()
+def _first_sound(paths: list[Path], fingerprint: str) -> Path | None:
+    for p in paths:
+        with contextlib.suppress(BadFile):
+            check_database(p, fingerprint)
+            return p
+    return None
 
 
 def _open_target(tmp: Path, existing: Path | None, record: dict, page_size: int, expected: Expected
@@ -182,17 +179,22 @@ def _open_target(tmp: Path, existing: Path | None, record: dict, page_size: int,
 
 
 def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, str], task_size: int,
-                 checks: dict[Path, tuple[Future, ...]]) -> int:
+                 checks: dict[Path, Future], fingerprint: str) -> int:
     """Copy the tasks of a few attached shards in one transaction, in task order: the rows then
     append to the end of the table (2.5x faster than copying shard after shard, which splits pages
     in the middle of it). Tasks already merged are skipped if identical. Returns how many were.
     Commits only when ``checks`` (pages and tasks of each shard) found them sound."""
-    for j, p in enumerate(batch):
-        con.execute(f"ATTACH DATABASE ? AS s{j}", (f"file:{p.absolute()}?mode=ro&immutable=1",))
-        # read the rows in place, not through pread into SQLite's cache: 1.08x the copy at n = 4
-        # and 1.1x at n = 16; safe, as a staged shard is never written again
-        con.execute(f"PRAGMA s{j}.mmap_size = {MMAP_SIZE}")
+    attached = 0
     try:
+        for j, p in enumerate(batch):
+            with blame(p):
+                con.execute(f"ATTACH DATABASE ? AS s{j}", (f"file:{p.absolute()}?mode=ro&immutable=1",))
+                attached += 1
+                # nothing of a shard is read before its schema passed (no view or trigger runs)
+                check_schema(con, p, fingerprint, schema=f"s{j}")
+                # read the rows in place, not through pread into SQLite's cache: 1.08x the copy at
+                # n = 4 and 1.1x at n = 16; safe, as a staged shard is never written again
+                con.execute(f"PRAGMA s{j}.mmap_size = {MMAP_SIZE}")
         owners: dict[int, tuple[int, tuple]] = {}   # task -> (shard index, its tasks row)
         duplicates = 0
         for j, p in enumerate(batch):
@@ -212,7 +214,7 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 # a copy that fails its checks is the one to blame; two sound copies that differ
                 # mean generation is not reproducible, and neither can be chosen
                 for q in {batch[owners[t][0]] for t in differ if t in owners} | {p}:
-                    _passed(checks[q])
+                    checks[q].result()
                 raise BadFile(p, f"task(s) {plan.ranges(differ)} differ from the copy already merged "
                                  "from another shard; refusing to choose")
         con.execute("BEGIN")
@@ -225,7 +227,7 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 if copied != row[2]:
                     raise BadFile(batch[j], f"task {task} has {copied} of its {row[2]} unitaries")
             for p in batch:
-                _passed(checks[p])   # raises its BadFile: the batch rolls back
+                checks[p].result()   # raises its BadFile: the batch rolls back
             con.executemany(f"INSERT INTO main.tasks VALUES ({', '.join('?' * len(COLUMNS['tasks']))})",
                             [row for _, row in owners.values()])
             con.execute("COMMIT")
@@ -235,5 +237,5 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
         merged.update((task, row[-1]) for task, (_, row) in owners.items())
         return duplicates
     finally:
-        for j in range(len(batch)):
+        for j in range(attached):
             con.execute(f"DETACH DATABASE s{j}")
