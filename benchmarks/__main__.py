@@ -67,7 +67,10 @@ class Bench:
         for name, rs in results.items():
             med = statistics.median(r["rate"] for r in rs)
             row = {"section": section, "case": case, "contender": name, "rate": med,
-                   "ratio": med / base if base else None}
+                   "ratio": med / base if base else None,
+                   # the median of each round's ratio: the machine's drift over minutes cancels
+                   "paired": statistics.median(r["rate"] / b["rate"] for r, b in zip(rs, results[baseline]))
+                   if all(b["rate"] for b in results[baseline]) else None}
             if any("locked" in r and r["locked"] for r in rs) or name == "seed shared db":
                 row["locked"] = sum(r.get("locked", 0) for r in rs)
                 row["stall"] = max(r.get("stall", 0.0) for r in rs)
@@ -78,7 +81,8 @@ class Bench:
             self.rows.append(row)
             print(format_row(row), flush=True)
 
-    def alternate(self, contenders: dict, section: str, case: str, baseline: str, rounds: int = 0) -> None:
+    def alternate(self, contenders: dict, section: str, case: str, baseline: str, rounds: int = 0
+                  ) -> dict[str, list[dict]]:
         results: dict[str, list[dict]] = {name: [] for name in contenders}
         names = list(contenders)
         for r in range(max(rounds, self.rounds)):
@@ -91,6 +95,7 @@ class Bench:
                 os.sync()
                 results[name].append(run())
         self.record(section, case, results, baseline)
+        return results
 
     # 1. write path
     def write_path(self) -> None:
@@ -228,8 +233,14 @@ class Bench:
         for task in (20_000,) if self.quick else (5_000, 20_000, 50_000, 100_000, 200_000):
             contenders[f"task_size {task}"] = lambda task=task: self.run_unidask(count, 4, task, workers)
         # a run here varies by about 10%: more rounds than elsewhere, for medians that tell apart
-        self.alternate(contenders, "auto size", f"n=4 workers={workers} count={count}", "task_size auto",
-                       rounds=3 if self.quick else 5)
+        results = self.alternate(contenders, "auto size", f"n=4 workers={workers} count={count}",
+                                 "task_size auto", rounds=3 if self.quick else 5)
+        # then auto against the fastest fixed size of those, in pairs: the fastest of five noisy
+        # medians is lucky as well as fast
+        best = max((name for name in contenders if name != "task_size auto"),
+                   key=lambda name: statistics.median(r["rate"] for r in results[name]))
+        self.alternate({"task_size auto": contenders["task_size auto"], best: contenders[best]}, "auto size",
+                       "paired with the fastest fixed", "task_size auto", rounds=3 if self.quick else 8)
         self.clean()
 
     # 3d. backup tasks: what they cost a healthy run, what they save with one stopped worker
@@ -444,6 +455,8 @@ class Bench:
 
 def format_row(r: dict) -> str:
     ratio = f"{r['ratio']:6.2f}x" if r.get("ratio") is not None else "       "
+    if r.get("paired") is not None and r["paired"] != 1.0:
+        ratio += f" (paired {r['paired']:.2f}x)"
     extra = f"  locked {r['locked']}, longest stall {r['stall']:.2f} s" if "locked" in r else ""
     if "driver_ms" in r:
         extra += (f"  driver+scheduler {r['driver_ms']:.1f} ms CPU/task ({r['driver_core']:.0%} of a core), "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unidask import db, shard, worker
+from unidask import db, malloc, shard
 from unidask.generators.haar import haar
 
 # unitaries per task (one transaction for every database contender): ~0.2 s of work each on this
@@ -117,7 +117,7 @@ def raw_bytes(path: str, seed: int, count: int, dim: int, start_at: float, task:
 def bare_loop(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """End to end without Dask: generate each task and insert it into a private shard file, as
     unidask's workers do, with their malloc settings: the limit, not a handicapped loop."""
-    worker.tune_malloc()
+    malloc.tune()
     start = wait_until(start_at)
     s = shard.Shard(Path(f"{path}.{seed}.db"), {"fingerprint": "bench", "dtype": "complex128"}, single_writer=True,
                     page_size=db.page_size_for(dim * dim * 16))

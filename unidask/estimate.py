@@ -81,8 +81,8 @@ class Estimate:
             f"duration    about {duration(self.wall_seconds)} of generation, {self.core_hours:,.1f} core-hours",
             f"data        {size(self.data_bytes)} merged; about {size(self.data_bytes / self.nodes)} of local "
             "disk per node",
-            f"shards      about {self.shards:,} staged file(s) ({self.shard_per} shards, a delta per "
-            f"stage-out every {duration(self.stage_every)})",
+            f"shards      about {self.shards:,} staged file(s) of {size(self.data_bytes / self.shards)} on average "
+            f"({self.shard_per} shards, a delta per stage-out every {duration(self.stage_every)})",
             f"merge       about {duration(self.merge_seconds)}",
         ]
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, files, plan
+from . import db, files, malloc, plan
 from .db import (COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema,
                  check_tasks)
 from .errors import InputError, RunError, writing
@@ -87,6 +87,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
         expected = Expected.of(spec, first=_first_sound(paths, fingerprint))
 
     start = time.monotonic()
+    malloc.tune()   # the heap reused from shard to shard, not pages faulted in afresh for each
     tmp = files.temp_name(out)
     files.remove_stale_temps(out)
     # every shard is checked (meta and schema, every page, every task: counts, ids, dims, lengths,

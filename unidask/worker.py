@@ -8,15 +8,13 @@ staged shard.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import signal
 import socket
 import time
 from typing import Any
 
-from . import generators, plan, shard, slurm
+from . import generators, malloc, plan, shard, slurm
 from .config import Spec
 
 
@@ -28,24 +26,9 @@ def dask_setup(worker) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-@functools.cache
-def tune_malloc() -> None:
-    """Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_ at 64 KiB, which also freezes glibc's
-    mmap threshold at 128 KiB: every task's arrays then come from freshly mapped pages, and each
-    free hands the top of the heap back to the kernel, so the next task faults it in again. Serve
-    allocations up to 64 MiB from the heap and keep up to 256 MiB of it: a task's arrays and
-    temporaries, reused task after task."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
     """Generate task ``task`` and commit it to this process's shard; return a small summary."""
-    tune_malloc()
+    malloc.tune()
     started = time.time()
     array, metas = generators.generate(spec, task)
     node = slurm.node_name()
