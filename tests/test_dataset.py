@@ -37,6 +37,33 @@ def test_dataset_indexing_and_batches(haar_run):
             ds[20000]
 
 
+def test_ids_and_split_of_an_incomplete_dataset(haar_run, tmp_path):
+    """A dataset that lacks a task (a merge with --skip-bad) has no ids for it: neither ids() nor
+    split() nor stats' sample invent them."""
+    import shutil
+
+    from unidask import stats
+
+    _, db = haar_run
+    holed = tmp_path / "holed.db"
+    shutil.copyfile(db, holed)
+    con = sqlite3.connect(holed)
+    con.execute("DELETE FROM unitaries WHERE id >= 3000 AND id < 4000")
+    con.execute("DELETE FROM tasks WHERE task = 3")
+    con.execute("DELETE FROM meta WHERE key = 'rows'")
+    con.commit()
+    con.close()
+    with unidask.Dataset(holed) as ds, unidask.Dataset(db) as whole:
+        assert np.array_equal(whole.ids(), np.arange(20000))
+        expected = np.concatenate([np.arange(3000), np.arange(4000, 20000)])
+        assert np.array_equal(ds.ids(), expected)
+        parts = ds.split(seed=1, train=0.5, test=0.5)
+        assert np.array_equal(np.sort(np.concatenate(list(parts.values()))), expected)
+        ids, u = stats.sample(ds, 19000, seed=0)
+        assert len(ids) == 19000 and not np.isin(ids, np.arange(3000, 4000)).any()
+        assert np.array_equal(u, whole[ids])
+
+
 def test_dataset_takes_an_array_of_ids(haar_run):
     """A random minibatch: any order, repeats, negative ids; a missing id or a non-integer array
     is refused."""

@@ -254,13 +254,15 @@ class Dataset:
         if not fractions or any(not 0 <= f <= 1 for f in fractions.values()) \
                 or abs(sum(fractions.values()) - 1) > 1e-9:
             raise ValueError(f"split fractions must be in [0, 1] and sum to 1, not {fractions}")
-        ids = self._all_ids()
+        ids = self.ids()
         u = uniform_of(ids, seed)
         edges = np.cumsum([0.0, *fractions.values()])
         edges[-1] = 1.0
         return {name: ids[(u >= lo) & (u < hi)] for name, lo, hi in zip(fractions, edges, edges[1:])}
 
-    def _all_ids(self) -> np.ndarray:
+    def ids(self) -> np.ndarray:
+        """The id of every row, sorted: ``0 ... len(ds) - 1`` in a complete dataset, with the
+        missing tasks' ids left out of an incomplete one."""
         return np.fromiter((i for (i,) in self._query("SELECT id FROM unitaries ORDER BY id")),
                            dtype=np.int64)
 

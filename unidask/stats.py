@@ -52,7 +52,7 @@ def sample(ds: Dataset, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     if len(ds) == hi - lo:   # complete: every id in the range is there
         ids = lo + np.sort(rng.choice(hi - lo, min(size, hi - lo), replace=False))
     else:
-        ids = np.sort(rng.choice(ds._all_ids(), min(size, len(ds)), replace=False))
+        ids = np.sort(rng.choice(ds.ids(), min(size, len(ds)), replace=False))
     return ids, ds[ids]
 
 
