@@ -1,14 +1,16 @@
 """Shared storage on a real network filesystem (sshfs, ``cluster/netfs.sh``), as on a cluster: shards
 live on local disk, are staged to the network filesystem and merged there; a live shard refuses it."""
 
+import os
 import re
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import unidask
 from unidask import RunDir, files
 
-from conftest import cli, config_in, merged_data, write_config
+from conftest import REPO, cli, config_in, merged_data, write_config
 
 
 def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
@@ -40,6 +42,33 @@ def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
     assert verified.returncode == 0 and verified.stdout.startswith("OK"), verified.stdout + verified.stderr
     with unidask.Dataset(again) as ds:
         assert len(ds) == 3000 and ds[2999].shape == (4, 4)
+
+
+def test_shards_a_directory_cache_hides_are_found_by_name(config, netfs, tmp_path):
+    """Another host's view of the shared storage with a directory cache (NFS keeps a listing up to
+    a minute; here sshfs's, ten minutes): a listing there misses what was staged a moment ago.
+    The run's record of its stage-outs (stages.jsonl) names them, and a file looked up by name is
+    found: status counts them and the merge from that view is the whole run."""
+    view = tmp_path / "view"
+    mounted = subprocess.run(["bash", str(REPO / "cluster" / "netfs.sh"), "mount", str(view), "127.0.0.1"],
+                             env={**os.environ, "UNIDASK_NETFS_OPTIONS": "dcache_timeout=600"},
+                             capture_output=True, text=True, timeout=120)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        spec = config(run={"count": 2000, "task_size": 100, "run_dir": str(netfs / "cached")},
+                      storage={"local_dir": str(tmp_path / "local"), "stage_every": 0.2})
+        RunDir(spec.run_dir).prepare(spec, resume=False)
+        seen = RunDir(view / "cached")
+        assert seen.staged_shards() == []   # the view lists shards/ (empty), and caches that
+        result = unidask.run(spec, merge=False)
+        staged = sorted(p.name for p in RunDir(spec.run_dir).staged_shards())
+        assert staged and len(staged) >= len(result.shards)
+        assert not any(p.name.endswith(".db") for p in seen.shards.iterdir())   # the cache hides them
+        assert sorted(p.name for p in seen.staged_shards()) == staged
+        merged = unidask.merge(view / "cached")
+        assert merged.complete and merged.rows == 2000
+    finally:
+        subprocess.run(["fusermount3", "-u", str(view)], timeout=60)
 
 
 def test_local_dir_on_a_network_filesystem_is_refused_before_the_run(netfs, tmp_path):

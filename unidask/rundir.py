@@ -8,7 +8,7 @@ or refusing one. Nothing else names a file of a run dir.
       lock                     the host and pid of the driver running now (runlock.py)
       live.json                its figures every few seconds while it runs (`unidask status`)
       shards/NODE-ATTEMPT[-pPID]-UID.db   staged snapshots, each written whole
-      stages.jsonl             one line per stage-out (the report's figures)
+      stages.jsonl             one line per stage-out (the report's figures; the shards, by name)
       NAME.db                  the merged database
       tls/                     the run's CA, certificate and key (owner-only)
       scheduler-JOB.json       a generation job's scheduler file
@@ -150,7 +150,33 @@ class RunDir:
         return {p: why for p in self._listed() if (why := files.regular(p, follow=False)) is not None}
 
     def _listed(self) -> list[Path]:
-        return sorted(self.shards.glob("[!.]*.db"))
+        """``shards/`` as listed, and the shards the run's stage-outs recorded (``stages.jsonl``),
+        looked up by name: a network filesystem's directory cache (NFS: up to ``acdirmax``, a
+        minute) can hide from one host a file another host staged a moment ago, not a name."""
+        listed = set(self.shards.glob("[!.]*.db"))
+        for name in self._staged_names():
+            path = self.shards / name
+            if path not in listed and os.path.lexists(path):   # gone: set aside by a resume, cleaned
+                listed.add(path)
+        return sorted(listed)
+
+    def _staged_names(self) -> set[str]:
+        """The names of the shards ``stages.jsonl`` records; a line that is not a stage-out's
+        record is skipped (the merge checks every file it opens)."""
+        try:
+            lines = self.stages.read_text(errors="replace").splitlines()
+        except OSError:
+            return set()
+        names = set()
+        for line in lines:
+            try:
+                path = json.loads(line).get("path")
+            except (ValueError, AttributeError):
+                continue
+            name = Path(path).name if isinstance(path, str) else ""
+            if name.endswith(".db") and not name.startswith("."):
+                names.add(name)
+        return names
 
     def complete_database(self, spec: Spec) -> Path | None:
         """The run's merged database, where it exists and holds every task of ``spec``'s run."""
