@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -223,6 +224,34 @@ def test_a_changed_plugin_generator_is_refused_on_resume(tmp_path):
     r = cli("run", cfg, "--resume", cwd=tmp_path, env=env)
     assert r.returncode == 2 and r.stderr.count("unidask: error:") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "generator my_gen:phases changed since this run started" in r.stderr
+
+
+def test_what_stages_jsonl_names_is_looked_up_only_in_shards(config, tmp_path):
+    """stages.jsonl (the driver's record of its stage-outs, where a network filesystem's directory
+    cache hides a listing) is only a list of names to look up in shards/: a damaged line is
+    skipped, a path elsewhere is not followed, a name no longer there (set aside, cleaned) is not
+    listed, and the merge stays whole; the report says which lines it skipped."""
+    spec = config(run={"count": 1000, "task_size": 100})
+    unidask.run(spec, merge=False)
+    rd = RunDir(spec.run_dir)
+    shards = rd.staged_shards()
+    outside = tmp_path / "outside.db"
+    shutil.copyfile(shards[0], outside)
+    with open(rd.stages, "a") as f:
+        f.write("not json\n[1, 2]\n{\"path\": 7}\n")
+        for path in (f"{rd.shards}/../../{outside.name}", outside, rd.shards / "gone-away.db",
+                     rd.shards / ".temp.db", rd.shards / "x.db-journal"):   # records, of odd paths
+            f.write(json.dumps({"node": "n", "time": 1.0, "seconds": 0.1, "path": str(path)}) + "\n")
+    with open(rd.stages, "ab") as f:
+        f.write(b"\x00\xff\xfe{\n")   # not even UTF-8
+    assert rd.staged_shards() == shards and rd.odd_entries() == {}
+    report = unidask.merge(spec.run_dir)
+    assert report.complete and sorted(report.shards) == sorted(map(str, shards))
+    # the run's report: made from the records there are, the other lines named once
+    r = cli("report", spec.run_dir, "-o", tmp_path / "report.html")
+    assert r.returncode == 0 and (tmp_path / "report.html").exists(), r.stderr
+    assert "stages.jsonl: line(s)" in r.stderr and "are not stage-out records; skipped" in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("stages.jsonl") == 1, r.stderr
 
 
 def test_odd_files_in_shards_are_named_never_opened(config, tmp_path):

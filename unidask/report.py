@@ -115,7 +115,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     rd = RunDir(run_dir)
     st = status(run_dir)
     rows = task_rows(run_dir)
-    stages = rd.read_stages()
+    stages = rd.read_stages(warn=True)
     t0 = min((r[2] for r in rows), default=0.0)
     end = max((r[3] for r in rows), default=t0) - t0
     last = max([end, *(s["time"] - t0 for s in stages)])

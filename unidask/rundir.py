@@ -161,22 +161,9 @@ class RunDir:
         return sorted(listed)
 
     def _staged_names(self) -> set[str]:
-        """The names of the shards ``stages.jsonl`` records; a line that is not a stage-out's
-        record is skipped (the merge checks every file it opens)."""
-        try:
-            lines = self.stages.read_text(errors="replace").splitlines()
-        except OSError:
-            return set()
-        names = set()
-        for line in lines:
-            try:
-                path = json.loads(line).get("path")
-            except (ValueError, AttributeError):
-                continue
-            name = Path(path).name if isinstance(path, str) else ""
-            if name.endswith(".db") and not name.startswith("."):
-                names.add(name)
-        return names
+        """The names of the shards ``stages.jsonl`` records (the merge checks every file it opens)."""
+        names = {Path(r["path"]).name for r in self.read_stages() if isinstance(r.get("path"), str)}
+        return {n for n in names if n.endswith(".db") and not n.startswith(".")}
 
     def complete_database(self, spec: Spec) -> Path | None:
         """The run's merged database, where it exists and holds every task of ``spec``'s run."""
@@ -220,7 +207,27 @@ class RunDir:
         with open(os.open(self.stages, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in results)
 
-    def read_stages(self) -> list[dict[str, Any]]:
-        if not self.stages.exists():
+    def read_stages(self, warn: bool = False) -> list[dict[str, Any]]:
+        """The stage-outs ``stages.jsonl`` records. A line that is not one (the last, torn by a
+        driver killed as it wrote; a damaged file) is skipped, and with ``warn`` named in a warning."""
+        try:
+            lines = self.stages.read_bytes().splitlines()
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in self.stages.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise InputError(f"cannot read {self.stages}: {e.strerror or e}") from e
+        records, skipped = [], []
+        for number, line in enumerate(lines, 1):
+            try:
+                r = json.loads(line)
+                if not (isinstance(r, dict) and isinstance(r.get("node"), str)
+                        and all(isinstance(r.get(k), (int, float)) for k in ("time", "seconds"))):
+                    raise ValueError(line)
+                records.append(r)
+            except ValueError:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if line.strip():
+                    skipped.append(number)
+        if warn and skipped:
+            log.warning("%s: line(s) %s are not stage-out records; skipped", self.stages,
+                        ", ".join(map(str, skipped[:10])) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
+        return records
