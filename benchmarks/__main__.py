@@ -322,7 +322,7 @@ class Bench:
     # the same data in 4 shards: what a merge pays per file
     def shards(self) -> None:
         import unidask
-        from unidask import RunDir, worker
+        from unidask import RunDir, estimate, worker
 
         tasks, task_size, dim = (96, 200, 4) if self.quick else (512, 2000, 4)
         layouts = {"4 shards": tasks // 4, **{f"deltas of {k} task{'s' * (k > 1)}": k for k in (16, 4, 1)}}
@@ -354,7 +354,16 @@ class Bench:
         contenders = {f"unidask merge, {name}: {len(files[name])} files, "
                       f"{sum(p.stat().st_size for p in files[name]) / len(files[name]) / 1e6:.1f} MB each":
                       (lambda d=d: merge_(d)) for name, d in runs.items()}
-        self.alternate(contenders, "merge MB/s", f"n={dim}, the same {size / 1e6:.0f} MB", next(iter(contenders)))
+        case = f"n={dim}, the same {size / 1e6:.0f} MB"
+        results = self.alternate(contenders, "merge MB/s", case, next(iter(contenders)))
+        # what unidask plan expects of each (bytes at MERGE_BYTES_S, MERGE_FILE_S a file), the
+        # ratio against that layout's measured merge
+        for contender, name in zip(contenders, runs):
+            rate = size / 1e6 / (size / estimate.MERGE_BYTES_S + len(files[name]) * estimate.MERGE_FILE_S)
+            row = {"section": "merge MB/s", "case": case, "contender": f"plan's estimate, {len(files[name])} files",
+                   "rate": rate, "ratio": rate / statistics.median(r["rate"] for r in results[contender])}
+            self.rows.append(row)
+            print(format_row(row), flush=True)
         self.clean()
 
     # 6. reading a dataset back, as training reads it
