@@ -147,7 +147,8 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
 
 def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypatch):
     """A worker killed between creating its shard and its first task leaves a file with nothing
-    committed in it (empty, the schema without meta, or a hot journal of its first transaction):
+    committed in it (empty, the schema without meta, a hot journal of its first transaction, or a
+    journal of it not yet synced):
     its successor removes it instead of leaving it on local disk with a warning. A rollback
     journal holds the pages as they were before, never a committed task."""
     monkeypatch.setenv("UNIDASK_NODE", "n")
@@ -156,8 +157,8 @@ def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypat
                           capture_output=True, text=True).stdout.strip()
     local = shard.run_local_dir(spec)
     local.mkdir(parents=True)
-    empty, schema_only, journal = (local / f"n-k-p{dead}{i}.db" for i in ("", "0", "1"))
-    pids = {empty: dead, schema_only: dead + "0", journal: dead + "1"}
+    empty, schema_only, journal, unsynced = (local / f"n-k-p{dead}{i}.db" for i in ("", "0", "1", "2"))
+    pids = {empty: dead, schema_only: dead + "0", journal: dead + "1", unsynced: dead + "2"}
     empty.touch()
     con = sqlite3.connect(schema_only)
     con.executescript(db.SCHEMA)
@@ -177,10 +178,25 @@ con.executemany("INSERT INTO unitaries(id, dim, data) VALUES (?, 4, ?)", [(i, by
 os._exit(0)
 """], check=True)
     assert os.path.getsize(f"{journal}-journal") > 0 and os.path.getsize(journal) > 100_000
+    # killed inside its first transaction before anything spilled: the journal's header is still
+    # the one SQLite writes first, its magic zeroed until a sync (not hot: the file is untouched)
+    subprocess.run([sys.executable, "-c", f"""
+import os, sqlite3, sys
+sys.path.insert(0, {str(REPO)!r})
+from unidask import db
+con = sqlite3.connect({str(unsynced)!r}, isolation_level=None)
+con.execute("PRAGMA journal_mode = TRUNCATE")
+con.executescript(db.SCHEMA)
+con.execute("BEGIN")
+con.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '2')")
+os._exit(0)
+"""], check=True)
+    with open(f"{unsynced}-journal", "rb") as f:
+        assert f.read(8) == bytes(8) and os.path.getsize(f"{unsynced}-journal") > 512
     assert all(not files.pid_alive(int(pid)) for pid in pids.values())
     with messages() as lines:
         assert shard.stage_orphans(spec, "k", "n") == []
-    assert not empty.exists() and not schema_only.exists() and not journal.exists(), lines
+    assert not any(p.exists() or os.path.exists(f"{p}-journal") for p in pids), lines
     assert not any("left in place" in line for line in lines), lines
 
 

@@ -139,9 +139,23 @@ def remove_files(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
+JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")   # a rollback journal's first 8 bytes (fileformat2.html)
+
+
 def _journaled(path: Path) -> bool:
-    """Whether a journal or WAL beside ``path`` holds anything (a writer's unfinished work)."""
-    return any(Path(f"{path}{s}").exists() and Path(f"{path}{s}").stat().st_size for s in ("-journal", "-wal"))
+    """Whether a WAL or a hot rollback journal beside ``path`` holds a writer's unfinished work. A
+    journal without SQLite's magic at its head is not hot: SQLite writes the header with the magic
+    zeroed and sets it only as it syncs the journal, before its first write to the database file,
+    so a writer killed earlier (inside its first transaction, nothing spilled) left the file as it
+    was, and SQLite ignores such a journal too."""
+    wal, journal = Path(f"{path}-wal"), Path(f"{path}-journal")
+    if wal.is_file() and wal.stat().st_size:
+        return True
+    if not journal.is_file():   # never open a FIFO to read: it would block
+        return False
+    with contextlib.suppress(OSError), open(journal, "rb") as f:
+        return f.read(len(JOURNAL_MAGIC)) == JOURNAL_MAGIC
+    return False
 
 
 def recover(path: Path) -> None:
