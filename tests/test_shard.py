@@ -145,6 +145,25 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
     con.close()
 
 
+def killed_in_first_transaction(path: Path, spill: bool) -> None:
+    """A writer that creates a shard at ``path`` and dies inside its first transaction, after
+    SQLite spilled pages to the file (``spill``) or before."""
+    rows = "con.execute('PRAGMA cache_size = 1'); con.executemany('INSERT INTO unitaries(id, dim, data) " \
+           "VALUES (?, 4, ?)', [(i, bytes(256)) for i in range(2000)])" if spill else ""
+    subprocess.run([sys.executable, "-c", f"""
+import os, sqlite3, sys
+sys.path.insert(0, {str(REPO)!r})
+from unidask import db
+con = sqlite3.connect({str(path)!r}, isolation_level=None)
+con.execute("PRAGMA journal_mode = TRUNCATE")
+con.executescript(db.SCHEMA)
+con.execute("BEGIN")
+con.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '2')")
+{rows}
+os._exit(0)
+"""], check=True)
+
+
 def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypatch):
     """A worker killed between creating its shard and its first task leaves a file with nothing
     committed in it (empty, the schema without meta, a hot journal of its first transaction, or a
@@ -164,33 +183,11 @@ def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypat
     con.executescript(db.SCHEMA)
     con.close()
     # killed inside its first transaction, after SQLite spilled pages to the file: a hot journal
-    subprocess.run([sys.executable, "-c", f"""
-import os, sqlite3, sys
-sys.path.insert(0, {str(REPO)!r})
-from unidask import db
-con = sqlite3.connect({str(journal)!r}, isolation_level=None)
-con.execute("PRAGMA journal_mode = TRUNCATE")
-con.executescript(db.SCHEMA)
-con.execute("PRAGMA cache_size = 1")
-con.execute("BEGIN")
-con.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '2')")
-con.executemany("INSERT INTO unitaries(id, dim, data) VALUES (?, 4, ?)", [(i, bytes(256)) for i in range(2000)])
-os._exit(0)
-"""], check=True)
+    killed_in_first_transaction(journal, spill=True)
     assert os.path.getsize(f"{journal}-journal") > 0 and os.path.getsize(journal) > 100_000
     # killed inside its first transaction before anything spilled: the journal's header is still
     # the one SQLite writes first, its magic zeroed until a sync (not hot: the file is untouched)
-    subprocess.run([sys.executable, "-c", f"""
-import os, sqlite3, sys
-sys.path.insert(0, {str(REPO)!r})
-from unidask import db
-con = sqlite3.connect({str(unsynced)!r}, isolation_level=None)
-con.execute("PRAGMA journal_mode = TRUNCATE")
-con.executescript(db.SCHEMA)
-con.execute("BEGIN")
-con.execute("INSERT INTO meta(key, value) VALUES ('schema_version', '2')")
-os._exit(0)
-"""], check=True)
+    killed_in_first_transaction(unsynced, spill=False)
     with open(f"{unsynced}-journal", "rb") as f:
         assert f.read(8) == bytes(8) and os.path.getsize(f"{unsynced}-journal") > 512
     assert all(not files.pid_alive(int(pid)) for pid in pids.values())
