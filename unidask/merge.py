@@ -73,11 +73,12 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
         raise InputError(f"cannot write {out}: no directory {out.parent}")
     with writing(out):   # a place that takes no file (/proc, read-only) is the user's to change: exit 2
         tempfile.TemporaryFile(dir=out.parent).close()
-    paths = rd.staged_shards()
+    paths, odd = rd.entries()
     if not paths:
         raise InputError(f"{rd.shards}: no staged shards to merge")
+    sizes = {p: p.stat().st_size for p in paths}   # once: each stat is a round trip on shared storage
     report = MergeReport(out, spec.n_tasks)
-    for p, why in rd.odd_entries().items():   # named, never opened
+    for p, why in odd.items():   # named, never opened
         if not skip_bad:
             raise BadFile(p, f"{why}; refused")
         report.rejected.append((str(p), why))
@@ -102,8 +103,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     try:
         existing = out if append and out.exists() else None
         with contextlib.closing(_open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
-            progress = Progress(sum(p.stat().st_size for p in paths), unit="MB", desc="merge",
-                                scale=1e-6)
+            progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
             merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
             for i in range(0, len(paths), ATTACH_BATCH):
                 batch = paths[i:i + ATTACH_BATCH]
@@ -117,7 +117,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
                             raise
                         report.rejected.append((str(e.path), e.reason))
                         batch = [p for p in batch if p != e.path]  # and merge the others again
-                progress.update(sum(p.stat().st_size for p in paths[i:i + ATTACH_BATCH]))
+                progress.update(sum(sizes[p] for p in paths[i:i + ATTACH_BATCH]))
             progress.close()
             if not report.shards:
                 raise InputError(f"{run_dir}: no shard could be merged")
@@ -138,7 +138,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     finally:
         checker.shutdown(cancel_futures=True)
         tmp.unlink(missing_ok=True)
-    report.bytes_read = sum(Path(p).stat().st_size for p in report.shards)
+    report.bytes_read = sum(sizes[Path(p)] for p in report.shards)
     report.seconds = time.monotonic() - start
     return report
 

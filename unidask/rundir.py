@@ -112,7 +112,7 @@ class RunDir:
         spec in run.json."""
         self.create()
         if self.record_path.exists() and self.record()["fingerprint"] != spec.fingerprint \
-                and not self.staged_shards() and not self.odd_entries():
+                and not any(self.entries()):
             # an attempt that staged nothing (it failed as it started): nothing of it to keep
             log.info("%s: replacing the record of a run that staged nothing (%s)", self.path,
                      self.record_path)
@@ -139,15 +139,26 @@ class RunDir:
 
     # -- staged shards and stage-outs ------------------------------------------------------------
 
+    def entries(self) -> tuple[list[Path], dict[Path, str]]:
+        """``shards/`` in one look: the staged shards (:meth:`staged_shards`) and the entries named
+        like one that are no regular file (:meth:`odd_entries`)."""
+        shards, odd = [], {}
+        for p in self._listed():
+            if (why := files.regular(p, follow=False)) is None:
+                shards.append(p)
+            else:
+                odd[p] = why
+        return shards, odd
+
     def staged_shards(self) -> list[Path]:
         """The staged shards: regular files named ``*.db`` (a stage-out's temporaries start with
         ".": never listed). Anything else of that name is :meth:`odd_entries`, never opened."""
-        return [p for p in self._listed() if files.regular(p, follow=False) is None]
+        return self.entries()[0]
 
     def odd_entries(self) -> dict[Path, str]:
         """Entries of ``shards/`` named like a shard that are no regular file (a FIFO, a socket, a
         directory, a link): what they are."""
-        return {p: why for p in self._listed() if (why := files.regular(p, follow=False)) is not None}
+        return self.entries()[1]
 
     def _listed(self) -> list[Path]:
         """``shards/`` as listed, and the shards the run's stage-outs recorded (``stages.jsonl``),
@@ -187,9 +198,9 @@ class RunDir:
         """Tasks of the staged shards that pass every check the merge makes (:func:`db.check`),
         and the shards that do not, with why: what status and resume count as done."""
         good: set[int] = set()
-        bad: dict[Path, str] = self.odd_entries()
+        shards, bad = self.entries()
         expected = db.Expected.of(spec)
-        for path in self.staged_shards():
+        for path in shards:
             try:
                 good.update(db.check(path, spec.fingerprint, expected))
             except db.BadFile as e:

@@ -92,7 +92,8 @@ def status(run_dir: str | os.PathLike) -> RunStatus:
     rd = RunDir(run_dir)
     spec = rd.spec()
     done, bad = rd.checked_tasks(spec)
-    shards = [_shard_status(p, bad.get(p)) for p in sorted([*rd.staged_shards(), *rd.odd_entries()])]
+    staged, odd = rd.entries()
+    shards = [_shard_status(p, bad.get(p)) for p in sorted([*staged, *odd])]
     starts = [s.first_start for s in shards if s.first_start]
     ends = [s.last_finish for s in shards if s.last_finish]
     unitaries = sum(spec.task_count(t) for t in done)

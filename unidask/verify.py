@@ -4,11 +4,9 @@ is the data that config makes."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +64,7 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
             _check_contents(con, v, spec, expected, meta)
             if against is not None and not v.problems:
                 if against.task_size == "auto":   # sized when it ran: the database says how
-                    against = dataclasses.replace(against, task_size=spec.task_size)
+                    against = replace(against, task_size=spec.task_size)
                 _regenerate(con, v, spec, against, None if full else sample)
     except BadFile as e:
         v.problems.append(e.reason)
