@@ -326,7 +326,7 @@ class Bench:
 
         tasks, task_size, dim = (96, 200, 4) if self.quick else (512, 2000, 4)
         layouts = {"4 shards": tasks // 4, **{f"deltas of {k} task{'s' * (k > 1)}": k for k in (16, 4, 1)}}
-        runs = {}
+        runs, staged = {}, {}
         for name, every in layouts.items():   # a first copy, then deltas
             d = self.fresh(f"s{every}")
             spec = unidask.load_config(None, data={
@@ -335,11 +335,20 @@ class Bench:
                 "cluster": {"nodes": 1, "workers": 1}})
             RunDir(spec.run_dir).prepare(spec, resume=False)
             os.environ["UNIDASK_NODE"] = "n"
+            stages = []
             for t in range(tasks):
                 worker.generate_task(spec, t, "a")
                 if (t + 1) % every == 0:
-                    worker.stage_out(spec, "a", final=t + 1 == tasks)
-            runs[name] = d
+                    stages.append(worker.stage_out(spec, "a", final=t + 1 == tasks))
+            runs[name], staged[name] = d, stages
+        # a stage-out's cost: the first copies the whole shard, each later one its new tasks
+        for name, stages in staged.items():
+            for kind, some in (("first copy", stages[:1]), ("delta", stages[1:])):
+                row = {"section": "stage-out ms", "case": f"n={dim}, {name}",
+                       "contender": f"{kind}, {statistics.median(r['bytes'] for r in some) / 1e6:.1f} MB",
+                       "rate": 1e3 * statistics.median(r["seconds"] for r in some), "ratio": None}
+                self.rows.append(row)
+                print(format_row(row), flush=True)
         files = {name: sorted((d / "run" / "shards").glob("*.db")) for name, d in runs.items()}
         size = sum(p.stat().st_size for p in files["4 shards"])
 
