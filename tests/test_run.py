@@ -252,6 +252,11 @@ def test_what_stages_jsonl_names_is_looked_up_only_in_shards(config, tmp_path):
     assert r.returncode == 0 and (tmp_path / "report.html").exists(), r.stderr
     assert "stages.jsonl: line(s)" in r.stderr and "are not stage-out records; skipped" in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("stages.jsonl") == 1, r.stderr
+    # a FIFO in its place (reading one would block): one line, exit 2, and the merge ends
+    rd.stages.unlink()
+    os.mkfifo(rd.stages)
+    r = cli("merge", spec.run_dir)
+    assert r.returncode == 2 and r.stderr == f"unidask: error: {rd.stages}: a FIFO, not a regular file\n", r.stderr
 
 
 def test_odd_files_in_shards_are_named_never_opened(config, tmp_path):

@@ -221,10 +221,12 @@ class RunDir:
     def read_stages(self, warn: bool = False) -> list[dict[str, Any]]:
         """The stage-outs ``stages.jsonl`` records. A line that is not one (the last, torn by a
         driver killed as it wrote; a damaged file) is skipped, and with ``warn`` named in a warning."""
+        if not os.path.lexists(self.stages):
+            return []
+        if (why := files.regular(self.stages)) is not None:   # a FIFO would block the read
+            raise InputError(f"{self.stages}: {why}")
         try:
             lines = self.stages.read_bytes().splitlines()
-        except FileNotFoundError:
-            return []
         except OSError as e:
             raise InputError(f"cannot read {self.stages}: {e.strerror or e}") from e
         records, skipped = [], []
