@@ -33,13 +33,16 @@ def plan_and_run(tmp_path, name: str, capsys) -> tuple[dict, float, int, int]:
 def test_plan_estimates_match_a_real_run(tmp_path, capsys):
     """Duration of generation and merged size within 30% of what the run did, the staged files
     exactly. This machine's speed drifts by up to a third over minutes (other tenants), so a
-    duration off by more is measured once again: a wrong model is off both times."""
+    duration off by more is measured again, up to twice (a fresh-clone CI once saw it off by 32%
+    twice running): a wrong model is off every time."""
     plan, wall, size, staged = plan_and_run(tmp_path, "a", capsys)
     assert (plan["tasks"], plan["workers"], plan["warnings"]) == (40, 2, [])
     assert abs(plan["data_bytes"] / size - 1) < 0.3, (plan["data_bytes"], size)
     assert plan["shards"] == staged
-    if abs(plan["wall_seconds"] / wall - 1) >= 0.3:
-        plan, wall, _, _ = plan_and_run(tmp_path, "b", capsys)
+    for again in "bc":
+        if abs(plan["wall_seconds"] / wall - 1) < 0.3:
+            break
+        plan, wall, _, _ = plan_and_run(tmp_path, again, capsys)
     assert abs(plan["wall_seconds"] / wall - 1) < 0.3, (plan["wall_seconds"], wall)
 
 
