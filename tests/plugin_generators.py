@@ -37,3 +37,16 @@ def slow_haar(rng, count, *, dim=2, delay=0.0):
 
     time.sleep(delay)
     return haar(rng, count, dim=dim)
+
+
+def held_haar(rng, count, *, dim=2, hold="", delay=0.25):
+    """Haar U(dim), each task taking ``delay`` seconds while the file ``hold`` exists: a run that
+    goes on, task by task, until its watcher is done with it (at most tasks x delay / workers)."""
+    import os
+    import time
+
+    from unidask.generators.haar import haar
+
+    if hold and os.path.exists(hold):
+        time.sleep(delay)
+    return haar(rng, count, dim=dim)

@@ -20,8 +20,18 @@ from unidask.report import task_rows
 from conftest import REPO, messages, run_main
 
 ARTIFACTS = REPO / "test-artifacts"
-SLOW = {"run": {"count": 12000, "task_size": 100}, "generator": {"dim": 64},
-        "storage": {"stage_every": 0.5}}
+HELD_TASKS = 1000
+
+
+def held(config, tmp_path: Path) -> tuple[unidask.Spec, Path]:
+    """A run that goes on, a task every quarter second or so, while the file it returns exists
+    (a watcher removes it when done: a run that ended under a slow browser failed a CI run)."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    spec = config(run={"count": 100 * HELD_TASKS, "task_size": 100},
+                  generator={"kind": "plugin_generators:held_haar", "dim": 8, "hold": str(hold)},
+                  storage={"stage_every": 0.5})
+    return spec, hold
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -44,9 +54,10 @@ def staged_rows_per_node(run_dir: Path) -> dict[str, int]:
     return out
 
 
-def run_while(spec, watch):
+def run_while(spec, watch, hold: Path | None = None):
     """Run ``spec`` in a thread while ``watch(page_url)`` runs in this one (a browser driver must
-    stay on the thread that started it); return what ``watch`` returns once the run has ended."""
+    stay on the thread that started it), then remove ``hold`` (see :func:`held`); return what
+    ``watch`` returns once the run has ended."""
     url, box = threading.Event(), {}
 
     def echo(line: str) -> None:
@@ -69,14 +80,16 @@ def run_while(spec, watch):
     try:
         result = watch(box["url"]) if "url" in box else None
     finally:
+        if hold is not None:
+            hold.unlink(missing_ok=True)
         t.join(180)
     if "error" in box:
         raise box["error"]
     return result
 
 
-def test_page_figures_match_the_shards_on_disk(config):
-    spec = config(**SLOW)
+def test_page_figures_match_the_shards_on_disk(config, tmp_path):
+    spec, hold = held(config, tmp_path)
 
     def watch(page):
         status, text = get(page)
@@ -92,10 +105,10 @@ def test_page_figures_match_the_shards_on_disk(config):
                 return f, on_disk
         raise AssertionError(f"the page never agreed with the staged shards on disk: {staged} {on_disk}")
 
-    f, on_disk = run_while(spec, watch)
-    assert f["total"] == 12000 and f["tasks_total"] == 120
+    f, on_disk = run_while(spec, watch, hold)
+    assert f["total"] == 100 * HELD_TASKS and f["tasks_total"] == HELD_TASKS
     assert f["written"] == 100 * f["tasks_done"] >= sum(on_disk.values())
-    assert f["tasks_done"] + f["tasks_running"] + f["tasks_pending"] == 120
+    assert f["tasks_done"] + f["tasks_running"] + f["tasks_pending"] == HELD_TASKS
     for node, v in f["nodes"].items():
         assert v["written"] >= v["staged"] and v["shard_bytes"] > 0
     assert f["rate"] > 0 and f["eta_seconds"] is not None
@@ -173,8 +186,8 @@ PAGE_FIGURES = {"unidask-progress": "counts as k/M", "unidask-throughput": "coun
                 "unidask-durations": "counts as k/M", "unidask-nodes": "ok"}
 
 
-def test_page_renders_in_a_browser(config, browser):
-    spec = config(**SLOW)
+def test_page_renders_in_a_browser(config, browser, tmp_path):
+    spec, hold = held(config, tmp_path)
 
     def watch(url):
         _, dask_status = get(url.rsplit("/", 1)[0] + "/status")
@@ -183,7 +196,7 @@ def test_page_renders_in_a_browser(config, browser):
         _, html = get(url)
         return dask_status, html, seen
 
-    dask_status, html, (said, found) = run_while(spec, watch)
+    dask_status, html, (said, found) = run_while(spec, watch, hold)
     assert said == [], "\n".join(said)
     assert found == {**PAGE_FIGURES, "table follows its data": True}
     assert 'href="individual-unidask"' in dask_status     # Dask's own menu links to the page
