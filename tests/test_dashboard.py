@@ -23,14 +23,14 @@ ARTIFACTS = REPO / "test-artifacts"
 HELD_TASKS = 1000
 
 
-def held(config, tmp_path: Path) -> tuple[unidask.Spec, Path]:
+def held(config, tmp_path: Path, stage_every: float = 0.5) -> tuple[unidask.Spec, Path]:
     """A run that goes on, a task every quarter second or so, while the file it returns exists
     (a watcher removes it when done: a run that ended under a slow browser failed a CI run)."""
     hold = tmp_path / "hold"
     hold.touch()
     spec = config(run={"count": 100 * HELD_TASKS, "task_size": 100},
                   generator={"kind": "plugin_generators:held_haar", "dim": 8, "hold": str(hold)},
-                  storage={"stage_every": 0.5})
+                  storage={"stage_every": stage_every})
     return spec, hold
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -204,10 +204,9 @@ def test_page_renders_in_a_browser(config, browser, tmp_path):
     assert (ARTIFACTS / "dashboard-unidask.png").stat().st_size > 10_000
 
 
-def test_page_says_why_nothing_is_staged_yet(config):
+def test_page_says_why_nothing_is_staged_yet(config, tmp_path):
     """Before the first stage-out the page says when it comes, not just "0 staged"."""
-    spec = config(run={"count": 3000, "task_size": 100}, generator={"dim": 16},
-                  storage={"stage_every": 600})
+    spec, hold = held(config, tmp_path, stage_every=600)
 
     def watch(url):
         end = time.monotonic() + 120
@@ -217,7 +216,7 @@ def test_page_says_why_nothing_is_staged_yet(config):
                 return f
             time.sleep(0.05)
 
-    f = run_while(spec, watch)
+    f = run_while(spec, watch, hold)
     text = dashboard.summary_html(f)
     assert f["staged"] == 0 and "No stage-out yet" in text and "storage.stage_every" in text, text
     assert "10 min 00 s" in text
