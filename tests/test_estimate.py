@@ -58,3 +58,22 @@ def test_plan_warns_before_the_queue_time_is_spent(tmp_path, capsys):
     assert "fewer than 4 each" in out
     code, out, err = run_main("plan", tmp_path / "missing.toml", capsys=capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and "missing.toml" in err
+
+
+def test_plan_says_where_its_figures_come_from(tmp_path, capsys):
+    """A given generator cost is not called measured, and a fixed cluster.workers that does not
+    match the --cores asked about is named (a user planning 64-core nodes with workers = 1 would
+    otherwise pay for 64 cores and use one)."""
+    cfg = write_config(tmp_path / "c.toml", run={"count": 20000, "task_size": 100})
+    code, out, _ = run_main("plan", cfg, "--nodes", "10", "--cores", "64", "--seconds-per-unitary", "1e-5",
+                            capsys=capsys)
+    assert code == 0 and "(10.0 µs a unitary, as given)" in out and "workers     10 (10 node(s) x 1)" in out
+    assert 'warning: cluster.workers = 1 runs 1 worker process(es) on each node\'s 64 cores: ' \
+           'cluster.workers = "auto" runs one per core' in out, out
+    code, out, _ = run_main("plan", cfg, "--cores", "2", "--set", "cluster.workers=4", capsys=capsys)
+    assert "µs a unitary, measured here)" in out
+    assert "cluster.workers = 4 on nodes of 2 core(s): the processes share the cores, so tasks take " \
+           "about 2.0x longer" in out, out
+    for workers in ("2", '"auto"'):
+        code, out, _ = run_main("plan", cfg, "--cores", "2", "--set", f"cluster.workers={workers}", capsys=capsys)
+        assert code == 0 and "cluster.workers =" not in out, out

@@ -35,6 +35,7 @@ class Estimate:
     row_bytes: float
     stage_every: float
     shard_per: str
+    measured: bool = True     # the generator's cost measured here, not given
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -76,7 +77,7 @@ class Estimate:
     def format(self) -> str:
         lines = [
             f"tasks       {self.tasks:,} of {self.task_size:,} unitaries, {duration(self.task_seconds)} each "
-            f"({self.seconds_per_unitary * 1e6:,.1f} µs a unitary, measured here)",
+            f"({self.seconds_per_unitary * 1e6:,.1f} µs a unitary, {'measured here' if self.measured else 'as given'})",
             f"workers     {self.workers:,} ({self.nodes:,} node(s) x {self.workers_per_node})",
             f"duration    about {duration(self.wall_seconds)} of generation, {self.core_hours:,.1f} core-hours",
             f"data        {size(self.data_bytes)} merged; about {size(self.data_bytes / self.nodes)} of local "
@@ -102,7 +103,9 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
     e = Estimate(tasks=spec.n_tasks, task_size=spec.task_size, unitaries=spec.count,
                  seconds_per_unitary=per_unitary, nodes=nodes,
                  workers_per_node=per_node, row_bytes=row, stage_every=spec.storage.stage_every,
-                 shard_per=spec.storage.shard_per)
+                 shard_per=spec.storage.shard_per, measured=seconds_per_unitary is None)
+    if cores and per_node != cores:
+        e.warnings.append(cores_warning(spec.cluster.workers, cores))
     rate = e.workers / e.task_seconds if e.task_seconds > 0 else math.inf
     capacity = SCHEDULER_LOAD / SCHEDULER_CPU
     if rate > capacity and e.wall_seconds > 60:   # a minute's run is not worth a warning
@@ -132,3 +135,12 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
         e.warnings.append(f"a node's share ({e.data_bytes / e.nodes / 1e9:,.1f} GB) exceeds the free space "
                           f"of {local} here ({free / 1e9:,.1f} GB): check the nodes' local disks")
     return e
+
+
+def cores_warning(workers: int, cores: int) -> str:
+    """What a fixed ``cluster.workers`` does on nodes of ``cores`` cores, when not one per core."""
+    if workers < cores:
+        return (f"cluster.workers = {workers} runs {workers} worker process(es) on each node's {cores} cores: "
+                "cluster.workers = \"auto\" runs one per core")
+    return (f"cluster.workers = {workers} on nodes of {cores} core(s): the processes share the cores, so "
+            f"tasks take about {workers / cores:.1f}x longer than planned here")
