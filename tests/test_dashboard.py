@@ -23,12 +23,12 @@ ARTIFACTS = REPO / "test-artifacts"
 HELD_TASKS = 1000
 
 
-def held(config, tmp_path: Path, stage_every: float = 0.5) -> tuple[unidask.Spec, Path]:
+def held(config, tmp_path: Path, stage_every: float = 0.5, tasks: int = HELD_TASKS) -> tuple[unidask.Spec, Path]:
     """A run that goes on, a task every quarter second or so, while the file it returns exists
     (a watcher removes it when done: a run that ended under a slow browser failed a CI run)."""
     hold = tmp_path / "hold"
     hold.touch()
-    spec = config(run={"count": 100 * HELD_TASKS, "task_size": 100},
+    spec = config(run={"count": 100 * tasks, "task_size": 100},
                   generator={"kind": "plugin_generators:held_haar", "dim": 8, "hold": str(hold)},
                   storage={"stage_every": stage_every})
     return spec, hold
@@ -206,7 +206,7 @@ def test_page_renders_in_a_browser(config, browser, tmp_path):
 
 def test_page_says_why_nothing_is_staged_yet(config, tmp_path):
     """Before the first stage-out the page says when it comes, not just "0 staged"."""
-    spec, hold = held(config, tmp_path, stage_every=600)
+    spec, hold = held(config, tmp_path, stage_every=600, tasks=200)
 
     def watch(url):
         end = time.monotonic() + 120
