@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 import unidask
 from unidask import RunDir
 from unidask.report import task_rows
@@ -72,8 +74,16 @@ def test_plan_says_where_its_figures_come_from(tmp_path, capsys):
            'cluster.workers = "auto" runs one per core' in out, out
     code, out, _ = run_main("plan", cfg, "--cores", "2", "--set", "cluster.workers=4", capsys=capsys)
     assert "µs a unitary, measured here)" in out
-    assert "cluster.workers = 4 on nodes of 2 core(s): the processes share the cores, so tasks take " \
-           "about 2.0x longer" in out, out
-    for workers in ("2", '"auto"'):
-        code, out, _ = run_main("plan", cfg, "--cores", "2", "--set", f"cluster.workers={workers}", capsys=capsys)
-        assert code == 0 and "cluster.workers =" not in out, out
+    assert "cluster.workers = 4 on nodes of 2 core(s): the processes share the cores, and each task " \
+           "takes 2.0x the time it takes alone" in out, out
+    plans = {}
+    for workers in ("4", "2", '"auto"'):
+        code, out, _ = run_main("plan", cfg, "--cores", "2", "--seconds-per-unitary", "1e-3", "--json",
+                                "--set", f"cluster.workers={workers}", capsys=capsys)
+        plans[workers] = json.loads(out)
+        assert code == 0 and ("cluster.workers =" in out) == (workers == "4"), out
+    # twice the workers on the same cores: each task twice as long, about the same duration
+    assert plans["4"]["task_seconds"] == 2 * plans["2"]["task_seconds"] == pytest.approx(2 * 100 * 1e-3)
+    assert plans["4"]["wall_seconds"] == pytest.approx(plans["2"]["wall_seconds"], rel=0.05)
+    timing = ("workers", "task_seconds", "wall_seconds", "core_hours")
+    assert [plans['"auto"'][k] for k in timing] == [plans["2"][k] for k in timing]

@@ -179,9 +179,13 @@ class Cluster:
         """Tasks submitted ahead for ``threads`` worker threads: ``max_in_flight``, else 2 each + 4."""
         return self.max_in_flight or 2 * threads + 4
 
+    def local_cores(self) -> int:
+        """Cores of each simulated node of a local run: this machine's, shared out."""
+        return max(1, (os.cpu_count() or 1) // self.nodes)
+
     def local_per_node(self) -> int:
-        """Worker processes of each simulated node of a local run (``auto``: the cores shared out)."""
-        return self.workers_per_node(max(1, (os.cpu_count() or 1) // self.nodes))
+        """Worker processes of each simulated node of a local run (``auto``: one per its cores)."""
+        return self.workers_per_node(self.local_cores())
 
 
 def _section(cls: type, section: str, values: Mapping[str, Any], where: str):

@@ -32,6 +32,7 @@ class Estimate:
     seconds_per_unitary: float
     nodes: int
     workers_per_node: int
+    cores_per_node: int
     row_bytes: float
     stage_every: float
     shard_per: str
@@ -44,7 +45,8 @@ class Estimate:
 
     @property
     def task_seconds(self) -> float:
-        return self.task_size * self.seconds_per_unitary
+        """A task's time, longer where a node's workers outnumber its cores and share them."""
+        return self.task_size * self.seconds_per_unitary * max(1.0, self.workers_per_node / self.cores_per_node)
 
     @property
     def wall_seconds(self) -> float:
@@ -54,7 +56,7 @@ class Estimate:
 
     @property
     def core_hours(self) -> float:
-        return self.wall_seconds * self.workers / 3600
+        return self.wall_seconds * self.nodes * min(self.workers_per_node, self.cores_per_node) / 3600
 
     @property
     def data_bytes(self) -> int:
@@ -98,14 +100,15 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
     per_unitary = seconds_per_unitary or per_unitary
     on_cluster = nodes is not None or cores is not None
     nodes = nodes or spec.cluster.nodes
-    per_node = spec.cluster.workers_per_node(cores) if cores else spec.cluster.local_per_node()
+    cores_per_node = cores or spec.cluster.local_cores()
+    per_node = spec.cluster.workers_per_node(cores_per_node)
     spec = sizing.resolve(spec, workers=nodes * per_node if on_cluster else None, measured=(per_unitary, row))
     e = Estimate(tasks=spec.n_tasks, task_size=spec.task_size, unitaries=spec.count,
-                 seconds_per_unitary=per_unitary, nodes=nodes,
-                 workers_per_node=per_node, row_bytes=row, stage_every=spec.storage.stage_every,
+                 seconds_per_unitary=per_unitary, nodes=nodes, workers_per_node=per_node,
+                 cores_per_node=cores_per_node, row_bytes=row, stage_every=spec.storage.stage_every,
                  shard_per=spec.storage.shard_per, measured=seconds_per_unitary is None)
-    if cores and per_node != cores:
-        e.warnings.append(cores_warning(spec.cluster.workers, cores))
+    if (cores and per_node < cores) or per_node > cores_per_node:
+        e.warnings.append(cores_warning(per_node, cores_per_node))
     rate = e.workers / e.task_seconds if e.task_seconds > 0 else math.inf
     capacity = SCHEDULER_LOAD / SCHEDULER_CPU
     if rate > capacity and e.wall_seconds > 60:   # a minute's run is not worth a warning
@@ -142,5 +145,5 @@ def cores_warning(workers: int, cores: int) -> str:
     if workers < cores:
         return (f"cluster.workers = {workers} runs {workers} worker process(es) on each node's {cores} cores: "
                 "cluster.workers = \"auto\" runs one per core")
-    return (f"cluster.workers = {workers} on nodes of {cores} core(s): the processes share the cores, so "
-            f"tasks take about {workers / cores:.1f}x longer than planned here")
+    return (f"cluster.workers = {workers} on nodes of {cores} core(s): the processes share the cores, and "
+            f"each task takes {workers / cores:.1f}x the time it takes alone")
