@@ -15,7 +15,7 @@ from scipy import stats
 import unidask
 from unidask import RunDir
 
-from conftest import cli, merged_data, messages, unitarity_error, write_config
+from conftest import cli, merged_data, messages, run_main, unitarity_error, write_config
 
 
 def test_run_writes_unitary_haar_data(haar_run):
@@ -376,3 +376,64 @@ def test_staged_bytes_grow_with_the_data_not_the_stage_outs(config, tmp_path):
                   generator={"dim": 8}, storage={"local_dir": str(tmp_path / "once-local")})
     assert merged_data(result.merged.out) == merged_data(unidask.run(once).merged.out)
     assert result.merged.duplicates == 0
+
+
+def test_a_damaged_run_record_is_one_line_and_left_as_it_is(config, tmp_path, capsys):
+    """run.json cut short, rewritten, or random bytes: every command that reads it says so in one
+    line naming it, exits 2, and changes nothing; moved aside, a resume writes it again and keeps
+    every staged shard."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    spec = config(run={"count": 1000, "task_size": 100})
+    unidask.run(spec, merge=False)
+    rd = RunDir(spec.run_dir)
+    good = rd.record_path.read_bytes()
+    shards = rd.staged_shards()
+    cfg = tmp_path / "run.toml"
+    structural = [b"", b"[]", b"null", b'"run"', b'{"spec": 5, "fingerprint": "x"}',
+                  json.dumps({**json.loads(good), "spec": {"run": {"task_size": 100}}}).encode(),
+                  json.dumps({**json.loads(good), "spec": {**json.loads(good)["spec"], "generator": 3}}).encode()]
+
+    def refused(damaged: bytes) -> str:
+        """What the commands say of ``damaged`` as run.json, once each has refused it."""
+        rd.record_path.write_bytes(damaged)
+        for args in (("status", spec.run_dir), ("merge", spec.run_dir), ("report", spec.run_dir, "-o",
+                     tmp_path / "r.html"), ("run", cfg, "--resume"), ("clean", spec.run_dir)):
+            code, _, err = run_main(*args, capsys=capsys)
+            lines = err.splitlines()   # `run` says first what it was asked to run
+            assert code == 2 and len(lines) == (2 if args[0] == "run" else 1), (args, damaged, err)
+            assert lines[-1].startswith(f"unidask: error: {rd.record_path}: "), (args, damaged, err)
+        assert rd.record_path.read_bytes() == damaged and rd.staged_shards() == shards
+        assert not (tmp_path / "r.html").exists() and not rd.database("t").exists()
+        return err
+
+    for damaged in structural:
+        assert "unreadable run record" in refused(damaged)
+
+    @settings(max_examples=25, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.one_of(st.integers(0, len(good) - 1).map(lambda n: good[:n]),
+                     st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)).map(
+                         lambda f: good[:f[0]] + bytes([f[1]]) + good[f[0] + 1:]),
+                     st.binary(max_size=200)))
+    def fuzzed(damaged: bytes) -> None:
+        try:
+            json.loads(damaged)["spec"]["run"]["task_size"]
+            if json.loads(damaged) == json.loads(good):
+                return                       # a byte of white space changed: still the record
+        except (ValueError, KeyError, TypeError, IndexError):
+            pass
+        else:
+            return                           # still a record, e.g. a changed value: not damage
+        refused(damaged)
+        tried.append(damaged)
+
+    tried: list[bytes] = []
+    fuzzed()
+    assert len(tried) >= 15, tried
+    rd.record_path.rename(tmp_path / "run.json.bad")
+    result = unidask.run(spec, resume=True)
+    assert result.merged.complete and result.written == 0
+    again, before = json.loads(rd.record_path.read_bytes()), json.loads(good)
+    assert again.pop("created") > before.pop("created") and again == before

@@ -76,7 +76,7 @@ class RunDir:
         except FileNotFoundError as e:
             raise InputError(f"{self.path}: not a unidask run directory (no run.json)") from e
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{path}: unreadable run record ({e})") from e
+            raise self._unreadable(e) from e
         return record
 
     def spec(self) -> Spec:
@@ -84,7 +84,13 @@ class RunDir:
         try:
             return Spec.from_dict(self.record()["spec"], str(self.record_path), recorded=True)
         except (KeyError, TypeError, AttributeError) as e:
-            raise InputError(f"{self.record_path}: unreadable run record ({e})") from e
+            raise self._unreadable(e) from e
+
+    def _unreadable(self, e: Exception) -> InputError:
+        why = (f"no {e}" if isinstance(e, KeyError) else
+               "not the JSON object unidask writes" if isinstance(e, (TypeError, AttributeError)) else e)
+        return InputError(f"{self.record_path}: unreadable run record ({why}); move it aside and "
+                          "`unidask run CONFIG --resume` with the run's config writes it again")
 
     def sized(self, spec: Spec) -> Spec:
         """``spec`` with the task size this run dir's run.json records, where ``spec`` leaves it
@@ -111,6 +117,8 @@ class RunDir:
         """Create the run dir (:meth:`create`), refuse one that holds another run, record the
         spec in run.json."""
         self.create()
+        if self.record_path.exists():
+            self.spec()   # the whole record read: a damaged one is refused before anything starts
         if self.record_path.exists() and self.record()["fingerprint"] != spec.fingerprint \
                 and not any(self.entries()):
             # an attempt that staged nothing (it failed as it started): nothing of it to keep
