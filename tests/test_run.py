@@ -437,3 +437,46 @@ def test_a_damaged_run_record_is_one_line_and_left_as_it_is(config, tmp_path, ca
     assert result.merged.complete and result.written == 0
     again, before = json.loads(rd.record_path.read_bytes()), json.loads(good)
     assert again.pop("created") > before.pop("created") and again == before
+
+
+def test_a_damaged_run_lock_is_one_line_then_taken_over_when_stale(config, tmp_path, capsys):
+    """RUN_DIR/lock holding anything (cut short, other JSON types, a `since` out of range): while it
+    is fresh, `run` refuses in one line naming it and leaves it; once not refreshed for
+    runlock.STALE seconds, a run takes it over and finishes."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from unidask import runlock
+
+    spec = config(run={"count": 1000, "task_size": 100})
+    lock = RunDir(spec.run_dir).lock_path
+    spec.run_dir.mkdir(parents=True)
+    cfg = tmp_path / "run.toml"
+    # no "job" (asked of SLURM: one that has ended frees the lock at once) and not this host (a pid
+    # not running there frees it too): what is fuzzed here is a lock that may be alive
+    values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                       st.text(max_size=8).filter(lambda t: t != socket.gethostname()))
+    contents = st.one_of(
+        st.binary(max_size=64),
+        st.dictionaries(st.sampled_from(["host", "pid", "since", "token"]), values).map(
+            lambda d: json.dumps(d).encode()),
+        st.sampled_from([b"[]", b"null", b'{"since": 1e300}', b'{"since": "x"}', b'{"since": NaN}']))
+
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(contents)
+    def refused(damaged: bytes) -> None:
+        lock.write_bytes(damaged)
+        code, _, err = run_main("run", cfg, capsys=capsys)
+        last = err.splitlines()[-1]
+        assert code == 2 and "Traceback" not in err, err
+        assert last.startswith(f"unidask: error: {spec.run_dir}: another unidask run is using this run dir ("), err
+        assert str(lock) in last and lock.read_bytes() == damaged
+
+    refused()
+    lock.write_bytes(b'{"since": "x", "pid": [1]}')
+    old = time.time() - runlock.STALE - 60
+    os.utime(lock, (old, old))
+    code, _, err = run_main("run", cfg, capsys=capsys)
+    assert code == 0 and "taking over the run lock of host ?, pid [1] (it was last refreshed" in err, err
+    assert not lock.exists() and (spec.run_dir / "t.db").exists()

@@ -67,10 +67,10 @@ def run_lock(path: Path) -> Iterator[None]:
         except FileExistsError:
             holder = holder_of(path)
             if (why := stale(path, holder)) is None:
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-                raise InputError(f"{path.parent}: another unidask run is using this run dir (host "
-                                 f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {since}; "
-                                 f"its lock is {path}): wait for it to end") from None
+                held = f"{_described(holder)}; its lock is {path}" if holder else \
+                    f"its lock {path} cannot be read: being written, or damaged"
+                raise InputError(f"{path.parent}: another unidask run is using this run dir ({held}): wait "
+                                 f"for it to end; a lock not refreshed for {STALE:.0f} s is taken over") from None
             _take_over(path, holder, why)
             continue
         except OSError as e:
@@ -105,9 +105,18 @@ def _take_over(path: Path, holder: dict, why: str) -> None:
         with contextlib.suppress(OSError):
             os.link(aside, path)
     else:
-        log.warning("%s: taking over the run lock of host %s, pid %s (%s)", path.parent, holder.get("host", "?"),
-                    holder.get("pid", "?"), why)
+        log.warning("%s: taking over the run lock of %s (%s)", path.parent, _described(holder), why)
     aside.unlink(missing_ok=True)
+
+
+def _described(holder: dict) -> str:
+    """The holder a lock file names, as far as it can be read (it may be damaged)."""
+    said = f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}"
+    since = holder.get("since")
+    if isinstance(since, (int, float)) and not isinstance(since, bool):
+        with contextlib.suppress(OverflowError, ValueError, OSError):
+            said += time.strftime(", since %Y-%m-%d %H:%M:%S", time.localtime(since))
+    return said
 
 
 def _refresh(path: Path, token: str, stop: threading.Event) -> None:
