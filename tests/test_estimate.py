@@ -72,6 +72,8 @@ def test_plan_says_where_its_figures_come_from(tmp_path, capsys):
     assert code == 0 and "(10.0 µs a unitary, as given)" in out and "workers     10 (10 node(s) x 1)" in out
     assert 'warning: cluster.workers = 1 runs 1 worker process(es) on each node\'s 64 cores: ' \
            'cluster.workers = "auto" runs one per core' in out, out
+    code, out, _ = run_main("plan", cfg, "--seconds-per-unitary", "0.5", capsys=capsys)
+    assert "50 s each (0.5 s a unitary, as given)" in out, out      # not 500,000.0 µs
     code, out, _ = run_main("plan", cfg, "--cores", "2", "--set", "cluster.workers=4", capsys=capsys)
     assert "µs a unitary, measured here)" in out
     assert "cluster.workers = 4 on nodes of 2 core(s): the processes share the cores, and each task " \

@@ -77,9 +77,11 @@ class Estimate:
             "workers", "task_seconds", "wall_seconds", "core_hours", "data_bytes", "shards", "merge_seconds")}}
 
     def format(self) -> str:
+        spu = self.seconds_per_unitary
+        per_unitary = f"{spu * 1e6:,.1f} µs" if spu < 1e-3 else duration(spu)
         lines = [
             f"tasks       {self.tasks:,} of {self.task_size:,} unitaries, {duration(self.task_seconds)} each "
-            f"({self.seconds_per_unitary * 1e6:,.1f} µs a unitary, {'measured here' if self.measured else 'as given'})",
+            f"({per_unitary} a unitary, {'measured here' if self.measured else 'as given'})",
             f"workers     {self.workers:,} ({self.nodes:,} node(s) x {self.workers_per_node})",
             f"duration    about {duration(self.wall_seconds)} of generation, {self.core_hours:,.1f} core-hours",
             f"data        {size(self.data_bytes)} merged; about {size(self.data_bytes / self.nodes)} of local "
