@@ -98,3 +98,32 @@ def test_a_scheduler_without_workers_ends_the_run(config, tmp_path, capsys):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("content,why", [
+    ("garbage", "not JSON: Expecting value"), ("[]", "not a JSON object"),
+    ('{"address": 5}', "its address is 5, not PROTOCOL://HOST:PORT"),
+    ('{"address": "tcp://127.0.0.1:1"}', "the scheduler at tcp://127.0.0.1:1 does not speak TLS"),
+    ("fifo", "a FIFO, not a regular file"),
+    ('{"address": "tls://127.0.0.1:1"}', "cannot reach the scheduler at tls://127.0.0.1:1 (named by ")])
+def test_a_scheduler_file_of_no_scheduler_is_one_line(config, tmp_path, capsys, monkeypatch, content, why):
+    """A scheduler file that is damaged, not a file, of a plain-TCP scheduler where the run wants
+    TLS, or left by a scheduler that is gone: one line naming it and what is wrong, never a
+    traceback nor a wait without end (a FIFO would block a read)."""
+    from unidask import cluster
+
+    from conftest import run_main, write_config
+
+    monkeypatch.setattr(cluster, "SCHEDULER_FILE_GRACE", 0.5)
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", 2.0)
+    path = tmp_path / "scheduler.json"
+    if content == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text(content)
+    cfg = write_config(tmp_path / "c.toml", cluster={"mode": "scheduler_file", "scheduler_file": str(path),
+                                                     "worker_timeout": 30})
+    code, out, err = run_main("run", cfg, capsys=capsys)
+    last = err.splitlines()[-1]
+    assert code == (1 if "cannot reach" in why else 2) and "Traceback" not in err, err
+    assert last.startswith("unidask: error: ") and str(path) in last and why in last, err

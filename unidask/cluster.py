@@ -4,6 +4,7 @@ a job script started (``scheduler_file``)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -134,19 +135,75 @@ def security(spec: Spec):
     return tls.security(spec.run_dir)
 
 
-def wait_for_file(path: Path, timeout: float, every: float = 10.0) -> None:
-    """Wait for the scheduler file a job's scheduler writes, saying so every ``every`` seconds;
-    fail with one line after ``timeout`` (Dask's own wait for it has no end)."""
+SCHEDULER_FILE_GRACE = 10.0   # a scheduler writes its file in place, in milliseconds
+CONNECT_TIMEOUT = 120.0       # for a scheduler that a scheduler file names
+
+
+def scheduler_address(path: Path, timeout: float, every: float = 10.0) -> str:
+    """The address in the scheduler file a job's scheduler writes, waited for and saying so every
+    ``every`` seconds; one line after ``timeout`` (Dask's own wait for it has no end), or where
+    the file stays something other than a scheduler's for :data:`SCHEDULER_FILE_GRACE` seconds."""
     start = said = time.monotonic()
-    while not (path.exists() and path.stat().st_size > 0):
+    bad_since = None
+    while True:
         now = time.monotonic()
-        if now - start > timeout:
+        why = _not_a_scheduler_file(path)
+        if why is None:
+            return json.loads(path.read_text())["address"]
+        if why != "missing":
+            bad_since = bad_since or now
+            if now - bad_since > SCHEDULER_FILE_GRACE:
+                raise InputError(f"{path}: not a Dask scheduler file ({why}): remove it, or set "
+                                 "cluster.scheduler_file to the file the scheduler writes")
+        elif now - start > timeout:
             raise RunError(f"no scheduler file {path} after {timeout:.0f} s (cluster.worker_timeout): "
                            "did the scheduler start? (its log is in the run dir's logs/)")
         if now - said >= every:
             said = now
             log.info("waiting for the scheduler file %s (%.0f s of %.0f)", path, now - start, timeout)
         time.sleep(0.2)
+
+
+def _not_a_scheduler_file(path: Path) -> str | None:
+    """Why ``path`` holds no scheduler's address yet ("missing": not there, or empty)."""
+    if not path.exists():
+        return "missing"
+    if (why := files.regular(path)) is not None:   # a FIFO would block the read
+        return why
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"cannot read it ({e})"
+    if not text:
+        return "missing"
+    try:
+        address = json.loads(text).get("address")
+    except ValueError as e:
+        return f"not JSON: {e}"
+    except AttributeError:
+        return "not a JSON object"
+    if not isinstance(address, str) or "://" not in address:
+        return f"its address is {address!r}, not PROTOCOL://HOST:PORT"
+    return None
+
+
+def connect_scheduler(spec: Spec) -> Client:
+    """A client of the scheduler that ``cluster.scheduler_file`` names, with the run's security."""
+    path = Path(spec.cluster.scheduler_file)
+    address = scheduler_address(path, spec.cluster.worker_timeout)
+    sec = security(spec)
+    if sec is not None and not address.startswith("tls://"):
+        raise InputError(f"{path}: the scheduler at {address} does not speak TLS, and cluster.security = "
+                         "\"tls\": start it with the run's certificate (unidask tls RUN_DIR), or set "
+                         "cluster.security = \"none\" on a network only you use")
+    log.info("connecting to the scheduler at %s (named by %s), for up to %.0f s", address, path, CONNECT_TIMEOUT)
+    try:
+        return Client(address, timeout=CONNECT_TIMEOUT, security=sec)
+    except OSError as e:
+        raise RunError(f"cannot reach the scheduler at {address} (named by {path}): {e}; a scheduler "
+                       "file outlives its scheduler, so it may be an old job's") from e
 
 
 def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
@@ -192,9 +249,7 @@ def connect(spec: Spec) -> Iterator[Client]:
         with local_cluster(spec) as cluster, Client(cluster, security=cluster.security) as client:
             yield client
     elif mode == "scheduler_file":
-        wait_for_file(Path(spec.cluster.scheduler_file), spec.cluster.worker_timeout)
-        with Client(scheduler_file=spec.cluster.scheduler_file, timeout="120s",
-                    security=security(spec)) as client:
+        with connect_scheduler(spec) as client:
             wait_for_nodes(client, slurm.job_nodes(), timeout=min(120.0, spec.cluster.worker_timeout))
             yield client
     else:
