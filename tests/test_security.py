@@ -115,3 +115,64 @@ def test_tls_command_makes_owner_only_files_but_no_stray_parents(tmp_path, capsy
     assert code == 2 and err == f"unidask: error: {tmp_path / 'typo' / 'run'}: no directory " \
                                 f"{tmp_path / 'typo'} to make the run dir in\n", err
     assert not (tmp_path / "typo").exists()
+
+
+def planted(run, other, case: str) -> str:
+    """Do ``case`` to RUN_DIR ``run``'s TLS files (``other``: another run's); return the file that
+    must be named."""
+    d = run / "tls"
+    if case == "garbage cert":
+        (d / "cert.pem").write_text("garbage")
+        return "cert.pem"
+    if case == "empty key":
+        (d / "key.pem").write_bytes(b"")
+        return "key.pem"
+    if case == "key others read":
+        os.chmod(d / "key.pem", 0o644)
+        return "key.pem"
+    if case == "dir others use":
+        os.chmod(d, 0o755)
+        return "tls"
+    if case == "another user's CA":
+        os.chown(d / "ca.pem", 65534, 65534)   # nobody
+        return "ca.pem"
+    if case == "another run's CA":           # a CA planted to let its issuer's certificates in
+        os.replace(other / "tls" / "ca.pem", d / "ca.pem")
+        return "cert.pem"
+    if case == "another run's key":
+        os.replace(other / "tls" / "key.pem", d / "key.pem")
+        return "key.pem"
+    if case == "a FIFO":
+        (d / "ca.pem").unlink()
+        os.mkfifo(d / "ca.pem")
+        return "ca.pem"
+    if case == "expired":
+        for name in tls.FILES:
+            (d / name).unlink()
+        tls.ensure(run, days=0)               # valid until now
+        time.sleep(1.1)
+        return "ca.pem"
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case,why", [
+    ("garbage cert", "not a PEM certificate (Unable to load PEM file)"), ("empty key", "not a PEM private key"),
+    ("key others read", "others may read it (mode 0644)"), ("dir others use", "others may use it (mode 0755)"),
+    ("another user's CA", "it belongs to another user (uid 65534)"), ("another run's CA", "not issued by ca.pem"),
+    ("another run's key", "not the key of cert.pem"), ("a FIFO", "a FIFO, not a regular file"),
+    ("expired", "it expired on ")])
+def test_tls_files_not_the_owners_alone_or_not_whole_are_refused(config, tmp_path, capsys, case, why):
+    """The run's TLS files are what keeps others out: a CA or key another user planted or can
+    read, or files that are damaged, mixed between runs or expired, are refused in one line
+    naming the file (Dask said "[SSL] PEM lib", with a traceback, or took them), by `unidask
+    tls`, which the job scripts call, and by a run."""
+    spec = config(run={"count": 200, "task_size": 100})
+    tls.ensure(spec.run_dir)
+    tls.ensure(tmp_path / "other")
+    name = planted(spec.run_dir, tmp_path / "other", case)
+    code, out, err = run_main("tls", spec.run_dir, capsys=capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"unidask: error: {spec.run_dir / 'tls'}") and f"{name}: {why}" in err, err
+    code, _, err = run_main("run", spec.run_dir.parent / "run.toml", capsys=capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("unidask: error: ") and why in err, err
+    assert not (spec.run_dir / "shards").exists() or not any((spec.run_dir / "shards").iterdir())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import stat
 from pathlib import Path
 
 from . import files
@@ -29,7 +30,7 @@ def ensure(run_dir: str | os.PathLike, days: int = 365) -> dict[str, Path]:
     d = RunDir(run_dir).tls
     paths = {name.split(".")[0]: d / name for name in FILES}
     if all(p.exists() for p in paths.values()):
-        return paths
+        return checked(paths)
     old = os.umask(0o077)  # nothing here is ever readable by others, not even for a moment
     try:
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -68,6 +69,56 @@ def ensure(run_dir: str | os.PathLike, days: int = 365) -> dict[str, Path]:
     finally:
         os.umask(old)
     return paths
+
+
+def checked(paths: dict[str, Path]) -> dict[str, Path]:
+    """``paths`` once the run's TLS files are shown to be its owner's alone (a CA another user
+    planted, or a key others can read, would let them in) and whole: a CA, a certificate it
+    issued that has not expired, and that certificate's key. Else one line naming the file."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    d = paths["ca"].parent
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise _refused(d, d, "not a directory" if not stat.S_ISDIR(st.st_mode) else
+                       f"it belongs to another user (uid {st.st_uid})" if st.st_uid != os.getuid() else
+                       f"others may use it (mode {stat.S_IMODE(st.st_mode):04o})")
+    for p in paths.values():   # before reading any: a FIFO would block
+        mode = os.lstat(p).st_mode
+        if why := files.owned_file(p) or (f"others may read it (mode {stat.S_IMODE(mode):04o})"
+                                          if mode & 0o077 else None):
+            raise _refused(d, p, why)
+
+    def load(name: str, loader, what: str):
+        try:
+            return loader(paths[name].read_bytes())
+        except (ValueError, TypeError, OSError) as e:
+            said = str(e).split(". See ")[0]   # not cryptography's link to its FAQ
+            raise _refused(d, paths[name], f"not a PEM {what} ({said})") from e
+
+    ca = load("ca", x509.load_pem_x509_certificate, "certificate")
+    cert = load("cert", x509.load_pem_x509_certificate, "certificate")
+    key = load("key", lambda b: serialization.load_pem_private_key(b, password=None), "private key")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for name, c in (("ca", ca), ("cert", cert)):
+        if c.not_valid_after_utc < now:
+            raise _refused(d, paths[name], f"it expired on {c.not_valid_after_utc:%Y-%m-%d}")
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as e:
+        raise _refused(d, paths["cert"], f"not issued by {paths['ca'].name}") from e
+    public = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert.public_key().public_bytes(*public) != key.public_key().public_bytes(*public):
+        raise _refused(d, paths["key"], f"not the key of {paths['cert'].name}")
+    return paths
+
+
+def _refused(d: Path, path: Path, why: str) -> InputError:
+    return InputError(f"{path}: {why}; the run's TLS files must be yours alone and whole: if you did not "
+                      f"change them, remove {d} and `unidask tls {d.parent}` makes new ones (for every "
+                      "process of the run)")
 
 
 def security(run_dir: str | os.PathLike):
