@@ -107,6 +107,7 @@ def test_cli_run_status_and_rerun_refusal(tmp_path):
     r = cli("run", cfg, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "wrote 1,000 unitaries" in r.stdout and "merged 2 shard(s)" in r.stdout
+    assert f"; 2 shard file(s) in {tmp_path / 'run' / 'shards'}\n" in r.stdout, r.stdout
     assert "dashboard: http://127.0.0.1:" in r.stderr
     assert (tmp_path / "run" / "t.db").exists()
 
@@ -126,7 +127,7 @@ def test_cli_run_status_and_rerun_refusal(tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
     r = cli("run", cfg, "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "wrote 0 unitaries" in r.stdout
+    assert "wrote 0 unitaries" in r.stdout and "; 2 shard file(s) in " in r.stdout   # not "0 staged"
 
 
 def test_shard_per_process_gives_the_same_bytes(config, tmp_path):

@@ -123,9 +123,12 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
     if result.complete is not None:
         click.echo(f"complete: {result.complete}")
         return
+    # every staged file (first copies and deltas, this invocation's and earlier ones'), which the
+    # merge reads: result.shards holds only the final stage-outs that had something new
+    staged = len(RunDir(spec.run_dir).staged_shards())
     click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
                f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
-               f"{len(result.shards)} shard(s) staged in {spec.run_dir / 'shards'}")
+               f"{staged:,} shard file(s) in {RunDir(spec.run_dir).shards}")
     if result.merged is not None:
         click.echo(result.merged.summary())
 
