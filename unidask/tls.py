@@ -86,10 +86,10 @@ def checked(paths: dict[str, Path]) -> dict[str, Path]:
                        f"it belongs to another user (uid {st.st_uid})" if st.st_uid != os.getuid() else
                        f"others may use it (mode {stat.S_IMODE(st.st_mode):04o})")
     for p in paths.values():   # before reading any: a FIFO would block
-        mode = os.lstat(p).st_mode
-        if why := files.owned_file(p) or (f"others may read it (mode {stat.S_IMODE(mode):04o})"
-                                          if mode & 0o077 else None):
+        if why := files.owned_file(p):
             raise _refused(d, p, why)
+        if (mode := os.lstat(p).st_mode) & 0o077:
+            raise _refused(d, p, f"others may read it (mode {stat.S_IMODE(mode):04o})")
 
     def load(name: str, loader, what: str):
         try:
