@@ -125,10 +125,10 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
         return
     # every staged file (first copies and deltas, this invocation's and earlier ones'), which the
     # merge reads: result.shards holds only the final stage-outs that had something new
-    staged = len(RunDir(spec.run_dir).staged_shards())
+    rd = RunDir(spec.run_dir)
     click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
                f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
-               f"{staged:,} shard file(s) in {RunDir(spec.run_dir).shards}")
+               f"{len(rd.staged_shards()):,} shard file(s) in {rd.shards}")
     if result.merged is not None:
         click.echo(result.merged.summary())
 

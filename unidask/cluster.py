@@ -147,9 +147,9 @@ def scheduler_address(path: Path, timeout: float, every: float = 10.0) -> str:
     bad_since = None
     while True:
         now = time.monotonic()
-        why = _not_a_scheduler_file(path)
-        if why is None:
-            return json.loads(path.read_text())["address"]
+        address, why = _read_scheduler_file(path)
+        if address is not None:
+            return address
         if why != "missing":
             bad_since = bad_since or now
             if now - bad_since > SCHEDULER_FILE_GRACE:
@@ -164,29 +164,29 @@ def scheduler_address(path: Path, timeout: float, every: float = 10.0) -> str:
         time.sleep(0.2)
 
 
-def _not_a_scheduler_file(path: Path) -> str | None:
-    """Why ``path`` holds no scheduler's address yet ("missing": not there, or empty)."""
+def _read_scheduler_file(path: Path) -> tuple[str | None, str | None]:
+    """The scheduler's address in ``path``, or why there is none yet ("missing": not there, or empty)."""
     if not path.exists():
-        return "missing"
+        return None, "missing"
     if (why := files.regular(path)) is not None:   # a FIFO would block the read
-        return why
+        return None, why
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return "missing"
+        return None, "missing"
     except (OSError, ValueError) as e:
-        return f"cannot read it ({e})"
+        return None, f"cannot read it ({e})"
     if not text:
-        return "missing"
+        return None, "missing"
     try:
         address = json.loads(text).get("address")
     except ValueError as e:
-        return f"not JSON: {e}"
+        return None, f"not JSON: {e}"
     except AttributeError:
-        return "not a JSON object"
+        return None, "not a JSON object"
     if not isinstance(address, str) or "://" not in address:
-        return f"its address is {address!r}, not PROTOCOL://HOST:PORT"
-    return None
+        return None, f"its address is {address!r}, not PROTOCOL://HOST:PORT"
+    return address, None
 
 
 def connect_scheduler(spec: Spec) -> Client:

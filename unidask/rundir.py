@@ -81,8 +81,11 @@ class RunDir:
 
     def spec(self) -> Spec:
         """The recorded spec, typed (its generator is not imported again)."""
+        return self._spec_of(self.record())
+
+    def _spec_of(self, record: dict[str, Any]) -> Spec:
         try:
-            return Spec.from_dict(self.record()["spec"], str(self.record_path), recorded=True)
+            return Spec.from_dict(record["spec"], str(self.record_path), recorded=True)
         except (KeyError, TypeError, AttributeError) as e:
             raise self._unreadable(e) from e
 
@@ -117,16 +120,15 @@ class RunDir:
         """Create the run dir (:meth:`create`), refuse one that holds another run, record the
         spec in run.json."""
         self.create()
-        if self.record_path.exists():
-            self.spec()   # the whole record read: a damaged one is refused before anything starts
-        if self.record_path.exists() and self.record()["fingerprint"] != spec.fingerprint \
-                and not any(self.entries()):
+        record = self.record() if self.record_path.exists() else None
+        # the whole record read once: a damaged one is refused before anything starts
+        recorded = None if record is None else self._spec_of(record)
+        if record is not None and record["fingerprint"] != spec.fingerprint and not any(self.entries()):
             # an attempt that staged nothing (it failed as it started): nothing of it to keep
             log.info("%s: replacing the record of a run that staged nothing (%s)", self.path,
                      self.record_path)
             self.record_path.unlink()
-        if self.record_path.exists() and self.record()["fingerprint"] != spec.fingerprint:
-            recorded = self.spec()
+        elif record is not None and record["fingerprint"] != spec.fingerprint:
             if recorded.code != spec.code and dataclasses.replace(recorded, code=spec.code).fingerprint \
                     == spec.fingerprint:
                 raise InputError(f"{self.path}: generator {spec.kind} changed since this run started "
