@@ -59,6 +59,9 @@ SlurmctldHost=$HOST($CTLD_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmUser=root
 AuthType=auth/munge
+# a requeued job may start again after cred_expire seconds (SLURM's default: 120): short here, so
+# that a test of a job that requeues itself before its walltime does not wait minutes each time
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 TaskProlog=$BASE/taskprolog.sh

@@ -107,20 +107,30 @@ def test_submit_refused_by_sbatch_is_one_line(slurm, shared):
     assert "invalid partition specified: nope" in r.stderr.lower() and "Traceback" not in r.stderr
 
 
-def test_walltime_ends_job_then_resubmit_finishes(slurm, shared):
-    cfg = config_in(shared, "slow", run={"count": 4000, "task_size": 10, "run_dir": str(shared / "run")},
+def test_a_run_three_times_its_walltime_requeues_itself_to_the_end(slurm, shared):
+    """A run of about three minutes' work with a walltime of one minute. With max_resubmits = 0 the
+    job stops before its walltime with what it finished staged, and the merge job is cancelled;
+    submitted again, once, the job requeues itself (the same job id) walltime after walltime, and
+    the merge job, which waits on that id, merges the whole run, byte-identical."""
+    cfg = config_in(shared, "slow", run={"count": 12000, "task_size": 10, "run_dir": str(shared / "run")},
                     generator={"kind": "plugin_generators:slow_haar", "delay": 0.3},
-                    cluster={"stop_before": 50})
+                    cluster={"stop_before": 10, "nodes": 2, "workers": 1})
     spec = unidask.load_config(cfg)
-    r = cli("submit", cfg, "--time", "00:01:00", "--wait", cwd=shared)
+    r = cli("submit", cfg, "--time", "00:01:00", "--set", "cluster.max_resubmits=0", "--wait", cwd=shared)
     assert r.returncode == 1 and "warning: generation job" in r.stderr and "did not complete" in r.stderr, r.stdout + r.stderr
     done = RunDir(spec.run_dir).staged_tasks()
     assert 0 < len(done) < spec.n_tasks          # stopped mid-run, and what it finished is staged
-    log = next((shared / "run" / "logs").glob("unidask-t-*.out")).read_text()
-    assert "stopped by SIGUSR1" in log or "stopped by SIGTERM" in log
+    first = next((shared / "run" / "logs").glob("unidask-t-*.out")).read_text()
+    assert "stopped by SIGUSR1" in first or "stopped by SIGTERM" in first
+    assert "requeued 0 time(s) already (cluster.max_resubmits)" in first, first
 
-    r = cli("submit", cfg, "--time", "00:05:00", "--wait", cwd=shared)
+    r = cli("submit", cfg, "--time", "00:01:00", "--set", "cluster.max_resubmits=20", "--wait", cwd=shared)
     assert r.returncode == 0, r.stdout + r.stderr
+    job = re.search(r"submitted generation job (\d+)", r.stdout)[1]
+    log = (shared / "run" / "logs" / f"unidask-t-{job}.out").read_text()
+    requeued = log.count("requeueing job")
+    assert requeued >= 2, log                    # one submit, three walltimes and more of work
+    assert f"requeued {requeued} time(s) of at most 20" in log, log
     assert merged_data(shared / "run" / "t.db") == slow_haar_reference(spec)
 
 
@@ -156,3 +166,79 @@ def test_node_address_reaches_beyond_loopback():
     assert node_address() != "127.0.0.1"                         # this machine has a way out
     with pytest.raises(InputError, match="cluster.interface 'nope0': no IPv4 address"):
         node_address("nope0")
+
+
+JOBQUEUE_YAML = """\
+jobqueue:
+  slurm:
+    memory: 64GB
+    walltime: '12:00:00'
+    processes: 4
+    cores: 16
+    queue: long
+    account: proj
+    job-extra-directives: ['--qos=big']
+"""
+
+RENDER = """\
+import json, sys
+import unidask
+from dask_jobqueue import SLURMCluster
+from unidask import cluster
+spec = unidask.load_config(sys.argv[1], json.loads(sys.argv[2]))
+with SLURMCluster(**cluster.worker_jobs(spec)) as jobs:
+    print(jobs.job_script())
+"""
+
+
+def worker_job_script(tmp_path: Path, cfg: Path, overrides: dict, dask_config: Path) -> str:
+    """slurm mode's worker job script as dask-jobqueue renders it, in a process whose Dask reads
+    its config from ``dask_config`` (as ~/.config/dask would be read)."""
+    r = subprocess.run([sys.executable, "-c", RENDER, str(cfg), json.dumps(overrides)], capture_output=True,
+                       text=True, env={**os.environ, "DASK_CONFIG": str(dask_config)}, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_the_users_jobqueue_settings_reach_the_worker_jobs(tmp_path):
+    """A user's ~/.config/dask/jobqueue.yaml counts in slurm mode, except where the run's
+    [cluster] states a value: then the run's wins. Workers keep one thread each."""
+    (tmp_path / "dask").mkdir()
+    (tmp_path / "dask" / "jobqueue.yaml").write_text(JOBQUEUE_YAML)
+    cfg = write_config(tmp_path / "c.toml", cluster={"mode": "slurm", "security": "none"})
+    theirs = worker_job_script(tmp_path, cfg, {"cluster.workers": "auto"}, tmp_path / "dask")
+    for line in ("#SBATCH --mem=60G", "#SBATCH -t 12:00:00", "#SBATCH -p long", "#SBATCH -A proj",
+                 "#SBATCH --qos=big", "#SBATCH --cpus-per-task=16", "--nworkers 4", "--nthreads 1",
+                 "--preload unidask.worker"):
+        assert line in theirs, (line, theirs)
+    ours = worker_job_script(tmp_path, cfg, {"cluster.workers": 2, "cluster.memory": "8GB",
+                                             "cluster.walltime": "02:00:00", "cluster.partition": "short"},
+                             tmp_path / "dask")
+    for line in ("#SBATCH --mem=8G", "#SBATCH -t 02:00:00", "#SBATCH -p short", "#SBATCH -A proj",
+                 "#SBATCH --qos=big", "--nworkers 2", "--nthreads 1"):
+        assert line in ours, (line, ours)
+    assert "--mem=60G" not in ours and "12:00:00" not in ours
+    # without any jobqueue.yaml: unidask's fallbacks, one worker
+    (tmp_path / "none").mkdir()
+    bare = worker_job_script(tmp_path, cfg, {"cluster.workers": "auto"}, tmp_path / "none")
+    assert "#SBATCH --mem=4G" in bare and "--nthreads 1" in bare and "-p " not in bare
+    assert "--nworkers" not in bare or "--nworkers 1 " in bare
+
+
+def test_dask_jobqueue_words_point_to_unidask_s(tmp_path):
+    for key, ours in (("queue", "partition"), ("processes", "workers"), ("job_extra", "job_extra_directives")):
+        cfg = write_config(tmp_path / "c.toml", cluster={key: "x"})
+        r = cli("config", cfg)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"unknown key cluster.{key}: did you mean cluster.{ours}?" in r.stderr, r.stderr
+
+
+def test_submit_warns_of_idle_cores(slurm, tmp_path):
+    """Nodes of more cores than cluster.workers: submit says so, as plan does (dry run too)."""
+    cfg = write_config(tmp_path / "c.toml", cluster={"workers": 1})
+    r = cli("submit", cfg, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "cluster.workers = 1 runs 1 worker process(es) on each node's" in r.stderr, r.stderr
+    cfg = write_config(tmp_path / "c.toml", cluster={"workers": "auto"})
+    r = cli("submit", cfg, "--dry-run")
+    assert r.returncode == 0 and "worker process(es) on each node" not in r.stderr, r.stderr

@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shlex
-import signal
 import socket
 import sys
 import time
@@ -18,12 +16,10 @@ from urllib.parse import urlsplit
 from typing import Any, Iterator
 
 import dask.config
-from distributed import Client, Nanny, Scheduler, SpecCluster
-from distributed.core import Status
-from distributed.comm import get_address_host
+from distributed import Client, Nanny, Scheduler, SpecCluster, Status
 
-from . import dashboard, files, slurm, tls, worker
-from .config import Spec, dask_exports, dask_settings
+from . import daskapi, dashboard, files, slurm, tls, worker
+from .config import SUBMIT_WALLTIME, Spec, dask_exports, dask_settings
 from .errors import InputError, RunError
 from .rundir import RunDir
 
@@ -47,7 +43,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
     this one: the scheduler and workers speak TLS with the run's certificate, as in the cluster
     modes, so a client without it is refused during the handshake.
     """
-    dashboard.install()
+    routes = dashboard.install()
     c = spec.cluster
     sec = security(spec)
     tls_options = {"security": sec, "protocol": "tls"} if sec is not None else {}
@@ -67,7 +63,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
                                                   "silence_logs": logging.CRITICAL}}
         for node in local_node_names(c.nodes) for j in range(per_node)
     }
-    with dask.config.set(dask_settings()), warnings.catch_warnings(record=True) as said:
+    with dask.config.set({**dask_settings(), **routes}), warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")   # Dask's multi-line "Port 8787 is already in use" as one line
         cluster = SpecCluster(workers={}, scheduler=scheduler, security=sec, name=f"unidask-{spec.name}")
     for w in said:
@@ -98,28 +94,18 @@ def check_dashboard_address(spec: Spec) -> None:
 
 def keep_size(cluster: SpecCluster) -> list[str]:
     """Start again the local workers whose nanny gave up ("Failed to start process"), so the
-    cluster stays at the size asked for; the names of those started."""
+    cluster stays at the size asked for; the names of those started (in the background: a start
+    that fails again is tried again at the next look)."""
     gone = [name for name, nanny in cluster.workers.items() if nanny.status in (Status.closed, Status.failed)]
     if not gone and set(cluster.worker_spec) <= set(cluster.workers):
         return []
     for name in gone:
         del cluster.workers[name]
     try:
-        cluster.sync(cluster._correct_state)
+        daskapi.start_workers(cluster)
     except (RuntimeError, OSError) as e:   # tried again at the next look
         log.warning("worker(s) could not start (%s); starting them again", e)
     return gone + [name for name in cluster.worker_spec if name not in cluster.workers and name not in gone]
-
-
-def replace(cluster: SpecCluster, name: str) -> bool:
-    """Kill the process of local worker ``name`` (stopped, hung): its nanny starts a new one."""
-    nanny = cluster.workers.get(name)
-    pid = getattr(getattr(getattr(nanny, "process", None), "process", None), "pid", None)
-    if not pid:
-        return False
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)
-    return True
 
 
 def dask_config() -> dict[str, Any]:
@@ -216,7 +202,7 @@ def wait_for_nodes(client: Client, nodes: int, timeout: float = 120.0) -> None:
             # the addresses Dask really uses, which a network setting is about
             hosts: dict[str, list[str]] = {}
             for address, node in where.items():
-                hosts.setdefault(node, []).append(get_address_host(address))
+                hosts.setdefault(node, []).append(daskapi.address_host(address))
             log.info("workers joined: %s", ", ".join(f"{node} {len(h)} at {' '.join(sorted(set(h)))}"
                                                      for node, h in sorted(hosts.items())))
             return
@@ -257,38 +243,60 @@ def connect(spec: Spec) -> Iterator[Client]:
             yield client
 
 
+def jobqueue(key: str):
+    """The user's own dask-jobqueue setting ``jobqueue.slurm.KEY`` (~/.config/dask/jobqueue.yaml,
+    DASK_JOBQUEUE__SLURM__KEY), None where unset."""
+    return dask.config.get(f"jobqueue.slurm.{key}", None)
+
+
+def worker_jobs(spec: Spec) -> dict[str, Any]:
+    """dask-jobqueue's ``SLURMCluster`` options of slurm mode. What the run's ``[cluster]`` states
+    wins; what it leaves unset comes from the user's ``jobqueue.slurm`` config, then unidask's
+    fallbacks (one worker per core of the job, 4GB, an hour). Every worker has one thread: a
+    process writes one shard."""
+    c = spec.cluster
+    interface = c.interface or jobqueue("interface")
+    cores = jobqueue("job-cpu") or jobqueue("cores")
+    processes = c.workers if c.workers != "auto" else (jobqueue("processes") or cores or 1)
+    host = slurm.login_address(interface)
+    # each worker at its node's address on the way here, found in the job (Dask's own guess is
+    # 127.0.0.1 on a node without a default route); with an interface, Dask's --interface does it
+    find_host = [] if interface else [
+        f"UNIDASK_WORKER_HOST=$({shlex.quote(sys.executable)} -m unidask.cli address --towards {host})"]
+    partition, account = c.partition or jobqueue("queue"), c.account or jobqueue("account")
+    sec = security(spec)
+    return dict(
+        cores=processes, processes=processes,
+        # the CPUs the user books per job, where more than its single-threaded workers
+        **({"job_cpu": cores} if cores and cores > processes else {}),
+        memory=c.memory or jobqueue("memory") or "4GB",
+        walltime=c.walltime or jobqueue("walltime") or SUBMIT_WALLTIME,
+        **({"interface": interface} if interface else {}),   # the workers'
+        **({"queue": partition} if partition else {}), **({"account": account} if account else {}),
+        job_name=f"unidask-{spec.name}",
+        job_extra_directives=[*(jobqueue("job-extra-directives") or []), *map(slurm.directive, c.job_extra_directives)],
+        log_directory=str(RunDir(spec.run_dir).logs), python=sys.executable,
+        scheduler_options={"dashboard_address": c.dashboard_address, "host": host},
+        worker_extra_args=[*(jobqueue("worker-extra-args") or []), "--preload", WORKER_PRELOAD,
+                           *(["--host", '"$UNIDASK_WORKER_HOST"'] if find_host else [])],
+        job_script_prologue=[*(jobqueue("job-script-prologue") or []), *dask_exports(), *find_host],
+        **({"security": sec, "protocol": "tls://"} if sec else {}))
+
+
 def slurm_cluster(spec: Spec):
     """Workers as SLURM jobs through dask-jobqueue, one job per node of ``workers`` processes; the
-    scheduler runs here (a login node). Anything not set by the run comes from dask-jobqueue's own
-    config (``jobqueue.slurm`` in ~/.config/dask/jobqueue.yaml: queue, account, interface...)."""
+    scheduler runs here (a login node). Options as :func:`worker_jobs` says."""
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as e:
         raise InputError("cluster.mode = 'slurm' needs dask-jobqueue: pip install 'unidask[slurm]'") from e
-    dashboard.install()
-    c = spec.cluster
-    host = slurm.login_address(c.interface)
-    # each worker at its node's address on the way here, found in the job (Dask's own guess is
-    # 127.0.0.1 on a node without a default route); with an interface, Dask's --interface does it
-    find_host = [] if c.interface else [
-        f"UNIDASK_WORKER_HOST=$({shlex.quote(sys.executable)} -m unidask.cli address --towards {host})"]
-    with dask.config.set(dask_settings()):   # the scheduler runs here, the workers get the exports
-        # "auto": dask-jobqueue's own cores per job where set (jobqueue.slurm.cores), else one
-        workers = c.workers_per_node(dask.config.get("jobqueue.slurm.cores", None) or 1)
-        cluster = SLURMCluster(cores=workers, processes=workers, memory=c.memory,
-                               **({"interface": c.interface} if c.interface else {}),  # the workers'
-                               walltime=c.walltime, job_name=f"unidask-{spec.name}",
-                               **({"queue": c.partition} if c.partition else {}),
-                               **({"account": c.account} if c.account else {}),
-                               job_extra_directives=[*(dask.config.get("jobqueue.slurm.job-extra-directives") or []),
-                                                     *map(slurm.directive, c.job_extra_directives)],
-                               log_directory=str(RunDir(spec.run_dir).logs), python=sys.executable,
-                               scheduler_options={"dashboard_address": c.dashboard_address, "host": host},
-                               worker_extra_args=["--preload", WORKER_PRELOAD,
-                                                  *(["--host", '"$UNIDASK_WORKER_HOST"'] if find_host else [])],
-                               job_script_prologue=[*(dask.config.get("jobqueue.slurm.job-script-prologue") or []),
-                                                    *dask_exports(), *find_host],
-                               **({"security": security(spec), "protocol": "tls://"} if security(spec) else {}))
+    routes = dashboard.install()
+    options = worker_jobs(spec)
+    # the scheduler runs here, the workers get the exports
+    with dask.config.set({**dask_settings(), **routes}):
+        cluster = SLURMCluster(**options)
+    if said := spec.cluster.cores_warning(options.get("job_cpu") or options["processes"]):
+        log.warning(said)
     # ask SLURM first whether it would take the job, so a refusal fails the run with SLURM's
     # reason instead of leaving it waiting for workers that never come
     try:
@@ -296,7 +304,7 @@ def slurm_cluster(spec: Spec):
     except RunError:
         cluster.close()
         raise
-    cluster.scale(jobs=c.nodes)
+    cluster.scale(jobs=spec.cluster.nodes)
     try:
         wait_for_worker_jobs(cluster, spec)
     except BaseException:

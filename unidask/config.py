@@ -33,6 +33,12 @@ dask.config.update_defaults(yaml.safe_load(_defaults_file.read_text()))
 
 SECTIONS = ("run", "generator", "storage", "cluster")
 PAGE_SIZES = tuple(2 ** k for k in range(9, 17))  # what SQLite accepts
+SUBMIT_WALLTIME = "01:00:00"
+# dask-jobqueue's words (and Dask's) for what unidask's config spells otherwise
+SPELLED_OTHERWISE = {"cluster": {"queue": "partition", "processes": "workers", "cores": "workers",
+                                 "n_workers": "workers", "jobs": "nodes", "time": "walltime",
+                                 "job_extra": "job_extra_directives", "job-extra-directives": "job_extra_directives",
+                                 "job_extra_directive": "job_extra_directives", "project": "account"}}
 
 
 # -- checks of one value: return it (normalised) or raise ValueError saying what it must be ----------
@@ -165,8 +171,9 @@ class Cluster:
     backups: bool = checked(boolean)
     worker_timeout: float = checked(seconds)
     stop_before: int = checked(integer())
-    memory: str = checked(text('"4GB"'))
-    walltime: str = checked(walltime)
+    max_resubmits: int = checked(integer(0))
+    memory: str | None = checked(optional(text('"4GB"')))
+    walltime: str | None = checked(optional(walltime))
     partition: str | None = checked(optional(text('"short"')))
     account: str | None = checked(optional(text('"myproject"')))
     job_extra_directives: tuple[str, ...] = checked(directives)
@@ -174,6 +181,21 @@ class Cluster:
     def workers_per_node(self, cores: int) -> int:
         """Worker processes on a node of ``cores`` cores: ``workers``, or with "auto" one per core."""
         return cores if self.workers == "auto" else self.workers
+
+    def job_walltime(self) -> str:
+        """The generation job's walltime (``unidask submit``): ``walltime``, else one hour."""
+        return self.walltime or SUBMIT_WALLTIME
+
+    def cores_warning(self, cores: int) -> str | None:
+        """What a fixed ``workers`` does on nodes of ``cores`` cores, where not one per core."""
+        workers = self.workers_per_node(cores)
+        if workers < cores:
+            return (f"cluster.workers = {workers} runs {workers} worker process(es) on each node's {cores} "
+                    "cores: cluster.workers = \"auto\" runs one per core")
+        if workers > cores:
+            return (f"cluster.workers = {workers} on nodes of {cores} core(s): the processes share the cores, "
+                    f"and each task takes {workers / cores:.1f}x the time it takes alone")
+        return None
 
     def in_flight(self, threads: int) -> int:
         """Tasks submitted ahead for ``threads`` worker threads: ``max_in_flight``, else 2 each + 4."""
@@ -355,6 +377,8 @@ def _update(merged: dict, data: Mapping[str, Any], where: str) -> None:
         for key, value in values.items():
             # generator parameters depend on the kind and are checked once it is known
             if key not in merged[section] and section != "generator":
+                if ours := SPELLED_OTHERWISE.get(section, {}).get(key):
+                    raise InputError(f"{where}: unknown key {section}.{key}: did you mean {section}.{ours}?")
                 raise InputError(f"{where}: unknown key {section}.{key} "
                                  f"(known: {', '.join(merged[section])})")
             merged[section][key] = value

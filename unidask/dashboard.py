@@ -17,9 +17,7 @@ from collections import deque
 from typing import Any
 
 import dask.config
-from distributed.http.utils import RequestHandler
-
-from . import files, plots
+from . import daskapi, files, plots
 from .rundir import RunDir
 
 KEY = "unidask"
@@ -124,7 +122,7 @@ def figures(state: dict[str, Any] | None, scheduler=None) -> dict[str, Any]:
     left = state["total"] - state["written"]
     running = state.get("in_flight", 0)
     if scheduler is not None:
-        running = sum(len(ws.processing) for ws in scheduler.workers.values())
+        running = daskapi.running_tasks(scheduler)
     nodes = {k: {**v, "rate": rate_of(hist, now, k)} for k, v in state["nodes"].items()}
     return {
         "name": state["name"], "kind": state["kind"],
@@ -140,7 +138,7 @@ def figures(state: dict[str, Any] | None, scheduler=None) -> dict[str, Any]:
     }
 
 
-class FiguresJSON(RequestHandler):
+class FiguresJSON(daskapi.RequestHandler):
     def get(self):
         state = self.server.get_metadata([KEY], default=None)
         self.set_header("Content-Type", "application/json")
@@ -183,8 +181,6 @@ def page(scheduler, extra, doc) -> None:
     plan, throughput per node, task durations, a per-node table; updated every second."""
     from bokeh.layouts import column, row
     from bokeh.models import ColumnDataSource, Div, Range1d, Span
-    from distributed.dashboard.components.scheduler import env
-
     doc.title = "unidask"
     summary = Div(text="waiting for the driver of a unidask run to report...",
                   sizing_mode="stretch_width", name="unidask-summary")
@@ -251,18 +247,17 @@ def page(scheduler, extra, doc) -> None:
     doc.add_periodic_callback(update, 1000)
     doc.add_root(column(summary, row(against, throughput, sizing_mode="stretch_width"), spread, table,
                         sizing_mode="stretch_width", name="unidask"))
-    doc.template = env.get_template("simple.html")
+    doc.template = daskapi.page_template()
     doc.template_variables.update(extra)
 
 
-def install() -> None:
-    """Add the page and the JSON route to Dask's dashboard (before a scheduler is created)."""
-    from distributed.dashboard.scheduler import applications
-
-    applications["/unidask"] = page
+def install() -> dict[str, Any]:
+    """Add the page to Dask's dashboard (before a scheduler is created); the Dask setting that
+    adds the JSON route, for the caller to apply where it creates the scheduler (never to the
+    whole process: a notebook's own Dask is left as it was)."""
+    daskapi.dashboard_page("/unidask", page)
     # Dask lists every page whose path has "individual" in its "More..." menu: the way back here
-    applications["/individual-unidask"] = page
+    daskapi.dashboard_page("/individual-unidask", page)
     key = "distributed.scheduler.http.routes"
     routes_ = dask.config.get(key)
-    if __name__ not in routes_:
-        dask.config.set({key: [*routes_, __name__]})
+    return {key: routes_ if __name__ in routes_ else [*routes_, __name__]}

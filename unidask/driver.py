@@ -3,8 +3,11 @@ shard out periodically and at the end, check that every task is staged, merge.""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
+import signal
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from distributed import Client, Future, as_completed, wait
 
-from . import cluster, dashboard, generators, plan, shard, sizing, slurm, worker
+from . import cluster, daskapi, dashboard, generators, plan, shard, sizing, slurm, worker
 from .config import Spec
 from .errors import RunError, Stopped, UnidaskError
 from .merge import MergeReport, merge as merge_run
@@ -33,9 +36,8 @@ HINT_AFTER = 50        # tasks timed before the hint is given
 HINT_MIN_TASKS = 500   # no hint for runs too short for it to matter
 WATCH_EVERY = 1.0         # seconds between looks for stragglers and silent workers
 # Dask's workers heartbeat every 0.5-1 s up to 200 workers, every n/200 + 1 s beyond: seconds of
-# silence, scaled so, after which a worker is asked nothing more, and after which it is retired
+# silence, scaled so, after which a worker is asked nothing more (Dask's worker-ttl removes it)
 SILENT_AFTER = 5.0
-RETIRE_AFTER = 20.0
 SAY_WAITING_AFTER = 10.0  # seconds without a finished task before the run says what it waits for
 
 
@@ -67,6 +69,7 @@ class Driver:
         self.said = 0.0
         self.stragglers = Stragglers()   # task times, kept across the rounds of a run
         self.no_workers_since: float | None = None
+        self.processes: dict[str, tuple[str, int, int]] = {}   # local mode: address -> name, pid, start
 
     def stage_all(self, *, final: bool = False) -> dict:
         """Start one stage-out per local disk (per node, or per job where jobs get a private /tmp),
@@ -93,7 +96,7 @@ class Driver:
         failed stage-out; ``block`` waits until none is left."""
         results = []
         while stages:
-            alive = self.client.scheduler_info()["workers"]
+            alive = daskapi.workers(self.client)
             for future, address in list(stages.items()):
                 if future.status == "error":
                     raise RunError(str(future.exception()))
@@ -243,36 +246,42 @@ class Driver:
         return new
 
     def retire_silent(self) -> None:
-        """Retire workers that stopped answering (their tasks are rescheduled; in local mode,
-        where unidask owns the processes, the stopped process is killed and its nanny starts a new
-        one, and its shard is staged by a living worker of its node). Restart local workers whose
-        nanny gave up: the cluster is kept at the size asked for."""
-        now = time.time()
-        workers = self.client.scheduler_info()["workers"]
+        """Local mode, where unidask owns the processes: kill the process of a worker that Dask
+        removed for its silence (``distributed.scheduler.worker-ttl``, the one liveness policy:
+        its tasks run elsewhere, and a stopped process would hold its slot for good), so that its
+        nanny, or :func:`cluster.keep_size`, starts a new one; restart the workers whose nanny
+        gave up. The cluster is kept at the size asked for."""
         local = getattr(self.client, "cluster", None) if self.spec.cluster.mode == "local" else None
-        limit = RETIRE_AFTER * max(1.0, len(workers) / 200)
-        for address, w in workers.items():
-            if now - w.get("last_seen", now) < limit:
-                continue
-            self.client.run_on_scheduler(_remove_worker, address=address)
-            replaced = local is not None and cluster.replace(local, w.get("name"))
-            log.warning("worker %s (%s) has not answered for %.0f s: retired%s", w.get("name"), address,
-                        now - w["last_seen"], ", its process killed and started again" if replaced else "")
-        if local is not None and (started := cluster.keep_size(local)):
+        if local is None:
+            return
+        workers = daskapi.workers(self.client)
+        if new := [a for a in self.responsive_workers(workers) if a not in self.processes]:
+            for address, (pid, start) in self.client.run(worker.process, workers=new, on_error="ignore").items():
+                if isinstance(pid, int):
+                    self.processes[address] = (workers.get(address, {}).get("name"), pid, start)
+        for address in [a for a in self.processes if a not in workers]:
+            name, pid, start = self.processes.pop(address)
+            if start and worker.process_start(pid) == start:   # removed, yet still there: stopped
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                log.warning("worker %s (%s) stopped answering and Dask removed it "
+                            "(distributed.scheduler.worker-ttl): its process killed and started again",
+                            name, address)
+        if started := cluster.keep_size(local):
             log.warning("worker(s) %s had stopped or could not start: started again", ", ".join(map(str, started)))
 
-    def responsive_workers(self) -> list[str]:
+    def responsive_workers(self, workers: dict | None = None) -> list[str]:
         """Workers that heartbeated lately: a stopped one (SIGSTOP, a hung node) never answers a
         broadcast, and Dask retires it only after its time to live (``worker-ttl``)."""
         now = time.time()
-        workers = self.client.scheduler_info()["workers"]
+        workers = daskapi.workers(self.client) if workers is None else workers
         silent = SILENT_AFTER * max(1.0, len(workers) / 200)
         return [address for address, w in workers.items() if now - w.get("last_seen", now) < silent]
 
     def watch(self, idle: float) -> None:
         """Say what the run waits for when nothing has finished for a while; end the run when no
         worker has been there for ``cluster.worker_timeout`` seconds."""
-        workers = self.client.scheduler_info()["workers"]
+        workers = daskapi.workers(self.client)
         now = time.monotonic()
         queued = self.spec.cluster.mode == "slurm" and not workers and slurm.queued(
             cluster.job_ids(getattr(self.client, "cluster", None)))
@@ -286,17 +295,12 @@ class Driver:
         if idle < SAY_WAITING_AFTER or now - self.said < SAY_WAITING_AFTER:
             return
         self.said = now
-        silent = len(workers) - len(self.responsive_workers())
+        silent = len(workers) - len(self.responsive_workers(workers))
         running = sum(len(keys) for keys in self.client.processing().values())
         oldest = min(self.stragglers.seen.items(), key=lambda kv: kv[1][0], default=None)
         log.info("waiting: no task finished for %.0f s; %d worker(s)%s%s, %d task(s) running%s", idle, len(workers),
                  f" ({silent} not answering)" if silent else "", f", worker job(s) {queued} queued" if queued else "",
                  running, f"; the longest: task {oldest[0][1]} on {oldest[1][1]}" if oldest and running else "")
-
-
-async def _remove_worker(dask_scheduler, address: str) -> None:
-    """Runs on the scheduler: drop a worker that stopped answering, as its time to live would."""
-    await dask_scheduler.remove_worker(address=address, stimulus_id=f"unidask-silent-{time.time()}", close=False)
 
 
 def next_batch(futures: as_completed, timeout: float) -> list | None:

@@ -109,8 +109,8 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
                  seconds_per_unitary=per_unitary, nodes=nodes, workers_per_node=per_node,
                  cores_per_node=cores_per_node, row_bytes=row, stage_every=spec.storage.stage_every,
                  shard_per=spec.storage.shard_per, measured=seconds_per_unitary is None)
-    if (cores and per_node < cores) or per_node > cores_per_node:
-        e.warnings.append(cores_warning(per_node, cores_per_node))
+    if (cores or per_node > cores_per_node) and (said := spec.cluster.cores_warning(cores_per_node)):
+        e.warnings.append(said)
     rate = e.workers / e.task_seconds if e.task_seconds > 0 else math.inf
     capacity = SCHEDULER_LOAD / SCHEDULER_CPU
     if rate > capacity and e.wall_seconds > 60:   # a minute's run is not worth a warning
@@ -140,12 +140,3 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
         e.warnings.append(f"a node's share ({e.data_bytes / e.nodes / 1e9:,.1f} GB) exceeds the free space "
                           f"of {local} here ({free / 1e9:,.1f} GB): check the nodes' local disks")
     return e
-
-
-def cores_warning(workers: int, cores: int) -> str:
-    """What a fixed ``cluster.workers`` does on nodes of ``cores`` cores, when not one per core."""
-    if workers < cores:
-        return (f"cluster.workers = {workers} runs {workers} worker process(es) on each node's {cores} cores: "
-                "cluster.workers = \"auto\" runs one per core")
-    return (f"cluster.workers = {workers} on nodes of {cores} core(s): the processes share the cores, and "
-            f"each task takes {workers / cores:.1f}x the time it takes alone")

@@ -2,6 +2,9 @@
 ``dask scheduler --preload unidask.preload`` (the job scripts do). Importing it is enough:
 Dask imports preloads before it builds the dashboard."""
 
+import dask.config
+
 from .dashboard import install
 
-install()
+# this process is the job's `dask scheduler`: its own Dask config is unidask's to set
+dask.config.set(install())

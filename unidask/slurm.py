@@ -116,7 +116,8 @@ def job_env(spec: Spec) -> list[str]:
     host = node_address(c.interface)
     values = {"RUN_DIR": rd.path, "LOGS": rd.logs, "SCHEDULER_FILE": rd.scheduler_file(job_id() or "local"),
               "SECURITY": c.security, "SCHEDULER_HOST": host, "INTERFACE": c.interface or "",
-              "WORKERS": c.workers, "DASHBOARD": dashboard_address(c.dashboard_address, host)}
+              "WORKERS": c.workers, "DASHBOARD": dashboard_address(c.dashboard_address, host),
+              "MAX_RESUBMITS": c.max_resubmits}
     return [f"export {k}={shlex.quote(str(v))}" for k, v in values.items()]
 
 
@@ -154,13 +155,15 @@ def job_scripts(spec: Spec, spec_path: Path) -> dict[str, str]:
     c, logs = spec.cluster, RunDir(spec.run_dir).logs
     common = [*([f"--partition={c.partition}"] if c.partition else []),
               *([f"--account={c.account}"] if c.account else []), *c.job_extra_directives]
-    stop_before = min(int(c.stop_before), max(60, walltime_seconds(c.walltime) // 2))
-    # --no-kill: a node that fails takes only its own workers; the run goes on without them
+    stop_before = min(int(c.stop_before), max(60, walltime_seconds(c.job_walltime()) // 2))
+    # --no-kill: a node that fails takes only its own workers; the run goes on without them.
+    # --requeue: stopped before its walltime (or preempted), the job requeues itself under its own
+    # id, which the merge job's dependency names; its log grows across the requeues (append)
     generate = [f"--job-name=unidask-{spec.name}", f"--nodes={c.nodes}", "--ntasks-per-node=1",
-                "--exclusive", "--no-kill", f"--time={c.walltime}", f"--signal=B:USR1@{stop_before}",
-                f"--output={logs}/%x-%j.out", *common]
+                "--exclusive", "--no-kill", f"--time={c.job_walltime()}", f"--signal=B:USR1@{stop_before}",
+                "--requeue", "--open-mode=append", f"--output={logs}/%x-%j.out", *common]
     merge = [f"--job-name=unidask-merge-{spec.name}", "--nodes=1", "--ntasks=1",
-             f"--time={c.walltime}", f"--output={logs}/%x-%j.out", *common]
+             f"--time={c.job_walltime()}", f"--output={logs}/%x-%j.out", *common]
     env = {"UNIDASK_PYTHON": sys.executable}
     line = f"# args: {shlex.quote(str(spec_path))}\n"
     return {"generate": render(template("generate.sbatch"), list(map(directive, generate)), env) + line,
@@ -188,6 +191,18 @@ def check_accepts(script: str) -> None:
     if check.returncode != 0:
         reason = [line for line in check.stderr.splitlines() if "error" in line] or [check.stderr.strip()]
         raise RunError(f"SLURM refuses the worker jobs: {reason[-1]}")
+
+
+def node_cores(partition: str | None = None) -> int | None:
+    """The CPUs of the smallest node of ``partition`` (else of every partition), None where SLURM
+    gives no answer here."""
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%c", *(["-p", partition] if partition else [])],
+                           capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    cpus = [int(x) for x in r.stdout.split() if x.isdigit()]
+    return min(cpus) if r.returncode == 0 and cpus else None
 
 
 def _squeue(jobs: list[str], states: str | None = None) -> list[str] | None:
@@ -221,6 +236,8 @@ def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submissi
     node, for the job's nodes and their cores."""
     rd = RunDir(spec.run_dir)
     spec = rd.sized(spec)
+    if (cores := node_cores(spec.cluster.partition)) and (said := spec.cluster.cores_warning(cores)):
+        log.warning("%s (SLURM's nodes here have %d)", said, cores)   # --exclusive: the job gets them all
     stamp = time.strftime("%Y%m%d-%H%M%S")
     spec_path = rd.jobs / f"spec-{stamp}.json"
     sub = Submission(None, None, job_scripts(spec, spec_path), rd.logs, spec_path,

@@ -123,7 +123,7 @@ def _refused(d: Path, path: Path, why: str) -> InputError:
 
 def security(run_dir: str | os.PathLike):
     """A Dask ``Security`` that requires TLS with the run's certificate, for every role."""
-    from distributed.security import Security
+    from distributed import Security
 
     p = ensure(run_dir)
     ca, cert, key = str(p["ca"]), str(p["cert"]), str(p["key"])

@@ -57,3 +57,19 @@ def close_shards() -> list[str]:
 
 
 node_name = slurm.node_name
+
+
+def process() -> tuple[int, int]:
+    """This worker process: its pid and its start time (clock ticks since boot), which together
+    name it even after the pid is reused."""
+    return os.getpid(), process_start(os.getpid())
+
+
+def process_start(pid: int) -> int:
+    """When process ``pid`` started (field 22 of /proc/PID/stat); 0 if it is gone or a zombie."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return 0 if fields[0] in "ZX" else int(fields[19])

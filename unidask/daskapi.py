@@ -1,0 +1,65 @@
+"""Every call into distributed that its public API does not promise, or that changed between the
+versions unidask supports (``pyproject.toml``'s lower bound to the newest), in one place.
+
+``tests/test_daskapi.py`` checks each against the installed distributed, so a release that
+renames or reshapes one fails there, by name, rather than somewhere in a run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from distributed import Client
+from distributed.http.utils import RequestHandler  # a route of Dask's own HTTP server
+
+__all__ = ["RequestHandler", "address_host", "workers", "start_workers", "dashboard_page", "page_template",
+           "running_tasks"]
+
+
+def _all_workers_kwargs() -> dict[str, Any]:
+    # distributed 2025.5 to 2026.3: scheduler_info() answers for at most 5 workers unless
+    # n_workers=-1 is passed; earlier releases take no such argument and answer for all
+    return {"n_workers": -1} if "n_workers" in inspect.signature(Client.scheduler_info).parameters else {}
+
+
+_ALL_WORKERS = _all_workers_kwargs()
+
+
+def workers(client: Client) -> dict[str, dict[str, Any]]:
+    """Every worker the scheduler knows: {address: its identity (name, last_seen, nthreads...)}."""
+    return client.scheduler_info(**_ALL_WORKERS)["workers"]
+
+
+def start_workers(cluster) -> None:
+    """Start the workers of a ``SpecCluster``'s ``worker_spec`` that are not running, and wait for
+    them; raises where one fails to start. ``cluster.scale(n)``, the public way, starts them in a
+    callback nobody awaits: a failed start there is a traceback in the log, not an error here."""
+    cluster.sync(cluster._correct_state)
+
+
+def address_host(address: str) -> str:
+    """The host of a Dask address (``tls://10.0.0.2:8786`` -> ``10.0.0.2``, IPv6 too)."""
+    from distributed.comm import get_address_host
+
+    return get_address_host(address)
+
+
+def dashboard_page(path: str, page: Callable) -> None:
+    """Serve the bokeh document ``page(scheduler, extra, doc)`` at ``path`` of the dashboard of
+    schedulers created after this call in this process (distributed has no public way)."""
+    from distributed.dashboard.scheduler import applications
+
+    applications[path] = page
+
+
+def page_template():
+    """Dask's own dashboard page template (its menu and style), for a page of ours."""
+    from distributed.dashboard.components.scheduler import env
+
+    return env.get_template("simple.html")
+
+
+def running_tasks(scheduler) -> int:
+    """Tasks running on the workers, seen from inside the scheduler's process."""
+    return sum(len(ws.processing) for ws in scheduler.workers.values())
