@@ -105,10 +105,10 @@ def test_fingerprint_is_the_data_not_the_layout(tmp_path):
 
 
 BAD = [
-    ({"run": {"count": 0}}, "run.count must be an integer >= 1"),
-    ({"run": {"count": -5}}, "run.count must be an integer >= 1"),
-    ({"run": {"count": 1.5}}, "run.count must be an integer >= 1"),
-    ({"run": {"task_size": "10"}}, "run.task_size must be an integer >= 1"),
+    ({"run": {"count": 0}}, "run.count must be an integer from 1 to"),
+    ({"run": {"count": -5}}, "run.count must be an integer from 1 to"),
+    ({"run": {"count": 1.5}}, "run.count must be an integer from 1 to"),
+    ({"run": {"task_size": "10"}}, "run.task_size must be an integer from 1 to"),
     ({"generator": {"dim": 0}}, "generator.dim must be int >= 1"),
     ({"generator": {"dim": True}}, "generator.dim must be int"),
     ({"generator": {"kind": "nope"}}, "unknown generator kind 'nope'"),
@@ -121,7 +121,13 @@ BAD = [
     ({"storage": {"local_dir": "${UNIDASK_SURELY_UNSET}/x"}}, "UNIDASK_SURELY_UNSET"),
     ({"run": {"name": "a b/c"}}, "run.name must be"),
     ({"cluster": {"mode": "cloud"}}, "cluster.mode must be one of"),
-    ({"cluster": {"nodes": 0}}, "cluster.nodes must be an integer >= 1"),
+    ({"cluster": {"nodes": 0}}, "cluster.nodes must be an integer from 1 to"),
+    # found by an adversary: accepted, then every task failed, or the checker built 3.8e9 chunks
+    ({"storage": {"busy_timeout": float("nan")}}, "storage.busy_timeout must be a number of seconds > 0"),
+    ({"storage": {"busy_timeout": float("inf")}}, "storage.busy_timeout must be a number of seconds > 0"),
+    ({"storage": {"stage_every": 1e300}}, "storage.stage_every must be a number of seconds > 0 and at most"),
+    ({"run": {"task_size": 10 ** 17}}, "run.task_size must be an integer from 1 to 9,007,199,254,740,992"),
+    ({"storage": {"local_dir": "~nosuchuser/x"}}, "no user 'nosuchuser' on this machine"),
 ]
 
 

@@ -235,6 +235,57 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)])
 
 
+@pytest.fixture
+def own_mount(tmp_path):
+    """A tmpfs of this test's own, to turn read-only and back mid-run. Needs root (CI's)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3g", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to turn read-only (needs root): {r.stderr.decode().strip()}")
+
+    class Mount:
+        path = mnt
+
+        def read_only(self, ro: bool) -> None:
+            subprocess.run(["mount", "-o", f"remount,{'ro' if ro else 'rw'}", str(mnt)], check=True)
+
+    yield Mount()
+    subprocess.run(["mount", "-o", "remount,rw", str(mnt)])
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_run_dir_read_only_for_a_while(config, own_mount):
+    """The run dir (a real filesystem) turns read-only for 3 s mid-run, after the first periodic
+    stage-out: every write the driver and the workers make there fails meanwhile. The run says so
+    once, not twice a second, tries every stage_every, stages again once it can, and ends complete
+    and byte-identical, without a traceback."""
+    spec = config(**{**SLOW, "run": {**SLOW["run"], "run_dir": str(own_mount.path / "run")}},
+                  storage={"stage_every": 0.5})
+    stages = RunDir(spec.run_dir).stages
+    turned: list[float] = []
+
+    def read_only_for_a_while():
+        wait_for(lambda: stages.exists() and stages.read_text().count("\n") >= 1, timeout=120)
+        own_mount.read_only(True)
+        turned.append(time.time())
+        time.sleep(3)   # the fault's length, not a wait for an event
+        own_mount.read_only(False)
+        turned.append(time.time())
+
+    thread, errors = in_background(read_only_for_a_while)
+    with messages() as lines:
+        result = unidask.run(spec)
+    thread.join()
+    assert not errors and len(turned) == 2, errors
+    assert result.merged.complete and merged_data(result.merged.out) == reference(spec)
+    failed = [line for line in lines if "stage-out failed" in line or "cannot append" in line]
+    assert 1 <= len(failed) <= 4, "\n".join(failed)   # said as it starts (or changes), not each try
+    assert not any("Traceback" in line for line in lines), lines
+    if not any("final stage-out failed" in line for line in failed):   # it ended mid-run
+        assert any("periodic stage-outs: working again" in line for line in lines), lines
+
+
 @pytest.mark.parametrize("full", ["local_dir", "run_dir"])
 def test_full_disk_then_resume(config, small_disk, full):
     where = {"run": {"count": 6000, "task_size": 200, "run_dir": str(small_disk.path / "run")}} \

@@ -1,6 +1,7 @@
 """Merge real staged shards: duplicates, conflicts, bad files, append, atomic output."""
 
 import shutil
+import os
 import sqlite3
 
 import numpy as np
@@ -102,6 +103,7 @@ BAD_SHARDS = {
     "trigger": lambda good, p: (shutil.copy(good, p), _sql(p, "CREATE TRIGGER t AFTER INSERT ON meta "
                                                           "BEGIN DELETE FROM meta; END")),
     "view": lambda good, p: (shutil.copy(good, p), _sql(p, "CREATE VIEW v AS SELECT * FROM tasks")),
+    "virtual table": lambda good, p: (shutil.copy(good, p), _sql(p, "CREATE VIRTUAL TABLE other USING rtree(id, a, b)")),
     "newer schema": lambda good, p: (shutil.copy(good, p),
                                      _sql(p, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")),
     "older schema": lambda good, p: (shutil.copy(good, p),   # schema 1 had task and idx columns
@@ -128,6 +130,7 @@ BAD_SHARDS = {
 }
 REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "not a readable",
            "not a unidask shard": "not a unidask shard", "trigger": "trigger t", "view": "view v",
+           "virtual table": "virtual table other",
            "newer schema": "newer", "older schema": "older than this unidask reads","another run": "another run",
            "rows missing": "task 15 has 0 rows|task 15 has 0 of its 100 unitaries",
            "half a task": "task 3 records 50 unitaries, the plan has 100",
@@ -229,3 +232,25 @@ def test_a_copy_with_its_genuine_checksum_over_wrong_rows_is_refused(staged_run,
     assert code == 1 and f"rejected {b}" in out and "missing: 10-19" in out
     with unidask.Dataset(spec.run_dir / "t.db") as ds:
         assert np.abs(ds[700:800]).max() > 0
+
+
+def test_temporaries_are_owner_only_while_built(tmp_path):
+    """A stage-out's or a merge's file is built under a temp name, which SQLite would create 0644:
+    another user could read a shard while it is built. It is created 0600 first; the merged
+    database is then published with the mode the umask gives (meant to be shared)."""
+    import stat
+
+    from unidask import files
+
+    with files.publishing(tmp_path / "staged.db") as tmp:
+        con = sqlite3.connect(tmp)
+        con.execute("CREATE TABLE t(a)")
+        con.commit()
+        con.close()
+        assert stat.S_IMODE(tmp.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "staged.db").stat().st_mode) == 0o600
+    old = os.umask(0o027)
+    try:
+        assert files.shared_mode() == 0o640
+    finally:
+        os.umask(old)

@@ -481,3 +481,34 @@ def test_a_damaged_run_lock_is_one_line_then_taken_over_when_stale(config, tmp_p
     code, _, err = run_main("run", cfg, capsys=capsys)
     assert code == 0 and "taking over the run lock of host ?, pid [1] (it was last refreshed" in err, err
     assert not lock.exists() and (spec.run_dir / "t.db").exists()
+
+
+def test_a_task_size_far_above_the_count(config):
+    """run.task_size = 10^15 for 2,000 unitaries: one task, whose slot of ids the checks must not
+    walk chunk by chunk (they built ~3.8e9 chunks and were killed at 24 GB)."""
+    spec = config(run={"count": 2000, "task_size": 10 ** 15})
+    result = unidask.run(spec)
+    assert result.merged.complete and result.merged.rows == 2000
+    assert unidask.verify(result.merged.out).ok
+
+
+def test_a_fifo_named_run_json_is_one_line_not_a_hang(tmp_path):
+    """Reading a FIFO blocks until someone writes to it: status, merge and clean name it instead."""
+    run_dir = tmp_path / "run"
+    (run_dir / "shards").mkdir(parents=True, mode=0o700)
+    os.mkfifo(run_dir / "run.json")
+    for command in ("status", "merge", "clean"):
+        r = subprocess.run([sys.executable, "-m", "unidask.cli", command, str(run_dir)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and "run.json" in r.stderr and "FIFO" in r.stderr, (command, r.stderr)
+        assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_directory_where_the_merged_database_goes_is_refused_before_the_run(config, capsys):
+    """RUN_DIR/NAME.db a directory: refused as the run starts, not after all of it generated."""
+    spec = config()
+    (spec.run_dir / "t.db").mkdir(parents=True)
+    code, out, err = run_main("run", spec.source, capsys=capsys)
+    assert code == 2 and "t.db: a directory, not a regular file" in err and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("unidask: error: "), err
+    assert not (spec.run_dir / "shards").exists() or not any((spec.run_dir / "shards").iterdir())

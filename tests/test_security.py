@@ -176,3 +176,36 @@ def test_tls_files_not_the_owners_alone_or_not_whole_are_refused(config, tmp_pat
     code, _, err = run_main("run", spec.run_dir.parent / "run.toml", capsys=capsys)
     assert code == 2 and err.splitlines()[-1].startswith("unidask: error: ") and why in err, err
     assert not (spec.run_dir / "shards").exists() or not any((spec.run_dir / "shards").iterdir())
+
+
+def test_a_shard_another_user_planted_is_never_taken(config, other_user, shared_tmp, capsys):
+    """The user made the run dir and shards/ group- and world-writable (a shared project dir);
+    another user planted a shard of the run's missing tasks there, a faithful copy of a real one
+    (matching checksums, identity matrices would pass them too). The merge refuses it by name;
+    a --resume sets it aside, makes shards/ owner-only again and generates those tasks itself."""
+    import shutil
+
+    from unidask import RunDir
+
+    name, run = other_user
+    spec = config(run={"count": 2000, "task_size": 100, "run_dir": str(shared_tmp / "run")})
+    unidask.run(spec, merge=False)
+    rd = RunDir(spec.run_dir)
+    (spec.run_dir / "t.db").unlink(missing_ok=True)
+    os.chmod(spec.run_dir, 0o777)
+    os.chmod(rd.shards, 0o777)
+    theirs = rd.shards / "zz-planted.db"
+    first = rd.staged_shards()[0]
+    data = first.read_bytes()
+    first.unlink()   # its tasks are now missing: the planted copy offers them
+    r = subprocess.run(["runuser", "-u", name, "--", "/bin/sh", "-c", 'cat > "$0"', str(theirs)], input=data,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert theirs.stat().st_uid != os.getuid()
+    code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
+    assert code == 2 and str(theirs) in err and "belongs to another user" in err and err.count("\n") == 1, err
+    result = unidask.run(spec, resume=True)
+    assert result.merged.complete
+    assert not theirs.exists() and (rd.rejected / theirs.name).exists()
+    assert stat.S_IMODE(rd.shards.stat().st_mode) == 0o700 and stat.S_IMODE(spec.run_dir.stat().st_mode) == 0o700
+    shutil.rmtree(rd.rejected)

@@ -47,7 +47,7 @@ def test_round_numbers():
 def test_a_bad_task_size_is_named_in_one_line(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.toml", run={"task_size": "big"})
     code, out, err = run_main("run", cfg, capsys=capsys)
-    assert code == 2 and err.strip().splitlines()[-1].endswith('run.task_size must be an integer >= 1 or "auto", '
+    assert code == 2 and err.strip().splitlines()[-1].endswith('run.task_size must be an integer from 1 to 9,007,199,254,740,992 or "auto", '
                                                                "got 'big'")
 
 

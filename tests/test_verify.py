@@ -2,6 +2,7 @@
 
 import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,38 @@ def test_a_database_cut_mid_page_is_one_line_everywhere(haar_run, tmp_path, caps
     assert "Traceback" not in out + err and (out + err).count("\n") == 1
     code, out, err = run_main("export", cut_db, tmp_path / "x.npy", capsys=capsys)
     assert code == 2 and str(cut_db) in err and err.count("\n") == 1 and not (tmp_path / "x.npy").exists(), err
+
+
+def test_a_wal_beside_a_database_is_refused_everywhere(haar_run, tmp_path, capsys):
+    """A copy whose -wal sets row 7 to the identity: sqlite3 reads the identity, so verify,
+    info, export and Dataset must not judge the file without it (they read it immutable, which
+    ignores a WAL): each refuses in one line naming the file. Once sqlite3 has applied the WAL,
+    verify sees the identity and fails the checksum."""
+    import unidask
+
+    _, db = haar_run
+    identity = np.eye(4, dtype=np.complex128).tobytes()
+    writer = tmp_path / "writer.db"
+    shutil.copy(db, writer)
+    con = sqlite3.connect(writer)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("PRAGMA wal_autocheckpoint = 0")
+    con.execute("UPDATE unitaries SET data = ? WHERE id = 7", (identity,))
+    con.commit()
+    copy = tmp_path / "copy.db"   # the file and its WAL as a writer left them, the change not checkpointed
+    shutil.copy(writer, copy)
+    shutil.copy(f"{writer}-wal", f"{copy}-wal")
+    con.close()
+    for args in (("verify", copy), ("info", copy), ("export", copy, tmp_path / "x.npy")):
+        assert Path(f"{copy}-wal").stat().st_size > 0
+        code, out, err = run_main(*args, capsys=capsys)
+        assert code in (1, 2) and "-wal or -journal beside it" in out + err, (args, out, err)
+        assert "Traceback" not in out + err and (out + err).count("\n") == 1, (args, out, err)
+    assert not (tmp_path / "x.npy").exists()
+    with pytest.raises(unidask.InputError, match="-wal or -journal beside it"):
+        unidask.Dataset(copy)[0]
+    con = sqlite3.connect(copy)   # sqlite3 reads the identity, and applies the WAL as it closes
+    assert con.execute("SELECT data FROM unitaries WHERE id = 7").fetchone()[0] == identity
+    con.close()
+    code, out, err = run_main("verify", copy, capsys=capsys)
+    assert code == 1 and "task 0" in out, out + err

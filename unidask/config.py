@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import pwd
 import re
@@ -43,17 +44,23 @@ SPELLED_OTHERWISE = {"cluster": {"queue": "partition", "processes": "workers", "
 
 # -- checks of one value: return it (normalised) or raise ValueError saying what it must be ----------
 
-def integer(minimum: int = 1) -> Callable[[Any], int]:
+# ids are task * task_size + index, SQLite's 64-bit integers: counts and sizes stay well below
+MAX_COUNT = 2 ** 53
+MAX_SECONDS = 10 ** 7   # about four months: a longer wait or interval is a typo
+
+
+def integer(minimum: int = 1, maximum: int = MAX_COUNT) -> Callable[[Any], int]:
     def check(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"must be an integer >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ValueError(f"must be an integer from {minimum} to {maximum:,}")
         return value
     return check
 
 
 def seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError("must be a number of seconds > 0")
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not 0 < value <= MAX_SECONDS):
+        raise ValueError(f"must be a number of seconds > 0 and at most {MAX_SECONDS:,}")
     return value
 
 
@@ -247,8 +254,9 @@ class Spec:
         if run["count"] is None:
             raise InputError(f"{where}: run.count is required")
         values = {"name": _check(name, "run", "name", run["name"], where)}
-        for key, minimum in (("count", 1), ("seed", 0)):
-            values[key] = _check(integer(minimum), "run", key, run[key], where)
+        # a seed of any size is SeedSequence's entropy (e.g. 128 bits from SeedSequence().entropy)
+        for key, check in (("count", integer(1)), ("seed", integer(0, 2 ** 256))):
+            values[key] = _check(check, "run", key, run[key], where)
         values["task_size"] = _check(auto_or(integer(1)), "run", "task_size", run["task_size"], where)
         run_dir = Path(expand_vars(str(run["run_dir"] or f"runs/{run['name']}"), where)).absolute()
         kind = gen.pop("kind")
@@ -403,7 +411,10 @@ def expand_vars(text_: str, where: str = "config") -> str:
             return m["default"]
         raise InputError(f"{where}: environment variable ${var} in {text_!r} is not set")
 
-    return os.path.expanduser(_VAR.sub(sub, text_))
+    expanded = os.path.expanduser(_VAR.sub(sub, text_))
+    if expanded.startswith("~"):   # ~name of no user: expanduser leaves it as a literal dir name
+        raise InputError(f"{where}: {text_!r}: no user {expanded[1:].partition('/')[0]!r} on this machine")
+    return expanded
 
 
 # -- Dask's settings for the clusters unidask starts -----------------------------------------------

@@ -66,6 +66,13 @@ def connect_readonly(path: str | os.PathLike, check_same_thread: bool = True) ->
     without trusting its schema: nothing in the file gets to run."""
     if (why := files.regular(Path(path))) is not None:   # never open a FIFO or device: it would block
         raise sqlite3.OperationalError(f"unable to open database file: {why}")
+    # immutable: SQLite would read a WAL's or a hot journal's changes, this connection would not;
+    # both must judge the same bytes, so such a file is refused until SQLite has applied them
+    if _journaled(Path(path)):
+        raise sqlite3.OperationalError(
+            f"a {Path(path).name}-wal or -journal beside it holds changes that sqlite3 would read and "
+            "unidask's read-only open would not: open it once with sqlite3 (which applies or rolls them "
+            "back), or remove them")
     uri = f"file:{Path(path).absolute()}?mode=ro&immutable=1"
     con = sqlite3.connect(uri, uri=True, check_same_thread=check_same_thread)
     con.execute("PRAGMA trusted_schema = OFF")
@@ -231,8 +238,8 @@ def check_schema(con: sqlite3.Connection, path: Path, fingerprint: str | None, w
     """:func:`check_database` of the database open as ``schema`` of ``con`` (an attached shard)."""
     objects = con.execute(f"SELECT type, name, sql FROM {schema}.sqlite_master").fetchall()
     active = [f"{t} {n}" for t, n, _ in objects if t in ("view", "trigger")]
-    active += [f"virtual table {n}" for t, n, sql in objects if t == "table" and n in COLUMNS and
-               str(sql).upper().startswith("CREATE VIRTUAL")]
+    active += [f"virtual table {n}" for t, n, sql in objects if t == "table" and
+               str(sql).upper().lstrip().startswith("CREATE VIRTUAL")]
     if active:
         raise BadFile(path, f"holds {', '.join(active)}; refused, nothing in a {what} may run")
     found: dict[str, list[str]] = {table: [] for table in COLUMNS}
@@ -352,7 +359,9 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
                                 (base,)).fetchone()
             dim = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 0
         row_bytes = dim * dim * expected.itemsize
-        rows = TaskRows.read(con, schema, base, expected.task_size, dim, row_bytes)
+        # the planned rows' ids only: any other row of the slot is counted as no task's, below (a
+        # slot of a task_size far above its count would be read in ~task_size / chunk steps)
+        rows = TaskRows.read(con, schema, base, count, dim, row_bytes)
         accounted += rows.count
         if (reason := rows.fault(con, schema, task, base, count, dim, row_bytes, recorded)):
             yield task, reason

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from distributed import Client, Future, as_completed, wait
 
-from . import cluster, daskapi, dashboard, generators, plan, shard, sizing, slurm, worker
+from . import cluster, daskapi, dashboard, files, generators, plan, shard, sizing, slurm, worker
 from .config import Spec
-from .errors import RunError, Stopped, UnidaskError
+from .errors import InputError, RunError, Stopped, UnidaskError
 from .merge import MergeReport, merge as merge_run
 from .progress import Progress
 from .rundir import RunDir
@@ -38,6 +38,7 @@ WATCH_EVERY = 1.0         # seconds between looks for stragglers and silent work
 # Dask's workers heartbeat every 0.5-1 s up to 200 workers, every n/200 + 1 s beyond: seconds of
 # silence, scaled so, after which a worker is asked nothing more (Dask's worker-ttl removes it)
 SILENT_AFTER = 5.0
+FINAL_RETRIES = (1, 2, 4, 8, 16, 32)   # seconds between tries of a failed final stage-out
 SAY_WAITING_AFTER = 10.0  # seconds without a finished task before the run says what it waits for
 
 
@@ -70,6 +71,8 @@ class Driver:
         self.stragglers = Stragglers()   # task times, kept across the rounds of a run
         self.no_workers_since: float | None = None
         self.processes: dict[str, tuple[str, int, int]] = {}   # local mode: address -> name, pid, start
+        self.unlogged: list[dict] = []    # stage-outs not yet in stages.jsonl (the run dir hiccuped)
+        self.troubles: dict[str, tuple[str, float]] = {}   # what goes wrong now: its cause, last seen
 
     def stage_all(self, *, final: bool = False) -> dict:
         """Start one stage-out per local disk (per node, or per job where jobs get a private /tmp),
@@ -98,7 +101,8 @@ class Driver:
         while stages:
             alive = daskapi.workers(self.client)
             for future, address in list(stages.items()):
-                if future.status == "error":
+                if future.status == "error":   # done with: the next stage-out tries again
+                    del stages[future]
                     raise RunError(str(future.exception()))
                 if address not in alive:  # its result, if any, died with it (the staged file stays)
                     del stages[future]
@@ -119,16 +123,61 @@ class Driver:
                 pass
         if results:
             self.tracker.staged(results)
-            self.run_dir.log_stages(results)
+            self.unlogged += results
+        if self.unlogged:
+            try:
+                self.run_dir.log_stages(self.unlogged)
+                self.unlogged = []
+            except OSError as e:   # the run dir hiccups (full, read-only): kept, written with the next
+                self.said_once("stages.jsonl", f"cannot append to {self.run_dir.stages}: {e.strerror or e}; "
+                               "its lines are kept and written once it can be")
+            else:
+                self.said_once("stages.jsonl", None, since=time.time())
         return results
+
+    def final_stage_out(self) -> list[dict]:
+        """Stage every shard out and close it; a failure (the run dir full, read-only or gone for
+        a moment) is tried again after 1, 2, 4 ... 32 s, each said in a line, before it ends the run."""
+        for pause in (*FINAL_RETRIES, None):
+            try:
+                return self.settle(self.stage_all(final=True), block=True)
+            except Stopped:
+                raise
+            except RunError as e:
+                if pause is None:
+                    raise
+                log.warning("final stage-out failed: %s; trying again in %d s", e, pause)
+                time.sleep(pause)
+                check_stop()
+        raise AssertionError("unreachable")
+
+    def said_once(self, what: str, trouble: str | None, since: float = 0.0) -> None:
+        """Warn of a trouble once, when it starts or its cause changes (the text after its last
+        ": ", e.g. "Read-only file system"; not the file it names): not twice a second while it
+        lasts. ``None``: it is over, where it began before ``since`` (a try that began earlier may
+        end well meanwhile, and proves nothing): said once too."""
+        before = self.troubles.get(what)
+        if trouble is None:
+            if before is not None and before[1] < since:
+                del self.troubles[what]
+                log.info("%s: working again", what)
+            return
+        cause = trouble.rpartition(": ")[2].partition(";")[0]
+        if before is None or before[0] != cause:
+            log.warning(trouble)
+        self.troubles[what] = (cause, time.time())
 
     def settle_periodic(self, stages: dict, *, block: bool) -> None:
         try:
-            self.settle(stages, block=block)
+            results = self.settle(stages, block=block)
         except Stopped:   # a signal's, raised where it landed: the run stops
             raise
         except RunError as e:  # not fatal: the next stage-out, or the final one, tries again
-            log.warning("periodic stage-out failed: %s", e)
+            self.said_once("periodic stage-outs", f"periodic stage-out failed: {e}; tried again every "
+                           f"{self.spec.storage.stage_every:g} s (storage.stage_every)")
+        else:
+            for r in results:
+                self.said_once("periodic stage-outs", None, since=r["time"] - r["seconds"])
 
     def generate(self, tasks) -> None:
         """Run ``tasks`` with a bounded number in flight, staging every ``stage_every`` seconds."""
@@ -345,6 +394,9 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     if merge and (done := run_dir.complete_database(spec)) is not None:
         log.info("this run is complete: %s holds all %s unitaries; nothing to do", done, f"{spec.count:,}")
         return RunResult(spec.run_dir, skipped_tasks=spec.n_tasks, complete=done)
+    out = run_dir.database(spec.name)
+    if merge and os.path.lexists(out) and (why := files.regular(out, follow=False)) is not None:
+        raise InputError(f"{out}: {why}; the merged database goes there: move it aside")
     if spec.cluster.mode == "local":   # what can be checked here fails before the run dir is made
         shard.check_local_dir(spec)
         cluster.check_dashboard_address(spec)
@@ -366,7 +418,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
     if resume:
         # a task counts as done only where the merge would take it
         staged, bad = run_dir.checked_tasks(spec)
-        for path, reason in bad.items():
+        for path, reason in {**run_dir.odd_entries(), **bad}.items():
             log.warning("%s: %s; set aside as %s, its tasks are generated again", path, reason,
                         run_dir.reject(path))
     tasks = plan.todo(spec, staged)
@@ -385,7 +437,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
         for round in range(REDO_ROUNDS + 1):
             if tasks:
                 driver.generate(tasks)
-            finals = driver.settle(driver.stage_all(final=True), block=True)
+            finals = driver.final_stage_out()
             result.shards += [s["path"] for s in finals if s["path"] and s["path"] not in result.shards]
             # a node that lost its disk took its unstaged tasks with it: generate them again
             tasks = plan.todo(spec, run_dir.staged_tasks())

@@ -85,6 +85,16 @@ def create_private(path: Path) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
+def shared_mode() -> int:
+    """The mode the umask gives a new file (for a file built owner-only, then published to be
+    shared), read without changing the umask (os.umask would, for every thread a moment)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            umask = int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+        return 0o666 & ~umask
+    return 0o644
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host still runs (the pid in a temp or shard file's name)."""
     return os.path.exists(f"/proc/{pid}")
@@ -123,6 +133,8 @@ def publishing(dest: str | os.PathLike, mode: int | None = 0o600) -> Iterator[Pa
     tmp = temp_name(dest)
     remove_stale_temps(dest)
     try:
+        if mode is not None and mode & 0o077 == 0:   # owner-only while it is built, too
+            create_private(tmp)
         yield tmp
         publish(tmp, dest, mode)
     finally:

@@ -91,6 +91,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     malloc.tune()   # the heap reused from shard to shard, not pages faulted in afresh for each
     tmp = files.temp_name(out)
     files.remove_stale_temps(out)
+    files.create_private(tmp)   # owner-only while it is built (SQLite would make it 0644)
     # every shard is checked (meta and schema, every page, every task: counts, ids, dims, lengths,
     # recomputed checksums: the integrity invariant, db.task_faults) on other cores while the rows
     # are copied; a batch commits only once its shards passed. A shard's schema is checked again
@@ -130,7 +131,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
                             [("rows", str(report.rows)), ("tasks", str(report.tasks)),
                              ("merged", repr(time.time()))])
             con.execute("PRAGMA journal_mode = DELETE")
-        files.publish(tmp, out, mode=None)   # the result is meant to be shared: the umask decides
+        files.publish(tmp, out, mode=files.shared_mode())   # meant to be shared: the umask decides
     except sqlite3.Error as e:
         raise RunError(f"merge into {out} failed: {e}") from e
     except OSError as e:

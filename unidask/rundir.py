@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -70,6 +71,9 @@ class RunDir:
     def record(self) -> dict[str, Any]:
         """The run's record (run.json): its fingerprint and spec."""
         path = self.record_path
+        if os.path.lexists(path) and (why := files.owned_file(path)) is not None:   # a FIFO would block
+            raise InputError(f"{path}: {why}; refused: move it aside, and `unidask run CONFIG --resume` "
+                             "with the run's config writes it again")
         try:
             record = json.loads(path.read_text())
             record["fingerprint"], record["spec"]["run"]["task_size"]
@@ -111,7 +115,11 @@ class RunDir:
         shards); fail in one line where it cannot be written."""
         try:
             self.shards.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.path, 0o700)
+            for d in (self.path, self.shards):   # a shards/ others may write is a place to plant shards
+                if (mode := stat.S_IMODE(d.stat().st_mode)) & 0o077:
+                    os.chmod(d, 0o700)
+                    if d == self.shards:
+                        log.warning("%s was open to others (mode %04o): made owner-only", d, mode)
             tempfile.TemporaryFile(dir=self.path).close()
         except OSError as e:
             raise InputError(f"run_dir {self.path} is not writable: {e.strerror or e}") from e
@@ -151,10 +159,11 @@ class RunDir:
 
     def entries(self) -> tuple[list[Path], dict[Path, str]]:
         """``shards/`` in one look: the staged shards (:meth:`staged_shards`) and the entries named
-        like one that are no regular file (:meth:`odd_entries`)."""
+        like one that are no regular file of this user's that only they can write
+        (:meth:`odd_entries`)."""
         shards, odd = [], {}
-        for p in self._listed():
-            if (why := files.regular(p, follow=False)) is None:
+        for p in self._listed():   # another user's file is no shard of this run, however it looks
+            if (why := files.owned_file(p)) is None:
                 shards.append(p)
             else:
                 odd[p] = why
