@@ -216,43 +216,45 @@ def test_killed_during_stage_out_and_merge(config, monkeypatch):
     shard.close_shards()
 
 
+class Tmpfs:
+    """A tmpfs of a test's own, mounted at ``path``, changed with ``remount`` (its size, ro, rw).
+    Needs root (CI runs as root): skipped without."""
+
+    def __init__(self, path: Path, size: str):
+        self.path = path
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
+
+    def remount(self, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
+
+    def grow(self) -> None:
+        self.remount("size=256m")
+
+    def read_only(self, ro: bool) -> None:
+        self.remount("ro" if ro else "rw")
+
+    def unmount(self) -> None:
+        subprocess.run(["mount", "-o", "remount,rw", str(self.path)])
+        subprocess.run(["umount", "-l", str(self.path)])
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A tmpfs of 3 MB to fill up; grows with ``.grow()``. Needs root (CI runs as root)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {r.stderr.decode().strip()}")
-
-    class Disk:
-        path = mnt
-
-        def grow(self):
-            subprocess.run(["mount", "-o", "remount,size=256m", str(mnt)], check=True)
-
-    yield Disk()
-    subprocess.run(["umount", "-l", str(mnt)])
+    """A tmpfs of 3 MB to fill up; grows with ``.grow()``."""
+    disk = Tmpfs(tmp_path / "small", "3m")
+    yield disk
+    disk.unmount()
 
 
 @pytest.fixture
 def own_mount(tmp_path):
-    """A tmpfs of this test's own, to turn read-only and back mid-run. Needs root (CI's)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3g", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to turn read-only (needs root): {r.stderr.decode().strip()}")
-
-    class Mount:
-        path = mnt
-
-        def read_only(self, ro: bool) -> None:
-            subprocess.run(["mount", "-o", f"remount,{'ro' if ro else 'rw'}", str(mnt)], check=True)
-
-    yield Mount()
-    subprocess.run(["mount", "-o", "remount,rw", str(mnt)])
-    subprocess.run(["umount", "-l", str(mnt)])
+    """A tmpfs to turn read-only and back mid-run (``.read_only(True)``)."""
+    mount = Tmpfs(tmp_path / "mnt", "3g")
+    yield mount
+    mount.unmount()
 
 
 def test_a_run_dir_read_only_for_a_while(config, own_mount):
