@@ -3,11 +3,13 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -15,7 +17,7 @@ from scipy import stats
 import unidask
 from unidask import RunDir
 
-from conftest import cli, merged_data, messages, run_main, unitarity_error, write_config
+from conftest import REPO, cli, merged_data, messages, run_main, unitarity_error, write_config
 
 
 def test_run_writes_unitary_haar_data(haar_run):
@@ -512,3 +514,68 @@ def test_a_directory_where_the_merged_database_goes_is_refused_before_the_run(co
     assert code == 2 and "t.db: a directory, not a regular file" in err and "Traceback" not in err, err
     assert err.splitlines()[-1].startswith("unidask: error: "), err
     assert not (spec.run_dir / "shards").exists() or not any((spec.run_dir / "shards").iterdir())
+
+
+def held_run(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+    """`unidask run` in its own process group, its tasks held (a quarter second each, 400 tasks on
+    2 workers) while a hold file exists; returns it, its config and the hold file."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    cfg = write_config(tmp_path / "held.toml", run={"count": 4000, "task_size": 10},
+                       generator={"kind": "plugin_generators:held_haar", "dim": 2, "hold": str(hold)},
+                       storage={"stage_every": 1})
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    p = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg), *args], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return p, cfg, hold
+
+
+def wait_for_staged(run_dir: Path, p: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the run has staged a shard (its lock, workers and stage-outs all going)."""
+    end = time.monotonic() + timeout
+    while not any((run_dir / "shards").glob("*.db")):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < end, "no shard staged"
+        time.sleep(0.1)
+
+
+def test_a_stopped_driver_keeps_its_lock(tmp_path):
+    """A driver stopped with Ctrl-Z (its whole process group, SIGSTOP) for longer than a lock's
+    staleness: a --resume on the same host must not take the run over while its pid lives; once
+    continued, the first run finishes alone."""
+    p, cfg, hold = held_run(tmp_path)
+    run_dir = tmp_path / "run"
+    wait_for_staged(run_dir, p)
+    os.killpg(p.pid, signal.SIGSTOP)
+    try:
+        old = time.time() - 10 * 60   # as if stopped for ten minutes: no refresh since
+        os.utime(run_dir / "lock", (old, old))
+        r = cli("run", cfg, "--resume")
+        assert r.returncode == 2 and "another unidask run is using this run dir" in r.stderr, r.stderr
+        assert f"pid {p.pid}" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr, r.stderr
+    finally:
+        os.killpg(p.pid, signal.SIGCONT)
+        hold.unlink()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "merged" in out + err
+
+
+def test_a_driver_whose_lock_is_damaged_stops_in_one_line(tmp_path):
+    """Garbage written over RUN_DIR/lock mid-run: the driver no longer holds it, so it stops at its
+    next look, everything finished staged, saying why in one line (it wrote on, and a later
+    --resume took over and deleted its live shards). A --resume then finishes the run."""
+    p, cfg, hold = held_run(tmp_path)
+    run_dir = tmp_path / "run"
+    try:
+        wait_for_staged(run_dir, p)
+        (run_dir / "lock").write_text("garbage\n")
+        out, err = p.communicate(timeout=120)   # the lock is looked at every 10 s
+    finally:
+        hold.unlink(missing_ok=True)
+    last = err.strip().splitlines()[-1]
+    assert p.returncode == 1 and f"{run_dir / 'lock'}: the run lock was changed by someone else" in last, err
+    assert "Traceback" not in err
+    (run_dir / "lock").unlink()
+    r = cli("run", cfg, "--resume")
+    assert r.returncode == 0, r.stderr

@@ -209,3 +209,71 @@ def test_a_shard_another_user_planted_is_never_taken(config, other_user, shared_
     assert not theirs.exists() and (rd.rejected / theirs.name).exists()
     assert stat.S_IMODE(rd.shards.stat().st_mode) == 0o700 and stat.S_IMODE(spec.run_dir.stat().st_mode) == 0o700
     shutil.rmtree(rd.rejected)
+
+
+FLOOD = """\
+import resource, socket, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+ports, n = [int(p) for p in sys.argv[1].split(",")], int(sys.argv[2])
+held = []
+for i in range(n):   # connect, and never say a word: no TLS handshake, no HTTP request
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", ports[i % len(ports)]))
+    except OSError:
+        continue
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()   # held until the test closes our stdin
+"""
+
+
+def test_a_flood_of_half_open_connections_does_not_stop_a_run(tmp_path, other_user, shared_tmp):
+    """Another local user opens 1,100 TCP connections to every port the driver listens on (the
+    scheduler's, the nannies', the dashboard's) and never completes a handshake, against a driver
+    started with the common soft limit of 1,024 open files (it crashed in seconds with EMFILE).
+    The run goes on and finishes, every task merged, without a traceback."""
+    import resource
+
+    from conftest import write_config
+
+    name, _ = other_user
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard open-file limit here ({hard}) leaves no room above a flood of 1,100")
+    hold = tmp_path / "hold"
+    hold.touch()
+    cfg = write_config(tmp_path / "c.toml", run={"count": 4000, "task_size": 10},
+                       generator={"kind": "plugin_generators:held_haar", "dim": 2, "hold": str(hold)},
+                       storage={"stage_every": 1})
+    driver = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    attacker = None
+    try:
+        deadline = time.monotonic() + 120
+        while not any((tmp_path / "run" / "shards").glob("*.db")):   # running, and staging
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+            time.sleep(0.1)
+        ports = sorted({c.laddr.port for c in psutil.Process(driver.pid).net_connections("tcp")
+                        if c.status == psutil.CONN_LISTEN})
+        (shared_tmp / "flood.py").write_text(FLOOD)
+        attacker = subprocess.Popen(["runuser", "-u", name, "--", "/usr/bin/python3", str(shared_tmp / "flood.py"),
+                                     ",".join(map(str, ports)), "1100"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+        opened = int(attacker.stdout.readline())
+        assert opened >= 1000, opened
+        hold.unlink()   # the run goes on to its end under the flood
+        out, err = driver.communicate(timeout=600)
+    finally:
+        hold.unlink(missing_ok=True)
+        if attacker is not None:
+            attacker.stdin.close()
+            attacker.wait(timeout=60)
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "Too many open files" not in err, err[-3000:]
+    assert "merged" in out + err and unidask.verify(tmp_path / "run" / "t.db").ok

@@ -44,6 +44,7 @@ def local_cluster(spec: Spec) -> SpecCluster:
     modes, so a client without it is refused during the handshake.
     """
     routes = dashboard.install()
+    daskapi.withstand_floods()   # the scheduler and the nannies run in this process, the workers are its children
     c = spec.cluster
     sec = security(spec)
     tls_options = {"security": sec, "protocol": "tls"} if sec is not None else {}
@@ -291,6 +292,7 @@ def slurm_cluster(spec: Spec):
     except ImportError as e:
         raise InputError("cluster.mode = 'slurm' needs dask-jobqueue: pip install 'unidask[slurm]'") from e
     routes = dashboard.install()
+    daskapi.withstand_floods()   # the scheduler runs here
     options = worker_jobs(spec)
     # the scheduler runs here, the workers get the exports
     with dask.config.set({**dask_settings(), **routes}):

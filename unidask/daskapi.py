@@ -7,14 +7,22 @@ renames or reshapes one fails there, by name, rather than somewhere in a run.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 from typing import Any, Callable
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client
 from distributed.http.utils import RequestHandler  # a route of Dask's own HTTP server
 
-__all__ = ["RequestHandler", "address_host", "workers", "start_workers", "dashboard_page", "page_template",
-           "running_tasks"]
+from . import files
+
+log = logging.getLogger("unidask")
+
+__all__ = ["RequestHandler", "address_host", "workers", "start_workers", "bound_tls_handshakes", "withstand_floods",
+           "dashboard_page", "page_template", "running_tasks"]
 
 
 def _all_workers_kwargs() -> dict[str, Any]:
@@ -36,6 +44,42 @@ def start_workers(cluster) -> None:
     them; raises where one fails to start. ``cluster.scale(n)``, the public way, starts them in a
     callback nobody awaits: a failed start there is a traceback in the log, not an error here."""
     cluster.sync(cluster._correct_state)
+
+
+def bound_tls_handshakes(timeout: float) -> None:
+    """Close an incoming connection whose TLS handshake has not finished in ``timeout`` seconds.
+    distributed waits for it without end, so every half-open connection (a local user's flood
+    of them, a port scanner) holds a file descriptor of the scheduler's or worker's process for
+    good, until the process hits its open-file limit and fails. Applies to the listeners of this
+    process; idempotent."""
+    from distributed.comm.tcp import TLSListener
+
+    original = TLSListener._prepare_stream
+    if getattr(original, "unidask_timeout", None) is not None:
+        original.unidask_timeout = timeout
+        return
+
+    async def prepare_stream(self, stream, address):
+        try:
+            return await asyncio.wait_for(original(self, stream, address), prepare_stream.unidask_timeout)
+        except asyncio.TimeoutError:
+            stream.close()
+            return None
+
+    prepare_stream.unidask_timeout = timeout
+    TLSListener._prepare_stream = prepare_stream
+
+
+def withstand_floods() -> None:
+    """For a process that runs a scheduler, nannies or workers: the soft open-file limit raised
+    to the hard one, and a TLS handshake not finished in Dask's connect timeout closed. Another
+    local user's flood of half-open connections (no handshake) then costs a descriptor each for
+    that long, not for good: with the limit of 1,024 a flood crashed the run in seconds."""
+    return
+    before, after = files.raise_open_files()
+    if after > before:
+        log.debug("open-file limit raised from %d to %d", before, after)
+    bound_tls_handshakes(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect")))
 
 
 def address_host(address: str) -> str:

@@ -21,7 +21,7 @@ from .errors import InputError, RunError, Stopped, UnidaskError
 from .merge import MergeReport, merge as merge_run
 from .progress import Progress
 from .rundir import RunDir
-from .runlock import run_lock
+from .runlock import Held, run_lock
 from .stopping import check_stop
 from .stragglers import Stragglers
 
@@ -63,8 +63,8 @@ class Driver:
     """One invocation's work on a connected client: keep tasks in flight, stage shards out, and
     report progress (progress bar, dashboard page, ``RUN_DIR/stages.jsonl``)."""
 
-    def __init__(self, client: Client, spec: Spec, attempt: str, result: RunResult, staged: set[int]):
-        self.client, self.spec, self.attempt, self.result = client, spec, attempt, result
+    def __init__(self, client: Client, spec: Spec, attempt: str, result: RunResult, staged: set[int], lock: Held):
+        self.client, self.spec, self.attempt, self.result, self.lock = client, spec, attempt, result, lock
         self.tracker = dashboard.Tracker(client, spec, sum(spec.task_count(t) for t in staged), len(staged))
         self.run_dir = RunDir(spec.run_dir)
         self.said = 0.0
@@ -217,6 +217,7 @@ class Driver:
                 now = time.monotonic()
                 if now - watched >= WATCH_EVERY:
                     watched = now
+                    self.lock.check()
                     self.retire_silent()
                     self.watch(now - last_done)
                     if spec.cluster.backups:
@@ -310,7 +311,7 @@ class Driver:
                     self.processes[address] = (workers.get(address, {}).get("name"), pid, start)
         for address in [a for a in self.processes if a not in workers]:
             name, pid, start = self.processes.pop(address)
-            if start and worker.process_start(pid) == start:   # removed, yet still there: stopped
+            if start and files.process_start(pid) == start:   # removed, yet still there: stopped
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                 log.warning("worker %s (%s) stopped answering and Dask removed it "
@@ -401,14 +402,14 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
         shard.check_local_dir(spec)
         cluster.check_dashboard_address(spec)
     run_dir.create()
-    with run_lock(run_dir.lock_path):   # one driver per run dir: a second would do it all again
+    with run_lock(run_dir.lock_path) as lock:   # one driver per run dir: a second would do it all again
         try:
-            return _run(spec, run_dir, resume, merge)
+            return _run(spec, run_dir, resume, merge, lock)
         finally:
             run_dir.live_path.unlink(missing_ok=True)   # its figures are live no more
 
 
-def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
+def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> RunResult:
     run_dir.prepare(spec, resume)
     local = spec.cluster.mode == "local"
     if resume and local:
@@ -433,7 +434,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
         for line in cluster.dashboard_lines(client, spec):
             log.info(line)
         start = time.monotonic()  # the rate is of generating and staging, not of starting workers
-        driver = Driver(client, spec, attempt, result, staged)
+        driver = Driver(client, spec, attempt, result, staged, lock)
         for round in range(REDO_ROUNDS + 1):
             if tasks:
                 driver.generate(tasks)
@@ -453,5 +454,6 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool) -> RunResult:
                        "run again with --resume")
     if merge:
         check_stop()
+        lock.check()
         result.merged = merge_run(spec.run_dir)
     return result

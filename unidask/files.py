@@ -95,6 +95,51 @@ def shared_mode() -> int:
     return 0o644
 
 
+def process_start(pid: int) -> int:
+    """When process ``pid`` of this host started (clock ticks since boot, field 22 of
+    /proc/PID/stat); 0 if it is gone or a zombie. A stopped process (SIGSTOP) is alive."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat_ = f.read()
+    except OSError:
+        return 0
+    fields = stat_[stat_.rindex(")") + 2:].split()
+    return 0 if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def opened_by(path: Path) -> int | None:
+    """A process of this host (other than this one) that holds ``path`` open, as far as /proc
+    shows this user (its own processes: the ones that could write a file of theirs), or None."""
+    target = os.path.realpath(path)
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        pid = int(fd_dir.split("/")[2])
+        if pid == os.getpid():
+            continue
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"{fd_dir}/{fd}") == target:
+                    return pid
+    return None
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Raise this process's soft open-file limit to its hard one (Dask's advice for a process that
+    holds many connections; children inherit it): (before, after)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return soft, hard
+    return soft, soft
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host still runs (the pid in a temp or shard file's name)."""
     return os.path.exists(f"/proc/{pid}")

@@ -3,9 +3,12 @@
 A network filesystem may not have POSIX locks (sshfs) or have unreliable ones (NFS without a working
 lockd), so the lock is a file created with ``O_EXCL`` (atomic on NFSv3+ and SFTP) naming its holder's
 host and process, and refreshed (its mtime) every :data:`BEAT` seconds while the run lives. A lock
-whose holder is gone is taken over: on this host, when its process no longer runs; when the SLURM job
-it ran in has ended; else when it has not been refreshed for :data:`STALE` seconds (the hosts'
-clocks agree to well within that on a cluster, through NTP)."""
+whose holder is gone is taken over: on this host, when its process no longer runs, and never while
+it does (a driver stopped with Ctrl-Z refreshes nothing, yet it will go on); when the SLURM job it
+ran in has ended; else when it has not been refreshed for :data:`STALE` seconds (the hosts' clocks
+agree to well within that on a cluster, through NTP). A holder that finds its lock changed under
+it (damaged, or taken over while it was stopped) stops at its next look, in one line: two drivers
+never write one run dir."""
 
 from __future__ import annotations
 
@@ -32,10 +35,17 @@ log = logging.getLogger("unidask")
 def holder_of(path: Path) -> dict:
     """What a lock file says of its holder (empty where it cannot be read: being written, damaged)."""
     try:
-        found = json.loads(path.read_text())
-        return found if isinstance(found, dict) else {}
-    except (OSError, ValueError):
+        return parsed(path.read_text())
+    except OSError:
         return {}
+
+
+def parsed(text: str) -> dict:
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def stale(path: Path, holder: dict) -> str | None:
@@ -45,8 +55,11 @@ def stale(path: Path, holder: dict) -> str | None:
     except FileNotFoundError:
         return "it is gone"
     pid, job = holder.get("pid"), holder.get("job")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not files.pid_alive(pid):
-        return f"its process {pid} on this host is gone"
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+        started = files.process_start(pid) if pid > 0 else 0
+        if not started or holder.get("start", started) != started:
+            return f"its process {pid} on this host is gone"
+        return None   # alive, if stopped: it may go on, so its lock holds however old
     if isinstance(job, str) and slurm.job_ended(job):   # its node may have crashed: SLURM knows
         return f"its SLURM job {job} has ended"
     if age > STALE:
@@ -54,13 +67,26 @@ def stale(path: Path, holder: dict) -> str | None:
     return None
 
 
+class Held:
+    """A run lock held: :meth:`check` raises once it is no longer this run's."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lost: str | None = None   # why, set by the refresher
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise RunError(f"{self.path}: {self.lost}; this run stops so that two drivers never write one "
+                           "run dir (everything finished is staged); see who holds it, then --resume")
+
+
 @contextlib.contextmanager
-def run_lock(path: Path) -> Iterator[None]:
+def run_lock(path: Path) -> Iterator[Held]:
     """Hold the run lock at ``path`` for the ``with`` block, refreshing it; raise
     :class:`InputError` naming the holder where another live run holds it."""
     token = secrets.token_hex(8)
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "job": slurm.job_id(), "token": token,
-            "since": time.time()}
+    mine = {"host": socket.gethostname(), "pid": os.getpid(), "start": files.process_start(os.getpid()),
+            "job": slurm.job_id(), "token": token, "since": time.time()}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -70,7 +96,9 @@ def run_lock(path: Path) -> Iterator[None]:
                 held = f"{_described(holder)}; its lock is {path}" if holder else \
                     f"its lock {path} cannot be read: being written, or damaged"
                 raise InputError(f"{path.parent}: another unidask run is using this run dir ({held}): wait "
-                                 f"for it to end; a lock not refreshed for {STALE:.0f} s is taken over") from None
+                                 f"for it to end (a stopped one too: fg or kill -CONT it); its lock is taken "
+                                 f"over once its process or SLURM job has ended, or, held from another "
+                                 f"host, once not refreshed for {STALE:.0f} s") from None
             _take_over(path, holder, why)
             continue
         except OSError as e:
@@ -82,11 +110,11 @@ def run_lock(path: Path) -> Iterator[None]:
         break
     else:
         raise RunError(f"{path}: could not take the run lock (another run kept taking it)")
-    stop = threading.Event()
-    beat = threading.Thread(target=_refresh, args=(path, token, stop), name="unidask-run-lock", daemon=True)
+    stop, held = threading.Event(), Held(path)
+    beat = threading.Thread(target=_refresh, args=(held, token, stop), name="unidask-run-lock", daemon=True)
     beat.start()
     try:
-        yield
+        yield held
     finally:
         stop.set()
         beat.join()
@@ -119,10 +147,19 @@ def _described(holder: dict) -> str:
     return said
 
 
-def _refresh(path: Path, token: str, stop: threading.Event) -> None:
+def _refresh(held: Held, token: str, stop: threading.Event) -> None:
+    path = held.path
     while not stop.wait(BEAT):
-        if holder_of(path).get("token") != token:
-            log.warning("%s: the run lock was taken by another run", path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            held.lost = "the run lock is gone (removed by someone else)"
             return
-        with contextlib.suppress(OSError):   # a filesystem that hiccups: the next beat tries again
+        except OSError:   # a filesystem that hiccups (EMFILE, EIO): the next beat tries again
+            continue
+        if (holder := parsed(text)).get("token") != token:
+            held.lost = (f"the run lock was taken over by {_described(holder)}" if holder.get("token") else
+                         "the run lock was changed by someone else (it no longer names this run)")
+            return
+        with contextlib.suppress(OSError):
             os.utime(path)

@@ -493,8 +493,14 @@ def salvage(spec: Spec) -> list[Path]:
     machine; opening a shard replays its WAL or rolls back its hot journal, so every committed task is
     kept.
     """
-    staged = [stage_and_remove(spec, path) for path in sorted(run_local_dir(spec).glob("[!.]*.db"))]
-    return [p for p in staged if p is not None]
+    staged = []
+    for path in sorted(run_local_dir(spec).glob("[!.]*.db")):
+        # a live process's shard is not left over: a driver stopped for a while may go on with it
+        if (pid := files.opened_by(path)) is not None:
+            log.warning("%s: left in place, process %d still has it open", path, pid)
+        elif (staged_path := stage_and_remove(spec, path)) is not None:
+            staged.append(staged_path)
+    return staged
 
 
 def stage_and_remove(spec: Spec, path: Path) -> Path | None:

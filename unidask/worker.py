@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from . import generators, malloc, plan, shard, slurm
+from . import daskapi, files, generators, malloc, plan, shard, slurm
 from .config import Spec
 
 
@@ -24,6 +24,7 @@ def dask_setup(worker) -> None:
     out, then stops), so the workers ignore it instead of dying with a traceback each."""
     with contextlib.suppress(ValueError):   # only the main thread may set a handler
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    daskapi.withstand_floods()   # a worker listens too: a flood of half-open connections must not fill it
 
 
 def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
@@ -60,16 +61,6 @@ node_name = slurm.node_name
 
 
 def process() -> tuple[int, int]:
-    """This worker process: its pid and its start time (clock ticks since boot), which together
-    name it even after the pid is reused."""
-    return os.getpid(), process_start(os.getpid())
-
-
-def process_start(pid: int) -> int:
-    """When process ``pid`` started (field 22 of /proc/PID/stat); 0 if it is gone or a zombie."""
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
-        return 0
-    fields = stat[stat.rindex(")") + 2:].split()
-    return 0 if fields[0] in "ZX" else int(fields[19])
+    """This worker process: its pid and its start time, which together name it even after the
+    pid is reused (:func:`files.process_start`)."""
+    return os.getpid(), files.process_start(os.getpid())
