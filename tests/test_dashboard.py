@@ -275,3 +275,25 @@ def test_report_data_section_says_why_it_is_empty(config, tmp_path):
     unidask.merge(spec.run_dir)
     text = unidask.report(spec.run_dir, tmp_path / "r.html").read_text()
     assert "No distribution known to unidask for this generator" in text
+
+
+def test_the_dashboard_serves_no_logs(config, tmp_path):
+    """Dask's /info pages served the scheduler's and the workers' logs (file paths, tracebacks)
+    and call stacks to anyone who can reach the dashboard (every user of a login node): left
+    out of unidask's clusters; the pages of the run remain."""
+    import urllib.error
+
+    spec, hold = held(config, tmp_path)
+
+    def status(url: str) -> int:
+        try:
+            return get(url)[0]
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def watch(url):
+        base = url.rsplit("/", 1)[0]
+        return [status(base + p) for p in ("/info/main/logs.html", "/info/main/workers.html", "/unidask",
+                                           "/status", "/unidask/json")]
+
+    assert run_while(spec, watch, hold) == [404, 404, 200, 200, 200]

@@ -113,3 +113,22 @@ def test_eight_workers_stage_every_task(config):
     assert result.written == 400_000
     assert len(result.per_node) == 8, result.per_node
     assert result.merged.complete and result.merged.rows == 400_000
+
+
+def test_a_tls_handshake_never_finished_is_closed(tmp_path):
+    """distributed waits for a TLS handshake without end; daskapi.bound_tls_handshakes closes the
+    connection of a peer that never starts one once its time is up."""
+    import socket
+
+    from unidask import tls
+
+    sec = tls.security(tmp_path / "run")
+    daskapi.bound_tls_handshakes(1.0)
+    try:
+        with LocalCluster(n_workers=0, processes=False, protocol="tls", security=sec, host="127.0.0.1",
+                          dashboard_address=":0") as cluster:
+            port = int(cluster.scheduler_address.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                assert s.recv(1) == b""   # closed by the scheduler: EOF, not a timeout of this test
+    finally:
+        daskapi.bound_tls_handshakes(30.0)

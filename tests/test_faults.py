@@ -257,6 +257,25 @@ def own_mount(tmp_path):
     mount.unmount()
 
 
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_merge_onto_a_full_disk_says_so(config, small_disk, skip_bad):
+    """The merged database's disk fills mid-merge: one line that says the disk is full (it said
+    "cannot rollback - no transaction is active"), and no sound shard blamed for it, --skip-bad
+    or not; the run dir is left as it was."""
+    spec = config(run={"count": 6000, "task_size": 200}, generator={"dim": 8})
+    unidask.run(spec, merge=False)
+    before = sorted(p.name for p in RunDir(spec.run_dir).staged_shards())
+    out = small_disk.path / "t.db"
+    with pytest.raises(unidask.RunError) as e:
+        unidask.merge(spec.run_dir, out, skip_bad=skip_bad)
+    said = str(e.value)
+    assert "database or disk is full" in said and f"the disk of {small_disk.path} is full" in said, said
+    assert "rollback" not in said and "\n" not in said
+    assert not out.exists() and sorted(p.name for p in RunDir(spec.run_dir).staged_shards()) == before
+    small_disk.grow()
+    assert unidask.merge(spec.run_dir, out).complete
+
+
 def test_a_run_dir_read_only_for_a_while(config, own_mount):
     """The run dir (a real filesystem) turns read-only for 3 s mid-run, after the first periodic
     stage-out: every write the driver and the workers make there fails meanwhile. The run says so

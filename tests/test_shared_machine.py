@@ -123,6 +123,34 @@ def test_a_local_dir_another_user_made_first_is_refused(other_user, shared_tmp, 
     assert merged_data(tmp_path / "run" / "t.db") == merged_data(clean.merged.out)
 
 
+def test_a_local_dir_another_user_points_elsewhere_is_refused(other_user, shared_tmp, tmp_path):
+    """Another user plants the default local dir as a symbolic link to a directory of yours
+    (`ln -s /home/victim /tmp/unidask-victim`): shards and Dask's scratch would go wherever it
+    points, and re-pointing it mid-run would silently stop every stage-out. Refused in one line,
+    before anything is made; a directory on the way that anyone may rename in is refused too."""
+    _, as_other = other_user
+    env = {"TMPDIR": str(shared_tmp)}
+    cfg = write_config(tmp_path / "c.toml", run={"count": 1000, "task_size": 100})
+    cfg.write_text("".join(line for line in cfg.read_text().splitlines(True) if not line.startswith("local_dir")))
+    mine = shared_tmp / f"unidask-{os.environ.get('USER') or 'root'}"
+    victim_home = tmp_path / "home"
+    victim_home.mkdir(mode=0o700)
+    r = as_other("import os, sys; os.symlink(sys.argv[1], sys.argv[2])", victim_home, mine)
+    assert r.returncode == 0, r.stderr
+    r = cli("run", cfg, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and r.stderr.count("unidask: error:") == 1, r.stderr
+    assert f"{mine} is a symbolic link of another user's" in r.stderr, r.stderr
+    assert list(victim_home.iterdir()) == []
+    os.unlink(mine)
+    # a world-writable directory without the sticky bit on the way: anyone may rename ours away
+    open_dir = shared_tmp / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    os.chown(open_dir, 65534, 65534)
+    r = cli("run", cfg, cwd=tmp_path, env={"TMPDIR": str(open_dir)})
+    assert r.returncode == 2 and "may be written by anyone and has no sticky bit" in r.stderr, r.stderr
+
+
 def test_a_planted_or_damaged_local_shard_is_not_staged(other_user, config, monkeypatch):
     """Leftover shards a resume would stage: one owned by another user, one of this user's with a
     damaged task. Both are left in place with a warning naming them; the result is the clean one."""

@@ -251,13 +251,18 @@ def page(scheduler, extra, doc) -> None:
     doc.template_variables.update(extra)
 
 
+# Dask's /info pages serve the scheduler's and workers' logs (file paths, tracebacks) and call
+# stacks to anyone who can reach the dashboard: on a login node, every local user
+PRIVATE_ROUTES = ("distributed.http.scheduler.info",)
+
+
 def install() -> dict[str, Any]:
     """Add the page to Dask's dashboard (before a scheduler is created); the Dask setting that
-    adds the JSON route, for the caller to apply where it creates the scheduler (never to the
-    whole process: a notebook's own Dask is left as it was)."""
+    adds the JSON route and leaves out :data:`PRIVATE_ROUTES`, for the caller to apply where it
+    creates the scheduler (never to the whole process: a notebook's own Dask is left as it was)."""
     daskapi.dashboard_page("/unidask", page)
     # Dask lists every page whose path has "individual" in its "More..." menu: the way back here
     daskapi.dashboard_page("/individual-unidask", page)
     key = "distributed.scheduler.http.routes"
-    routes_ = dask.config.get(key)
+    routes_ = [r for r in dask.config.get(key) if r not in PRIVATE_ROUTES]
     return {key: routes_ if __name__ in routes_ else [*routes_, __name__]}

@@ -293,11 +293,21 @@ def reading(path: Path) -> Iterator[sqlite3.Connection]:
         con.close()
 
 
+# SQLITE_FULL, SQLITE_READONLY (extended codes share the low byte); not IOERR: a cut shard reads so
+WRITE_FAULTS = {13, 8}
+WRITE_FAULT_WORDS = ("disk is full", "readonly database")
+
+
 @contextlib.contextmanager
 def blame(path: Path) -> Iterator[None]:
-    """Errors while reading a file's rows are that file's fault: name it."""
+    """Errors while reading a file's rows are that file's fault: name it. Not the target's: a full
+    disk, a read-only or failing one, are no fault of the file read (SQLite says which)."""
     try:
         yield
+    except sqlite3.OperationalError as e:
+        if (getattr(e, "sqlite_errorcode", 0) & 0xFF) in WRITE_FAULTS or any(w in str(e) for w in WRITE_FAULT_WORDS):
+            raise
+        raise BadFile(path, f"not a readable SQLite database ({e})") from e
     except sqlite3.IntegrityError as e:
         raise BadFile(path, f"rows clash with rows already merged ({e})") from e
     except sqlite3.DatabaseError as e:

@@ -28,6 +28,9 @@ def private_dir(path: Path, what: str = "local dir") -> Path:
     refused (InputError) where another user owns it or group or others may write to it. On a shared
     machine a directory someone else made first is a place they can plant files in."""
     path = Path(path)
+    if (why := replaceable(path)) is not None:
+        raise InputError(f"{what} {path}: {why}: another user could point it elsewhere; choose a "
+                         "directory of your own (storage.local_dir)")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = path.stat()
@@ -42,6 +45,37 @@ def private_dir(path: Path, what: str = "local dir") -> Path:
                          f"(mode {stat.S_IMODE(st.st_mode):04o}): others could plant files in it; "
                          f"chmod 700 {path}")
     return path
+
+
+def replaceable(path: Path) -> str | None:
+    """Why another user could swap ``path`` or a directory on the way to it, or None: a symbolic
+    link on the way that is neither this user's nor root's (``ln -s /home/victim
+    /tmp/unidask-victim`` before the victim's first run), or a directory others may write to
+    without the sticky bit (they could rename what is in it). Checked before anything is made."""
+    me = os.getuid()
+    current = Path(path.anchor)
+    parts = Path(os.path.abspath(path)).parts[1:]
+    for i, part in enumerate(parts):
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return None   # made by us from here on
+        except OSError as e:
+            return f"cannot look at {current} ({e.strerror or e})"
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (me, 0):
+                return f"{current} is a symbolic link of another user's (uid {st.st_uid})"
+            target = Path(os.path.realpath(current))
+            if (why := replaceable(target)) is not None:
+                return why
+            current = target
+            continue
+        # the last one itself: its owner and mode are private_dir's to judge
+        if i < len(parts) - 1 and stat.S_ISDIR(st.st_mode) and st.st_mode & 0o002 \
+                and not st.st_mode & stat.S_ISVTX and st.st_uid != me:
+            return f"{current} may be written by anyone and has no sticky bit"
+    return None
 
 
 def kind(mode: int) -> str:

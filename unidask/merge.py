@@ -133,7 +133,9 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
             con.execute("PRAGMA journal_mode = DELETE")
         files.publish(tmp, out, mode=files.shared_mode())   # meant to be shared: the umask decides
     except sqlite3.Error as e:
-        raise RunError(f"merge into {out} failed: {e}") from e
+        full = "full" in str(e) or (getattr(e, "sqlite_errorcode", 0) & 0xFF) == 13
+        raise RunError(f"merge into {out} failed: {e}" + (f" (the disk of {out.parent} is full: free space, "
+                                                         "then merge again)" if full else "")) from e
     except OSError as e:
         raise RunError(f"merge into {out} failed: {e.strerror or e} ({e.filename or out})") from e
     finally:
@@ -234,7 +236,8 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                             [row for _, row in owners.values()])
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            if con.in_transaction:   # SQLite rolled back by itself on a full disk
+                con.execute("ROLLBACK")
             raise
         merged.update((task, row[-1]) for task, (_, row) in owners.items())
         return duplicates
