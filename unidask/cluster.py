@@ -55,6 +55,10 @@ def local_cluster(spec: Spec) -> SpecCluster:
     per_node = c.local_per_node()
     workers = {
         f"{node}-{j}": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1",
+                                                  # each worker's own HTTP server (its /health, its
+                                                  # metrics): on loopback too (distributed before
+                                                  # 2025 bound it to every interface)
+                                                  "dashboard_address": "127.0.0.1:0",
                                                   "env": {"UNIDASK_NODE": node}, "preload": [WORKER_PRELOAD],
                                                   "config": config, "security": sec,
                                                   # Dask's scratch space in the user's own local dir,

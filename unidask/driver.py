@@ -218,12 +218,18 @@ class Driver:
                 if now - watched >= WATCH_EVERY:
                     watched = now
                     self.lock.check()
-                    self.retire_silent()
-                    self.watch(now - last_done)
-                    if spec.cluster.backups:
-                        for future in self.back_up(stragglers, prefix, backed_up, task_of):
-                            inflight.add(future)
-                            futures.add(future)
+                    try:
+                        self.retire_silent()
+                        self.watch(now - last_done)
+                        if spec.cluster.backups:
+                            for future in self.back_up(stragglers, prefix, backed_up, task_of):
+                                inflight.add(future)
+                                futures.add(future)
+                    except OSError as e:   # a scheduler too busy to answer (a flood on its port)
+                        self.said_once("the scheduler", f"the scheduler did not answer a look at its workers: "
+                                       f"{e}; the run goes on and asks again")
+                    else:
+                        self.said_once("the scheduler", None, since=now)
                 for future, summary in batch:
                     if future.status == "cancelled" or (task := task_of.pop(future, None)) is None:
                         continue   # the other copy of its task finished first

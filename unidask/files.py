@@ -59,8 +59,8 @@ def replaceable(path: Path) -> str | None:
         current = current / part
         try:
             st = os.lstat(current)
-        except FileNotFoundError:
-            return None   # made by us from here on
+        except (FileNotFoundError, NotADirectoryError):
+            return None   # made by us from here on (or not at all: mkdir says why)
         except OSError as e:
             return f"cannot look at {current} ({e.strerror or e})"
         if stat.S_ISLNK(st.st_mode):

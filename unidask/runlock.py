@@ -35,15 +35,15 @@ log = logging.getLogger("unidask")
 def holder_of(path: Path) -> dict:
     """What a lock file says of its holder (empty where it cannot be read: being written, damaged)."""
     try:
-        return parsed(path.read_text())
+        return parsed(path.read_bytes())
     except OSError:
         return {}
 
 
-def parsed(text: str) -> dict:
+def parsed(data: bytes) -> dict:
     try:
-        found = json.loads(text)
-    except ValueError:
+        found = json.loads(data)
+    except ValueError:   # UnicodeDecodeError too
         return {}
     return found if isinstance(found, dict) else {}
 
@@ -151,13 +151,13 @@ def _refresh(held: Held, token: str, stop: threading.Event) -> None:
     path = held.path
     while not stop.wait(BEAT):
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except FileNotFoundError:
             held.lost = "the run lock is gone (removed by someone else)"
             return
         except OSError:   # a filesystem that hiccups (EMFILE, EIO): the next beat tries again
             continue
-        if (holder := parsed(text)).get("token") != token:
+        if (holder := parsed(data)).get("token") != token:
             held.lost = (f"the run lock was taken over by {_described(holder)}" if holder.get("token") else
                          "the run lock was changed by someone else (it no longer names this run)")
             return
