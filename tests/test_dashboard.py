@@ -294,6 +294,6 @@ def test_the_dashboard_serves_no_logs(config, tmp_path):
     def watch(url):
         base = url.rsplit("/", 1)[0]
         return [status(base + p) for p in ("/info/main/logs.html", "/info/main/workers.html", "/unidask",
-                                           "/status", "/unidask/json")]
+                                           "/status", "/unidask/json", "/json/identity.json", "/sitemap.json")]
 
-    assert run_while(spec, watch, hold) == [404, 404, 200, 200, 200]
+    assert run_while(spec, watch, hold) == [404, 404, 200, 200, 200, 200, 200]

@@ -115,7 +115,7 @@ def test_eight_workers_stage_every_task(config):
     assert result.merged.complete and result.merged.rows == 400_000
 
 
-def test_a_tls_handshake_never_finished_is_closed(tmp_path):
+def test_a_tls_handshake_never_finished_is_closed(tmp_path, caplog):
     """distributed waits for a TLS handshake without end; daskapi.bound_tls_handshakes closes the
     connection of a peer that never starts one once its time is up."""
     import socket
@@ -130,5 +130,23 @@ def test_a_tls_handshake_never_finished_is_closed(tmp_path):
             port = int(cluster.scheduler_address.rsplit(":", 1)[1])
             with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
                 assert s.recv(1) == b""   # closed by the scheduler: EOF, not a timeout of this test
+            said = [r.getMessage() for r in caplog.records if "sent no TLS handshake" in r.getMessage()]
+            assert said == [f"{cluster.scheduler_address}: closed 1 connection(s) that sent no TLS handshake "
+                            "within 1 s (a port scan, or another local user's flood of half-open connections); "
+                            "the run goes on"], said
     finally:
         daskapi.bound_tls_handshakes(30.0)
+
+
+def test_the_sitemap_answers():
+    """Dask's /sitemap.json answered 500 on every dashboard (bokeh's static route has no ``path``
+    argument); mended, it lists the dashboard's pages."""
+    import json
+    import urllib.request
+
+    daskapi.mend_sitemap()
+    with LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster:
+        port = cluster.scheduler.http_server.port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/sitemap.json", timeout=60) as r:
+            paths = json.load(r)["paths"]
+    assert {"/status/?", "/json/identity.json"} <= set(paths), paths

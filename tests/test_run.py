@@ -260,6 +260,12 @@ def test_what_stages_jsonl_names_is_looked_up_only_in_shards(config, tmp_path):
     os.mkfifo(rd.stages)
     r = cli("merge", spec.run_dir)
     assert r.returncode == 2 and r.stderr == f"unidask: error: {rd.stages}: a FIFO, not a regular file\n", r.stderr
+    # a link to a record kept elsewhere is not the run's own record either (regular() followed it)
+    rd.stages.unlink()
+    (tmp_path / "elsewhere.jsonl").write_text("")
+    rd.stages.symlink_to(tmp_path / "elsewhere.jsonl")
+    r = cli("merge", spec.run_dir)
+    assert r.returncode == 2 and r.stderr.startswith(f"unidask: error: {rd.stages}: a symbolic link"), r.stderr
 
 
 def test_odd_files_in_shards_are_named_never_opened(config, tmp_path):

@@ -229,9 +229,6 @@ sys.stdin.read()   # held until the test closes our stdin
 """
 
 
-@pytest.mark.skip(reason="issue 27 case 1, not resolved: under this flood the driver's own new connections to its "
-                         "scheduler time out after 30 s (seen with distributed 2026.8 and 2024.8); the open-file "
-                         "limit and the bounded handshakes alone do not hold it")
 def test_a_flood_of_half_open_connections_does_not_stop_a_run(tmp_path, other_user, shared_tmp):
     """Another local user opens 1,100 TCP connections to every port the driver listens on (the
     scheduler's, the nannies', the dashboard's) and never completes a handshake, against a driver
@@ -250,15 +247,28 @@ def test_a_flood_of_half_open_connections_does_not_stop_a_run(tmp_path, other_us
     cfg = write_config(tmp_path / "c.toml", run={"count": 4000, "task_size": 10},
                        generator={"kind": "plugin_generators:held_haar", "dim": 2, "hold": str(hold)},
                        storage={"stage_every": 1})
+    # Dask's connect timeout bounds a handshake; shortened so the run sees its first ones closed
     driver = subprocess.Popen([sys.executable, "-m", "unidask.cli", "run", str(cfg)], text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONPATH": str(REPO / "tests"),
+                                   "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s"},
                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    err_lines: list[str] = []
+    flood_said = threading.Event()
+
+    def read_err():
+        for line in driver.stdout:
+            err_lines.append(line)
+            if "sent no TLS handshake" in line:
+                flood_said.set()
+
+    reader = threading.Thread(target=read_err, daemon=True)
+    reader.start()
     attacker = None
     try:
         deadline = time.monotonic() + 120
         while not any((tmp_path / "run" / "shards").glob("*.db")):   # running, and staging
-            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+            assert driver.poll() is None and time.monotonic() < deadline, "".join(err_lines)[-3000:]
             time.sleep(0.1)
         ports = sorted({c.laddr.port for c in psutil.Process(driver.pid).net_connections("tcp")
                         if c.status == psutil.CONN_LISTEN})
@@ -268,8 +278,12 @@ def test_a_flood_of_half_open_connections_does_not_stop_a_run(tmp_path, other_us
                                     stdout=subprocess.PIPE, text=True)
         opened = int(attacker.stdout.readline())
         assert opened >= 1000, opened
-        hold.unlink()   # the run goes on to its end under the flood
-        out, err = driver.communicate(timeout=600)
+        # held until the driver says what is happening, then on to its end under the flood
+        assert flood_said.wait(timeout=120), "".join(err_lines)[-3000:]
+        hold.unlink()
+        driver.wait(timeout=600)
+        reader.join(timeout=60)
+        out = err = "".join(err_lines)
     finally:
         hold.unlink(missing_ok=True)
         if attacker is not None:
@@ -280,3 +294,5 @@ def test_a_flood_of_half_open_connections_does_not_stop_a_run(tmp_path, other_us
     assert driver.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "Too many open files" not in err, err[-3000:]
     assert "merged" in out + err and unidask.verify(tmp_path / "run" / "t.db").ok
+    flood_lines = [line for line in err.splitlines() if "sent no TLS handshake" in line]
+    assert 1 <= len(flood_lines) <= 20, err[-3000:]   # said, in a line a minute, not a line a connection

@@ -261,6 +261,7 @@ def install() -> dict[str, Any]:
     adds the JSON route and leaves out :data:`PRIVATE_ROUTES`, for the caller to apply where it
     creates the scheduler (never to the whole process: a notebook's own Dask is left as it was)."""
     daskapi.dashboard_page("/unidask", page)
+    daskapi.mend_sitemap()
     # Dask lists every page whose path has "individual" in its "More..." menu: the way back here
     daskapi.dashboard_page("/individual-unidask", page)
     key = "distributed.scheduler.http.routes"

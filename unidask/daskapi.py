@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from typing import Any, Callable
 
 import dask.config
@@ -21,7 +22,7 @@ from . import files
 
 log = logging.getLogger("unidask")
 
-__all__ = ["RequestHandler", "address_host", "workers", "start_workers", "bound_tls_handshakes", "withstand_floods",
+__all__ = ["RequestHandler", "address_host", "workers", "start_workers", "bound_tls_handshakes", "withstand_floods", "mend_sitemap",
            "dashboard_page", "page_template", "running_tasks"]
 
 
@@ -64,10 +65,27 @@ def bound_tls_handshakes(timeout: float) -> None:
             return await asyncio.wait_for(original(self, stream, address), prepare_stream.unidask_timeout)
         except asyncio.TimeoutError:
             stream.close()
+            _said_closed(self.contact_address, prepare_stream.unidask_timeout)
             return None
 
     prepare_stream.unidask_timeout = timeout
     TLSListener._prepare_stream = prepare_stream
+
+
+_closed: dict[str, list[float]] = {}   # listener -> [connections closed since last said, when said]
+
+
+def _said_closed(listener: str, timeout: float, every: float = 60.0) -> None:
+    # one line for the first such connection, then one a minute at most: a flood is thousands
+    count, said = _closed.setdefault(listener, [0, -every])
+    now = time.monotonic()
+    if now - said < every:
+        _closed[listener][0] = count + 1
+        return
+    _closed[listener] = [0, now]
+    log.warning("%s: closed %d connection(s) that sent no TLS handshake within %g s (a port scan, or another "
+                "local user's flood of half-open connections); the run goes on",
+                listener, count + 1, timeout)
 
 
 def withstand_floods() -> None:
@@ -75,11 +93,44 @@ def withstand_floods() -> None:
     to the hard one, and a TLS handshake not finished in Dask's connect timeout closed. Another
     local user's flood of half-open connections (no handshake) then costs a descriptor each for
     that long, not for good: with the limit of 1,024 a flood crashed the run in seconds."""
-    return
     before, after = files.raise_open_files()
     if after > before:
         log.debug("open-file limit raised from %d to %d", before, after)
     bound_tls_handshakes(parse_timedelta(dask.config.get("distributed.comm.timeouts.connect")))
+
+
+def mend_sitemap() -> None:
+    """Dask's ``/sitemap.json`` answers 500 (a ``KeyError``) on every dashboard: it walks the
+    directory of each static-file route from the route's ``path`` argument, and bokeh's static
+    route takes its directory from the application's settings instead. Such a route is listed by
+    its prefix. Applies to dashboards of this process; idempotent."""
+    import tornado.routing
+    from distributed.http import routing
+    from tornado.web import StaticFileHandler
+
+    original = routing._descend_routes
+    if getattr(original, "unidask", False):
+        return
+
+    def descend(router, routers=None, out=None):
+        routers = set() if routers is None else routers
+        out = set() if out is None else out
+        pathless = [rule for rule in list(router.named_rules.values()) + router.rules
+                    if isinstance(rule.matcher, tornado.routing.PathMatches)
+                    and isinstance(rule.target, type) and issubclass(rule.target, StaticFileHandler)
+                    and "path" not in rule.target_kwargs]
+        if not pathless:
+            return original(router, routers, out)
+        # Dask's walk over the other rules: a copy of the router without the pathless ones
+        rest = tornado.routing.RuleRouter()
+        rest.rules = [rule for rule in router.rules if rule not in pathless]
+        rest.named_rules = {k: rule for k, rule in router.named_rules.items() if rule not in pathless}
+        routers.add(router)
+        out.update(rule.matcher.regex.pattern.rstrip("(.*)$").rstrip("/") + "/" for rule in pathless)
+        return original(rest, routers, out)
+
+    descend.unidask = True
+    routing._descend_routes = descend
 
 
 def address_host(address: str) -> str:

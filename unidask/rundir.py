@@ -242,7 +242,7 @@ class RunDir:
         driver killed as it wrote; a damaged file) is skipped, and with ``warn`` named in a warning."""
         if not os.path.lexists(self.stages):
             return []
-        if (why := files.regular(self.stages)) is not None:   # a FIFO would block the read
+        if (why := files.owned_file(self.stages)) is not None:   # a FIFO would block the read
             raise InputError(f"{self.stages}: {why}")
         try:
             lines = self.stages.read_bytes().splitlines()

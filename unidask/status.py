@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import db, plan
+from . import db, files, plan
 from .rundir import RunDir
 
 
@@ -109,6 +109,8 @@ LIVE_FOR = 60.0   # seconds: older figures are of a driver that no longer runs (
 
 def _live(rd: RunDir) -> dict[str, Any] | None:
     """The running driver's figures, where it wrote them lately."""
+    if files.owned_file(rd.live_path) is not None:   # not there, or not the driver's (a FIFO would block)
+        return None
     try:
         live = json.loads(rd.live_path.read_text())
         fresh = time.time() - float(live["updated"]) < LIVE_FOR
