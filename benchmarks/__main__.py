@@ -145,20 +145,24 @@ class Bench:
 
     # 3. end to end
     def run_unidask(self, count: int, dim: int, task: int | str, workers: int, shard_per: str = "process",
-                    backups: bool = True, stop_one_after: float | None = None) -> dict:
+                    backups: bool = True, stop_one_after: float | None = None, nodes: int = 1,
+                    stage_every: float = 300.0, shared: Path | None = None) -> dict:
         """One run; ``stop_one_after``: SIGSTOP one worker process that many seconds in, for good
-        (a node in an NFS stall), and kill it at the end."""
+        (a node in an NFS stall), and kill it at the end. ``nodes``: simulated nodes of
+        ``workers`` each; ``shared``: the run dir under it (another filesystem: stage-outs copy).
+        The result carries the bytes staged to the run dir over the data's."""
         import threading
 
         import unidask
         from unidask import sizing
 
         d = self.fresh("e")
+        run_dir = Path(tempfile.mkdtemp(dir=shared)) / "run" if shared else d / "run"
         spec = sizing.resolve(unidask.load_config(None, data={
-            "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
+            "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(run_dir)},
             "generator": {"dim": dim},
-            "storage": {"local_dir": str(d / "local"), "shard_per": shard_per},
-            "cluster": {"nodes": 1, "workers": workers, "dashboard_address": "127.0.0.1:0", "backups": backups}}))
+            "storage": {"local_dir": str(d / "local"), "shard_per": shard_per, "stage_every": stage_every},
+            "cluster": {"nodes": nodes, "workers": workers, "dashboard_address": "127.0.0.1:0", "backups": backups}}))
         stopped: list[psutil.Process] = []
 
         def stop_one() -> None:
@@ -178,13 +182,16 @@ class Bench:
         try:
             rate = unidask.run(spec, merge=False).rate
             cpu = sum(own.cpu_times()[:2]) - before
+            staged = sum(r["bytes"] for r in unidask.RunDir(spec.run_dir).read_stages())
             return {"rate": rate, "driver_ms": 1000 * cpu / spec.n_tasks, "driver_core": cpu / (time.monotonic() - start),
-                    "task_size": spec.task_size}
+                    "task_size": spec.task_size, "staged_x": staged / (count * dim * dim * 16)}
         finally:
             for p in stopped:
                 with contextlib.suppress(psutil.Error):
                     p.kill()
             shutil.rmtree(d, ignore_errors=True)   # only the rate is kept: free the disk for the next
+            if shared:
+                shutil.rmtree(run_dir.parent, ignore_errors=True)
 
     def run_bare(self, count: int, dim: int, task: int, workers: int) -> dict:
         return self.parallel(work.bare_loop, workers, count // workers, dim, str(self.fresh("b") / "p"), task,
@@ -206,6 +213,39 @@ class Bench:
                     del contenders["unidask run, node shard"]
                 self.alternate(contenders, "end to end", f"n={dim} workers={workers} task={task}", "unidask run")
                 self.clean()
+
+    # 3a. what periodic stage-outs cost a node's generation: a run several times longer than
+    # the interval, against the same run staged only at the end (2 simulated nodes of 1 worker)
+    # With the run dir on this disk a stage-out is a rename; on another filesystem (a loop-mounted
+    # ext4 image on the same disk, where root can make one: shared storage with no bandwidth of its
+    # own, the worst case) it is a copy, on each worker's background thread.
+    def staging(self) -> None:
+        # the image beside the benchmark's directory: clean() empties that one
+        with other_filesystem(self.base.with_name(f"{self.base.name}-other"), 40 << 30) as shared:
+            for dim, seconds in ((4, 40), (16, 30)):
+                task = work.TASK_SIZE[dim] * 2
+                rate = {4: 850_000, 16: 100_000}[dim]   # this machine's, 2 workers: runs of about ``seconds``
+                count = task * (4 if self.quick else round(rate * seconds / task))
+                every = (0.5,) if self.quick else (10, 3)
+
+                def run(every: float, shared: Path | None = None) -> dict:
+                    return self.run_unidask(count, dim, task, 1, nodes=2, stage_every=every, shared=shared)
+
+                contenders = {"staged at the end": lambda: run(3600)}
+                contenders.update({f"stage_every = {e}": lambda e=e: run(e) for e in every})
+                if shared is not None:
+                    contenders.update({"other fs, staged at the end": lambda: run(3600, shared),
+                                       f"other fs, stage_every = {every[0]}": lambda: run(every[0], shared)})
+                self.staging_case(contenders, dim, count)
+        self.clean()
+
+    def staging_case(self, contenders: dict, dim: int, count: int) -> None:
+        results = self.alternate(contenders, "staging", f"n={dim} 2 nodes x 1 count={count:,}", "staged at the end")
+        for name, rs in results.items():
+            row = {"section": "staged/data", "case": f"n={dim} bytes to the run dir", "contender": name,
+                   "rate": statistics.median(r["staged_x"] for r in rs), "ratio": None}
+            self.rows.append(row)
+            print(format_row(row), flush=True)
 
     # 3b. what the task size costs: Dask spends a few ms of CPU per task, the bare loop nothing
     def task_size(self) -> None:
@@ -325,9 +365,9 @@ class Bench:
         from unidask import RunDir, estimate, worker
 
         tasks, task_size, dim = (96, 200, 4) if self.quick else (512, 2000, 4)
-        layouts = {"4 shards": tasks // 4, **{f"deltas of {k} task{'s' * (k > 1)}": k for k in (16, 4, 1)}}
+        layouts = {"4 shards": tasks // 4, **{f"segments of {k} task{'s' * (k > 1)}": k for k in (16, 4, 1)}}
         runs, staged = {}, {}
-        for name, every in layouts.items():   # a first copy, then deltas
+        for name, every in layouts.items():   # a segment per stage-out
             d = self.fresh(f"s{every}")
             spec = unidask.load_config(None, data={
                 "run": {"name": "s", "count": tasks * task_size, "task_size": task_size, "run_dir": str(d / "run")},
@@ -341,9 +381,9 @@ class Bench:
                 if (t + 1) % every == 0:
                     stages.append(worker.stage_out(spec, "a", final=t + 1 == tasks))
             runs[name], staged[name] = d, stages
-        # a stage-out's cost: the first copies the whole shard, each later one its new tasks
+        # a stage-out's cost to the worker: its segment sealed and renamed into the run dir
         for name, stages in staged.items():
-            for kind, some in (("first copy", stages[:1]), ("delta", stages[1:])):
+            for kind, some in (("first", stages[:1]), ("later", stages[1:])):
                 row = {"section": "stage-out ms", "case": f"n={dim}, {name}",
                        "contender": f"{kind}, {statistics.median(r['bytes'] for r in some) / 1e6:.1f} MB",
                        "rate": 1e3 * statistics.median(r["seconds"] for r in some), "ratio": None}
@@ -471,6 +511,28 @@ class Bench:
             pool.shutdown()
 
 
+@contextlib.contextmanager
+def other_filesystem(base: Path, size: int):
+    """A filesystem of its own (an ext4 image, loop-mounted) under ``base``; None where this
+    process cannot make one (not root, no mkfs.ext4)."""
+    image, mnt = base / "other.img", base / "other"
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        yield None
+        return
+    mnt.mkdir(parents=True)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
+    mounted = made.returncode == 0 and subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
+                                                      capture_output=True).returncode == 0
+    try:
+        yield mnt if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)])
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def format_row(r: dict) -> str:
     ratio = f"{r['ratio']:6.2f}x" if r.get("ratio") is not None else "       "
     if r.get("paired") is not None and r["paired"] != 1.0:
@@ -487,7 +549,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: about 2.5 minutes on 2 cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "task_size", "scheduler", "auto_size", "stragglers",
+    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "staging", "task_size", "scheduler", "auto_size", "stragglers",
                                                   "merge", "shards", "memory", "read"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores

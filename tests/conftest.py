@@ -245,3 +245,28 @@ def shared_tmp():
     path.chmod(0o1777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+class Tmpfs:
+    """A tmpfs of a test's own, mounted at ``path``, changed with ``remount`` (its size, ro, rw).
+    Needs root (CI runs as root): skipped without."""
+
+    def __init__(self, path: Path, size: str):
+        self.path = path
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
+
+    def remount(self, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
+
+    def grow(self) -> None:
+        self.remount("size=256m")
+
+    def read_only(self, ro: bool) -> None:
+        self.remount("ro" if ro else "rw")
+
+    def unmount(self) -> None:
+        subprocess.run(["mount", "-o", "remount,rw", str(self.path)])
+        subprocess.run(["umount", "-l", str(self.path)])

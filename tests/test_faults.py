@@ -23,7 +23,7 @@ import unidask
 from unidask import RunDir, db, generators, shard, stopping, worker
 from unidask.errors import Stopped
 
-from conftest import merged_data, messages, write_config
+from conftest import Tmpfs, merged_data, messages, write_config
 
 # slow enough tasks (n = 64) that faults land mid-run on 2 cores
 SLOW = {"run": {"count": 12000, "task_size": 100}, "generator": {"dim": 64}}
@@ -214,31 +214,6 @@ def test_killed_during_stage_out_and_merge(config, monkeypatch):
     assert report.complete and merged_data(out) == reference(spec)
     assert list(spec.run_dir.glob(".t.db.tmp-*")) == []
     shard.close_shards()
-
-
-class Tmpfs:
-    """A tmpfs of a test's own, mounted at ``path``, changed with ``remount`` (its size, ro, rw).
-    Needs root (CI runs as root): skipped without."""
-
-    def __init__(self, path: Path, size: str):
-        self.path = path
-        path.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs (needs root): {r.stderr.decode().strip()}")
-
-    def remount(self, options: str) -> None:
-        subprocess.run(["mount", "-o", f"remount,{options}", str(self.path)], check=True)
-
-    def grow(self) -> None:
-        self.remount("size=256m")
-
-    def read_only(self, ro: bool) -> None:
-        self.remount("ro" if ro else "rw")
-
-    def unmount(self) -> None:
-        subprocess.run(["mount", "-o", "remount,rw", str(self.path)])
-        subprocess.run(["umount", "-l", str(self.path)])
 
 
 @pytest.fixture

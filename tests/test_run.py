@@ -370,9 +370,9 @@ def test_clean_never_removes_the_only_copy(config, tmp_path, capsys):
 
 
 def test_staged_bytes_grow_with_the_data_not_the_stage_outs(config, tmp_path):
-    """Many stage-outs: each after the first stages only the tasks written since (a delta shard),
-    so the bytes written to the run dir stay within 1.5x the data (a whole copy each time made
-    them grow with data x stage-outs); the merged data is the same bytes as a run staged once."""
+    """Many stage-outs: each stages only the tasks written since the one before (a segment), so
+    the bytes written to the run dir stay within 1.5x the data (a whole copy each time made them
+    grow with data x stage-outs); the merged data is the same bytes as a run staged once."""
     spec = config(run={"count": 60000, "task_size": 500}, generator={"dim": 8},
                   storage={"stage_every": 0.2})
     result = unidask.run(spec)

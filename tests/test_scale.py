@@ -4,7 +4,6 @@ Ctrl-C, a resume, a merge; its data byte for byte a one-node run's."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -44,7 +43,7 @@ def test_thirty_two_nodes_stage_resume_and_merge_to_the_bytes_of_one(tmp_path):
     assert again.returncode == 0, again.stderr
     shards = RunDir(spec.run_dir).staged_shards()
     assert {p.name.split("-")[0] for p in shards} == {f"node{k}" for k in range(1, NODES + 1)}
-    assert any(re.search(r"-d[0-9a-f]{4}\d{5}\.db$", p.name) for p in shards)   # deltas: stage-outs as it ran
+    assert len(shards) > NODES   # segments: stage-outs as it ran, not only the final ones
 
     one = write_config(tmp_path / "one" / "c.toml", run=run, generator=generator,
                        cluster={"nodes": 1, "workers": 8})

@@ -18,7 +18,7 @@ from unidask import db, files, generators, shard, slurm, worker
 from unidask.generators.haar import haar
 from unidask.errors import InputError, RunError
 
-from conftest import REPO, messages
+from conftest import REPO, Tmpfs, messages
 
 
 def write_tasks(spec, tasks, attempt):
@@ -69,10 +69,11 @@ def test_task_written_twice_with_other_data_fails(config, monkeypatch):
     shard.close_shards()
 
 
-@pytest.mark.parametrize("shard_per", ["node", "process"])   # VACUUM INTO | file copy
-def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path, shard_per):
+def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path):
+    """A node's shared shard (WAL, several writers): its first stage-out a consistent copy, each
+    later one a delta of the tasks written since."""
     monkeypatch.setenv("UNIDASK_NODE", "n")
-    spec = config(storage={"shard_per": shard_per})
+    spec = config(storage={"shard_per": "node"})
     for t in range(5):
         worker.generate_task(spec, t, "z")
     staged = worker.stage_out(spec, "z")
@@ -106,6 +107,52 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path,
     staged = [t for p in (dest, delta) for (t,) in db.connect_readonly(p).execute("SELECT task FROM tasks")]
     assert sorted(staged) == list(range(6))   # each task staged once
     assert dest.read_bytes()[18:20] == b"\x01\x01"
+
+
+@pytest.mark.parametrize("where", ["same filesystem", "other filesystem"])   # a rename | a file copy
+def test_a_process_shard_is_staged_as_segments(config, monkeypatch, tmp_path, where):
+    """A process's own shard is staged as segments: at each stage-out its live file is sealed
+    under its staged name and shipped whole (no row copied), and the next task starts a new one.
+    On another filesystem the copy runs on a background thread and is reported by the next
+    stage-out (the final one waits for it). Every task is staged once, in a whole database."""
+    monkeypatch.setenv("UNIDASK_NODE", "n")
+    mount = Tmpfs(tmp_path / "shared", "64m") if where == "other filesystem" else None
+    run_dir = (mount.path if mount else tmp_path) / "run"
+    try:
+        spec = config(run={"run_dir": str(run_dir)}, storage={"shard_per": "process"})
+        assert (os.stat(tmp_path).st_dev == run_dir.parent.stat().st_dev) == (mount is None)
+        written = []
+        for t in range(5):
+            worker.generate_task(spec, t, "z")
+        first = worker.stage_out(spec, "z")
+        live = shard.local_path(spec, "z")
+        assert not live.exists() and shard.cached(live) is None   # sealed; the next task starts anew
+        for t in (5, 6):
+            worker.generate_task(spec, t, "z")
+        second = worker.stage_out(spec, "z")
+        worker.generate_task(spec, 7, "z")
+        final = worker.stage_out(spec, "z", final=True)
+        for r in (first, second, final):
+            written += r["paths"]
+        if where == "same filesystem":   # a rename: staged at once
+            assert [len(r["paths"]) for r in (first, second, final)] == [1, 1, 1]
+        assert (final["tasks"], final["rows"]) == (8, 800) and len(written) == len(set(written)) == 3
+        assert not list(spec.local_dir.rglob("*.db*")) and not list(spec.local_dir.rglob(".*"))
+        shards = sorted(Path(p) for p in written)
+        assert sorted(run_dir.joinpath("shards").iterdir()) == shards   # no temp left behind
+        staged, metas = [], []
+        for path in shards:
+            assert path.name.startswith("n-z-p") and path.read_bytes()[18:20] == b"\x01\x01"
+            con = db.connect_readonly(path)
+            assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            staged += [t for (t,) in con.execute("SELECT task FROM tasks")]
+            metas.append({k: v for k, v in db.read_meta(con).items() if k != "shard_uid"})
+            con.close()
+            db.check(path, spec.fingerprint, db.Expected.of(spec))   # what the merge checks of a shard
+        assert sorted(staged) == list(range(8)) and all(m == metas[0] for m in metas)   # each task once
+    finally:
+        if mount:
+            mount.unmount()
 
 
 KILLED_MID_TASK = """

@@ -445,7 +445,8 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
             if tasks:
                 driver.generate(tasks)
             finals = driver.final_stage_out()
-            result.shards += [s["path"] for s in finals if s["path"] and s["path"] not in result.shards]
+            result.shards += [p for s in finals for p in s.get("paths", [s["path"]] if s["path"] else [])
+                              if p not in result.shards]
             # a node that lost its disk took its unstaged tasks with it: generate them again
             tasks = plan.todo(spec, run_dir.staged_tasks())
             if not tasks or round == REDO_ROUNDS:

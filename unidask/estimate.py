@@ -64,9 +64,20 @@ class Estimate:
 
     @property
     def shards(self) -> int:
-        """Staged files: per shard, a first copy, then a delta per stage-out while it writes."""
+        """Staged files: per shard, one per stage-out while it writes (a process shard's segments;
+        a node shard's first copy, then its deltas), and the final one."""
         writers = self.workers if self.shard_per == "process" else self.nodes
         return writers * (1 + int(self.wall_seconds // self.stage_every))
+
+    @property
+    def local_bytes(self) -> int:
+        """A node's peak use of its local disk: a node shard holds the node's whole share until the
+        end; process shards hold what was written since the last stage-out, and the segment
+        sealed then while it is copied (two intervals' worth)."""
+        share = self.data_bytes / self.nodes
+        if self.shard_per != "process" or self.wall_seconds <= 0:
+            return int(share)
+        return int(min(share, 2 * share * self.stage_every / self.wall_seconds))
 
     @property
     def merge_seconds(self) -> float:
@@ -74,7 +85,8 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), **{k: getattr(self, k) for k in (
-            "workers", "task_seconds", "wall_seconds", "core_hours", "data_bytes", "shards", "merge_seconds")}}
+            "workers", "task_seconds", "wall_seconds", "core_hours", "data_bytes", "local_bytes", "shards",
+            "merge_seconds")}}
 
     def format(self) -> str:
         spu = self.seconds_per_unitary
@@ -84,10 +96,11 @@ class Estimate:
             f"({per_unitary} a unitary, {'measured here' if self.measured else 'as given'})",
             f"workers     {self.workers:,} ({self.nodes:,} node(s) x {self.workers_per_node})",
             f"duration    about {duration(self.wall_seconds)} of generation, {self.core_hours:,.1f} core-hours",
-            f"data        {size(self.data_bytes)} merged; about {size(self.data_bytes / self.nodes)} of local "
+            f"data        {size(self.data_bytes)} merged; at most about {size(self.local_bytes)} of local "
             "disk per node",
             f"shards      about {self.shards:,} staged file(s) of {size(self.data_bytes / self.shards)} on average "
-            f"({self.shard_per} shards, a delta per stage-out every {duration(self.stage_every)})",
+            f"({self.shard_per} shards, " + ("a segment" if self.shard_per == "process" else "a delta")
+            + f" per stage-out every {duration(self.stage_every)})",
             f"merge       about {duration(self.merge_seconds)}",
         ]
         return "\n".join(lines + [f"warning: {w}" for w in self.warnings])
@@ -136,7 +149,7 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
         local = local.parent
     st = os.statvfs(local)
     free = st.f_bavail * st.f_frsize
-    if e.data_bytes / e.nodes > free:
-        e.warnings.append(f"a node's share ({e.data_bytes / e.nodes / 1e9:,.1f} GB) exceeds the free space "
+    if e.local_bytes > free:
+        e.warnings.append(f"a node's local shards ({e.local_bytes / 1e9:,.1f} GB at most) exceed the free space "
                           f"of {local} here ({free / 1e9:,.1f} GB): check the nodes' local disks")
     return e

@@ -192,7 +192,9 @@ class RunDir:
 
     def _staged_names(self) -> set[str]:
         """The names of the shards ``stages.jsonl`` records (the merge checks every file it opens)."""
-        names = {Path(r["path"]).name for r in self.read_stages() if isinstance(r.get("path"), str)}
+        names = {Path(p).name for r in self.read_stages()
+                 for p in (r.get("paths") if isinstance(r.get("paths"), list) else [r.get("path")])
+                 if isinstance(p, str)}
         return {n for n in names if n.endswith(".db") and not n.startswith(".")}
 
     def complete_database(self, spec: Spec) -> Path | None:

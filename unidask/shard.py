@@ -17,17 +17,20 @@ needs no checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
 import logging
 import os
 import random
+import re
 import secrets
 import shutil
 import sqlite3
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import repeat
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -180,7 +183,30 @@ class Shard:
 
     @property
     def staged_name(self) -> str:
-        return f"{self.path.stem}-{self.uid}.db"
+        """The name of its staged copy: the live file's name and its uid (a sealed segment, named
+        so already, keeps its name)."""
+        return self.path.name if self.path.stem.endswith(f"-{self.uid}") else f"{self.path.stem}-{self.uid}.db"
+
+    def has_tasks(self) -> bool:
+        return self.con.execute("SELECT EXISTS (SELECT 1 FROM tasks)").fetchone()[0] == 1
+
+    def seal(self) -> Path:
+        """Close this single-writer shard and rename it, beside itself, to its staged name: a
+        segment, a whole database (every commit synced; an empty rollback journal stays behind),
+        ready to ship. The next task of this process starts a new shard at the live path."""
+        self.close()
+        if any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-shm")):
+            raise RunError(f"{self.path}: another process still has this single-writer shard open; "
+                           "left in place (`unidask run --resume` stages it)")
+        sealed = self.path.with_name(self.staged_name)
+        try:
+            os.rename(self.path, sealed)
+            # the journal left empty by the last commit: the next shard makes its own, and a
+            # process killed before its next task leaves nothing behind
+            Path(f"{self.path}-journal").unlink(missing_ok=True)
+        except OSError as e:
+            raise self._stage_error(sealed, e) from e
+        return sealed
 
     def snapshot(self, staging_dir: str | os.PathLike, check: Callable[[Path], Any] | None = None
                  ) -> tuple[Path, list[int], int]:
@@ -252,8 +278,7 @@ class Shard:
         return dest, new, rows
 
     def _stage_error(self, dest: Path, e: Exception) -> RunError:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        return RunError(f"cannot stage {self.path} to {dest}: {reason}")
+        return _stage_error(self.path, dest, e)
 
     @staticmethod
     def _seal(tmp: Path) -> tuple[list[int], int]:
@@ -269,32 +294,6 @@ class Shard:
         finally:
             check.close()
         return [t for t, _ in rows], sum(c for _, c in rows)
-
-    def close_and_move(self, staging_dir: str | os.PathLike) -> tuple[Path, list[int], int] | None:
-        """The final stage-out of a single-writer shard whose staging dir is on the same filesystem
-        (one machine): close it and rename the file into place instead of copying it. None, with
-        the shard still open, where that does not apply."""
-        dest = Path(staging_dir) / self.staged_name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not self.single_writer or self.path.parent.stat().st_dev != dest.parent.stat().st_dev:
-            return None
-        self.close()  # a rollback journal needs nothing more (a WAL one would be checkpointed)
-        if any(Path(f"{self.path}{suffix}").exists() for suffix in ("-wal", "-shm")):
-            raise RunError(f"{self.path}: another process still has this single-writer shard open; "
-                           "left in place (`unidask run --resume` stages it)")
-        tmp = files.temp_name(dest)
-        files.remove_stale_temps(dest)
-        try:
-            os.rename(self.path, tmp)
-        except OSError as e:
-            raise self._stage_error(dest, e) from e
-        try:
-            counts = self._seal(tmp)
-            files.publish(tmp, dest)
-        except (sqlite3.Error, OSError) as e:
-            os.rename(tmp, self.path)  # back where `--resume` finds it
-            raise self._stage_error(dest, e) from e
-        return dest, *counts
 
     def _copy_file(self, tmp: Path) -> bool:
         """Snapshot by copying the file, ~3x faster than VACUUM INTO: while this connection holds
@@ -343,9 +342,10 @@ def local_path(spec: Spec, attempt: str, node: str | None = None) -> Path:
 
 
 def _writer_pid(path: Path) -> int | None:
-    """The pid in a process shard's name (``NODE-ATTEMPT-pPID.db``)."""
-    pid = path.stem.rsplit("-p", 1)[-1]
-    return int(pid) if pid.isdigit() else None
+    """The pid in a process shard's name (``NODE-ATTEMPT-pPID.db``, or a sealed segment's
+    ``NODE-ATTEMPT-pPID-UID.db``)."""
+    found = re.search(r"-p(\d+)(?:-[0-9a-f]{6})?$", path.stem)
+    return int(found[1]) if found else None
 
 
 def options(spec: Spec, row_bytes: int | None = None) -> tuple[dict[str, str], dict[str, Any]]:
@@ -408,53 +408,164 @@ def close_shards() -> list[str]:
 
 # -- stage-outs --------------------------------------------------------------------------------------
 
+def _stage_error(path: Path, dest: Path, e: Exception) -> RunError:
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return RunError(f"cannot stage {path} to {dest}: {reason}")
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev
+
+
+def ship(sealed: Path, staging_dir: Path) -> tuple[Path, list[int], int]:
+    """Stage a sealed segment (:meth:`Shard.seal`) whole under its own name, then remove it from
+    local disk: a rename where the staging dir is on the same filesystem, else a file copy (no
+    row is read or written: no per-row cost). Either way the staged name only ever holds a whole
+    file; on failure the segment stays where it was. Returns the staged path, its tasks and rows."""
+    dest = staging_dir / sealed.name
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if (moved := same_filesystem(sealed.parent, dest.parent)):
+            tmp = files.temp_name(dest)
+            files.remove_stale_temps(dest)
+            try:
+                os.rename(sealed, tmp)
+            except OSError as e:
+                if e.errno != errno.EXDEV:   # a bind mount: one device, and yet no rename across
+                    raise
+                moved = False
+        if moved:
+            try:
+                counts = Shard._seal(tmp)
+                files.publish(tmp, dest)
+            except BaseException:
+                os.rename(tmp, sealed)   # back where the next stage-out (or --resume) finds it
+                raise
+        else:
+            with files.publishing(dest) as tmp:
+                shutil.copyfile(sealed, tmp)
+                counts = Shard._seal(tmp)
+            db.remove_files(sealed)
+    except (sqlite3.Error, OSError) as e:
+        raise _stage_error(sealed, dest, e) from e
+    return dest, *counts
+
+
 class Staged:
-    """What this process staged of one live shard: the tasks, their rows, and the name of its next
-    delta (a token of this process, so no two processes' deltas share a name)."""
+    """What this process staged of one live shard: the tasks, their rows; for a single-writer
+    shard its segments still shipping, on a background thread, and for a node shard the name of
+    its next delta (a token of this process, so no two processes' deltas share a name)."""
 
     def __init__(self) -> None:
         self.tasks: set[int] = set()
         self.rows = 0
         self.token, self.seq = secrets.token_hex(2), 0
+        self.shipping: dict[Future, Path] = {}   # segment copies under way -> the sealed file
+        self.failed: list[Path] = []             # sealed segments whose shipping failed: next time
+        self.shipped: list[tuple[Path, list[int], int]] = []   # shipped, not yet reported
 
     def next_name(self, live: "Shard") -> str:
         self.seq += 1
         return f"{live.path.stem}-{live.uid}-d{self.token}{self.seq:05d}.db"
 
+    def ship(self, sealed: Path, staging: Path, *, wait: bool) -> None:
+        """Ship ``sealed``: at once where it is a rename (same filesystem) or ``wait``, else on
+        the background thread, the worker generating meanwhile."""
+        if wait or same_filesystem(sealed.parent, staging):
+            try:
+                self.shipped.append(ship(sealed, staging))
+            except RunError:
+                self.failed.append(sealed)
+                raise
+        else:
+            self.shipping[_shipper().submit(ship, sealed, staging)] = sealed
+
+    def settle(self, staging: Path, *, wait: bool) -> None:
+        """Gather the copies finished (all of them, with ``wait``); ship again, first, what failed
+        before. Raises the first failure (its segment kept for the next try)."""
+        retry, self.failed = self.failed, []
+        errors = []
+        for sealed in retry:
+            try:
+                self.ship(sealed, staging, wait=wait)
+            except RunError as e:
+                errors.append(e)
+        for future in list(self.shipping):
+            if wait or future.done():
+                sealed = self.shipping.pop(future)
+                try:
+                    self.shipped.append(future.result())
+                except RunError as e:
+                    self.failed.append(sealed)
+                    errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def report(self) -> list[tuple[Path, list[int], int]]:
+        shipped, self.shipped = self.shipped, []
+        for _, new, rows in shipped:
+            self.tasks.update(new)
+            self.rows += rows
+        return shipped
+
 
 _staged: dict[Path, Staged] = {}   # outlives the Shard objects (a node shard is closed before its final stage)
+_pool: ThreadPoolExecutor | None = None
+
+
+def _shipper() -> ThreadPoolExecutor:
+    """This process's one thread that copies its segments to shared storage (a copy leaves the
+    GIL to the kernel: the worker's generation goes on beside it)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="unidask-ship")
+    return _pool
 
 
 def stage(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
-    """Stage this process's (or node's) shard out to the run dir; None if it has none. The first
-    stage-out of a process copies the whole shard; each later one only the tasks written since
-    (:meth:`Shard.delta`). ``final``: then close it and delete the local shard (for a node shard,
-    the driver closes the other processes' connections first)."""
+    """Stage this process's (or node's) shard out to the run dir; None if it has none.
+
+    A process's own shard (``shard_per = "process"``) is staged as segments: its live file is
+    sealed and shipped whole (:meth:`Shard.seal`, :func:`ship`), and the next task starts a new
+    one, so a stage-out costs the worker a rename, whatever the interval. A node's shared shard:
+    the first stage-out copies it whole, each later one only the tasks written since
+    (:meth:`Shard.delta`). ``final``: wait for every copy, then close the shard and delete it
+    locally (for a node shard, the driver closes the other processes' connections first)."""
     node = slurm.node_name()
     if spec.storage.shard_per == "process":
         stage_orphans(spec, attempt, node)
     path = local_path(spec, attempt, node)
-    if not path.exists() and cached(path) is None:
-        return None
     start = time.time()
-    live, staging = for_task(spec, attempt), RunDir(spec.run_dir).shards
+    staging = RunDir(spec.run_dir).shards
     done = _staged.setdefault(path, Staged())
-    if not done.tasks:   # the whole shard: a rename where it can be (the last stage-out, one disk)
-        if not final or (moved := live.close_and_move(staging)) is None:
-            moved = live.snapshot(staging)
-        dest, new, rows = moved
-    elif (moved := live.delta(staging / done.next_name(live), done.tasks)) is not None:
-        dest, new, rows = moved
-    else:
-        dest, new, rows = None, [], 0
-    done.tasks.update(new)
-    done.rows += rows
+    if spec.storage.shard_per == "process":
+        live = cached(path) or (for_task(spec, attempt) if path.exists() else None)
+        if live is not None and live.has_tasks():
+            _open.pop(path)
+            try:
+                staging.mkdir(parents=True, exist_ok=True)
+                sealed = live.seal()
+            except OSError as e:
+                raise _stage_error(path, staging, e) from e
+            done.ship(sealed, staging, wait=final)
+        done.settle(staging, wait=final)
+    elif path.exists() or cached(path) is not None:
+        live = for_task(spec, attempt)
+        if not done.tasks:   # the whole shard
+            done.shipped.append(live.snapshot(staging))
+        elif (delta := live.delta(staging / done.next_name(live), done.tasks)) is not None:
+            done.shipped.append(delta)
+    shipped = done.report()
     if final:
         close_shards()
         db.remove_files(path)
         _staged.pop(path, None)
-    return {"node": node, "path": None if dest is None else str(dest), "tasks": len(done.tasks),
-            "rows": done.rows, "new_tasks": len(new), "bytes": 0 if dest is None else dest.stat().st_size,
+    if not (shipped or done.tasks or done.shipping or done.failed):   # no shard here
+        return None
+    return {"node": node, "path": str(shipped[-1][0]) if shipped else None,
+            "paths": [str(dest) for dest, _, _ in shipped], "tasks": len(done.tasks), "rows": done.rows,
+            "new_tasks": sum(len(new) for _, new, _ in shipped),
+            "bytes": sum(dest.stat().st_size for dest, _, _ in shipped),
             "time": time.time(), "seconds": time.time() - start}
 
 
@@ -464,7 +575,13 @@ def stage_orphans(spec: Spec, attempt: str, node: str) -> list[Path]:
     dead ones wrote since their last stage-out would be generated again. A lock on a claim file
     keeps two workers of the node from taking the same orphan."""
     staged = []
-    for path in sorted(run_local_dir(spec).glob(f"{glob.escape(node)}-{glob.escape(attempt)}-p*.db")):
+    mine = f"{glob.escape(node)}-{glob.escape(attempt)}-p*.db"
+    for journal in run_local_dir(spec).glob(f"{mine}-journal"):   # a dead process's, its shard sealed
+        shard_file = journal.with_name(journal.name.removesuffix("-journal"))
+        pid = _writer_pid(shard_file)
+        if pid is not None and pid != os.getpid() and not files.pid_alive(pid) and not shard_file.exists():
+            journal.unlink(missing_ok=True)
+    for path in sorted(run_local_dir(spec).glob(mine)):
         pid = _writer_pid(path)
         if pid is None or pid == os.getpid() or files.pid_alive(pid):
             continue
