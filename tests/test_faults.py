@@ -81,8 +81,22 @@ def in_background(fn):
     return t, errors
 
 
-def test_workers_killed_mid_run(config):
-    spec = config(**SLOW, cluster={"nodes": 2, "workers": 1}, storage={"stage_every": 1})
+@pytest.mark.parametrize("run_dir_on", ["local dir's filesystem", "another filesystem"])
+def test_workers_killed_mid_run(config, tmp_path, run_dir_on):
+    """Workers SIGKILLed mid-run, 3 times, with a stage-out every second: on one filesystem a
+    stage-out is a rename; on another (a tmpfs: shared storage) a copy on the worker's
+    background thread, which a kill may cut short."""
+    mount = Tmpfs(tmp_path / "shared", "2g") if run_dir_on == "another filesystem" else None
+    try:
+        _workers_killed_mid_run(config, {"run_dir": str(mount.path / "run")} if mount else {})
+    finally:
+        if mount:
+            mount.unmount()
+
+
+def _workers_killed_mid_run(config, run):
+    spec = config(run={**SLOW["run"], **run}, generator=SLOW["generator"], cluster={"nodes": 2, "workers": 1},
+                  storage={"stage_every": 1})
     killed = []
 
     def killer():
