@@ -120,10 +120,13 @@ def messages(on_line: Callable[[str], None] | None = None) -> Iterator[list[str]
 
 
 def merged_data(db: Path) -> list[tuple[int, bytes]]:
+    """A merged database's rows, read by SQLite, once its integrity_check (every page, every
+    b-tree, whatever wrote them: SQLite or the page merge) passed."""
     import sqlite3
 
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)], db
         return con.execute("SELECT id, data FROM unitaries ORDER BY id").fetchall()
     finally:
         con.close()

@@ -254,3 +254,44 @@ def test_temporaries_are_owner_only_while_built(tmp_path):
         assert files.shared_mode() == 0o640
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("generator, paged", [
+    ({"kind": "haar", "dim": 4}, True),
+    ({"kind": "haar", "dim": 3, "dtype": "complex64"}, True),
+    ({"kind": "orthogonal", "dim": 7}, True),
+    ({"kind": "haar", "dim": 64}, False),   # a row over a 64 KiB page's local payload: SQLite's overflow pages
+    ({"kind": "circuit", "qubits": 2, "depth": 3}, False),   # rows with meta
+])
+def test_the_merge_writes_pages_sqlite_reads_as_its_own(config, monkeypatch, generator, paged):
+    """The merge lays the unitaries table's pages itself where it can: the database passes
+    SQLite's integrity_check, and holds exactly the rows, tasks and meta of the staged shards as
+    SQLite reads them; with its layout in meta. Rows it cannot lay (meta, overflow) are merged by
+    SQLite, to the same rows."""
+    generator = dict(generator)
+    dtype = generator.pop("dtype", "complex128")
+    spec = config(run={"count": 2500 if generator.get("dim") != 64 else 60, "task_size": 100 if generator.get("dim") != 64 else 6},
+                  generator={**generator, "dtype": dtype})
+    RunDir(spec.run_dir).prepare(spec, resume=False)
+    n = spec.n_tasks
+    shards = [stage(spec, "n1", range(0, n, 2), monkeypatch),            # interleaved tasks, one duplicated
+              stage(spec, "n2", [*range(1, n, 2), 4], monkeypatch)]
+    report = unidask.merge(spec.run_dir)
+    assert report.complete and report.duplicates == 1 and report.rows == spec.count
+    con = sqlite3.connect(report.out)
+    assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    expected_rows, expected_tasks = {}, {}
+    for p in shards:
+        with sqlite3.connect(f"file:{p}?mode=ro", uri=True) as s:
+            for r in s.execute("SELECT * FROM unitaries"):
+                expected_rows.setdefault(r[0], r)
+            for r in s.execute("SELECT * FROM tasks"):   # a duplicate's row: the first shard's, as merged
+                expected_tasks.setdefault(r[0], r)
+    assert con.execute("SELECT * FROM unitaries ORDER BY id").fetchall() == [expected_rows[i] for i in sorted(expected_rows)]
+    assert con.execute("SELECT * FROM tasks ORDER BY task").fetchall() == [expected_tasks[t] for t in sorted(expected_tasks)]
+    meta = db.read_meta(con)
+    con.close()
+    assert ("layout.per_leaf" in meta) == paged
+    if paged:
+        assert int(meta["layout.rows"]) == spec.count and meta["layout.page_size"] == str(db.page_size(report.out))
+    assert unidask.verify(report.out).ok

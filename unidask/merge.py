@@ -8,6 +8,7 @@ filesystem), with ``trusted_schema`` off and a check that nothing in them is a v
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sqlite3
@@ -17,14 +18,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, files, malloc, plan
+import numpy as np
+
+from . import db, files, malloc, pages, plan
 from .db import (COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema,
-                 check_tasks)
+                 check_tasks, connect_readonly, reading)
 from .errors import InputError, RunError, writing
 from .progress import Progress
 from .rundir import RunDir
 
 ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
+
+log = logging.getLogger("unidask")
 
 
 @dataclass
@@ -103,34 +108,21 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     page_size = db.run_page_size(spec.storage.page_size, expected.dim and expected.dim ** 2 * expected.itemsize)
     try:
         existing = out if append and out.exists() else None
-        with contextlib.closing(_open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
-            progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
-            merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
-            for i in range(0, len(paths), ATTACH_BATCH):
-                batch = paths[i:i + ATTACH_BATCH]
-                while batch:
-                    try:
-                        report.duplicates += _merge_batch(con, batch, merged, task_size, checks, fingerprint)
-                        report.shards += map(str, batch)
-                        break
-                    except BadFile as e:
-                        if not skip_bad:
-                            raise
-                        report.rejected.append((str(e.path), e.reason))
-                        batch = [p for p in batch if p != e.path]  # and merge the others again
-                progress.update(sum(sizes[p] for p in paths[i:i + ATTACH_BATCH]))
-            progress.close()
-            if not report.shards:
-                raise InputError(f"{run_dir}: no shard could be merged")
-            # every task's row count was checked as it was copied: no need to count the table
-            report.rows = con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
-            done = set(merged)
-            report.tasks = len(done)
-            report.missing = [t for t in range(spec.n_tasks) if t not in done]
-            con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                            [("rows", str(report.rows)), ("tasks", str(report.tasks)),
-                             ("merged", repr(time.time()))])
-            con.execute("PRAGMA journal_mode = DELETE")
+        laid = False
+        if existing is None and expected.dim is not None and pages.fits(expected.dim ** 2 * expected.itemsize, page_size):
+            try:
+                _merge_pages(tmp, paths, record, page_size, expected, checks, task_size, fingerprint, report, sizes)
+                laid = True
+            except (NotPages, BadFile) as e:
+                # rows with meta, or a shard that fails a check: SQLite merges them, and says which
+                # shard fails and why as it always has (or leaves it out, with --skip-bad)
+                log.debug("merging by SQLite instead of page by page: %s", e)
+                report = MergeReport(out, spec.n_tasks, rejected=report.rejected)
+                tmp.unlink(missing_ok=True)
+                files.create_private(tmp)
+        if not laid:
+            _merge_sql(tmp, existing, paths, record, page_size, expected, checks, task_size, fingerprint,
+                       report, sizes, skip_bad, run_dir)
         files.publish(tmp, out, mode=files.shared_mode())   # meant to be shared: the umask decides
     except sqlite3.Error as e:
         full = "full" in str(e) or (getattr(e, "sqlite_errorcode", 0) & 0xFF) == 13
@@ -144,6 +136,163 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     report.bytes_read = sum(sizes[Path(p)] for p in report.shards)
     report.seconds = time.monotonic() - start
     return report
+
+
+def _merge_sql(tmp: Path, existing: Path | None, paths: list[Path], record: dict, page_size: int,
+               expected: Expected, checks: dict[Path, Future], task_size: int, fingerprint: str,
+               report: MergeReport, sizes: dict[Path, int], skip_bad: bool, run_dir) -> None:
+    """The merge by SQLite: a few attached shards at a time, their tasks' rows copied by
+    ``INSERT ... SELECT`` (rows with meta, rows larger than a page, ``--append``)."""
+    with contextlib.closing(_open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
+        progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
+        merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
+        for i in range(0, len(paths), ATTACH_BATCH):
+            batch = paths[i:i + ATTACH_BATCH]
+            while batch:
+                try:
+                    report.duplicates += _merge_batch(con, batch, merged, task_size, checks, fingerprint)
+                    report.shards += map(str, batch)
+                    break
+                except BadFile as e:
+                    if not skip_bad:
+                        raise
+                    report.rejected.append((str(e.path), e.reason))
+                    batch = [p for p in batch if p != e.path]  # and merge the others again
+            progress.update(sum(sizes[p] for p in paths[i:i + ATTACH_BATCH]))
+        progress.close()
+        if not report.shards:
+            raise InputError(f"{run_dir}: no shard could be merged")
+        _finish(con, report, set(merged), expected.n_tasks)
+        con.execute("PRAGMA journal_mode = DELETE")
+
+
+def _finish(con: sqlite3.Connection, report: MergeReport, done: set[int], n_tasks: int,
+            extra: dict[str, str] | None = None) -> None:
+    """The report's counts, and the meta rows that say what the database holds (by the tasks rows
+    already in it)."""
+    # every task's row count was checked as it was copied: no need to count the table
+    report.rows = con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
+    report.tasks = len(done)
+    report.missing = [t for t in range(n_tasks) if t not in done]
+    con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                    [("rows", str(report.rows)), ("tasks", str(report.tasks)), ("merged", repr(time.time())),
+                     *(extra or {}).items()])
+
+
+class NotPages(Exception):
+    """What the page writer does not take, found as it reads: the merge goes to SQLite."""
+
+
+def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, expected: Expected,
+                 checks: dict[Path, Future], task_size: int, fingerprint: str, report: MergeReport,
+                 sizes: dict[Path, int]) -> None:
+    """The merge page by page (``pages.py``): SQLite makes the file, its schema and meta; each
+    planned task's rows, read as one run of bytes from the shard that holds it, are laid into the
+    ``unitaries`` table's leaf pages in id order; the tasks rows and the meta follow through SQLite.
+    Every shard passes ``checks`` before the file is finished. Raises :class:`NotPages` where a
+    row has meta, or a shard fails its checks (then the SQL merge, which can leave it out, runs)."""
+    owners, duplicates = _owners(paths, fingerprint, expected)
+    row_bytes = expected.dim ** 2 * expected.itemsize
+    with contextlib.closing(_open_target(tmp, None, record, page_size, expected)) as con:
+        root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+    largest = max((t * task_size + row[2] - 1 for t, (_, row) in owners.items()), default=0)
+    progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
+    readers = _Readers()
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        with files.write_behind(tmp):
+            writer = pages.TableWriter(fd, page_size, root, os.fstat(fd).st_size // page_size + 1, row_bytes,
+                                       expected.dim, largest)
+            for task in sorted(owners):
+                path, row = owners[task]
+                base, count = task * task_size, row[2]
+                data = readers.task_bytes(path, base, count, row_bytes)
+                writer.add(np.arange(base, base + count), np.frombuffer(data, np.uint8).reshape(count, row_bytes))
+                progress.update(len(data))
+            layout = writer.finish()
+    finally:
+        os.close(fd)
+        readers.close()
+        progress.close()
+    for path in paths:
+        checks[path].result()   # its BadFile: the SQL merge, which says so
+    with contextlib.closing(sqlite3.connect(tmp, isolation_level=None)) as con:
+        con.execute("PRAGMA synchronous = OFF")   # publishing fsyncs the whole file
+        con.execute("BEGIN")
+        con.executemany(f"INSERT INTO tasks VALUES ({', '.join('?' * len(COLUMNS['tasks']))})",
+                        [row for _, row in sorted(owners.values(), key=lambda o: o[1][0])])
+        report.shards += map(str, paths)
+        report.duplicates = duplicates
+        _finish(con, report, set(owners), expected.n_tasks, layout.to_meta())
+        con.execute("COMMIT")
+
+
+def _owners(paths: list[Path], fingerprint: str, expected: Expected) -> tuple[dict[int, tuple[Path, tuple]], int]:
+    """Which shard each task is taken from (task -> (shard, its tasks row)), and how many copies
+    of tasks were left out as duplicates (identical checksums). A task outside the plan, or of
+    another count than the plan's, is :class:`NotPages`: the SQL merge refuses it by name."""
+    owners: dict[int, tuple[Path, tuple]] = {}
+    duplicates = 0
+    for p in paths:
+        with reading(p) as con:
+            check_schema(con, p, fingerprint)   # nothing of a shard is read before its schema passed
+            rows = con.execute(f"SELECT {', '.join(COLUMNS['tasks'])} FROM tasks").fetchall()
+        differ = []
+        for row in rows:
+            task, count = row[0], row[2]
+            if not (type(task) is int and 0 <= task < expected.n_tasks and count == expected.task_count(task)
+                    and type(count) is int):
+                raise NotPages(f"{p}: task {task!r} of {count!r} rows is not a task of the plan")
+            if row[0] not in owners:
+                owners[row[0]] = (p, row)
+            elif owners[row[0]][1][-1] == row[-1]:
+                duplicates += 1
+            else:
+                differ.append(row[0])
+        if differ:   # the SQL merge names the damaged copy, or refuses to choose
+            raise NotPages(f"task(s) {plan.ranges(differ)} of {p} differ from another shard's")
+    return owners, duplicates
+
+
+class _Readers:
+    """Open shards, the most recently read kept (tasks alternate between a few shards)."""
+
+    KEEP = 16
+
+    def __init__(self) -> None:
+        self.open: dict[Path, sqlite3.Connection] = {}
+
+    def task_bytes(self, path: Path, base: int, count: int, row_bytes: int) -> bytes:
+        """The rows of ids ``base ... base + count - 1`` of ``path``, concatenated in id order;
+        :class:`BadFile` where there are not ``count`` rows of ``row_bytes``, NotPages where any
+        row has meta."""
+        con = self.open.pop(path, None)
+        if con is None:
+            if len(self.open) >= self.KEEP:
+                self.open.pop(next(iter(self.open))).close()
+            con = connect_readonly(path, check_same_thread=False)
+            con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+            con.text_factory = bytes
+        self.open[path] = con
+        step = max(1, db.CHUNK_BYTES // row_bytes)
+        parts = []
+        with blame(path):
+            for start in range(base, base + count, step):
+                stop = min(start + step, base + count)
+                n, metas, data = con.execute(
+                    "SELECT count(*), count(meta), group_concat(data, x'') FROM unitaries WHERE id >= ? AND id < ?",
+                    (start, stop)).fetchone()
+                if metas:
+                    raise NotPages(f"{path}: rows with meta")
+                if n != stop - start or len(data or b"") != n * row_bytes:
+                    raise BadFile(path, f"task {base // max(count, 1)} rows {start}-{stop - 1}: {n} rows of "
+                                        f"{len(data or b'')} bytes, not {stop - start} of {row_bytes}")
+                parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def close(self) -> None:
+        while self.open:
+            self.open.popitem()[1].close()
 
 
 def _first_sound(paths: list[Path], fingerprint: str) -> Path | None:

@@ -1,0 +1,275 @@
+"""The merged database's ``unitaries`` table written as SQLite's own b-tree pages, by numpy, in a
+layout unidask defines: rows in id order, a fixed number of rows per leaf page, the leaves in id
+order from one page on, then the interior pages. SQLite's file format (sqlite.org/fileformat2.html,
+stable since 2004) is what ``sqlite3`` reads: the file is a normal database, and the layout is only
+what makes a row's place computable (``Layout``).
+
+SQLite makes the file, its schema and its small tables (meta, tasks) and an empty ``unitaries``
+table; the writer appends the table's leaves after the file's last page, its interior pages after
+those, writes the top page over the table's root page, and sets the header's page count.
+
+Rows of fixed size without meta only, whose record fits in a page (no overflow chain): complex128
+up to n = 63 at 64 KiB pages. Others are merged by SQLite (``merge.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+LEAF, INTERIOR = 0x0D, 0x05
+HEADER_PAGES = 28          # the database header's page count (big-endian u32)
+HEADER_COUNTER = 24        # its file change counter, and the version it is valid for:
+HEADER_VALID_FOR = 92      # the page count is trusted only where the two are equal
+
+
+def varint_len(values: np.ndarray) -> np.ndarray:
+    """Bytes of SQLite's varint of each value (0 <= value < 2^56: at most 8 bytes, 7 bits each)."""
+    v = np.asarray(values, dtype=np.uint64)
+    n = np.ones(v.shape, dtype=np.int64)
+    for k in range(1, 8):
+        n += v >= (np.uint64(1) << np.uint64(7 * k))
+    return n
+
+
+def varints(values: np.ndarray, length: int) -> np.ndarray:
+    """Each value's SQLite varint of ``length`` bytes (all of that length): an (N, length) array."""
+    v = np.asarray(values, dtype=np.uint64)[:, None]
+    shifts = np.uint64(7) * np.arange(length - 1, -1, -1, dtype=np.uint64)
+    out = ((v >> shifts) & np.uint64(0x7F)).astype(np.uint8)
+    out[:, :-1] |= 0x80
+    return out
+
+
+def varint(value: int) -> bytes:
+    return varints(np.array([value]), int(varint_len(np.array([value]))[0]))[0].tobytes()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each row is: the ``k``-th row (in id order) in leaf page ``first_leaf + k // per_leaf``
+    (1-based page numbers, of ``page_size`` bytes), its data ``row_bytes`` long. A cell is the
+    payload size, the rowid, the record header, the dim and the data; only the rowid's length
+    varies (with the id), so a leaf's cells are placed from the page's end back."""
+
+    page_size: int
+    first_leaf: int
+    leaves: int
+    per_leaf: int
+    rows: int
+    row_bytes: int
+    dim: int
+
+    @property
+    def record_header(self) -> bytes:
+        # header size, then the serial types: id (the rowid: NULL), dim (an int), data (a BLOB), meta (NULL)
+        types = b"\x00" + bytes([_int_type(self.dim)]) + varint(2 * self.row_bytes + 12) + b"\x00"
+        return bytes([len(types) + 1]) + types
+
+    @property
+    def payload(self) -> bytes:
+        """A record's bytes before its data."""
+        return self.record_header + _int_bytes(self.dim)
+
+    @property
+    def payload_size(self) -> int:
+        return len(self.payload) + self.row_bytes
+
+    def cell_size(self, id_len: int) -> int:
+        return len(varint(self.payload_size)) + id_len + self.payload_size
+
+    def to_meta(self) -> dict[str, str]:
+        return {f"layout.{k}": str(v) for k, v in asdict(self).items()}
+
+
+def _int_type(value: int) -> int:
+    # SQLite's serial type of a small integer: 8 and 9 are the constants 0 and 1 (no bytes)
+    return 8 if value == 0 else 9 if value == 1 else 1 if -128 <= value < 128 else 2
+
+
+def _int_bytes(value: int) -> bytes:
+    t = _int_type(value)
+    return b"" if t in (8, 9) else value.to_bytes(1 if t == 1 else 2, "big", signed=True)
+
+
+def fits(row_bytes: int, page_size: int) -> bool:
+    """Whether a row's record fits in a leaf page's cell without an overflow page (SQLite's
+    largest local payload of a table leaf is the usable size less 35)."""
+    return row_bytes + 16 <= page_size - 35
+
+
+def per_leaf(page_size: int, cell_size: int) -> int:
+    """Cells of ``cell_size`` bytes (the largest of the file's) that fit in one leaf page."""
+    return (page_size - 8) // (cell_size + 2)
+
+
+class TableWriter:
+    """Write one rowid table's rows, given in id order, as leaf pages appended at ``first_leaf``
+    of the open file ``fd``; :meth:`finish` adds the interior pages, writes the top one over the
+    table's ``root`` page and sets the page count."""
+
+    def __init__(self, fd: int, page_size: int, root: int, first_leaf: int, row_bytes: int, dim: int,
+                 largest_id: int):
+        if not fits(row_bytes, page_size):
+            raise ValueError(f"a row of {row_bytes} bytes does not fit in a {page_size}-byte page")
+        self.fd, self.root = fd, root
+        probe = Layout(page_size, first_leaf, 0, 1, 0, row_bytes, dim)
+        self.cell_max = probe.cell_size(int(varint_len(np.array([largest_id]))[0]))
+        self.layout = Layout(page_size, first_leaf, 0, per_leaf(page_size, self.cell_max), 0, row_bytes, dim)
+        self.prefix = np.frombuffer(varint(self.layout.payload_size), np.uint8)
+        self.payload = np.frombuffer(self.layout.payload, np.uint8)
+        self.pending_ids: list[np.ndarray] = []
+        self.pending_data: list[np.ndarray] = []
+        self.pending = 0
+        self.leaves: list[tuple[int, int]] = []   # (page, its largest id)
+        self.rows = 0
+        self.last_id = -1
+
+    def add(self, ids: np.ndarray, data: np.ndarray) -> None:
+        """Rows ``ids`` (increasing, above every id added before) with their data, an (N, row_bytes)
+        uint8 array. Whole leaves are written as they fill."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        if ids[0] <= self.last_id or (len(ids) > 1 and np.any(np.diff(ids) <= 0)):
+            raise ValueError("rows must come in increasing id order")
+        self.last_id = int(ids[-1])
+        self.pending_ids.append(ids)
+        self.pending_data.append(data.reshape(len(ids), self.layout.row_bytes))
+        self.pending += len(ids)
+        if self.pending >= self.layout.per_leaf:
+            self._flush(whole_only=True)
+
+    def _flush(self, whole_only: bool) -> None:
+        c = self.layout.per_leaf
+        ids = np.concatenate(self.pending_ids)
+        data = np.concatenate(self.pending_data) if len(self.pending_data) > 1 else self.pending_data[0]
+        n = len(ids) // c * c if whole_only else len(ids)
+        if n:
+            self._write_leaves(ids[:n], data[:n])
+        self.pending_ids, self.pending_data = ([ids[n:]], [data[n:]]) if n < len(ids) else ([], [])
+        self.pending = len(ids) - n
+
+    def _write_leaves(self, ids: np.ndarray, data: np.ndarray) -> None:
+        lay, c = self.layout, self.layout.per_leaf
+        count = -(-len(ids) // c)
+        pages = np.zeros((count, lay.page_size), np.uint8)
+        id_len = varint_len(ids)
+        whole = len(ids) // c
+        per_page = id_len[:whole * c].reshape(whole, c)
+        uniform = per_page.min(axis=1) == per_page.max(axis=1)
+        q = 0
+        while q < count:
+            if q < whole and uniform[q]:   # a run of whole pages whose ids have one varint length
+                end = q + 1
+                while end < whole and uniform[end] and per_page[end, 0] == per_page[q, 0]:
+                    end += 1
+                self._leaves(pages[q:end], ids[q * c:end * c], data[q * c:end * c], int(per_page[q, 0]))
+                q = end
+            else:
+                lo, hi = q * c, min((q + 1) * c, len(ids))
+                self._leaf(pages[q], ids[lo:hi], data[lo:hi], id_len[lo:hi])
+                q += 1
+        first = lay.first_leaf + len(self.leaves)
+        os.pwrite(self.fd, pages, (first - 1) * lay.page_size)
+        self.leaves += [(first + q, int(ids[min((q + 1) * c, len(ids)) - 1])) for q in range(count)]
+        self.rows += len(ids)
+
+    def _leaves(self, pages: np.ndarray, ids: np.ndarray, data: np.ndarray, id_len: int) -> None:
+        """Whole leaves whose cells are all one size: each array operation fills every page."""
+        n, c, lp, pl = len(pages), self.layout.per_leaf, len(self.prefix), len(self.payload)
+        size = lp + id_len + self.layout.payload_size
+        top = self.layout.page_size - c * size
+        pages[:, 0] = LEAF
+        pages[:, 3:5] = np.frombuffer(struct.pack(">H", c), np.uint8)
+        pages[:, 5:7] = np.frombuffer(struct.pack(">H", top % 65536), np.uint8)
+        pages[:, 8:8 + 2 * c] = (top + size * np.arange(c)).astype(">u2").view(np.uint8)
+        cells = pages[:, top:].reshape(n, c, size)
+        cells[:, :, :lp] = self.prefix
+        cells[:, :, lp:lp + id_len] = varints(ids, id_len).reshape(n, c, id_len)
+        cells[:, :, lp + id_len:lp + id_len + pl] = self.payload
+        cells[:, :, lp + id_len + pl:] = data.reshape(n, c, -1)
+
+    def _leaf(self, page: np.ndarray, ids: np.ndarray, data: np.ndarray, id_len: np.ndarray) -> None:
+        n, lp, pl = len(ids), len(self.prefix), len(self.payload)
+        sizes = lp + id_len + self.layout.payload_size
+        top = self.layout.page_size - int(sizes.sum())
+        offsets = top + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        page[0] = LEAF
+        page[3:5] = np.frombuffer(struct.pack(">H", n), np.uint8)
+        page[5:7] = np.frombuffer(struct.pack(">H", top % 65536), np.uint8)   # 0 stands for 65536
+        page[8:8 + 2 * n] = offsets.astype(">u2").view(np.uint8)
+        # runs of cells whose rowids have one length are equal-sized and contiguous: one strided
+        # view each (a page has one run, or two where the ids cross a varint length)
+        starts = np.flatnonzero(np.diff(id_len, prepend=-1))
+        for a, b in zip(starts, [*starts[1:], n]):
+            size = int(sizes[a])
+            cells = page[offsets[a]:offsets[a] + (b - a) * size].reshape(b - a, size)
+            L = int(id_len[a])
+            cells[:, :lp] = self.prefix
+            cells[:, lp:lp + L] = varints(ids[a:b], L)
+            cells[:, lp + L:lp + L + pl] = self.payload
+            cells[:, lp + L + pl:] = data[a:b]
+
+    def finish(self) -> Layout:
+        """Write the last leaf, the interior pages and the root; set the header's page count.
+        Returns the layout."""
+        if self.pending:
+            self._flush(whole_only=False)
+        lay = self.layout
+        next_page = lay.first_leaf + len(self.leaves)
+        level = self.leaves
+        if not level:   # no row: the root stays SQLite's empty leaf
+            self._set_page_count(lay.first_leaf - 1)
+            return Layout(**{**asdict(lay), "leaves": 0, "rows": 0})
+        fanout = (lay.page_size - 12) // (2 + 4 + 9)
+        while len(level) > 1:
+            groups = -(-len(level) // fanout)
+            bounds = np.linspace(0, len(level), groups + 1).round().astype(int)   # even: none nearly empty
+            parents = []
+            for g in range(groups):
+                children = level[bounds[g]:bounds[g + 1]]
+                page = next_page if groups > 1 else self.root
+                os.pwrite(self.fd, _interior(children, lay.page_size), (page - 1) * lay.page_size)
+                if groups > 1:
+                    next_page += 1
+                parents.append((page, children[-1][1]))
+            level = parents
+        if level[0][0] != self.root:   # a single leaf: it is the root itself
+            only = os.pread(self.fd, lay.page_size, (level[0][0] - 1) * lay.page_size)
+            os.pwrite(self.fd, only, (self.root - 1) * lay.page_size)
+            next_page -= 1
+            lay = Layout(**{**asdict(lay), "first_leaf": self.root})
+        self._set_page_count(next_page - 1)
+        os.ftruncate(self.fd, (next_page - 1) * lay.page_size)
+        return Layout(**{**asdict(lay), "leaves": len(self.leaves), "rows": self.rows})
+
+    def _set_page_count(self, pages: int) -> None:
+        header = bytearray(os.pread(self.fd, 100, 0))
+        counter = struct.unpack(">I", header[HEADER_COUNTER:HEADER_COUNTER + 4])[0] + 1
+        header[HEADER_PAGES:HEADER_PAGES + 4] = struct.pack(">I", pages)
+        header[HEADER_COUNTER:HEADER_COUNTER + 4] = struct.pack(">I", counter)
+        header[HEADER_VALID_FOR:HEADER_VALID_FOR + 4] = struct.pack(">I", counter)
+        os.pwrite(self.fd, bytes(header), 0)
+
+
+def _interior(children: list[tuple[int, int]], page_size: int) -> np.ndarray:
+    """An interior table page over ``children`` ((page, largest id) each): a cell per child but
+    the last, which is the right-most pointer."""
+    cells = [struct.pack(">I", page) + varint(key) for page, key in children[:-1]]
+    total = sum(map(len, cells))
+    top = page_size - total
+    out = bytearray(page_size)
+    out[0] = INTERIOR
+    out[3:5] = struct.pack(">H", len(cells))
+    out[5:7] = struct.pack(">H", top % 65536)
+    out[8:12] = struct.pack(">I", children[-1][0])
+    offset = top
+    for i, cell in enumerate(cells):
+        out[12 + 2 * i:14 + 2 * i] = struct.pack(">H", offset)
+        out[offset:offset + len(cell)] = cell
+        offset += len(cell)
+    return np.frombuffer(bytes(out), np.uint8)
