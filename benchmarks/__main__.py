@@ -224,7 +224,7 @@ class Bench:
         with other_filesystem(self.base.with_name(f"{self.base.name}-other"), 40 << 30) as shared:
             for dim, seconds in ((4, 40), (16, 30)):
                 task = work.TASK_SIZE[dim] * 2
-                rate = {4: 850_000, 16: 100_000}[dim]   # this machine's, 2 workers: runs of about ``seconds``
+                rate = {4: 450_000, 16: 50_000}[dim]   # about this machine's, 2 workers: runs of about ``seconds``
                 count = task * (4 if self.quick else round(rate * seconds / task))
                 every = (0.5,) if self.quick else (10, 3)
 

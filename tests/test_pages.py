@@ -97,3 +97,37 @@ def test_rows_must_come_in_id_order(tmp_path):
 
 def test_a_row_larger_than_a_page_is_left_to_sqlite():
     assert pages.fits(62 * 62 * 16, 65536) and not pages.fits(64 * 64 * 16, 65536)
+
+
+def test_a_dataset_reads_the_merged_pages_as_sql_reads_the_rows(config, tmp_path):
+    """``Dataset`` reads a database in the merge's layout from the map of its pages: every way of
+    indexing gives what SQL gives (a copy of the file that one write has touched reads through
+    SQL); and once the file has been written by anyone, it no longer trusts the layout."""
+    import shutil
+
+    import unidask
+
+    spec = config(run={"count": 3000, "task_size": 250}, generator={"kind": "haar", "dim": 3})
+    merged = unidask.run(spec).merged.out
+    touched = tmp_path / "touched.db"
+    shutil.copyfile(merged, touched)
+    con = sqlite3.connect(touched)
+    with con:
+        con.execute("INSERT INTO meta VALUES ('touched', 'yes')")   # a write, of no row of the table
+    con.close()
+    paged, plain = unidask.Dataset(merged), unidask.Dataset(touched)
+    assert paged._pages is not None and plain._pages is None
+    rng = np.random.default_rng(1)
+    keys = [0, 2999, -1, slice(None), slice(10, 500), slice(2999, None, -7), slice(5, 5), [7, 7, 3, 2999],
+            rng.integers(0, 3000, 256), np.array([], np.int64)]
+    for key in keys:
+        np.testing.assert_array_equal(paged[key], plain[key], err_msg=str(key))
+    batches = [(i.copy(), u.copy()) for i, u in paged.batches(size=700)]
+    assert [i.tolist() for i, _ in batches] == [i.tolist() for i, _ in plain.batches(size=700)]
+    # a row changed by sqlite3 in the merged file itself: the change counter moves, SQL is read
+    con = sqlite3.connect(merged)
+    with con:
+        con.execute("UPDATE unitaries SET data = zeroblob(length(data)) WHERE id = 5")
+    con.close()
+    again = unidask.Dataset(merged)
+    assert again._pages is None and not again[5].any()

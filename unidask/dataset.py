@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from . import files
+from . import files, pages
 from .db import connect_readonly, read_meta
 from .errors import InputError
 
@@ -91,6 +91,18 @@ class Dataset:
         """(smallest id, largest id + 1)."""
         lo, hi = self._query("SELECT min(id), max(id) FROM unitaries").fetchone()
         return (0, 0) if lo is None else (lo, hi + 1)
+
+    @cached_property
+    def _pages(self) -> pages.PageReader | None:
+        """Where the file is as the page merge left it (``pages.read_layout``), its rows read
+        straight from the map of its pages; else None: through SQL (the same rows)."""
+        layout = pages.read_layout(self.path, self.meta) if self.mmap else None
+        if layout is None or layout.rows != len(self) or layout.row_bytes != self.row_bytes or layout.dim != self.dim:
+            return None
+        return pages.PageReader(self.path, layout)
+
+    def _paged(self, ids: np.ndarray) -> np.ndarray:
+        return self._pages.rows(ids).view(self.dtype).reshape(len(ids), self.dim, self.dim)
 
     def _query(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         try:
@@ -178,6 +190,8 @@ class Dataset:
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
         ids = self._ids(key)
+        if isinstance(ids, int) and self._pages is not None and 0 <= ids < len(self):
+            return self._paged(np.array([ids]))[0]
         if isinstance(ids, int):
             found, out = self._read("WHERE id = ?", (ids,))
             if not len(found):
@@ -194,6 +208,8 @@ class Dataset:
 
     def _span(self, start: int, stop: int) -> np.ndarray:
         """The unitaries of ids ``start`` to ``stop - 1``, every one present."""
+        if self._pages is not None and 0 <= start <= stop <= len(self):
+            return self._paged(np.arange(start, stop))
         step = self._rows_per_read
         parts = [self._read("WHERE id >= ? AND id < ?", (a, min(stop, a + step)))[1]
                  for a in range(start, stop, step)]
@@ -206,6 +222,9 @@ class Dataset:
     def present(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(the ids of ids that the dataset holds, their unitaries)``, in id order; ``ids``
         distinct. Each read by rowid, the ids bound as one JSON array a query."""
+        if self._pages is not None:   # ids 0 ... len - 1, every one there
+            found = np.sort(ids[(ids >= 0) & (ids < len(self))])
+            return found, self._paged(found)
         step = self._rows_per_read
         parts = [self._read("WHERE id IN (SELECT value FROM json_each(?))",
                             (json.dumps(ids[a:a + step].tolist()),)) for a in range(0, len(ids), step)]
@@ -237,6 +256,14 @@ class Dataset:
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, unitaries) in id order, ``size`` at a time, over ids in [start, stop)."""
         stop = self.id_range[1] if stop is None else stop
+        if self._pages is not None:   # ids 0 ... len - 1, every one there
+            if size == 0:   # as SQL's LIMIT: none for 0, no limit but memory's for less
+                return
+            step = size if size > 0 else self._rows_per_read
+            for a in range(max(start, 0), min(stop, len(self)), step):
+                ids = np.arange(a, min(a + step, stop, len(self)))
+                yield ids, self._paged(ids)
+            return
         last = start - 1
         while True:
             ids, out = self._read("WHERE id > ? AND id < ? ORDER BY id LIMIT ?",

@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -347,13 +347,14 @@ class Expected:
         return plan.task_count(self.count, self.task_size, task)
 
 
-def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main"
+def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main", read_elsewhere: frozenset = frozenset()
                 ) -> Iterator[tuple[int | None, str]]:
     """Everything that breaks the integrity invariant in the tasks of ``schema``, as (task, what is
     wrong), task None for the file as a whole: a task outside the plan, a count that is not the
     plan's, rows missing or off their ids, of another dim, byte length or type, a checksum that its
     rows do not give, rows that belong to no task. The one check behind merge, verify, status and
-    resume."""
+    resume. The rows of the tasks in ``read_elsewhere`` are left to the caller, who reads them
+    anyway (the page merge: :meth:`TaskRows.read` as it copies them)."""
     dim = expected.dim
     accounted = 0
     for task, count, recorded in con.execute(f"SELECT task, count, checksum FROM {schema}.tasks ORDER BY task"):
@@ -362,6 +363,9 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
             continue
         if count != expected.task_count(task):
             yield task, f"task {task} records {count!r} unitaries, the plan has {expected.task_count(task)}"
+            continue
+        if task in read_elsewhere:
+            accounted += count
             continue
         base = task * expected.task_size
         if dim is None:   # a plugin's: the first row checked sets it
@@ -398,10 +402,12 @@ class TaskRows:
     odd: int = 0
     metas: int = 0
     digest: str = ""
+    data: list = field(default_factory=list)   # with keep: the rows' bytes, in id order
 
     @classmethod
-    def read(cls, con: sqlite3.Connection, schema: str, base: int, size: int, dim: int, row_bytes: int
-             ) -> "TaskRows":
+    def read(cls, con: sqlite3.Connection, schema: str, base: int, size: int, dim: int, row_bytes: int,
+             keep: bool = False) -> "TaskRows":
+        """``keep``: also the bytes hashed (for a copy of them that needs no second read)."""
         out, h, metas = cls(), xxhash.xxh3_128(), []
         where = f"FROM {schema}.unitaries WHERE id >= :start AND id < :stop"
         concat = 0 < row_bytes < CONCAT_BELOW
@@ -418,12 +424,16 @@ class TaskRows:
                 out.last_id = last if n else out.last_id
                 if concat:
                     h.update(data[0] or b"")
+                    if keep:
+                        out.data.append(data[0] or b"")
             if out.odd:
                 return out   # its digest would say nothing more
             if not concat:
                 for data, meta in con.execute(f"SELECT data, meta {where} ORDER BY id", {"start": base, "stop": base + size}):
                     h.update(data)
                     metas.append(b"\0" if meta is None else meta)
+                    if keep:
+                        out.data.append(data)
             elif out.metas:
                 metas += [con.execute(f"SELECT group_concat(coalesce(meta, char(0)), '') {where}",
                                       {"start": start, "stop": stop}).fetchone()[0] or b"" for start, stop in chunks]
@@ -481,17 +491,19 @@ def check_tasks(path: Path, expected: Expected) -> dict[int, str]:
         return _checked_tasks(con, path, expected)
 
 
-def _checked_tasks(con: sqlite3.Connection, path: Path, expected: Expected) -> dict[int, str]:
+def _checked_tasks(con: sqlite3.Connection, path: Path, expected: Expected, read_elsewhere: frozenset = frozenset()
+                   ) -> dict[int, str]:
     con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-    for task, reason in task_faults(con, expected):
+    for task, reason in task_faults(con, expected, read_elsewhere=read_elsewhere):
         raise BadFile(path, reason)
     return dict(con.execute("SELECT task, checksum FROM tasks"))
 
 
-def check(path: Path, fingerprint: str, expected: Expected) -> dict[int, str]:
+def check(path: Path, fingerprint: str, expected: Expected, read_elsewhere: frozenset = frozenset()) -> dict[int, str]:
     """Every check a staged shard must pass (meta and schema, pages, tasks), on one connection (a
-    merge of many small shards pays for each open); its task -> checksum."""
+    merge of many small shards pays for each open); its task -> checksum. The rows of the tasks in
+    ``read_elsewhere`` are the caller's to check (:func:`task_faults`)."""
     with reading(path) as con:
         check_schema(con, path, fingerprint)
         _quick_check(con, path)
-        return _checked_tasks(con, path, expected)
+        return _checked_tasks(con, path, expected, read_elsewhere)

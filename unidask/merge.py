@@ -8,6 +8,7 @@ filesystem), with ``trusted_schema`` off and a check that nothing in them is a v
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -102,7 +103,6 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     # are copied; a batch commits only once its shards passed. A shard's schema is checked again
     # where it is attached, before anything of it is read.
     checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check")
-    checks = {p: checker.submit(db.check, p, fingerprint, expected) for p in paths}
     # the shards' page size (a delta's may be smaller): the rows fill the pages as well, and the
     # copy runs ~2x faster than at 4 KiB at n = 4
     page_size = db.run_page_size(spec.storage.page_size, expected.dim and expected.dim ** 2 * expected.itemsize)
@@ -111,7 +111,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
         laid = False
         if existing is None and expected.dim is not None and pages.fits(expected.dim ** 2 * expected.itemsize, page_size):
             try:
-                _merge_pages(tmp, paths, record, page_size, expected, checks, task_size, fingerprint, report, sizes)
+                _merge_pages(tmp, paths, record, page_size, expected, checker, task_size, fingerprint, report, sizes)
                 laid = True
             except (NotPages, BadFile) as e:
                 # rows with meta, or a shard that fails a check: SQLite merges them, and says which
@@ -121,6 +121,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
                 tmp.unlink(missing_ok=True)
                 files.create_private(tmp)
         if not laid:
+            checks = {p: checker.submit(db.check, p, fingerprint, expected) for p in paths}
             _merge_sql(tmp, existing, paths, record, page_size, expected, checks, task_size, fingerprint,
                        report, sizes, skip_bad, run_dir)
         files.publish(tmp, out, mode=files.shared_mode())   # meant to be shared: the umask decides
@@ -129,7 +130,9 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
         raise RunError(f"merge into {out} failed: {e}" + (f" (the disk of {out.parent} is full: free space, "
                                                          "then merge again)" if full else "")) from e
     except OSError as e:
-        raise RunError(f"merge into {out} failed: {e.strerror or e} ({e.filename or out})") from e
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)   # the page writer's own writes
+        raise RunError(f"merge into {out} failed: {e.strerror or e} ({e.filename or out})"
+                       + (f" (the disk of {out.parent} is full: free space, then merge again)" if full else "")) from e
     finally:
         checker.shutdown(cancel_futures=True)
         tmp.unlink(missing_ok=True)
@@ -184,14 +187,21 @@ class NotPages(Exception):
 
 
 def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, expected: Expected,
-                 checks: dict[Path, Future], task_size: int, fingerprint: str, report: MergeReport,
+                 checker: ThreadPoolExecutor, task_size: int, fingerprint: str, report: MergeReport,
                  sizes: dict[Path, int]) -> None:
     """The merge page by page (``pages.py``): SQLite makes the file, its schema and meta; each
-    planned task's rows, read as one run of bytes from the shard that holds it, are laid into the
-    ``unitaries`` table's leaf pages in id order; the tasks rows and the meta follow through SQLite.
-    Every shard passes ``checks`` before the file is finished. Raises :class:`NotPages` where a
-    row has meta, or a shard fails its checks (then the SQL merge, which can leave it out, runs)."""
+    planned task's rows, read once from the shard it is taken from, are checked (count, ids, dims,
+    lengths, checksum: :class:`db.TaskRows`) and laid from those same bytes into the ``unitaries``
+    table's leaf pages in id order; the tasks rows and the meta follow through SQLite. Every shard's
+    other checks (schema, pages, the tasks not taken from it, rows of no task) run on ``checker``
+    meanwhile, and pass before the file is finished. Raises :class:`NotPages` where a row has meta,
+    :class:`BadFile` where a shard fails a check (then the SQL merge runs, and says so or leaves
+    the shard out)."""
     owners, duplicates = _owners(paths, fingerprint, expected)
+    taken: dict[Path, set[int]] = {p: set() for p in paths}
+    for task, (p, _) in owners.items():
+        taken[p].add(task)
+    checks = {p: checker.submit(db.check, p, fingerprint, expected, frozenset(taken[p])) for p in paths}
     row_bytes = expected.dim ** 2 * expected.itemsize
     with contextlib.closing(_open_target(tmp, None, record, page_size, expected)) as con:
         root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
@@ -206,7 +216,7 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
             for task in sorted(owners):
                 path, row = owners[task]
                 base, count = task * task_size, row[2]
-                data = readers.task_bytes(path, base, count, row_bytes)
+                data = readers.task_bytes(path, task, base, count, expected.dim, row_bytes, row[-1])
                 writer.add(np.arange(base, base + count), np.frombuffer(data, np.uint8).reshape(count, row_bytes))
                 progress.update(len(data))
             layout = writer.finish()
@@ -216,6 +226,11 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
         progress.close()
     for path in paths:
         checks[path].result()   # its BadFile: the SQL merge, which says so
+    # the file as this transaction leaves it: its header's change counter one up (a reader of the
+    # layout trusts it only while nothing has written the file since), and its ids from 0 on
+    counter = pages.change_counter(tmp) + 1
+    dense = sorted(owners) == list(range(expected.n_tasks))
+    extra = {**layout.to_meta(), "layout.change_counter": str(counter), "layout.dense": str(int(dense))}
     with contextlib.closing(sqlite3.connect(tmp, isolation_level=None)) as con:
         con.execute("PRAGMA synchronous = OFF")   # publishing fsyncs the whole file
         con.execute("BEGIN")
@@ -223,8 +238,10 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
                         [row for _, row in sorted(owners.values(), key=lambda o: o[1][0])])
         report.shards += map(str, paths)
         report.duplicates = duplicates
-        _finish(con, report, set(owners), expected.n_tasks, layout.to_meta())
+        _finish(con, report, set(owners), expected.n_tasks, extra)
         con.execute("COMMIT")
+        if pages.change_counter(tmp) != counter:   # SQLite counted otherwise: read it through SQL
+            con.execute("DELETE FROM meta WHERE key = 'layout.change_counter'")
 
 
 def _owners(paths: list[Path], fingerprint: str, expected: Expected) -> tuple[dict[int, tuple[Path, tuple]], int]:
@@ -262,33 +279,25 @@ class _Readers:
     def __init__(self) -> None:
         self.open: dict[Path, sqlite3.Connection] = {}
 
-    def task_bytes(self, path: Path, base: int, count: int, row_bytes: int) -> bytes:
-        """The rows of ids ``base ... base + count - 1`` of ``path``, concatenated in id order;
-        :class:`BadFile` where there are not ``count`` rows of ``row_bytes``, NotPages where any
-        row has meta."""
+    def task_bytes(self, path: Path, task: int, base: int, count: int, dim: int, row_bytes: int,
+                   recorded: str) -> bytes:
+        """Task ``task``'s rows (ids ``base ... base + count - 1``) in ``path``, concatenated in id
+        order, once they passed the task's checks (:class:`BadFile` naming what is wrong;
+        :class:`NotPages` where a row has meta)."""
         con = self.open.pop(path, None)
         if con is None:
             if len(self.open) >= self.KEEP:
                 self.open.pop(next(iter(self.open))).close()
             con = connect_readonly(path, check_same_thread=False)
             con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            con.text_factory = bytes
         self.open[path] = con
-        step = max(1, db.CHUNK_BYTES // row_bytes)
-        parts = []
         with blame(path):
-            for start in range(base, base + count, step):
-                stop = min(start + step, base + count)
-                n, metas, data = con.execute(
-                    "SELECT count(*), count(meta), group_concat(data, x'') FROM unitaries WHERE id >= ? AND id < ?",
-                    (start, stop)).fetchone()
-                if metas:
-                    raise NotPages(f"{path}: rows with meta")
-                if n != stop - start or len(data or b"") != n * row_bytes:
-                    raise BadFile(path, f"task {base // max(count, 1)} rows {start}-{stop - 1}: {n} rows of "
-                                        f"{len(data or b'')} bytes, not {stop - start} of {row_bytes}")
-                parts.append(data)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            rows = db.TaskRows.read(con, "main", base, count, dim, row_bytes, keep=True)
+            if rows.metas:
+                raise NotPages(f"{path}: rows with meta")
+            if (reason := rows.fault(con, "main", task, base, count, dim, row_bytes, recorded)):
+                raise BadFile(path, reason)
+        return rows.data[0] if len(rows.data) == 1 else b"".join(rows.data)
 
     def close(self) -> None:
         while self.open:

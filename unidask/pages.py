@@ -273,3 +273,62 @@ def _interior(children: list[tuple[int, int]], page_size: int) -> np.ndarray:
         out[offset:offset + len(cell)] = cell
         offset += len(cell)
     return np.frombuffer(bytes(out), np.uint8)
+
+
+def change_counter(path: str | os.PathLike) -> int:
+    """The file change counter in the database header of ``path``."""
+    with open(path, "rb") as f:
+        f.seek(HEADER_COUNTER)
+        return struct.unpack(">I", f.read(4))[0]
+
+
+def read_layout(path: str | os.PathLike, meta: dict[str, str]) -> Layout | None:
+    """The layout ``meta`` records, where the file at ``path`` is still exactly as the merge left
+    it (its header's change counter, page size and page count as recorded; a rollback journal)
+    and its ids run from 0 without a gap; else None (read it through SQL)."""
+    try:
+        layout = Layout(**{k: int(meta[f"layout.{k}"]) for k in Layout.__dataclass_fields__})
+        counter, dense = int(meta["layout.change_counter"]), meta["layout.dense"] == "1"
+        with open(path, "rb") as f:
+            header = f.read(100)
+            size = os.fstat(f.fileno()).st_size
+    except (KeyError, ValueError, TypeError, OSError):
+        return None
+    if len(header) < 100 or not dense:
+        return None
+    page_size = struct.unpack(">H", header[16:18])[0] or 65536
+    page_size = 65536 if page_size == 1 else page_size
+    same = (page_size == layout.page_size and header[18:20] == b"\x01\x01"
+            and struct.unpack(">I", header[HEADER_COUNTER:HEADER_COUNTER + 4])[0] == counter
+            and struct.unpack(">I", header[HEADER_VALID_FOR:HEADER_VALID_FOR + 4])[0] == counter
+            and struct.unpack(">I", header[HEADER_PAGES:HEADER_PAGES + 4])[0] * page_size == size
+            and layout.leaves * layout.per_leaf >= layout.rows and header[20] == 0)
+    return layout if same else None
+
+
+class PageReader:
+    """The rows of a database in the merge's layout (:func:`read_layout`: ids 0 ... rows - 1),
+    read from a memory map of the file at offsets computed from the layout and each leaf's cell
+    pointers: no SQL, no Python object per row."""
+
+    def __init__(self, path: str | os.PathLike, layout: Layout):
+        self.layout = layout
+        self.map = np.memmap(path, np.uint8, "r")
+        self.prefix = len(varint(layout.payload_size))   # the payload size, before the rowid
+        self.before = len(layout.payload)   # record header and dim, before the data
+        self.chunk = max(1, (1 << 20) // max(1, layout.row_bytes))
+
+    def rows(self, ks: np.ndarray) -> np.ndarray:
+        """The data of rows ``ks`` (ids, in range), as an owned ``(len(ks), row_bytes)`` uint8 array."""
+        lay = self.layout
+        ks = np.asarray(ks, dtype=np.int64)
+        out = np.empty((len(ks), lay.row_bytes), np.uint8)
+        span = np.arange(lay.row_bytes)
+        for a in range(0, len(ks), self.chunk):
+            k = ks[a:a + self.chunk]
+            base = (lay.first_leaf - 1 + k // lay.per_leaf) * lay.page_size
+            pointer = base + 8 + 2 * (k % lay.per_leaf)
+            cell = self.map[pointer].astype(np.int64) << 8 | self.map[pointer + 1]
+            start = base + cell + self.prefix + varint_len(k) + self.before
+            out[a:a + len(k)] = self.map[start[:, None] + span]
+        return out

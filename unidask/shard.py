@@ -223,7 +223,7 @@ class Shard:
                     # meanwhile) into a compact file with a rollback journal: readers of it need
                     # no -wal or -shm
                     self._retry(self.con.execute, "VACUUM INTO ?", (str(tmp),))
-                counts = self._seal(tmp)
+                counts = self.as_staged(tmp)
                 if check is not None:
                     check(tmp)
         except (sqlite3.Error, OSError) as e:
@@ -269,7 +269,7 @@ class Shard:
                         if self.con.in_transaction:
                             self.con.execute("ROLLBACK")
                         self.con.execute("DETACH DATABASE delta")
-                    _, rows = self._seal(tmp)
+                    _, rows = self.as_staged(tmp)
             finally:
                 if self.con.in_transaction:
                     self.con.execute("ROLLBACK")
@@ -281,7 +281,7 @@ class Shard:
         return _stage_error(self.path, dest, e)
 
     @staticmethod
-    def _seal(tmp: Path) -> tuple[list[int], int]:
+    def as_staged(tmp: Path) -> tuple[list[int], int]:
         """Make the staged copy at ``tmp`` a rollback-journal database (header bytes 18-19, the file
         format versions: 1 instead of WAL's 2, what `PRAGMA journal_mode = DELETE` writes; readers
         need no -wal or -shm) and read it back: its tasks and rows."""
@@ -436,15 +436,18 @@ def ship(sealed: Path, staging_dir: Path) -> tuple[Path, list[int], int]:
                 moved = False
         if moved:
             try:
-                counts = Shard._seal(tmp)
+                counts = Shard.as_staged(tmp)
                 files.publish(tmp, dest)
             except BaseException:
                 os.rename(tmp, sealed)   # back where the next stage-out (or --resume) finds it
                 raise
         else:
             with files.publishing(dest) as tmp:
-                shutil.copyfile(sealed, tmp)
-                counts = Shard._seal(tmp)
+                # flushed as it grows: gigabytes left dirty in the page cache stall every writer
+                # of the node (its shards' commits too) when the kernel writes them back at once
+                with files.write_behind(tmp):
+                    shutil.copyfile(sealed, tmp)
+                counts = Shard.as_staged(tmp)
             db.remove_files(sealed)
     except (sqlite3.Error, OSError) as e:
         raise _stage_error(sealed, dest, e) from e
