@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -268,7 +269,18 @@ class Tmpfs:
         self.remount("size=256m")
 
     def read_only(self, ro: bool) -> None:
-        self.remount("ro" if ro else "rw")
+        if not ro:
+            return self.remount("rw")
+        # the kernel refuses ro while a file is open for writing (a stage-out's copy in flight): the
+        # fault lands at the first moment none is, as a disk's errors=remount-ro would land anyway
+        deadline = time.monotonic() + 120
+        while True:
+            r = subprocess.run(["mount", "-o", "remount,ro", str(self.path)], capture_output=True, text=True)
+            if r.returncode == 0:
+                return
+            if "busy" not in r.stderr or time.monotonic() > deadline:
+                raise RuntimeError(f"cannot remount {self.path} read-only: {r.stderr.strip()}")
+            time.sleep(0.01)
 
     def unmount(self) -> None:
         subprocess.run(["mount", "-o", "remount,rw", str(self.path)])

@@ -64,8 +64,8 @@ def bound_tls_handshakes(timeout: float) -> None:
         try:
             return await asyncio.wait_for(original(self, stream, address), prepare_stream.unidask_timeout)
         except asyncio.TimeoutError:
+            _said_closed(self.contact_address, prepare_stream.unidask_timeout)   # said before the peer sees EOF
             stream.close()
-            _said_closed(self.contact_address, prepare_stream.unidask_timeout)
             return None
 
     prepare_stream.unidask_timeout = timeout
