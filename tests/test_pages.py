@@ -131,3 +131,80 @@ def test_a_dataset_reads_the_merged_pages_as_sql_reads_the_rows(config, tmp_path
     con.close()
     again = unidask.Dataset(merged)
     assert again._pages is None and not again[5].any()
+
+
+def sqlite_table(path, page_size: int, ids: list[int], row: int, dim: int, seed: int, metas: bool = False) -> int:
+    """A table as a worker's shard holds it, written by SQLite's INSERTs (in the order given: a
+    shuffled order splits pages mid-way), some rows deleted; its root page."""
+    rng = np.random.default_rng(seed)
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute(f"PRAGMA page_size = {page_size}")
+    con.execute("PRAGMA journal_mode = DELETE")
+    con.executescript(db.SCHEMA)
+    con.execute("BEGIN")
+    con.executemany("INSERT INTO unitaries VALUES (?, ?, ?, ?)",
+                    [(i, dim, rng.integers(0, 256, row, dtype=np.uint8).tobytes(), "m" if metas and i % 7 == 0 else None)
+                     for i in ids])
+    con.execute("COMMIT")
+    root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+    con.close()
+    return root
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(page_exp=st.integers(9, 16), dim=st.integers(1, 6), count=st.integers(1, 2000),
+       start=st.sampled_from([0, 127, 16_383, 2**40]), shuffled=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_the_table_reader_reads_what_sqlite_reads(tmp_path_factory, page_exp, dim, count, start, shuffled, seed):
+    """A shard's rows read from its pages (``TableReader``), any id range, equal SQL's."""
+    page_size, row = 1 << page_exp, dim * dim * 16
+    if not pages.fits(row, page_size):
+        return
+    rng = np.random.default_rng(seed)
+    ids = (start + np.cumsum(rng.integers(1, 5, count))).tolist()
+    if shuffled:
+        rng.shuffle(ids)
+    path = tmp_path_factory.mktemp("r") / "s.db"
+    root = sqlite_table(path, page_size, ids, row, dim, seed)
+    reader = pages.TableReader(path, root, row, dim)
+    con = sqlite3.connect(path)
+    lo, hi = sorted(int(i) for i in rng.choice(sorted(ids) + [start, max(ids) + 1], 2))
+    want = con.execute("SELECT id, data FROM unitaries WHERE id >= ? AND id < ? ORDER BY id", (lo, hi)).fetchall()
+    con.close()
+    got_ids, got = reader.rows(int(lo), int(hi))
+    assert got_ids.tolist() == [i for i, _ in want]
+    assert [bytes(r) for r in got] == [d for _, d in want]
+
+
+def test_rows_of_another_shape_are_left_to_sql(tmp_path):
+    root = sqlite_table(tmp_path / "m.db", 4096, list(range(100)), 256, 4, 1, metas=True)
+    with pytest.raises(pages.Unreadable, match="another (shape|size)"):
+        pages.TableReader(tmp_path / "m.db", root, 256, 4).rows(0, 100)
+    root = sqlite_table(tmp_path / "d.db", 4096, list(range(100)), 256, 4, 1)
+    with pytest.raises(pages.Unreadable, match="another size"):
+        pages.TableReader(tmp_path / "d.db", root, 64, 2)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spots=st.lists(st.tuples(st.integers(0, 2**20), st.integers(0, 255)), min_size=1, max_size=20),
+       cut=st.one_of(st.none(), st.integers(0, 2**20)))
+def test_a_damaged_file_is_unreadable_or_read_never_a_crash(tmp_path_factory, spots, cut):
+    """Bytes overwritten anywhere, or the file cut: the reader gives rows (the merge checks them
+    against the task's checksum) or says Unreadable, nothing else; every read stays in the file."""
+    base = tmp_path_factory.mktemp("d")
+    path = base / "s.db"
+    if not hasattr(test_a_damaged_file_is_unreadable_or_read_never_a_crash, "good"):
+        good = base / "good.db"
+        root = sqlite_table(good, 1024, list(range(0, 3000, 2)), 64, 2, 7)
+        test_a_damaged_file_is_unreadable_or_read_never_a_crash.good = good.read_bytes(), root
+    data, root = test_a_damaged_file_is_unreadable_or_read_never_a_crash.good
+    damaged = bytearray(data)
+    for at, value in spots:
+        damaged[at % len(damaged)] = value
+    path.write_bytes(bytes(damaged[:cut] if cut is not None else damaged))
+    try:
+        reader = pages.TableReader(path, root, 64, 2)
+        for lo, hi in ((0, 3000), (500, 501), (1000, 2000)):
+            ids, rows = reader.rows(lo, hi)
+            assert len(ids) == len(rows) and rows.shape[1:] == (64,)
+    except pages.Unreadable:
+        pass

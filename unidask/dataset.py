@@ -234,6 +234,8 @@ class Dataset:
     def _take(self, want: np.ndarray) -> np.ndarray:
         """The unitaries of an array of ids, in its order, repeats allowed (a random minibatch):
         each distinct id read once (:meth:`present`)."""
+        if self._pages is not None and (not len(want) or (want.min() >= 0 and want.max() < len(self))):
+            return self._paged(want)   # any order, repeats and all: each row's place is computed
         unique = np.unique(want)
         ids, out = self.present(unique)
         if len(ids) != len(unique):

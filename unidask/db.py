@@ -52,12 +52,13 @@ class BadFile(InputError):
         self.path, self.reason = path, reason
 
 
-def checksum(data: bytes, metas: Sequence[str | None]) -> str:
+def checksum(data: bytes, metas: Sequence[str | None] | int) -> str:
     """A task's checksum: XXH3-128 of its data blobs in id order, then each row's meta (NUL for
-    none). It tells two copies of a task apart and finds damaged rows; nothing adversarial, so a
-    hash at memory speed (blake2b was a large share of the write path at n = 32)."""
+    none; ``metas`` a number: that many rows without). It tells two copies of a task apart and
+    finds damaged rows; nothing adversarial, so a hash at memory speed (blake2b was a large share
+    of the write path at n = 32)."""
     h = xxhash.xxh3_128(data)
-    h.update(b"".join(b"\0" if m is None else m.encode() for m in metas))
+    h.update(bytes(metas) if isinstance(metas, int) else b"".join(b"\0" if m is None else m.encode() for m in metas))
     return h.hexdigest()
 
 

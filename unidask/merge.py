@@ -207,7 +207,7 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
         root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
     largest = max((t * task_size + row[2] - 1 for t, (_, row) in owners.items()), default=0)
     progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
-    readers = _Readers()
+    readers = _Readers(row_bytes, expected.dim)
     fd = os.open(tmp, os.O_RDWR)
     try:
         with files.write_behind(tmp):
@@ -216,9 +216,9 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
             for task in sorted(owners):
                 path, row = owners[task]
                 base, count = task * task_size, row[2]
-                data = readers.task_bytes(path, task, base, count, expected.dim, row_bytes, row[-1])
-                writer.add(np.arange(base, base + count), np.frombuffer(data, np.uint8).reshape(count, row_bytes))
-                progress.update(len(data))
+                data = readers.task_bytes(path, task, base, count, row[-1])
+                writer.add(np.arange(base, base + count), data)
+                progress.update(data.nbytes)
             layout = writer.finish()
     finally:
         os.close(fd)
@@ -272,36 +272,61 @@ def _owners(paths: list[Path], fingerprint: str, expected: Expected) -> tuple[di
 
 
 class _Readers:
-    """Open shards, the most recently read kept (tasks alternate between a few shards)."""
+    """Open shards, the most recently read kept (tasks alternate between a few shards): each one's
+    pages mapped (:class:`pages.TableReader`) and a connection for what they do not take."""
 
     KEEP = 16
 
-    def __init__(self) -> None:
-        self.open: dict[Path, sqlite3.Connection] = {}
+    def __init__(self, row_bytes: int, dim: int) -> None:
+        self.row_bytes, self.dim = row_bytes, dim
+        self.open: dict[Path, tuple[sqlite3.Connection, pages.TableReader | None]] = {}
 
-    def task_bytes(self, path: Path, task: int, base: int, count: int, dim: int, row_bytes: int,
-                   recorded: str) -> bytes:
-        """Task ``task``'s rows (ids ``base ... base + count - 1``) in ``path``, concatenated in id
-        order, once they passed the task's checks (:class:`BadFile` naming what is wrong;
-        :class:`NotPages` where a row has meta)."""
-        con = self.open.pop(path, None)
-        if con is None:
+    def _shard(self, path: Path) -> tuple[sqlite3.Connection, pages.TableReader | None]:
+        shard = self.open.pop(path, None)
+        if shard is None:
             if len(self.open) >= self.KEEP:
-                self.open.pop(next(iter(self.open))).close()
+                self._close(self.open.pop(next(iter(self.open))))
             con = connect_readonly(path, check_same_thread=False)
             con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-        self.open[path] = con
+            root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+            try:
+                shard = con, pages.TableReader(path, root, self.row_bytes, self.dim)
+            except pages.Unreadable as e:
+                log.debug("%s read through SQL: %s", path, e)
+                shard = con, None
+        self.open[path] = shard
+        return shard
+
+    def task_bytes(self, path: Path, task: int, base: int, count: int, recorded: str) -> np.ndarray:
+        """Task ``task``'s rows (ids ``base ... base + count - 1``) in ``path``, an ``(count,
+        row_bytes)`` array in id order, once they passed the task's checks (:class:`BadFile` naming
+        what is wrong; :class:`NotPages` where a row has meta)."""
+        con, table = self._shard(path)
+        if table is not None:
+            with contextlib.suppress(pages.Unreadable):
+                ids, data = table.rows(base, base + count)
+                if (len(ids) == count and (not count or (ids[0] == base and ids[-1] == base + count - 1))
+                        and db.checksum(data, count) == recorded):
+                    return data
+        # not as the pages say: SQLite reads it, and says what is wrong
         with blame(path):
-            rows = db.TaskRows.read(con, "main", base, count, dim, row_bytes, keep=True)
+            rows = db.TaskRows.read(con, "main", base, count, self.dim, self.row_bytes, keep=True)
             if rows.metas:
                 raise NotPages(f"{path}: rows with meta")
-            if (reason := rows.fault(con, "main", task, base, count, dim, row_bytes, recorded)):
+            if (reason := rows.fault(con, "main", task, base, count, self.dim, self.row_bytes, recorded)):
                 raise BadFile(path, reason)
-        return rows.data[0] if len(rows.data) == 1 else b"".join(rows.data)
+        data = rows.data[0] if len(rows.data) == 1 else b"".join(rows.data)
+        return np.frombuffer(data, np.uint8).reshape(count, self.row_bytes)
+
+    @staticmethod
+    def _close(shard: tuple[sqlite3.Connection, pages.TableReader | None]) -> None:
+        shard[0].close()
+        if shard[1] is not None:
+            shard[1].close()
 
     def close(self) -> None:
         while self.open:
-            self.open.popitem()[1].close()
+            self._close(self.open.popitem()[1])
 
 
 def _first_sound(paths: list[Path], fingerprint: str) -> Path | None:

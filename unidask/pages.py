@@ -45,7 +45,13 @@ def varints(values: np.ndarray, length: int) -> np.ndarray:
 
 
 def varint(value: int) -> bytes:
-    return varints(np.array([value]), int(varint_len(np.array([value]))[0]))[0].tobytes()
+    """SQLite's varint of one value (0 <= value < 2^56)."""
+    out = [value & 0x7F]
+    value >>= 7
+    while value:
+        out.append(0x80 | (value & 0x7F))
+        value >>= 7
+    return bytes(reversed(out))
 
 
 @dataclass(frozen=True)
@@ -306,14 +312,40 @@ def read_layout(path: str | os.PathLike, meta: dict[str, str]) -> Layout | None:
     return layout if same else None
 
 
-class PageReader:
+class Unreadable(Exception):
+    """A page or a cell that is not as :class:`TableReader` expects (another shape of row, an
+    overflow chain, a WAL file, damage): read those rows through SQL, which says what is wrong."""
+
+
+class _Mapped:
+    """A file mapped read-only, and its rows of ``row_bytes`` bytes gathered from any offsets."""
+
+    def __init__(self, path: str | os.PathLike, row_bytes: int):
+        self.path, self.row_bytes = path, row_bytes
+        try:
+            self.map = np.memmap(path, np.uint8, "r").view(np.ndarray)   # memmap's own indexing is slow
+        except (OSError, ValueError) as e:
+            raise Unreadable(f"cannot map {path}: {e}") from e
+        # every window of row_bytes bytes of the file as one item: a gather is a memcpy a row
+        self.windows = np.ndarray((max(len(self.map) - row_bytes + 1, 0),), np.dtype((np.void, row_bytes)),
+                                  self.map, 0, (1,))
+
+    def gather(self, starts: np.ndarray) -> np.ndarray:
+        """The rows starting at the file's offsets ``starts``: an ``(N, row_bytes)`` uint8 array of its own."""
+        return self.windows[starts].view(np.uint8).reshape(len(starts), self.row_bytes)
+
+    def close(self) -> None:
+        self.windows = self.map = None
+
+
+class PageReader(_Mapped):
     """The rows of a database in the merge's layout (:func:`read_layout`: ids 0 ... rows - 1),
     read from a memory map of the file at offsets computed from the layout and each leaf's cell
     pointers: no SQL, no Python object per row."""
 
     def __init__(self, path: str | os.PathLike, layout: Layout):
+        super().__init__(path, layout.row_bytes)
         self.layout = layout
-        self.map = np.memmap(path, np.uint8, "r")
         self.prefix = len(varint(layout.payload_size))   # the payload size, before the rowid
         self.before = len(layout.payload)   # record header and dim, before the data
         self.chunk = max(1, (1 << 20) // max(1, layout.row_bytes))
@@ -323,12 +355,114 @@ class PageReader:
         lay = self.layout
         ks = np.asarray(ks, dtype=np.int64)
         out = np.empty((len(ks), lay.row_bytes), np.uint8)
-        span = np.arange(lay.row_bytes)
         for a in range(0, len(ks), self.chunk):
             k = ks[a:a + self.chunk]
             base = (lay.first_leaf - 1 + k // lay.per_leaf) * lay.page_size
             pointer = base + 8 + 2 * (k % lay.per_leaf)
             cell = self.map[pointer].astype(np.int64) << 8 | self.map[pointer + 1]
-            start = base + cell + self.prefix + varint_len(k) + self.before
-            out[a:a + len(k)] = self.map[start[:, None] + span]
+            out[a:a + len(k)] = self.gather(base + cell + self.prefix + varint_len(k) + self.before)
         return out
+
+
+class TableReader(_Mapped):
+    """The rows of a rowid table of fixed-size rows (``Layout.payload`` then ``row_bytes`` of data
+    each, as unidask's shards hold them) read from the file's b-tree pages by numpy: the interior
+    pages walked once for the leaves in key order, then the cells of the leaves that hold a range
+    of ids parsed all at once. Any page or cell of another shape is :class:`Unreadable`."""
+
+    def __init__(self, path: str | os.PathLike, root: int, row_bytes: int, dim: int):
+        super().__init__(path, row_bytes)
+        header = bytes(self.map[:100])
+        size = int.from_bytes(header[16:18], "big")
+        self.page_size = 65536 if size == 1 else size
+        # a rollback-journal file (not WAL: its rows may be in the -wal file), no reserved bytes
+        if len(header) < 100 or header[:16] != b"SQLite format 3\0" or header[18:21] != b"\x01\x01\x00":
+            raise Unreadable(f"{path}: not a rollback-journal database without reserved bytes")
+        self.pages = len(self.map) // self.page_size
+        lay = Layout(self.page_size, 0, 0, 1, 0, row_bytes, dim)
+        self.prefix = np.frombuffer(varint(lay.payload_size), np.uint8)
+        self.payload = np.frombuffer(lay.payload, np.uint8)
+        try:   # a damaged page reads out of the file, or as nonsense: numpy says so
+            self.leaves = self._walk(int(root))
+            self.first_ids = self._cells(self.leaves, first_only=True)[0]
+        except (IndexError, ValueError, TypeError) as e:
+            raise Unreadable(f"{path}: {e}") from e
+        if len(self.first_ids) > 1 and np.any(np.diff(self.first_ids) <= 0):
+            raise Unreadable(f"{path}: leaves out of key order")
+
+    def _walk(self, root: int) -> np.ndarray:
+        level, depth = np.array([root], np.int64), 0
+        while True:
+            if np.any((level < 2) | (level > self.pages)) or depth > 20:
+                raise Unreadable(f"{self.path}: a child page out of the file")
+            kinds = self.map[(level - 1) * self.page_size]
+            if np.all(kinds == LEAF):
+                return level
+            if np.any(kinds != INTERIOR):
+                raise Unreadable(f"{self.path}: a page of the table is neither a leaf nor an interior page")
+            children = []
+            for page in level.tolist():
+                base = (page - 1) * self.page_size
+                n = int(self.map[base + 3]) << 8 | int(self.map[base + 4])
+                if 12 + 2 * n > self.page_size:
+                    raise Unreadable(f"{self.path}: page {page} has too many cells")
+                pointers = self.map[base + 12:base + 12 + 2 * n].view(">u2").astype(np.int64) + base
+                if np.any(pointers + 4 > base + self.page_size):
+                    raise Unreadable(f"{self.path}: page {page} has a cell out of the page")
+                cells = self.map[pointers[:, None] + np.arange(4)].view(">u4")[:, 0].astype(np.int64)
+                children += [cells, self.map[base + 8:base + 12].view(">u4").astype(np.int64)]
+            level, depth = np.concatenate(children), depth + 1
+
+    def _cells(self, leaves: np.ndarray, first_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of the cells of ``leaves`` (their first cells only) and where each one's data starts."""
+        ps = self.page_size
+        bases = (leaves - 1) * ps
+        counts = (self.map[bases + 3].astype(np.int64) << 8) | self.map[bases + 4]
+        if np.any(counts == 0) or np.any(8 + 2 * counts > ps):
+            raise Unreadable(f"{self.path}: a leaf without cells or with too many")
+        if first_only:
+            counts = np.ones_like(counts)
+        page = np.repeat(np.arange(len(leaves)), counts)
+        nth = np.arange(len(page)) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = bases[page] + 8 + 2 * nth
+        cell = bases[page] + ((self.map[at].astype(np.int64) << 8) | self.map[at + 1])
+        lp, pl = len(self.prefix), len(self.payload)
+        # a cell of the shape ends in its page, and its id's 8 bytes at most with it (data >= 8 bytes)
+        if np.any(cell + lp + 8 >= bases[page] + ps):
+            raise Unreadable(f"{self.path}: a cell out of its page")
+        for j in range(lp):   # the payload's size: every row of the shape
+            if np.any(self.map[cell + j] != self.prefix[j]):
+                raise Unreadable(f"{self.path}: a row of another size")
+        ids = np.zeros(len(cell), np.int64)
+        id_len = np.zeros(len(cell), np.int64)
+        more = np.ones(len(cell), bool)
+        for k in range(8):
+            b = self.map[cell + lp + k].astype(np.int64)
+            ids = np.where(more, ids << 7 | (b & 0x7F), ids)
+            id_len += more
+            more &= b >= 0x80
+        if np.any(more):
+            raise Unreadable(f"{self.path}: an id of 2^56 or more")
+        start = cell + lp + id_len
+        if np.any(start + pl + self.row_bytes > bases[page] + ps):
+            raise Unreadable(f"{self.path}: a cell out of its page, or an overflow chain")
+        for j in range(pl):   # the record's header and dim: a row with meta, or of another dim, differs
+            if np.any(self.map[start + j] != self.payload[j]):
+                raise Unreadable(f"{self.path}: a row of another shape (meta, dim or type)")
+        return ids, start + pl
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ids in ``start ... stop - 1`` the table holds, increasing, and their data: an
+        ``(N, row_bytes)`` uint8 array of its own."""
+        lo = max(int(np.searchsorted(self.first_ids, start, "right")) - 1, 0)
+        hi = int(np.searchsorted(self.first_ids, stop, "left"))
+        if hi <= lo:
+            return np.zeros(0, np.int64), np.zeros((0, self.row_bytes), np.uint8)
+        try:
+            ids, at = self._cells(self.leaves[lo:hi])
+        except (IndexError, ValueError) as e:
+            raise Unreadable(f"{self.path}: {e}") from e
+        if len(ids) > 1 and np.any(np.diff(ids) <= 0):
+            raise Unreadable(f"{self.path}: ids out of order")
+        keep = slice(int(np.searchsorted(ids, start)), int(np.searchsorted(ids, stop)))
+        return ids[keep], self.gather(at[keep])
