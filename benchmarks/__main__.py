@@ -42,6 +42,15 @@ class Bench:
     def fresh(self, name: str) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.base))
 
+    def shared_db(self) -> Path:
+        """The seed's one shared database, in WAL mode, its table made."""
+        p = self.fresh("s") / "shared.db"
+        con = sqlite3.connect(p)
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute("CREATE TABLE u(id INTEGER PRIMARY KEY, dim INTEGER, data BLOB)")
+        con.close()
+        return p
+
     def parallel(self, fn, procs: int, count: int, dim: int, path: str, task: int, fresh: bool = False) -> dict:
         """Run ``fn`` in ``procs`` processes at once; rate over the wall time of the slowest.
 
@@ -107,12 +116,7 @@ class Bench:
                 def run(fn, count=count, path=None, name="p"):
                     return self.parallel(fn, procs, count, dim, path or str(self.fresh(name) / "p"), task)
                 def seed_():
-                    p = self.fresh("s") / "shared.db"
-                    con = sqlite3.connect(p)
-                    con.execute("PRAGMA journal_mode = WAL")
-                    con.execute("CREATE TABLE u(id INTEGER PRIMARY KEY, dim INTEGER, data BLOB)")
-                    con.close()
-                    return run(work.seed_shared_db, path=str(p))
+                    return run(work.seed_shared_db, path=str(self.shared_db()))
                 self.alternate({"unidask shard": lambda: run(work.unidask_shard),
                                 "unidask node shard": lambda: run(work.unidask_node_shard, path=str(self.fresh("n") / "node.db")),
                                 "seed shared db": seed_,
@@ -146,11 +150,12 @@ class Bench:
     # 3. end to end
     def run_unidask(self, count: int, dim: int, task: int | str, workers: int, shard_per: str = "process",
                     backups: bool = True, stop_one_after: float | None = None, nodes: int = 1,
-                    stage_every: float = 300.0, shared: Path | None = None) -> dict:
+                    stage_every: float = 300.0, shared: Path | None = None, merge: bool = False) -> dict:
         """One run; ``stop_one_after``: SIGSTOP one worker process that many seconds in, for good
         (a node in an NFS stall), and kill it at the end. ``nodes``: simulated nodes of
         ``workers`` each; ``shared``: the run dir under it (another filesystem: stage-outs copy).
-        The result carries the bytes staged to the run dir over the data's."""
+        The result carries the bytes staged to the run dir over the data's. ``merge``: the rate
+        is to one merged database, start to end, the merge's share beside it."""
         import threading
 
         import unidask
@@ -180,8 +185,11 @@ class Bench:
         own = psutil.Process()
         before, start = sum(own.cpu_times()[:2]), time.monotonic()
         try:
-            rate = unidask.run(spec, merge=False).rate
+            result = unidask.run(spec, merge=merge)
+            rate = count / (time.monotonic() - start) if merge else result.rate
             cpu = sum(own.cpu_times()[:2]) - before
+            if merge:
+                return {"rate": rate, "merge_share": result.merged.seconds * rate / count}
             staged = sum(r["bytes"] for r in unidask.RunDir(spec.run_dir).read_stages())
             return {"rate": rate, "driver_ms": 1000 * cpu / spec.n_tasks, "driver_core": cpu / (time.monotonic() - start),
                     "task_size": spec.task_size, "staged_x": staged / (count * dim * dim * 16)}
@@ -213,6 +221,27 @@ class Bench:
                     del contenders["unidask run, node shard"]
                 self.alternate(contenders, "end to end", f"n={dim} workers={workers} task={task}", "unidask run")
                 self.clean()
+
+    # 3e. time to one database: a run and its merge, start to end, against the seed's own script
+    # (2 processes, batches of 100,000, into one shared WAL database with synchronous=OFF)
+    def one_database(self) -> None:
+        count, workers, batch = (200_000 if self.quick else 4_000_000), 2, 100_000
+
+        def seed_():
+            p = self.shared_db()
+            r = self.parallel(work.seed_script, workers, count // workers, 4, str(p), batch, fresh=True)
+            shutil.rmtree(p.parent)
+            return r
+
+        results = self.alternate({"unidask run + merge, task_size auto": lambda: self.run_unidask(count, 4, "auto", workers, merge=True),
+                                  "seed's script": seed_},
+                                 "one database", f"{count / 1e6:g}M U(4), {workers} processes", "unidask run + merge, task_size auto")
+        row = {"section": "one database", "case": "the merge's share of unidask's time", "contender": "merge",
+               "rate": statistics.median(r["merge_share"] for r in results["unidask run + merge, task_size auto"]),
+               "ratio": None}
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+        self.clean()
 
     # 3a. what periodic stage-outs cost a node's generation: a run several times longer than
     # the interval, against the same run staged only at the end (2 simulated nodes of 1 worker)
@@ -303,12 +332,19 @@ class Bench:
         import unidask
         from unidask import db, files
 
-        for dim in (4, 16):
+        # n = 4 and 16: written page by page; n = 64 (a row larger than a page's local payload)
+        # and circuits (rows with meta): by SQLite
+        full = 160_000 * 16 * 16 * 16   # bytes of data, the same for each case
+        cases = {4: {"dim": 4}, 16: {"dim": 16}, 64: {"dim": 64},
+                 "circuits": {"kind": "circuit", "qubits": 3, "depth": 10}}
+        for dim, generator in cases.items():
             d = self.fresh("m")
-            count = (40_000 if self.quick else 160_000) * 16 // dim   # the same bytes for each n
+            n = generator.get("dim", 8)
+            count = full // (16 if self.quick else 1) // (n * n * 16)
             spec = unidask.load_config(None, data={
-                "run": {"name": "m", "count": count, "task_size": 1000, "run_dir": str(d / "run")},
-                "generator": {"dim": dim}, "storage": {"local_dir": str(d / "local")},
+                "run": {"name": "m", "count": count, "task_size": max(1, min(1000, count // 40)),
+                        "run_dir": str(d / "run")},
+                "generator": generator, "storage": {"local_dir": str(d / "local")},
                 "cluster": {"nodes": 4, "workers": 1, "dashboard_address": "127.0.0.1:0"}})
             unidask.run(spec, merge=False)
             shards = sorted((d / "run" / "shards").glob("*.db"))
@@ -355,7 +391,7 @@ class Bench:
             page_size = db.page_size(shards[0])
             self.alternate({"unidask merge": merge_, "cp": cp_, "cp, then sync": lambda: cp_(True),
                             "SQLite row copy, then sync": sqlite_copy},
-                           "merge MB/s", f"n={dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")
+                           "merge MB/s", f"{'n=' * (n == dim)}{dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")
             self.clean()
 
     # 4b. many shards: the merge of a run's deltas (a stage-out every 1, 4 or 16 tasks) against
@@ -549,7 +585,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: about 2.5 minutes on 2 cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "staging", "task_size", "scheduler", "auto_size", "stragglers",
+    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "one_database", "staging", "task_size", "scheduler", "auto_size", "stragglers",
                                                   "merge", "shards", "memory", "read"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores

@@ -128,6 +128,22 @@ def bare_loop(path: str, seed: int, count: int, dim: int, start_at: float, task:
     return done(start)
 
 
+def seed_script(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
+    """The seed's own script, end to end: each process generates a batch and inserts it into ONE
+    shared database (WAL, synchronous=OFF), generation on the clock."""
+    con = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+    con.execute("PRAGMA synchronous = OFF")
+    start = wait_until(start_at)
+    for t in range(count // task):
+        u = haar(np.random.default_rng([seed, t]), task, dim=dim)
+        rows = [((seed * 100_000 + t) * task + i, dim, u[i].tobytes()) for i in range(task)]
+        con.execute("BEGIN")
+        con.executemany("INSERT INTO u(id, dim, data) VALUES (?, ?, ?)", rows)
+        con.execute("COMMIT")
+    con.close()
+    return done(start)
+
+
 def file_per_unitary(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """End to end the old way: one scipy call and one np.savetxt file per unitary."""
     from scipy.stats import unitary_group

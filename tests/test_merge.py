@@ -3,6 +3,7 @@
 import shutil
 import os
 import sqlite3
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 import unidask
 from unidask import RunDir, db, worker
 
-from conftest import merged_data, run_main
+from conftest import merged_data, messages, run_main
 
 
 def stage(spec, node, tasks, monkeypatch, attempt="a"):
@@ -295,3 +296,55 @@ def test_the_merge_writes_pages_sqlite_reads_as_its_own(config, monkeypatch, gen
     if paged:
         assert int(meta["layout.rows"]) == spec.count and meta["layout.page_size"] == str(db.page_size(report.out))
     assert unidask.verify(report.out).ok
+
+
+def test_the_page_merge_in_units_on_dask_workers_writes_the_same_table(config, monkeypatch, tmp_path):
+    """The page merge split into units of a few rows (leaves shared between units, their rows
+    sent back to the merging process), inline and as Dask tasks on real worker processes: the
+    same rows, tasks and layout as one unit, integrity_check ok. A damaged shard found by a
+    worker is refused by name, as without workers."""
+    import psutil
+    from distributed import Client, LocalCluster
+
+    from unidask import pagemerge
+
+    merge_module = sys.modules["unidask.merge"]   # unidask.merge is the function
+
+    spec = config(run={"count": 2500, "task_size": 97}, generator={"kind": "haar", "dim": 3, "dtype": "complex64"})
+    RunDir(spec.run_dir).prepare(spec, resume=False)
+    n = spec.n_tasks
+    stage(spec, "n1", range(0, n, 2), monkeypatch)
+    bad = stage(spec, "n2", range(1, n, 2), monkeypatch)
+
+    def merged(name, client=None):
+        report = unidask.merge(spec.run_dir, tmp_path / f"{name}.db", client=client)
+        assert report.complete and report.rows == spec.count
+        with sqlite3.connect(report.out) as con:
+            assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            meta = {k: v for k, v in db.read_meta(con).items() if k.startswith("layout.") and k != "layout.change_counter"}
+            return (con.execute("SELECT * FROM unitaries ORDER BY id").fetchall(),
+                    con.execute("SELECT * FROM tasks ORDER BY task").fetchall(), meta)
+
+    whole = merged("whole")
+    assert whole[2] and int(whole[2]["layout.per_leaf"]) > 97   # a leaf holds more than a task: shared leaves
+    monkeypatch.setattr(pagemerge, "UNIT_BYTES", 200 * 72)       # units of 3 tasks or so
+    assert merged("units") == whole
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        client.run(setattr, pagemerge, "UNIT_BYTES", 200 * 72)
+        assert merged("workers", client) == whole
+        # a worker stopped for good (SIGSTOP): its units are written by the merging process
+        stopped = psutil.Process(next(iter(client.run(os.getpid).values())))
+        monkeypatch.setattr(merge_module, "STALL_MIN", 0.5)
+        stopped.suspend()
+        try:
+            with messages() as lines:
+                assert merged("stopped", client) == whole
+            assert any("not back from a worker" in line for line in lines), lines
+        finally:
+            stopped.resume()
+        with open(bad, "r+b") as f:   # one row's bytes in the last page changed: its task's checksum fails
+            f.seek(-200, os.SEEK_END)
+            f.write(b"\xff" * 8)
+        with pytest.raises(db.BadFile, match=f"{bad.name}.*checksum"):
+            unidask.merge(spec.run_dir, tmp_path / "bad.db", client=client)

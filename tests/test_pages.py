@@ -29,8 +29,8 @@ def table(path, page_size: int, ids: np.ndarray, data: np.ndarray, dim: int, chu
     con.close()
     fd = os.open(path, os.O_RDWR)
     try:
-        writer = pages.TableWriter(fd, page_size, root, os.path.getsize(path) // page_size + 1,
-                                   data.shape[1], dim, int(ids[-1]) if len(ids) else 0)
+        writer = pages.TableWriter(fd, pages.layout_for(page_size, os.path.getsize(path) // page_size + 1,
+                                                        data.shape[1], dim, int(ids[-1]) if len(ids) else 0), root)
         for lo in range(0, len(ids), chunk):
             writer.add(ids[lo:lo + chunk], data[lo:lo + chunk])
         return writer.finish()

@@ -51,6 +51,9 @@ class BadFile(InputError):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason
 
+    def __reduce__(self):   # raised in a Dask worker, raised again in the driver
+        return type(self), (self.path, self.reason)
+
 
 def checksum(data: bytes, metas: Sequence[str | None] | int) -> str:
     """A task's checksum: XXH3-128 of its data blobs in id order, then each row's meta (NUL for
@@ -346,6 +349,11 @@ class Expected:
 
     def task_count(self, task: int) -> int:
         return plan.task_count(self.count, self.task_size, task)
+
+    @property
+    def row_bytes(self) -> int | None:
+        """A row's data: a ``dim x dim`` matrix."""
+        return None if self.dim is None else self.dim ** 2 * self.itemsize
 
 
 def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main", read_elsewhere: frozenset = frozenset()

@@ -411,6 +411,11 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     with run_lock(run_dir.lock_path) as lock:   # one driver per run dir: a second would do it all again
         try:
             return _run(spec, run_dir, resume, merge, lock)
+        except Exception:
+            # a stop signal's exception raised inside a library that wrapped it in its own (Dask's
+            # serialize: "Could not serialize"): what stopped the run is the signal
+            check_stop()
+            raise
         finally:
             run_dir.live_path.unlink(missing_ok=True)   # its figures are live no more
 
@@ -455,12 +460,12 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
             log.info("%d finished task(s) were lost before their stage-out (%s): generating them again",
                      len(tasks), plan.ranges(tasks))
         result.seconds = time.monotonic() - start
-    missing = sorted(set(range(spec.n_tasks)) - run_dir.staged_tasks())
-    if missing:
-        raise RunError(f"{len(missing)} task(s) not staged ({plan.ranges(missing)}): "
-                       "run again with --resume")
-    if merge:
-        check_stop()
-        lock.check()
-        result.merged = merge_run(spec.run_dir)
+        missing = sorted(set(range(spec.n_tasks)) - run_dir.staged_tasks())
+        if missing:
+            raise RunError(f"{len(missing)} task(s) not staged ({plan.ranges(missing)}): "
+                           "run again with --resume")
+        if merge:
+            check_stop()
+            lock.check()
+            result.merged = merge_run(spec.run_dir, client=client)   # its pages built on the run's workers
     return result

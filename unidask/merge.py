@@ -13,22 +13,24 @@ import logging
 import os
 import shutil
 import sqlite3
+import statistics
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from . import db, files, malloc, pages, plan
+from . import db, files, malloc, pagemerge, pages, plan
 from .db import (COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema,
-                 check_tasks, connect_readonly, reading)
+                 check_tasks)
 from .errors import InputError, RunError, writing
 from .progress import Progress
 from .rundir import RunDir
 
 ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
+# a merge unit not back from its worker this long after the one before (and this many times the
+# usual gap) is written by the merging process: a stopped worker must not hold the merge
+STALL_MIN, STALL_X = 30.0, 10.0
 
 log = logging.getLogger("unidask")
 
@@ -64,11 +66,12 @@ class MergeReport:
 
 
 def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, append: bool = False,
-          skip_bad: bool = False) -> MergeReport:
+          skip_bad: bool = False, client=None) -> MergeReport:
     """Merge the staged shards of ``run_dir`` into ``out`` (default ``RUN_DIR/NAME.db``).
 
     ``append`` adds to an existing ``out`` instead of rebuilding it; ``skip_bad`` merges the good
-    shards and lists the rejected ones instead of refusing the merge.
+    shards and lists the rejected ones instead of refusing the merge. ``client``: a Dask client
+    whose workers see ``run_dir`` and ``out`` at the same paths (shared storage) build the pages.
     """
     rd = RunDir(run_dir)
     record = rd.record()
@@ -105,15 +108,16 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check")
     # the shards' page size (a delta's may be smaller): the rows fill the pages as well, and the
     # copy runs ~2x faster than at 4 KiB at n = 4
-    page_size = db.run_page_size(spec.storage.page_size, expected.dim and expected.dim ** 2 * expected.itemsize)
+    page_size = db.run_page_size(spec.storage.page_size, expected.row_bytes)
     try:
         existing = out if append and out.exists() else None
         laid = False
-        if existing is None and expected.dim is not None and pages.fits(expected.dim ** 2 * expected.itemsize, page_size):
+        if existing is None and expected.dim is not None and pages.fits(expected.row_bytes, page_size):
             try:
-                _merge_pages(tmp, paths, record, page_size, expected, checker, task_size, fingerprint, report, sizes)
+                _merge_pages(tmp, paths, record, page_size, expected, checker, task_size, fingerprint, report, sizes,
+                             client)
                 laid = True
-            except (NotPages, BadFile) as e:
+            except (pagemerge.NotPages, BadFile) as e:
                 # rows with meta, or a shard that fails a check: SQLite merges them, and says which
                 # shard fails and why as it always has (or leaves it out, with --skip-bad)
                 log.debug("merging by SQLite instead of page by page: %s", e)
@@ -182,47 +186,45 @@ def _finish(con: sqlite3.Connection, report: MergeReport, done: set[int], n_task
                      *(extra or {}).items()])
 
 
-class NotPages(Exception):
-    """What the page writer does not take, found as it reads: the merge goes to SQLite."""
-
-
 def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, expected: Expected,
                  checker: ThreadPoolExecutor, task_size: int, fingerprint: str, report: MergeReport,
-                 sizes: dict[Path, int]) -> None:
-    """The merge page by page (``pages.py``): SQLite makes the file, its schema and meta; each
-    planned task's rows, read once from the shard it is taken from, are checked (count, ids, dims,
-    lengths, checksum: :class:`db.TaskRows`) and laid from those same bytes into the ``unitaries``
-    table's leaf pages in id order; the tasks rows and the meta follow through SQLite. Every shard's
-    other checks (schema, pages, the tasks not taken from it, rows of no task) run on ``checker``
-    meanwhile, and pass before the file is finished. Raises :class:`NotPages` where a row has meta,
-    :class:`BadFile` where a shard fails a check (then the SQL merge runs, and says so or leaves
-    the shard out)."""
-    owners, duplicates = _owners(paths, fingerprint, expected)
+                 sizes: dict[Path, int], client=None) -> None:
+    """The merge page by page (``pagemerge.py``): SQLite makes the file, its schema and meta; the
+    planned tasks' rows, each read once from the shard it is taken from, checked (count, ids,
+    checksum) and laid from those same bytes into the ``unitaries`` table's leaf pages at their
+    places, by units of tasks (on ``client``'s workers where given); the tasks rows and the meta
+    follow through SQLite. Every shard's other checks (schema, pages, the tasks not taken from it,
+    rows of no task) run on ``checker`` meanwhile, and pass before the file is finished. Raises
+    :class:`NotPages` where a row has meta, :class:`BadFile` where a shard fails a check (then the
+    SQL merge runs, and says so or leaves the shard out)."""
+    owners, duplicates = pagemerge.owners(paths, fingerprint, expected)
     taken: dict[Path, set[int]] = {p: set() for p in paths}
     for task, (p, _) in owners.items():
         taken[p].add(task)
     checks = {p: checker.submit(db.check, p, fingerprint, expected, frozenset(taken[p])) for p in paths}
-    row_bytes = expected.dim ** 2 * expected.itemsize
     with contextlib.closing(_open_target(tmp, None, record, page_size, expected)) as con:
         root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
-    largest = max((t * task_size + row[2] - 1 for t, (_, row) in owners.items()), default=0)
+    table = pagemerge.Table(owners, task_size, page_size, tmp.stat().st_size // page_size + 1,
+                            expected.row_bytes, expected.dim)
+    units = table.units()
     progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
-    readers = _Readers(row_bytes, expected.dim)
-    fd = os.open(tmp, os.O_RDWR)
+    per_row = sum(sizes.values()) / max(1, table.layout.rows)
+    fragments: list[pagemerge.Fragment] = []
     try:
-        with files.write_behind(tmp):
-            writer = pages.TableWriter(fd, page_size, root, os.fstat(fd).st_size // page_size + 1, row_bytes,
-                                       expected.dim, largest)
-            for task in sorted(owners):
-                path, row = owners[task]
-                base, count = task * task_size, row[2]
-                data = readers.task_bytes(path, task, base, count, row[-1])
-                writer.add(np.arange(base, base + count), data)
-                progress.update(data.nbytes)
-            layout = writer.finish()
+        if client is None or len(units) < 2:
+            with files.write_behind(tmp):
+                for unit in units:
+                    fragments += pagemerge.write_unit(str(tmp), table.layout, unit)
+                    progress.update(unit.rows * per_row)
+        else:
+            fragments += _on_workers(client, str(tmp), table.layout, units, progress, per_row)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            pagemerge.write_fragments(fd, table.layout, fragments)
+            layout = pages.finish_table(fd, table.layout, root, table.keys)
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
-        readers.close()
         progress.close()
     for path in paths:
         checks[path].result()   # its BadFile: the SQL merge, which says so
@@ -244,89 +246,51 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
             con.execute("DELETE FROM meta WHERE key = 'layout.change_counter'")
 
 
-def _owners(paths: list[Path], fingerprint: str, expected: Expected) -> tuple[dict[int, tuple[Path, tuple]], int]:
-    """Which shard each task is taken from (task -> (shard, its tasks row)), and how many copies
-    of tasks were left out as duplicates (identical checksums). A task outside the plan, or of
-    another count than the plan's, is :class:`NotPages`: the SQL merge refuses it by name."""
-    owners: dict[int, tuple[Path, tuple]] = {}
-    duplicates = 0
-    for p in paths:
-        with reading(p) as con:
-            check_schema(con, p, fingerprint)   # nothing of a shard is read before its schema passed
-            rows = con.execute(f"SELECT {', '.join(COLUMNS['tasks'])} FROM tasks").fetchall()
-        differ = []
-        for row in rows:
-            task, count = row[0], row[2]
-            if not (type(task) is int and 0 <= task < expected.n_tasks and count == expected.task_count(task)
-                    and type(count) is int):
-                raise NotPages(f"{p}: task {task!r} of {count!r} rows is not a task of the plan")
-            if row[0] not in owners:
-                owners[row[0]] = (p, row)
-            elif owners[row[0]][1][-1] == row[-1]:
-                duplicates += 1
-            else:
-                differ.append(row[0])
-        if differ:   # the SQL merge names the damaged copy, or refuses to choose
-            raise NotPages(f"task(s) {plan.ranges(differ)} of {p} differ from another shard's")
-    return owners, duplicates
+def _on_workers(client, target: str, layout: pages.Layout, units: list[pagemerge.Unit], progress: Progress,
+                per_row: float) -> list[pagemerge.Fragment]:
+    """The units as Dask tasks on ``client``'s workers, each syncing what it wrote. A shard that
+    fails a check cancels the rest. A unit that fails otherwise (its worker lost, the target not
+    reachable from its host), or that has not come back long after the others (a stopped
+    worker), is written by this process: the same bytes at the same places."""
+    from distributed import wait
 
+    futures = client.map(pagemerge.write_unit, [target] * len(units), [layout] * len(units), units,
+                         sync=True, pure=False, key=[f"unidask-merge-{u.first_row}-{id(units)}" for u in units])
+    unit_of = {f.key: u for f, u in zip(futures, units)}
+    out: list[pagemerge.Fragment] = []
+    said: list[str] = []
 
-class _Readers:
-    """Open shards, the most recently read kept (tasks alternate between a few shards): each one's
-    pages mapped (:class:`pages.TableReader`) and a connection for what they do not take."""
+    def here(unit: pagemerge.Unit, why: str) -> None:
+        (log.debug if said else log.warning)("merge: rows from %d %s; writing them here", unit.first_row, why)
+        said.append(why)
+        out.extend(pagemerge.write_unit(target, layout, unit))
 
-    KEEP = 16
-
-    def __init__(self, row_bytes: int, dim: int) -> None:
-        self.row_bytes, self.dim = row_bytes, dim
-        self.open: dict[Path, tuple[sqlite3.Connection, pages.TableReader | None]] = {}
-
-    def _shard(self, path: Path) -> tuple[sqlite3.Connection, pages.TableReader | None]:
-        shard = self.open.pop(path, None)
-        if shard is None:
-            if len(self.open) >= self.KEEP:
-                self._close(self.open.pop(next(iter(self.open))))
-            con = connect_readonly(path, check_same_thread=False)
-            con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+    pending, gaps, last = set(futures), [], time.monotonic()
+    try:
+        while pending:
+            bound = max(STALL_MIN, STALL_X * statistics.median(gaps)) if gaps else None
             try:
-                shard = con, pages.TableReader(path, root, self.row_bytes, self.dim)
-            except pages.Unreadable as e:
-                log.debug("%s read through SQL: %s", path, e)
-                shard = con, None
-        self.open[path] = shard
-        return shard
-
-    def task_bytes(self, path: Path, task: int, base: int, count: int, recorded: str) -> np.ndarray:
-        """Task ``task``'s rows (ids ``base ... base + count - 1``) in ``path``, an ``(count,
-        row_bytes)`` array in id order, once they passed the task's checks (:class:`BadFile` naming
-        what is wrong; :class:`NotPages` where a row has meta)."""
-        con, table = self._shard(path)
-        if table is not None:
-            with contextlib.suppress(pages.Unreadable):
-                ids, data = table.rows(base, base + count)
-                if (len(ids) == count and (not count or (ids[0] == base and ids[-1] == base + count - 1))
-                        and db.checksum(data, count) == recorded):
-                    return data
-        # not as the pages say: SQLite reads it, and says what is wrong
-        with blame(path):
-            rows = db.TaskRows.read(con, "main", base, count, self.dim, self.row_bytes, keep=True)
-            if rows.metas:
-                raise NotPages(f"{path}: rows with meta")
-            if (reason := rows.fault(con, "main", task, base, count, self.dim, self.row_bytes, recorded)):
-                raise BadFile(path, reason)
-        data = rows.data[0] if len(rows.data) == 1 else b"".join(rows.data)
-        return np.frombuffer(data, np.uint8).reshape(count, self.row_bytes)
-
-    @staticmethod
-    def _close(shard: tuple[sqlite3.Connection, pages.TableReader | None]) -> None:
-        shard[0].close()
-        if shard[1] is not None:
-            shard[1].close()
-
-    def close(self) -> None:
-        while self.open:
-            self._close(self.open.popitem()[1])
+                done, pending = wait(pending, timeout=bound, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                for future in pending:
+                    here(unit_of[future.key], f"not back from a worker {bound:.0f} s after the one before")
+                    progress.update(unit_of[future.key].rows * per_row)
+                break
+            now = time.monotonic()
+            gaps.append((now - last) / len(done))
+            last = now
+            for future in done:
+                unit = unit_of[future.key]
+                try:
+                    out += future.result()
+                except (BadFile, pagemerge.NotPages):
+                    raise
+                except Exception as e:   # anything else of a worker's: the unit is this process's to write
+                    here(unit, f"failed on a worker ({type(e).__name__}: {e})")
+                progress.update(unit.rows * per_row)
+    finally:
+        client.cancel(futures)
+    return out
 
 
 def _first_sound(paths: list[Path], fingerprint: str) -> Path | None:

@@ -112,55 +112,33 @@ def per_leaf(page_size: int, cell_size: int) -> int:
     return (page_size - 8) // (cell_size + 2)
 
 
-class TableWriter:
-    """Write one rowid table's rows, given in id order, as leaf pages appended at ``first_leaf``
-    of the open file ``fd``; :meth:`finish` adds the interior pages, writes the top one over the
-    table's ``root`` page and sets the page count."""
+def layout_for(page_size: int, first_leaf: int, row_bytes: int, dim: int, largest_id: int, rows: int = 0) -> Layout:
+    """The layout of ``rows`` rows whose ids are at most ``largest_id``: as many cells a leaf as
+    the longest (the largest id's) fit."""
+    if not fits(row_bytes, page_size):
+        raise ValueError(f"a row of {row_bytes} bytes does not fit in a {page_size}-byte page")
+    probe = Layout(page_size, first_leaf, 0, 1, 0, row_bytes, dim)
+    c = per_leaf(page_size, probe.cell_size(len(varint(largest_id))))
+    return Layout(page_size, first_leaf, -(-rows // c), c, rows, row_bytes, dim)
 
-    def __init__(self, fd: int, page_size: int, root: int, first_leaf: int, row_bytes: int, dim: int,
-                 largest_id: int):
-        if not fits(row_bytes, page_size):
-            raise ValueError(f"a row of {row_bytes} bytes does not fit in a {page_size}-byte page")
-        self.fd, self.root = fd, root
-        probe = Layout(page_size, first_leaf, 0, 1, 0, row_bytes, dim)
-        self.cell_max = probe.cell_size(int(varint_len(np.array([largest_id]))[0]))
-        self.layout = Layout(page_size, first_leaf, 0, per_leaf(page_size, self.cell_max), 0, row_bytes, dim)
-        self.prefix = np.frombuffer(varint(self.layout.payload_size), np.uint8)
-        self.payload = np.frombuffer(self.layout.payload, np.uint8)
-        self.pending_ids: list[np.ndarray] = []
-        self.pending_data: list[np.ndarray] = []
-        self.pending = 0
-        self.leaves: list[tuple[int, int]] = []   # (page, its largest id)
-        self.rows = 0
-        self.last_id = -1
 
-    def add(self, ids: np.ndarray, data: np.ndarray) -> None:
-        """Rows ``ids`` (increasing, above every id added before) with their data, an (N, row_bytes)
-        uint8 array. Whole leaves are written as they fill."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) == 0:
-            return
-        if ids[0] <= self.last_id or (len(ids) > 1 and np.any(np.diff(ids) <= 0)):
-            raise ValueError("rows must come in increasing id order")
-        self.last_id = int(ids[-1])
-        self.pending_ids.append(ids)
-        self.pending_data.append(data.reshape(len(ids), self.layout.row_bytes))
-        self.pending += len(ids)
-        if self.pending >= self.layout.per_leaf:
-            self._flush(whole_only=True)
+class LeafWriter:
+    """Leaf pages of a table in ``layout`` written at their places in the open file ``fd``: rows
+    from the ``k``-th on (``k`` a multiple of ``per_leaf``) in leaf ``first_leaf + k // per_leaf``.
+    Any process may write any whole leaves, in any order."""
 
-    def _flush(self, whole_only: bool) -> None:
-        c = self.layout.per_leaf
-        ids = np.concatenate(self.pending_ids)
-        data = np.concatenate(self.pending_data) if len(self.pending_data) > 1 else self.pending_data[0]
-        n = len(ids) // c * c if whole_only else len(ids)
-        if n:
-            self._write_leaves(ids[:n], data[:n])
-        self.pending_ids, self.pending_data = ([ids[n:]], [data[n:]]) if n < len(ids) else ([], [])
-        self.pending = len(ids) - n
+    def __init__(self, fd: int, layout: Layout):
+        self.fd, self.layout = fd, layout
+        self.prefix = np.frombuffer(varint(layout.payload_size), np.uint8)
+        self.payload = np.frombuffer(layout.payload, np.uint8)
 
-    def _write_leaves(self, ids: np.ndarray, data: np.ndarray) -> None:
+    def write(self, first_row: int, ids: np.ndarray, data: np.ndarray) -> None:
+        """Rows ``first_row ...`` (ids increasing; an ``(N, row_bytes)`` uint8 array): whole leaves,
+        the last one short only where the table ends."""
         lay, c = self.layout, self.layout.per_leaf
+        if first_row % c:
+            raise ValueError(f"row {first_row} does not begin a leaf of {c} rows")
+        ids = np.asarray(ids, dtype=np.int64)
         count = -(-len(ids) // c)
         pages = np.zeros((count, lay.page_size), np.uint8)
         id_len = varint_len(ids)
@@ -179,10 +157,7 @@ class TableWriter:
                 lo, hi = q * c, min((q + 1) * c, len(ids))
                 self._leaf(pages[q], ids[lo:hi], data[lo:hi], id_len[lo:hi])
                 q += 1
-        first = lay.first_leaf + len(self.leaves)
-        os.pwrite(self.fd, pages, (first - 1) * lay.page_size)
-        self.leaves += [(first + q, int(ids[min((q + 1) * c, len(ids)) - 1])) for q in range(count)]
-        self.rows += len(ids)
+        os.pwrite(self.fd, pages, (lay.first_leaf - 1 + first_row // c) * lay.page_size)
 
     def _leaves(self, pages: np.ndarray, ids: np.ndarray, data: np.ndarray, id_len: int) -> None:
         """Whole leaves whose cells are all one size: each array operation fills every page."""
@@ -220,46 +195,117 @@ class TableWriter:
             cells[:, lp + L:lp + L + pl] = self.payload
             cells[:, lp + L + pl:] = data[a:b]
 
+
+class TableWriter:
+    """Write one rowid table's rows, given in id order, as leaf pages appended at ``first_leaf``
+    of the open file ``fd``; :meth:`finish` adds the interior pages, writes the top one over the
+    table's ``root`` page and sets the page count."""
+
+    def __init__(self, fd: int, layout: Layout, root: int | None = None, first_row: int = 0):
+        """``first_row`` (a multiple of ``per_leaf``): a part of the table, from that row on, that
+        another process finishes (``root`` None)."""
+        self.fd, self.root, self.layout = fd, root, layout
+        self.leaves = LeafWriter(fd, layout)
+        self.pending_ids: list[np.ndarray] = []
+        self.pending_data: list[np.ndarray] = []
+        self.pending = 0
+        self.keys: list[np.ndarray] = []   # each leaf's largest id
+        self.rows = first_row
+        self.last_id = -1
+
+    def add(self, ids: np.ndarray, data: np.ndarray) -> None:
+        """Rows ``ids`` (increasing, above every id added before) with their data, an (N, row_bytes)
+        uint8 array. Whole leaves are written as they fill."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        if ids[0] <= self.last_id or (len(ids) > 1 and np.any(np.diff(ids) <= 0)):
+            raise ValueError("rows must come in increasing id order")
+        self.last_id = int(ids[-1])
+        data = data.reshape(len(ids), self.layout.row_bytes)
+        c = self.layout.per_leaf
+        if self.pending:   # the leaf begun by the rows before: only it is copied together
+            need = c - self.pending
+            self.pending_ids.append(ids[:need])
+            self.pending_data.append(data[:need])
+            self.pending += len(ids[:need])
+            ids, data = ids[need:], data[need:]
+            if self.pending == c:
+                self.flush()
+        whole = len(ids) // c * c
+        if whole:
+            self._write(ids[:whole], data[:whole])
+        if whole < len(ids):
+            self.pending_ids, self.pending_data = [ids[whole:]], [data[whole:]]
+            self.pending = len(ids) - whole
+
+    def take_pending(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of the leaf begun and not written (ids, data), no longer this writer's."""
+        out = (np.concatenate(self.pending_ids), np.concatenate(self.pending_data)) if self.pending else \
+            (np.zeros(0, np.int64), np.zeros((0, self.layout.row_bytes), np.uint8))
+        self.pending_ids, self.pending_data, self.pending = [], [], 0
+        return out
+
+    def flush(self) -> None:
+        """Write the leaf begun, short (the table's last)."""
+        if self.pending:
+            self._write(*self.take_pending())
+
+    def _write(self, ids: np.ndarray, data: np.ndarray) -> None:
+        self.leaves.write(self.rows, ids, data)
+        c = self.layout.per_leaf
+        self.keys.append(ids[np.minimum(np.arange(c - 1, len(ids) + c - 1, c), len(ids) - 1)])
+        self.rows += len(ids)
+
     def finish(self) -> Layout:
         """Write the last leaf, the interior pages and the root; set the header's page count.
         Returns the layout."""
-        if self.pending:
-            self._flush(whole_only=False)
-        lay = self.layout
-        next_page = lay.first_leaf + len(self.leaves)
-        level = self.leaves
-        if not level:   # no row: the root stays SQLite's empty leaf
-            self._set_page_count(lay.first_leaf - 1)
-            return Layout(**{**asdict(lay), "leaves": 0, "rows": 0})
-        fanout = (lay.page_size - 12) // (2 + 4 + 9)
-        while len(level) > 1:
-            groups = -(-len(level) // fanout)
-            bounds = np.linspace(0, len(level), groups + 1).round().astype(int)   # even: none nearly empty
-            parents = []
-            for g in range(groups):
-                children = level[bounds[g]:bounds[g + 1]]
-                page = next_page if groups > 1 else self.root
-                os.pwrite(self.fd, _interior(children, lay.page_size), (page - 1) * lay.page_size)
-                if groups > 1:
-                    next_page += 1
-                parents.append((page, children[-1][1]))
-            level = parents
-        if level[0][0] != self.root:   # a single leaf: it is the root itself
-            only = os.pread(self.fd, lay.page_size, (level[0][0] - 1) * lay.page_size)
-            os.pwrite(self.fd, only, (self.root - 1) * lay.page_size)
-            next_page -= 1
-            lay = Layout(**{**asdict(lay), "first_leaf": self.root})
-        self._set_page_count(next_page - 1)
-        os.ftruncate(self.fd, (next_page - 1) * lay.page_size)
-        return Layout(**{**asdict(lay), "leaves": len(self.leaves), "rows": self.rows})
+        self.flush()
+        layout = Layout(**{**asdict(self.layout), "leaves": sum(map(len, self.keys)), "rows": self.rows})
+        return finish_table(self.fd, layout, self.root, np.concatenate(self.keys) if self.keys else np.zeros(0, np.int64))
 
-    def _set_page_count(self, pages: int) -> None:
-        header = bytearray(os.pread(self.fd, 100, 0))
-        counter = struct.unpack(">I", header[HEADER_COUNTER:HEADER_COUNTER + 4])[0] + 1
-        header[HEADER_PAGES:HEADER_PAGES + 4] = struct.pack(">I", pages)
-        header[HEADER_COUNTER:HEADER_COUNTER + 4] = struct.pack(">I", counter)
-        header[HEADER_VALID_FOR:HEADER_VALID_FOR + 4] = struct.pack(">I", counter)
-        os.pwrite(self.fd, bytes(header), 0)
+
+def finish_table(fd: int, layout: Layout, root: int, keys: np.ndarray) -> Layout:
+    """Over the ``layout.leaves`` leaves written (``keys``: each one's largest id): the interior
+    pages after them, the top one over the table's ``root`` page; the header's page count set and
+    the file cut there. Returns the layout as the file has it (a single leaf is the root itself)."""
+    lay = layout
+    next_page = lay.first_leaf + lay.leaves
+    level = list(zip(range(lay.first_leaf, next_page), keys.tolist()))
+    if not level:   # no row: the root stays SQLite's empty leaf
+        _set_page_count(fd, lay.first_leaf - 1)
+        os.ftruncate(fd, (lay.first_leaf - 1) * lay.page_size)
+        return Layout(**{**asdict(lay), "leaves": 0, "rows": 0})
+    fanout = (lay.page_size - 12) // (2 + 4 + 9)
+    while len(level) > 1:
+        groups = -(-len(level) // fanout)
+        bounds = np.linspace(0, len(level), groups + 1).round().astype(int)   # even: none nearly empty
+        parents = []
+        for g in range(groups):
+            children = level[bounds[g]:bounds[g + 1]]
+            page = next_page if groups > 1 else root
+            os.pwrite(fd, _interior(children, lay.page_size), (page - 1) * lay.page_size)
+            if groups > 1:
+                next_page += 1
+            parents.append((page, children[-1][1]))
+        level = parents
+    if level[0][0] != root:   # a single leaf: it is the root itself
+        only = os.pread(fd, lay.page_size, (level[0][0] - 1) * lay.page_size)
+        os.pwrite(fd, only, (root - 1) * lay.page_size)
+        next_page -= 1
+        lay = Layout(**{**asdict(lay), "first_leaf": root})
+    _set_page_count(fd, next_page - 1)
+    os.ftruncate(fd, (next_page - 1) * lay.page_size)
+    return lay
+
+
+def _set_page_count(fd: int, pages: int) -> None:
+    header = bytearray(os.pread(fd, 100, 0))
+    counter = struct.unpack(">I", header[HEADER_COUNTER:HEADER_COUNTER + 4])[0] + 1
+    header[HEADER_PAGES:HEADER_PAGES + 4] = struct.pack(">I", pages)
+    header[HEADER_COUNTER:HEADER_COUNTER + 4] = struct.pack(">I", counter)
+    header[HEADER_VALID_FOR:HEADER_VALID_FOR + 4] = struct.pack(">I", counter)
+    os.pwrite(fd, bytes(header), 0)
 
 
 def _interior(children: list[tuple[int, int]], page_size: int) -> np.ndarray:
@@ -427,29 +473,28 @@ class TableReader(_Mapped):
         at = bases[page] + 8 + 2 * nth
         cell = bases[page] + ((self.map[at].astype(np.int64) << 8) | self.map[at + 1])
         lp, pl = len(self.prefix), len(self.payload)
-        # a cell of the shape ends in its page, and its id's 8 bytes at most with it (data >= 8 bytes)
-        if np.any(cell + lp + 8 >= bases[page] + ps):
+        # each cell's head (payload size, id, record header and dim) in one gather, as wide as with
+        # the longest id: within a cell of the shape, as its data is 8 bytes or more
+        width = lp + 8 + pl
+        if np.any(cell + width > bases[page] + ps):
             raise Unreadable(f"{self.path}: a cell out of its page")
-        for j in range(lp):   # the payload's size: every row of the shape
-            if np.any(self.map[cell + j] != self.prefix[j]):
-                raise Unreadable(f"{self.path}: a row of another size")
-        ids = np.zeros(len(cell), np.int64)
-        id_len = np.zeros(len(cell), np.int64)
-        more = np.ones(len(cell), bool)
-        for k in range(8):
-            b = self.map[cell + lp + k].astype(np.int64)
-            ids = np.where(more, ids << 7 | (b & 0x7F), ids)
-            id_len += more
-            more &= b >= 0x80
-        if np.any(more):
+        heads = np.ndarray((len(self.map) - width + 1,), np.dtype((np.void, width)), self.map, 0, (1,))
+        head = heads[cell].view(np.uint8).reshape(len(cell), width)
+        if not np.array_equal(head[:, :lp], np.broadcast_to(self.prefix, (len(cell), lp))):
+            raise Unreadable(f"{self.path}: a row of another size")
+        more = head[:, lp:lp + 8] >= 0x80   # a varint's bytes but its last have the high bit
+        if np.any(more.all(axis=1)):
             raise Unreadable(f"{self.path}: an id of 2^56 or more")
-        start = cell + lp + id_len
-        if np.any(start + pl + self.row_bytes > bases[page] + ps):
+        id_len = np.argmin(more, axis=1) + 1
+        ids = np.zeros(len(cell), np.int64)
+        for k in range(8):
+            ids = np.where(k < id_len, ids << 7 | (head[:, lp + k] & 0x7F), ids)
+        if np.any(cell + lp + id_len + pl + self.row_bytes > bases[page] + ps):
             raise Unreadable(f"{self.path}: a cell out of its page, or an overflow chain")
-        for j in range(pl):   # the record's header and dim: a row with meta, or of another dim, differs
-            if np.any(self.map[start + j] != self.payload[j]):
-                raise Unreadable(f"{self.path}: a row of another shape (meta, dim or type)")
-        return ids, start + pl
+        record = np.take_along_axis(head, (lp + id_len)[:, None] + np.arange(pl), axis=1)
+        if not np.array_equal(record, np.broadcast_to(self.payload, record.shape)):
+            raise Unreadable(f"{self.path}: a row of another shape (meta, dim or type)")
+        return ids, cell + lp + id_len + pl
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """The ids in ``start ... stop - 1`` the table holds, increasing, and their data: an
