@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import statistics
+import threading
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,7 @@ ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
 # a merge unit not back from its worker this long after the one before (and this many times the
 # usual gap) is written by the merging process: a stopped worker must not hold the merge
 STALL_MIN, STALL_X = 30.0, 10.0
+MERGE_THREADS = 8   # the merging process's own units at most this many at once (memory: ~3 units each)
 
 log = logging.getLogger("unidask")
 
@@ -213,9 +215,7 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
     try:
         if client is None or len(units) < 2:
             with files.write_behind(tmp):
-                for unit in units:
-                    fragments += pagemerge.write_unit(str(tmp), table.layout, unit)
-                    progress.update(unit.rows * per_row)
+                fragments += _on_threads(str(tmp), table.layout, units, progress, per_row)
         else:
             fragments += _on_workers(client, str(tmp), table.layout, units, progress, per_row)
         fd = os.open(tmp, os.O_RDWR)
@@ -244,6 +244,31 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
         con.execute("COMMIT")
         if pages.change_counter(tmp) != counter:   # SQLite counted otherwise: read it through SQL
             con.execute("DELETE FROM meta WHERE key = 'layout.change_counter'")
+
+
+def _on_threads(target: str, layout: pages.Layout, units: list[pagemerge.Unit], progress: Progress,
+                per_row: float) -> list[pagemerge.Fragment]:
+    """The units on a thread per core (numpy's copies, the hashing and the writes let go of the
+    GIL), each thread with its shards open."""
+    local, opened = threading.local(), []
+
+    def write(unit: pagemerge.Unit) -> list[pagemerge.Fragment]:
+        if (readers := getattr(local, "readers", None)) is None:
+            readers = local.readers = pagemerge.Readers(layout.row_bytes, layout.dim)
+            opened.append(readers)
+        return pagemerge.write_unit(target, layout, unit, readers=readers)
+
+    out: list[pagemerge.Fragment] = []
+    pool = ThreadPoolExecutor(min(len(units), os.cpu_count() or 1, MERGE_THREADS), thread_name_prefix="unidask-merge")
+    try:
+        for unit, fragments in zip(units, pool.map(write, units)):
+            out += fragments
+            progress.update(unit.rows * per_row)
+    finally:
+        pool.shutdown(cancel_futures=True)
+        for readers in opened:
+            readers.close()
+    return out
 
 
 def _on_workers(client, target: str, layout: pages.Layout, units: list[pagemerge.Unit], progress: Progress,

@@ -148,17 +148,50 @@ class Readers:
         self.open[path] = shard
         return shard
 
+    def unit_rows(self, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
+        """The unit's rows in row order: their ids and an ``(rows, row_bytes)`` array, every task
+        checked (:meth:`task_rows`). Each shard's cells for all its tasks of the unit are parsed
+        and gathered at once: a unit of many small tasks costs little more than one task."""
+        counts = np.array([t.count for t in unit.tasks], np.int64)
+        bases = np.array([t.base for t in unit.tasks], np.int64)
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+        out = np.empty((unit.rows, self.row_bytes), np.uint8)
+        by_path: dict[str, list[int]] = {}
+        for i, t in enumerate(unit.tasks):
+            by_path.setdefault(t.path, []).append(i)
+        for path, idx in by_path.items():
+            _, table = self._shard(path)
+            read = np.zeros(len(idx), bool)
+            if table is not None:
+                with contextlib.suppress(pages.Unreadable, IndexError):   # IndexError: a task of no rows
+                    read = self._gather(table, out, bases[idx], counts[idx], offsets[idx])
+            for i, ok in zip(idx, read):
+                t = unit.tasks[i]
+                rows = out[offsets[i]:offsets[i + 1]]
+                if not (ok and db.checksum(rows, t.count) == t.checksum):
+                    rows[:] = self.task_rows(t)   # not as the pages say: SQLite reads it, or says what is wrong
+        ids = np.repeat(bases - offsets[:-1], counts) + np.arange(unit.rows)
+        return ids, out
+
+    @staticmethod
+    def _gather(table: pages.TableReader, out: np.ndarray, bases: np.ndarray, counts: np.ndarray,
+                offsets: np.ndarray) -> np.ndarray:
+        """Tasks of ``bases`` and ``counts`` from ``table`` into their rows of ``out`` (from
+        ``offsets``); which ones the pages hold whole (every id, nothing else)."""
+        ids, at, lo, hi = table.cells_in(bases, bases + counts)
+        whole = (hi - lo == counts)
+        whole[whole] &= (counts[whole] == 0) | ((ids[lo[whole]] == bases[whole]) &
+                                                 (ids[np.maximum(hi[whole] - 1, 0)] == bases[whole] + counts[whole] - 1))
+        rows = out.view(table.windows.dtype)[:, 0]   # a row as one item: a gather is a memcpy a row
+        for k, n, o in zip(lo[whole].tolist(), counts[whole].tolist(), offsets[whole].tolist()):
+            rows[o:o + n] = table.windows[at[k:k + n]]
+        return whole
+
     def task_rows(self, t: Task) -> np.ndarray:
-        """Task ``t``'s rows, an ``(count, row_bytes)`` array in id order, once they passed the
-        task's checks (:class:`BadFile` naming what is wrong; :class:`NotPages` where a row has meta)."""
-        con, table = self._shard(t.path)
-        if table is not None:
-            with contextlib.suppress(pages.Unreadable):
-                ids, data = table.rows(t.base, t.base + t.count)
-                if (len(ids) == t.count and (not t.count or (ids[0] == t.base and ids[-1] == t.base + t.count - 1))
-                        and db.checksum(data, t.count) == t.checksum):
-                    return data
-        # not as the pages say: SQLite reads it, and says what is wrong
+        """Task ``t``'s rows read by SQLite, an ``(count, row_bytes)`` array in id order, once they
+        passed the task's checks (:class:`BadFile` naming what is wrong; :class:`NotPages` where a
+        row has meta)."""
+        con, _ = self._shard(t.path)
         with blame(Path(t.path)):
             rows = db.TaskRows.read(con, "main", t.base, t.count, self.dim, self.row_bytes, keep=True)
             if rows.metas:
@@ -179,29 +212,25 @@ class Readers:
             self._close(self.open.popitem()[1])
 
 
-def write_unit(target: str, layout: pages.Layout, unit: Unit, sync: bool = False) -> list[Fragment]:
+def write_unit(target: str, layout: pages.Layout, unit: Unit, sync: bool = False,
+               readers: Readers | None = None) -> list[Fragment]:
     """Build and write ``unit``'s whole leaves into ``target`` at their places; return the rows
     of the leaves it shares (at its start, and at its end unless the table ends there).
     ``sync``: fsync what it wrote (a process on another host than the one that finishes the file).
+    ``readers``: the shards already open (one process writing unit after unit); else its own.
     Raises :class:`BadFile` or :class:`NotPages` as :meth:`Readers.task_rows`."""
     c = layout.per_leaf
     head = min((-unit.first_row) % c, unit.rows)   # rows before the unit's first whole leaf
-    readers = Readers(layout.row_bytes, layout.dim)
+    own = readers is None
+    readers = Readers(layout.row_bytes, layout.dim) if own else readers
     fd = os.open(target, os.O_RDWR)
-    out, held_ids, held = [], [], []
+    out = []
     try:
+        ids, data = readers.unit_rows(unit)
+        if head:
+            out.append(Fragment(unit.first_row, ids[:head], data[:head]))
         writer = pages.TableWriter(fd, layout, first_row=unit.first_row + head)
-        for t in unit.tasks:
-            data = readers.task_rows(t)
-            ids = np.arange(t.base, t.base + t.count)
-            if head:
-                take = min(head, t.count)
-                held_ids.append(ids[:take])
-                held.append(data[:take])
-                ids, data, head = ids[take:], data[take:], head - take
-            writer.add(ids, data)
-        if held:
-            out.append(Fragment(unit.first_row, np.concatenate(held_ids), np.concatenate(held)))
+        writer.add(ids[head:], data[head:])
         if writer.rows + writer.pending == layout.rows:   # the table's last leaf, short: the unit's own
             writer.flush()
         elif writer.pending:
@@ -211,7 +240,8 @@ def write_unit(target: str, layout: pages.Layout, unit: Unit, sync: bool = False
             os.fsync(fd)
     finally:
         os.close(fd)
-        readers.close()
+        if own:
+            readers.close()
     return out
 
 

@@ -499,15 +499,27 @@ class TableReader(_Mapped):
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """The ids in ``start ... stop - 1`` the table holds, increasing, and their data: an
         ``(N, row_bytes)`` uint8 array of its own."""
-        lo = max(int(np.searchsorted(self.first_ids, start, "right")) - 1, 0)
-        hi = int(np.searchsorted(self.first_ids, stop, "left"))
-        if hi <= lo:
-            return np.zeros(0, np.int64), np.zeros((0, self.row_bytes), np.uint8)
+        ids, at, lo, hi = self.cells_in(np.array([start]), np.array([stop]))
+        return ids[lo[0]:hi[0]], self.gather(at[lo[0]:hi[0]])
+
+    def cells_in(self, starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The cells of the leaves that hold ids in any of the ranges ``starts[i] ... stops[i] - 1``
+        (increasing, disjoint): their ids (increasing), where each one's data starts in the file,
+        and where each range's cells begin and end among them. Every leaf is parsed once, in one go."""
+        starts, stops = np.asarray(starts, np.int64), np.asarray(stops, np.int64)
+        lo = np.maximum(np.searchsorted(self.first_ids, starts, "right") - 1, 0)
+        hi = np.maximum(np.searchsorted(self.first_ids, stops, "left"), lo)
+        cover = np.zeros(len(self.leaves) + 1, np.int64)   # the union of the ranges' leaves
+        np.add.at(cover, lo, 1)
+        np.add.at(cover, hi, -1)
+        leaves = self.leaves[np.cumsum(cover)[:-1] > 0]
+        if not len(leaves):
+            empty = np.zeros(len(starts), np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty
         try:
-            ids, at = self._cells(self.leaves[lo:hi])
+            ids, at = self._cells(leaves)
         except (IndexError, ValueError) as e:
             raise Unreadable(f"{self.path}: {e}") from e
         if len(ids) > 1 and np.any(np.diff(ids) <= 0):
             raise Unreadable(f"{self.path}: ids out of order")
-        keep = slice(int(np.searchsorted(ids, start)), int(np.searchsorted(ids, stop)))
-        return ids[keep], self.gather(at[keep])
+        return ids, at, np.searchsorted(ids, starts), np.searchsorted(ids, stops)
