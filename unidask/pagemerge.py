@@ -163,7 +163,7 @@ class Readers:
             _, table = self._shard(path)
             read = np.zeros(len(idx), bool)
             if table is not None:
-                with contextlib.suppress(pages.Unreadable, IndexError):   # IndexError: a task of no rows
+                with contextlib.suppress(pages.Unreadable):
                     read = self._gather(table, out, bases[idx], counts[idx], offsets[idx])
             for i, ok in zip(idx, read):
                 t = unit.tasks[i]
@@ -179,12 +179,10 @@ class Readers:
         """Tasks of ``bases`` and ``counts`` from ``table`` into their rows of ``out`` (from
         ``offsets``); which ones the pages hold whole (every id, nothing else)."""
         ids, at, lo, hi = table.cells_in(bases, bases + counts)
-        whole = (hi - lo == counts)
-        whole[whole] &= (counts[whole] == 0) | ((ids[lo[whole]] == bases[whole]) &
-                                                 (ids[np.maximum(hi[whole] - 1, 0)] == bases[whole] + counts[whole] - 1))
-        rows = out.view(table.windows.dtype)[:, 0]   # a row as one item: a gather is a memcpy a row
+        whole = (hi - lo == counts) & (counts > 0)   # a task of no rows (none in a plan): SQL's
+        whole[whole] &= (ids[lo[whole]] == bases[whole]) & (ids[hi[whole] - 1] == bases[whole] + counts[whole] - 1)
         for k, n, o in zip(lo[whole].tolist(), counts[whole].tolist(), offsets[whole].tolist()):
-            rows[o:o + n] = table.windows[at[k:k + n]]
+            table.gather(at[k:k + n], out=out[o:o + n])
         return whole
 
     def task_rows(self, t: Task) -> np.ndarray:
@@ -234,8 +232,7 @@ def write_unit(target: str, layout: pages.Layout, unit: Unit, sync: bool = False
         if writer.rows + writer.pending == layout.rows:   # the table's last leaf, short: the unit's own
             writer.flush()
         elif writer.pending:
-            first = writer.rows
-            out.append(Fragment(first, *writer.take_pending()))
+            out.append(Fragment(writer.rows, *writer.take_pending()))
         if sync:
             os.fsync(fd)
     finally:

@@ -376,9 +376,13 @@ class _Mapped:
         self.windows = np.ndarray((max(len(self.map) - row_bytes + 1, 0),), np.dtype((np.void, row_bytes)),
                                   self.map, 0, (1,))
 
-    def gather(self, starts: np.ndarray) -> np.ndarray:
-        """The rows starting at the file's offsets ``starts``: an ``(N, row_bytes)`` uint8 array of its own."""
-        return self.windows[starts].view(np.uint8).reshape(len(starts), self.row_bytes)
+    def gather(self, starts: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows starting at the file's offsets ``starts``: an ``(N, row_bytes)`` uint8 array of
+        its own, or written into ``out`` (such an array, contiguous rows)."""
+        if out is None:
+            return self.windows[starts].view(np.uint8).reshape(len(starts), self.row_bytes)
+        out.view(self.windows.dtype)[:, 0] = self.windows[starts]   # a row as one item: a memcpy each
+        return out
 
     def close(self) -> None:
         self.windows = self.map = None
