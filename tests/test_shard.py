@@ -244,6 +244,33 @@ def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypat
     assert not any("left in place" in line for line in lines), lines
 
 
+def test_a_claim_left_by_a_killed_claimer_is_removed(config, monkeypatch):
+    """A worker killed after it staged and removed an orphan, before it removed its claim, leaves
+    the claim alone in the local dir: the next stage-out of the node removes it, but not a claim a
+    live worker holds."""
+    monkeypatch.setenv("UNIDASK_NODE", "n")
+    spec = config(run={"count": 1000, "task_size": 100}, storage={"shard_per": "process"})
+    local = shard.run_local_dir(spec)
+    local.mkdir(parents=True)
+    left, held = local / ".n-k-p1.db.claim", local / ".n-k-p2.db.claim"
+    left.touch()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, sys
+fd = os.open({str(held)!r}, os.O_CREAT | os.O_WRONLY, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert shard.stage_orphans(spec, "k", "n") == []
+        assert not left.exists() and held.exists()
+    finally:
+        holder.communicate("")
+    shard.stage_orphans(spec, "k", "n")
+    assert not held.exists()
+
+
 def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
     """A shard opened as single-writer that other processes write anyway (a misconfiguration):
     every snapshot still holds whole tasks only, whose rows match their checksums."""

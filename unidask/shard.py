@@ -588,22 +588,38 @@ def stage_orphans(spec: Spec, attempt: str, node: str) -> list[Path]:
         pid = _writer_pid(path)
         if pid is None or pid == os.getpid() or files.pid_alive(pid):
             continue
-        # a lock, not a mere file, so a worker killed while staging an orphan leaves it to the next
-        claim = path.with_name(f".{path.name}.claim")
-        fd = os.open(claim, os.O_CREAT | os.O_WRONLY, 0o600)
+        with _claimed(path) as mine_now:
+            if mine_now and path.exists() and (done := stage_and_remove(spec, path)) is not None:
+                staged.append(done)
+    # a claimer killed between removing its orphan and its claim leaves the claim alone behind
+    for claim in run_local_dir(spec).glob(f".{mine}.claim"):
+        orphan = claim.with_name(claim.name[1:].removesuffix(".claim"))
+        if not orphan.exists():
+            with _claimed(orphan):   # which removes the claim, unless a live claimer holds it
+                pass
+    return staged
+
+
+@contextlib.contextmanager
+def _claimed(path: Path):
+    """Yield whether this process holds the claim on an orphan shard: a lock, not a mere file, so
+    a worker killed while staging an orphan leaves it to the next. The claim file goes once the
+    shard is gone."""
+    claim = path.with_name(f".{path.name}.claim")
+    fd = os.open(claim, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(fd)
-            continue
+            yield False
+            return
         try:
-            if path.exists() and (done := stage_and_remove(spec, path)) is not None:   # not yet staged
-                staged.append(done)
+            yield True
         finally:
             if not path.exists():
                 claim.unlink(missing_ok=True)
-            os.close(fd)
-    return staged
+    finally:
+        os.close(fd)
 
 
 def salvage(spec: Spec) -> list[Path]:
