@@ -175,6 +175,27 @@ def test_the_table_reader_reads_what_sqlite_reads(tmp_path_factory, page_exp, di
     assert [bytes(r) for r in got] == [d for _, d in want]
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(runs=st.lists(st.tuples(st.integers(0, 4000), st.integers(-40, 40), st.integers(1, 40)), min_size=1, max_size=8),
+       row=st.integers(1, 24), shuffled=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_a_gather_puts_every_row_where_asked(tmp_path_factory, runs, row, shuffled, seed):
+    """Rows from any offsets of a file (runs of one step, as a leaf's cells, and odd ones) into
+    any rows of an array: each one's bytes where asked, whether copied as a strided run or one by one."""
+    rng = np.random.default_rng(seed)
+    path = tmp_path_factory.mktemp("g") / "f"
+    path.write_bytes(rng.integers(0, 256, 8192, dtype=np.uint8).tobytes())
+    starts = np.concatenate([np.clip(a + step * np.arange(n), 0, 8192 - row) for a, step, n in runs])
+    rows = np.arange(len(starts) + 5)
+    into = rng.permutation(rows)[:len(starts)] if shuffled else rows[3:3 + len(starts)]
+    out = np.zeros((len(rows), row), np.uint8)
+    pages._Mapped(path, row).gather(starts, out=out, into=into)
+    data = np.frombuffer(path.read_bytes(), np.uint8)
+    want = np.zeros_like(out)
+    for k, i in zip(starts, into):
+        want[i] = data[k:k + row]
+    assert np.array_equal(out, want)
+
+
 def test_rows_of_another_shape_are_left_to_sql(tmp_path):
     root = sqlite_table(tmp_path / "m.db", 4096, list(range(100)), 256, 4, 1, metas=True)
     with pytest.raises(pages.Unreadable, match="another (shape|size)"):

@@ -265,6 +265,13 @@ def require_local_disk(path: Path) -> None:
                          "= true to insist)")
 
 
+def _written(fd: int) -> int:
+    """Bytes of a file that writes have made: its size where it grew at its end, its blocks where
+    pages were written at their places in a sparse file (the page merge's units)."""
+    st = os.fstat(fd)
+    return max(st.st_size, st.st_blocks * 512)
+
+
 @contextlib.contextmanager
 def write_behind(path: Path, every: int = WRITE_BEHIND_EVERY, poll: float = 0.01) -> Iterator[None]:
     """While the body writes ``path``, flush it to disk on another thread each time it has grown
@@ -286,11 +293,14 @@ def write_behind(path: Path, every: int = WRITE_BEHIND_EVERY, poll: float = 0.01
         with contextlib.suppress(OSError):
             fd = os.open(path, os.O_RDONLY)
             try:
-                flushed = os.fstat(fd).st_size
+                flushed = last = _written(fd)
                 while not stop.wait(poll):
-                    if (size := os.fstat(fd).st_size) >= flushed + every:
+                    written = _written(fd)
+                    # or the rest, once the writes pause: the disk goes on while the CPU does other work
+                    if written >= flushed + every or flushed < written == last:
                         os.fdatasync(fd)
-                        flushed = size
+                        flushed = written
+                    last = written
             finally:
                 os.close(fd)
 

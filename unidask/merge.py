@@ -203,7 +203,6 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
     taken: dict[Path, set[int]] = {p: set() for p in paths}
     for task, (p, _) in owners.items():
         taken[p].add(task)
-    checks = {p: checker.submit(db.check, p, fingerprint, expected, frozenset(taken[p])) for p in paths}
     with contextlib.closing(_open_target(tmp, None, record, page_size, expected)) as con:
         root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
     table = pagemerge.Table(owners, task_size, page_size, tmp.stat().st_size // page_size + 1,
@@ -211,19 +210,27 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
     units = table.units()
     progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
     per_row = sum(sizes.values()) / max(1, table.layout.rows)
-    fragments: list[pagemerge.Fragment] = []
+    checks: dict[Path, Future] = {}
+
+    def check() -> None:
+        checks.update({p: checker.submit(db.check, p, fingerprint, expected, frozenset(taken[p])) for p in paths})
+
     try:
-        if client is None or len(units) < 2:
-            with files.write_behind(tmp):
-                fragments += _on_threads(str(tmp), table.layout, units, progress, per_row)
-        else:
-            fragments += _on_workers(client, str(tmp), table.layout, units, progress, per_row)
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            pagemerge.write_fragments(fd, table.layout, fragments)
-            layout = pages.finish_table(fd, table.layout, root, table.keys)
-        finally:
-            os.close(fd)
+        with files.write_behind(tmp):
+            if client is None or len(units) < 2:
+                # the units first, on every core, so the disk starts early; the checks' CPU then
+                # overlaps the disk's last writes
+                fragments = _on_threads(str(tmp), table.layout, units, progress, per_row)
+                check()
+            else:
+                check()
+                fragments = _on_workers(client, str(tmp), table.layout, units, progress, per_row)
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                pagemerge.write_fragments(fd, table.layout, fragments)
+                layout = pages.finish_table(fd, table.layout, root, table.keys)
+            finally:
+                os.close(fd)
     finally:
         progress.close()
     for path in paths:

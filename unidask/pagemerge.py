@@ -18,6 +18,7 @@ import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_schema, conn
 log = logging.getLogger("unidask")
 
 UNIT_BYTES = 64 << 20   # a unit's rows: enough to amortize its start, few enough to spread
+PART_BYTES = 4 << 20    # a unit's rows read, checked and laid out at a time: the buffers stay in cache
 
 
 class NotPages(Exception):
@@ -124,13 +126,15 @@ class Table:
 
 class Readers:
     """Open shards, the most recently read kept (tasks alternate between a few shards): each one's
-    pages mapped (:class:`pages.TableReader`) and a connection for what they do not take."""
+    pages mapped (:class:`pages.TableReader`) and a connection for what they do not take. One
+    thread's: the rows it returns are in a buffer of its own, reused by the next call."""
 
     KEEP = 16
 
     def __init__(self, row_bytes: int, dim: int) -> None:
         self.row_bytes, self.dim = row_bytes, dim
         self.open: dict[str, tuple[sqlite3.Connection, pages.TableReader | None]] = {}
+        self.buffer = np.zeros((0, row_bytes), np.uint8)
 
     def _shard(self, path: str) -> tuple[sqlite3.Connection, pages.TableReader | None]:
         shard = self.open.pop(path, None)
@@ -148,42 +152,50 @@ class Readers:
         self.open[path] = shard
         return shard
 
-    def unit_rows(self, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
-        """The unit's rows in row order: their ids and an ``(rows, row_bytes)`` array, every task
-        checked (:meth:`task_rows`). Each shard's cells for all its tasks of the unit are parsed
-        and gathered at once: a unit of many small tasks costs little more than one task."""
+    def unit_rows(self, unit: Unit, part_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The unit's rows in row order, in parts (runs of tasks of ``part_rows`` rows or more,
+        small enough to stay in cache): the ids and an ``(rows, row_bytes)`` array of each part,
+        valid until the next one, every task checked (:meth:`task_rows`). Each shard's cells for
+        all its tasks of the unit are parsed at once, and a part's rows gathered from each shard
+        in one go: a unit of many small tasks costs little more than one of a few large ones."""
         counts = np.array([t.count for t in unit.tasks], np.int64)
         bases = np.array([t.base for t in unit.tasks], np.int64)
         offsets = np.concatenate(([0], np.cumsum(counts)))
-        out = np.empty((unit.rows, self.row_bytes), np.uint8)
+        at = np.zeros(unit.rows, np.int64)   # each row's data in its shard's file
+        source = np.full(unit.rows, -1, np.int64)   # the shard it is read from; -1: SQL's
+        tables = []
         by_path: dict[str, list[int]] = {}
         for i, t in enumerate(unit.tasks):
             by_path.setdefault(t.path, []).append(i)
         for path, idx in by_path.items():
             _, table = self._shard(path)
-            read = np.zeros(len(idx), bool)
-            if table is not None:
-                with contextlib.suppress(pages.Unreadable):
-                    read = self._gather(table, out, bases[idx], counts[idx], offsets[idx])
-            for i, ok in zip(idx, read):
-                t = unit.tasks[i]
-                rows = out[offsets[i]:offsets[i + 1]]
-                if not (ok and db.checksum(rows, t.count) == t.checksum):
-                    rows[:] = self.task_rows(t)   # not as the pages say: SQLite reads it, or says what is wrong
+            if table is None:
+                continue
+            with contextlib.suppress(pages.Unreadable):
+                ids, cells, lo, hi = table.cells_in(bases[idx], bases[idx] + counts[idx])
+                n, b = counts[idx], bases[idx]
+                whole = (hi - lo == n) & (n > 0)   # every id, nothing else; a task of no rows is SQL's
+                whole[whole] &= (ids[lo[whole]] == b[whole]) & (ids[hi[whole] - 1] == b[whole] + n[whole] - 1)
+                for i, k in zip(np.asarray(idx)[whole].tolist(), lo[whole].tolist()):
+                    at[offsets[i]:offsets[i + 1]] = cells[k:k + counts[i]]
+                    source[offsets[i]:offsets[i + 1]] = len(tables)
+                tables.append(table)
         ids = np.repeat(bases - offsets[:-1], counts) + np.arange(unit.rows)
-        return ids, out
-
-    @staticmethod
-    def _gather(table: pages.TableReader, out: np.ndarray, bases: np.ndarray, counts: np.ndarray,
-                offsets: np.ndarray) -> np.ndarray:
-        """Tasks of ``bases`` and ``counts`` from ``table`` into their rows of ``out`` (from
-        ``offsets``); which ones the pages hold whole (every id, nothing else)."""
-        ids, at, lo, hi = table.cells_in(bases, bases + counts)
-        whole = (hi - lo == counts) & (counts > 0)   # a task of no rows (none in a plan): SQL's
-        whole[whole] &= (ids[lo[whole]] == bases[whole]) & (ids[hi[whole] - 1] == bases[whole] + counts[whole] - 1)
-        for k, n, o in zip(lo[whole].tolist(), counts[whole].tolist(), offsets[whole].tolist()):
-            table.gather(at[k:k + n], out=out[o:o + n])
-        return whole
+        cuts = np.searchsorted(offsets, np.arange(part_rows, unit.rows, part_rows))
+        bounds = np.unique(np.concatenate(([0], cuts, [len(unit.tasks)])))
+        for i, j in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            r0, r1 = int(offsets[i]), int(offsets[j])
+            if len(self.buffer) < r1 - r0:
+                self.buffer = np.empty((r1 - r0, self.row_bytes), np.uint8)
+            out = self.buffer[:r1 - r0]
+            for s, table in enumerate(tables):
+                if len(rows := np.flatnonzero(source[r0:r1] == s)):
+                    table.gather(at[r0 + rows], out=out, into=rows)
+            for k in range(i, j):
+                t, rows = unit.tasks[k], out[offsets[k] - r0:offsets[k + 1] - r0]
+                if not (source[offsets[k]] >= 0 and db.checksum(rows, t.count) == t.checksum):
+                    rows[:] = self.task_rows(t)   # not as the pages say: SQLite reads it, or says what is wrong
+            yield ids[r0:r1], out
 
     def task_rows(self, t: Task) -> np.ndarray:
         """Task ``t``'s rows read by SQLite, an ``(count, row_bytes)`` array in id order, once they
@@ -224,11 +236,17 @@ def write_unit(target: str, layout: pages.Layout, unit: Unit, sync: bool = False
     fd = os.open(target, os.O_RDWR)
     out = []
     try:
-        ids, data = readers.unit_rows(unit)
-        if head:
-            out.append(Fragment(unit.first_row, ids[:head], data[:head]))
         writer = pages.TableWriter(fd, layout, first_row=unit.first_row + head)
-        writer.add(ids[head:], data[head:])
+        front: list[tuple[np.ndarray, np.ndarray]] = []
+        before = head
+        for ids, data in readers.unit_rows(unit, max(1, PART_BYTES // layout.row_bytes)):
+            if before:
+                k = min(before, len(ids))
+                front.append((ids[:k], data[:k].copy()))
+                ids, data, before = ids[k:], data[k:], before - k
+            writer.add(ids, data)
+        if head:
+            out.append(Fragment(unit.first_row, *map(np.concatenate, zip(*front))))
         if writer.rows + writer.pending == layout.rows:   # the table's last leaf, short: the unit's own
             writer.flush()
         elif writer.pending:

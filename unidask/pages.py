@@ -125,12 +125,14 @@ def layout_for(page_size: int, first_leaf: int, row_bytes: int, dim: int, larges
 class LeafWriter:
     """Leaf pages of a table in ``layout`` written at their places in the open file ``fd``: rows
     from the ``k``-th on (``k`` a multiple of ``per_leaf``) in leaf ``first_leaf + k // per_leaf``.
-    Any process may write any whole leaves, in any order."""
+    Any process may write any whole leaves, in any order. The pages are built in one buffer,
+    reused from write to write (a fresh one costs a page fault every 4 KiB)."""
 
     def __init__(self, fd: int, layout: Layout):
         self.fd, self.layout = fd, layout
         self.prefix = np.frombuffer(varint(layout.payload_size), np.uint8)
         self.payload = np.frombuffer(layout.payload, np.uint8)
+        self.buffer = np.zeros((0, layout.page_size), np.uint8)
 
     def write(self, first_row: int, ids: np.ndarray, data: np.ndarray) -> None:
         """Rows ``first_row ...`` (ids increasing; an ``(N, row_bytes)`` uint8 array): whole leaves,
@@ -140,7 +142,9 @@ class LeafWriter:
             raise ValueError(f"row {first_row} does not begin a leaf of {c} rows")
         ids = np.asarray(ids, dtype=np.int64)
         count = -(-len(ids) // c)
-        pages = np.zeros((count, lay.page_size), np.uint8)
+        if len(self.buffer) < count:
+            self.buffer = np.empty((count, lay.page_size), np.uint8)
+        pages = self.buffer[:count]
         id_len = varint_len(ids)
         whole = len(ids) // c
         per_page = id_len[:whole * c].reshape(whole, c)
@@ -164,6 +168,8 @@ class LeafWriter:
         n, c, lp, pl = len(pages), self.layout.per_leaf, len(self.prefix), len(self.payload)
         size = lp + id_len + self.layout.payload_size
         top = self.layout.page_size - c * size
+        pages[:, :8] = 0   # no freeblock, no fragmented bytes; then the free space between:
+        pages[:, 8 + 2 * c:top] = 0   # a merge is byte for byte the same, whatever the buffer held
         pages[:, 0] = LEAF
         pages[:, 3:5] = np.frombuffer(struct.pack(">H", c), np.uint8)
         pages[:, 5:7] = np.frombuffer(struct.pack(">H", top % 65536), np.uint8)
@@ -179,6 +185,7 @@ class LeafWriter:
         sizes = lp + id_len + self.layout.payload_size
         top = self.layout.page_size - int(sizes.sum())
         offsets = top + np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        page[:] = 0
         page[0] = LEAF
         page[3:5] = np.frombuffer(struct.pack(">H", n), np.uint8)
         page[5:7] = np.frombuffer(struct.pack(">H", top % 65536), np.uint8)   # 0 stands for 65536
@@ -224,10 +231,11 @@ class TableWriter:
         self.last_id = int(ids[-1])
         data = data.reshape(len(ids), self.layout.row_bytes)
         c = self.layout.per_leaf
-        if self.pending:   # the leaf begun by the rows before: only it is copied together
+        # the rows of a leaf begun are copied: the caller may reuse its arrays
+        if self.pending:   # the leaf begun by the rows before
             need = c - self.pending
-            self.pending_ids.append(ids[:need])
-            self.pending_data.append(data[:need])
+            self.pending_ids.append(ids[:need].copy())
+            self.pending_data.append(data[:need].copy())
             self.pending += len(ids[:need])
             ids, data = ids[need:], data[need:]
             if self.pending == c:
@@ -236,7 +244,7 @@ class TableWriter:
         if whole:
             self._write(ids[:whole], data[:whole])
         if whole < len(ids):
-            self.pending_ids, self.pending_data = [ids[whole:]], [data[whole:]]
+            self.pending_ids, self.pending_data = [ids[whole:].copy()], [data[whole:].copy()]
             self.pending = len(ids) - whole
 
     def take_pending(self) -> tuple[np.ndarray, np.ndarray]:
@@ -376,12 +384,34 @@ class _Mapped:
         self.windows = np.ndarray((max(len(self.map) - row_bytes + 1, 0),), np.dtype((np.void, row_bytes)),
                                   self.map, 0, (1,))
 
-    def gather(self, starts: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    RUN = 16   # rows evenly spaced in the file from which a strided copy beats a gather
+
+    def gather(self, starts: np.ndarray, out: np.ndarray | None = None, into: np.ndarray | None = None) -> np.ndarray:
         """The rows starting at the file's offsets ``starts``: an ``(N, row_bytes)`` uint8 array of
-        its own, or written into ``out`` (such an array, contiguous rows)."""
+        its own, or written into ``out`` (such an array, contiguous rows), at its rows ``into``
+        (by default the first N). Runs of rows evenly spaced in the file and consecutive in
+        ``out`` (a leaf's cells) are copied as strided views, which lets go of the GIL; the
+        others are gathered as one item each, a memcpy a row."""
+        starts = np.asarray(starts, np.int64)
         if out is None:
-            return self.windows[starts].view(np.uint8).reshape(len(starts), self.row_bytes)
-        out.view(self.windows.dtype)[:, 0] = self.windows[starts]   # a row as one item: a memcpy each
+            out = np.empty((len(starts), self.row_bytes), np.uint8)
+        into = np.arange(len(starts)) if into is None else np.asarray(into, np.int64)
+        if len(starts) < self.RUN:
+            out.view(self.windows.dtype)[into, 0] = self.windows[starts]
+            return out
+        # a run: a longest stretch of one step between neighbours in the file, and of one row in out
+        step = np.diff(starts)
+        bounds = np.concatenate(([0], np.flatnonzero(step[1:] != step[:-1]) + 2,
+                                 np.flatnonzero(np.diff(into) != 1) + 1, [len(starts)]))
+        bounds = np.unique(np.minimum(bounds, len(starts)))
+        lengths = np.diff(bounds)
+        long = lengths >= self.RUN
+        for a, b in zip(bounds[:-1][long].tolist(), bounds[1:][long].tolist()):
+            row = int(into[a])
+            out[row:row + b - a] = np.ndarray((b - a, self.row_bytes), np.uint8, self.map, starts[a], (step[a], 1))
+        if not long.all():
+            rest = np.repeat(~long, lengths)
+            out.view(self.windows.dtype)[into[rest], 0] = self.windows[starts[rest]]
         return out
 
     def close(self) -> None:
@@ -471,16 +501,72 @@ class TableReader(_Mapped):
         if np.any(counts == 0) or np.any(8 + 2 * counts > ps):
             raise Unreadable(f"{self.path}: a leaf without cells or with too many")
         if first_only:
-            counts = np.ones_like(counts)
-        page = np.repeat(np.arange(len(leaves)), counts)
-        nth = np.arange(len(page)) - np.repeat(np.cumsum(counts) - counts, counts)
-        at = bases[page] + 8 + 2 * nth
-        cell = bases[page] + ((self.map[at].astype(np.int64) << 8) | self.map[at + 1])
-        lp, pl = len(self.prefix), len(self.payload)
-        # each cell's head (payload size, id, record header and dim) in one gather, as wide as with
-        # the longest id: within a cell of the shape, as its data is 8 bytes or more
+            ids, id_len = self._heads(bases + self._pointer(bases, 0), bases)
+            return ids, bases + self._pointer(bases, 0) + len(self.prefix) + id_len + len(self.payload)
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+        ids, at = np.empty(offsets[-1], np.int64), np.empty(offsets[-1], np.int64)
+        rest = ~self._regular(leaves, bases, counts, offsets, ids, at)
+        if rest.any():   # cell by cell
+            page = np.repeat(np.flatnonzero(rest), counts[rest])
+            first = offsets[:-1][rest]
+            nth = np.arange(len(page)) - np.repeat(np.cumsum(counts[rest]) - counts[rest], counts[rest])
+            cell = bases[page] + self._pointer(bases[page], nth)
+            where = np.repeat(first, counts[rest]) + nth
+            ids[where], id_len = self._heads(cell, bases[page])
+            at[where] = cell + len(self.prefix) + id_len + len(self.payload)
+        return ids, at
+
+    def _pointer(self, bases: np.ndarray, nth: np.ndarray | int) -> np.ndarray:
+        """The ``nth`` cell pointer of each leaf at ``bases`` (an offset in its page)."""
+        at = bases + 8 + 2 * nth
+        return (self.map[at].astype(np.int64) << 8) | self.map[at + 1]
+
+    def _regular(self, leaves: np.ndarray, bases: np.ndarray, counts: np.ndarray, offsets: np.ndarray,
+                 ids: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The cells of leaves as SQLite lays them when rows are appended or a page rebuilt: of
+        one size, each just below the one before. Runs of consecutive such pages of one shape are
+        read as one strided view each, every cell checked as :meth:`_heads` does. Fills ``ids``
+        and ``at`` (from ``offsets``) for those leaves; returns which they are."""
+        ps, lp, pl = self.page_size, len(self.prefix), len(self.payload)
+        first, last = self._pointer(bases, 0), self._pointer(bases, counts - 1)
+        _, length = self._heads(bases + first, bases)
+        _, last_length = self._heads(bases + last, bases)
+        size = lp + length + pl + self.row_bytes
+        shaped = ((length == last_length) & (counts >= 2) & (first - last == size * (counts - 1))
+                  & (first + size <= ps) & (last >= 8 + 2 * counts))
+        key = np.stack([leaves - np.arange(len(leaves)), counts, first, length, shaped])
+        cuts = np.flatnonzero(np.any(np.diff(key, axis=1) != 0, axis=0)) + 1
+        regular = np.zeros(len(leaves), bool)
+        for a, b in zip([0, *cuts], [*cuts, len(leaves)]):
+            if not shaped[a]:
+                continue
+            n, p0, L, s = int(counts[a]), int(first[a]), int(length[a]), int(size[a])
+            pointers = np.ndarray((b - a, n), ">u2", self.map, bases[a] + 8, (ps, 2))
+            cells = np.ndarray((b - a, n, lp + L + pl), np.uint8, self.map, bases[a] + p0, (ps, -s, 1))
+            # a byte of every cell at a time: numpy's inner loop then runs over the cells
+            expect = [*self.prefix, *[None] * L, *self.payload]
+            if not (np.array_equal(pointers, np.broadcast_to(p0 - s * np.arange(n), pointers.shape))
+                    and all((cells[:, :, k] == v).all() for k, v in enumerate(expect) if v is not None)
+                    and all((cells[:, :, k] >= 0x80).all() for k in range(lp, lp + L - 1))
+                    and (cells[:, :, lp + L - 1] < 0x80).all()):
+                continue   # cell by cell, which says what is wrong
+            value = np.zeros((b - a, n), np.int64)
+            for k in range(L):
+                value = value << 7 | (cells[:, :, lp + k] & 0x7F)
+            ids[offsets[a]:offsets[b]] = value.ravel()
+            at[offsets[a]:offsets[b]] = (bases[a:b, None] + p0 + lp + L + pl - s * np.arange(n)).ravel()
+            regular[a:b] = True
+        return regular
+
+    def _heads(self, cell: np.ndarray, page_base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The id of each cell at file offset ``cell`` (in the page at ``page_base``) and the
+        length of its varint, every cell checked: the payload size, an id, the record header and
+        the dim, and its data within the page."""
+        ps, lp, pl = self.page_size, len(self.prefix), len(self.payload)
+        # each cell's head in one gather, as wide as with the longest id: within a cell of the
+        # shape, as its data is 8 bytes or more
         width = lp + 8 + pl
-        if np.any(cell + width > bases[page] + ps):
+        if np.any(cell + width > page_base + ps):
             raise Unreadable(f"{self.path}: a cell out of its page")
         heads = np.ndarray((len(self.map) - width + 1,), np.dtype((np.void, width)), self.map, 0, (1,))
         head = heads[cell].view(np.uint8).reshape(len(cell), width)
@@ -493,12 +579,12 @@ class TableReader(_Mapped):
         ids = np.zeros(len(cell), np.int64)
         for k in range(8):
             ids = np.where(k < id_len, ids << 7 | (head[:, lp + k] & 0x7F), ids)
-        if np.any(cell + lp + id_len + pl + self.row_bytes > bases[page] + ps):
+        if np.any(cell + lp + id_len + pl + self.row_bytes > page_base + ps):
             raise Unreadable(f"{self.path}: a cell out of its page, or an overflow chain")
         record = np.take_along_axis(head, (lp + id_len)[:, None] + np.arange(pl), axis=1)
         if not np.array_equal(record, np.broadcast_to(self.payload, record.shape)):
             raise Unreadable(f"{self.path}: a row of another shape (meta, dim or type)")
-        return ids, cell + lp + id_len + pl
+        return ids, id_len
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """The ids in ``start ... stop - 1`` the table holds, increasing, and their data: an
