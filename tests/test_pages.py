@@ -119,7 +119,8 @@ def test_a_dataset_reads_the_merged_pages_as_sql_reads_the_rows(config, tmp_path
     assert paged._pages is not None and plain._pages is None
     rng = np.random.default_rng(1)
     keys = [0, 2999, -1, slice(None), slice(10, 500), slice(2999, None, -7), slice(5, 5), [7, 7, 3, 2999],
-            rng.integers(0, 3000, 256), np.array([], np.int64)]
+            rng.integers(0, 3000, 256), rng.integers(0, 3000, 256).astype(np.uint32), np.arange(100, 300),
+            np.array([], np.int64)]
     for key in keys:
         np.testing.assert_array_equal(paged[key], plain[key], err_msg=str(key))
     batches = [(i.copy(), u.copy()) for i, u in paged.batches(size=700)]

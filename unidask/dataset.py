@@ -182,13 +182,18 @@ class Dataset:
         if isinstance(key, np.ndarray):
             ids = key
             if ids.ndim == 1 and (ids.dtype.kind in "iu" or ids.size == 0):
-                if ids.size and (ids.min() < -n or ids.max() >= n):
+                if ids.size and ((lo := ids.min()) < -n or ids.max() >= n):
                     raise self._out_of_range(ids[(ids < -n) | (ids >= n)][0])
-                return np.where(ids < 0, ids + n, ids).astype(np.int64)
+                if ids.size and lo < 0:
+                    ids = np.where(ids < 0, ids + n, ids)
+                return ids.astype(np.int64, copy=False)   # read, never written
         raise TypeError(f"Dataset indices must be integers, slices or 1-D integer arrays, not "
                         f"{type(key).__name__}")
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        if (type(key) is np.ndarray and key.ndim == 1 and key.dtype.kind in "iu" and key.size
+                and self._pages is not None and key.min() >= 0 and key.max() < len(self)):
+            return self._paged(key)   # a minibatch, straight to the pages: the rest is numpy's cost
         ids = self._ids(key)
         if isinstance(ids, int) and self._pages is not None and 0 <= ids < len(self):
             return self._paged(np.array([ids]))[0]
