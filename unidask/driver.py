@@ -467,5 +467,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
         if merge:
             check_stop()
             lock.check()
-            result.merged = merge_run(spec.run_dir, client=client)   # its pages built on the run's workers
+            # its pages built on the run's workers where they are on other hosts; a local
+            # cluster's share this machine's cores with the driver, whose threads need no transfers
+            result.merged = merge_run(spec.run_dir, client=None if local else client)
     return result

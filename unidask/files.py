@@ -265,6 +265,13 @@ def require_local_disk(path: Path) -> None:
                          "= true to insist)")
 
 
+def background_thread() -> None:
+    """Lower the calling thread's CPU priority (Linux: a thread's nice value is its own), so that
+    it takes only the CPU time others leave: work that must be done by a deadline, not first."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 def _written(fd: int) -> int:
     """Bytes of a file that writes have made: its size where it grew at its end, its blocks where
     pages were written at their places in a sparse file (the page merge's units)."""

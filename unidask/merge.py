@@ -107,7 +107,7 @@ def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, a
     # recomputed checksums: the integrity invariant, db.task_faults) on other cores while the rows
     # are copied; a batch commits only once its shards passed. A shard's schema is checked again
     # where it is attached, before anything of it is read.
-    checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check")
+    checker = ThreadPoolExecutor(2, thread_name_prefix="unidask-check", initializer=files.background_thread)
     # the shards' page size (a delta's may be smaller): the rows fill the pages as well, and the
     # copy runs ~2x faster than at 4 KiB at n = 4
     page_size = db.run_page_size(spec.storage.page_size, expected.row_bytes)
@@ -210,20 +210,13 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
     units = table.units()
     progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
     per_row = sum(sizes.values()) / max(1, table.layout.rows)
-    checks: dict[Path, Future] = {}
-
-    def check() -> None:
-        checks.update({p: checker.submit(db.check, p, fingerprint, expected, frozenset(taken[p])) for p in paths})
-
+    # on background threads (files.background_thread): the units, which keep the disk busy, first
+    checks = {p: checker.submit(db.check, p, fingerprint, expected, frozenset(taken[p])) for p in paths}
     try:
         with files.write_behind(tmp):
             if client is None or len(units) < 2:
-                # the units first, on every core, so the disk starts early; the checks' CPU then
-                # overlaps the disk's last writes
                 fragments = _on_threads(str(tmp), table.layout, units, progress, per_row)
-                check()
             else:
-                check()
                 fragments = _on_workers(client, str(tmp), table.layout, units, progress, per_row)
             fd = os.open(tmp, os.O_RDWR)
             try:

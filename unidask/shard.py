@@ -143,7 +143,7 @@ class Shard:
         buf = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         data = memoryview(buf).cast("B") if buf.size else b""
         step = len(data) // len(array) if len(array) else 1
-        digest = db.checksum(data, [None] * len(array) if metas is None else metas)
+        digest = db.checksum(data, len(array) if metas is None else metas)
 
         def insert() -> bool:
             found = self.con.execute("SELECT checksum FROM tasks WHERE task = ?", (task,)).fetchone()

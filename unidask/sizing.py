@@ -40,6 +40,7 @@ TASK_SECONDS = 0.5       # the shortest task: Dask's and the shard's per-task co
 TASKS_PER_WORKER = 4     # fewer and the run ends unevenly, with no spare tasks for backups
 TASK_BYTES = 64 << 20    # a task's array (as generated) at most
 CALIBRATE_S = 1.0        # seconds of generation and writing a calibration counts (at least)
+RESOLVE_S = 0.25         # ... for a task size only: rounded to 1-2-5 steps, it needs less
 
 
 def parallel(spec: Spec, local: bool | None = None) -> int:
@@ -79,7 +80,7 @@ def resolve(spec: Spec, local: bool | None = None, *, workers: int | None = None
     spec = RunDir(spec.run_dir).sized(spec)
     if spec.task_size != AUTO:
         return spec
-    per_unitary, row_bytes = measured or calibrate(spec)
+    per_unitary, row_bytes = measured or calibrate(spec, RESOLVE_S)
     workers = workers or parallel(spec, local)
     size = choose(spec.count, per_unitary, row_bytes, workers)
     log.info("run.task_size = auto: %s unitaries a task (%s of work each, at %.1f µs a unitary measured "
@@ -88,9 +89,10 @@ def resolve(spec: Spec, local: bool | None = None, *, workers: int | None = None
     return dataclasses.replace(spec, task_size=size)
 
 
-def calibrate(spec: Spec) -> tuple[float, float]:
+def calibrate(spec: Spec, seconds: float = CALIBRATE_S) -> tuple[float, float]:
     """(seconds per unitary, stored bytes per row) of ``spec``'s tasks, measured here as a worker
-    does them: generated, then written to a shard (in a temporary directory). Tasks are made
+    does them: generated, then written to a shard (in a temporary directory), for ``seconds``
+    or a little more. Tasks are made
     smaller than the run's (for "auto", than the whole run) where those would take long; the
     first, a warm-up, is not counted."""
     largest = spec.count if spec.task_size == AUTO else spec.task_size
@@ -100,7 +102,7 @@ def calibrate(spec: Spec) -> tuple[float, float]:
         meta, opts = shard.options(spec)
         live = shard.Shard(Path(tmp) / "c.db", meta, **{**opts, "allow_network_fs": True})
         try:
-            while spent < CALIBRATE_S:
+            while spent < seconds:
                 small = dataclasses.replace(spec, task_size=size, count=size * (t + 1))
                 start = time.perf_counter()
                 array, metas = generators.generate(small, t)
@@ -110,7 +112,7 @@ def calibrate(spec: Spec) -> tuple[float, float]:
                 if t > 0:
                     spent += took
                     per_unitary.append(took / size)
-                if took < CALIBRATE_S / 10 and size < largest:
+                if took < seconds / 10 and size < largest:
                     size = min(size * 4, largest)
                 t += 1
             stored, rows = live.nbytes, live.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
