@@ -437,10 +437,10 @@ class PageReader(_Mapped):
             return self._rows(ks)
         out = np.empty((len(ks), self.row_bytes), np.uint8)
         for a in range(0, len(ks), self.chunk):
-            out[a:a + self.chunk] = self._rows(ks[a:a + self.chunk])
+            self._rows(ks[a:a + self.chunk], out[a:a + self.chunk])
         return out
 
-    def _rows(self, k: np.ndarray) -> np.ndarray:
+    def _rows(self, k: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         # a minibatch's every numpy call counts: in place where it can be
         lay = self.layout
         leaf, nth = np.divmod(k, lay.per_leaf)
@@ -453,8 +453,11 @@ class PageReader(_Mapped):
         starts += VARINT_LIMITS.searchsorted(k, "right")   # the rowid's varint, less a byte
         starts += (lay.first_leaf - 1) * lay.page_size + self.prefix + self.before + 1
         if len(k) > 1 and k[-1] - k[0] == len(k) - 1:   # a span: its leaves are strided runs
-            return self.gather(starts)
-        return self.windows[starts].view(np.uint8).reshape(len(k), self.row_bytes)
+            return self.gather(starts, out)
+        if out is None:
+            return self.windows[starts].view(np.uint8).reshape(len(k), self.row_bytes)
+        out.view(self.windows.dtype)[:, 0] = self.windows[starts]
+        return out
 
 
 class TableReader(_Mapped):
