@@ -301,12 +301,16 @@ def write_behind(path: Path, every: int = WRITE_BEHIND_EVERY, poll: float = 0.01
             fd = os.open(path, os.O_RDONLY)
             try:
                 flushed = last = _written(fd)
-                while not stop.wait(poll):
+                wait = poll
+                while not stop.wait(wait):
                     written = _written(fd)
                     # or the rest, once the writes pause: the disk goes on while the CPU does other work
                     if written >= flushed + every or flushed < written == last:
                         os.fdatasync(fd)
                         flushed = written
+                        wait = 0   # look again at once: more was written meanwhile, keep the disk busy
+                    else:
+                        wait = poll
                     last = written
             finally:
                 os.close(fd)
