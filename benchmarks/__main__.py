@@ -396,6 +396,57 @@ class Bench:
                            "merge MB/s", f"{'n=' * (n == dim)}{dim}, 4 shards, {size / 1e6:.0f} MB", "unidask merge")
             self.clean()
 
+    # 4c. the merge spread over hosts: cluster/hosts.sh's 3 hosts (network namespaces of this one
+    # machine), the run dir on the shared network filesystem they each mount (sshfs); the merge
+    # run on node1 alone (threads) against the same with Dask workers on the 3 hosts. Root only:
+    # python -m benchmarks --only hosts_merge
+    def hosts_merge(self) -> None:
+        base = self.fresh("h")
+        env = {**os.environ, "UNIDASK_SLURM_DIR": str(base / "slurm"), "UNIDASK_SLURM_HOSTS": "1",
+               "UNIDASK_HOSTS_DIR": str(base / "slurm" / "hosts"), "UNIDASK_SLURM_SHARED": str(base / "shared"),
+               "PYTHONPATH": str(REPO)}
+        r = subprocess.run([str(REPO / "cluster" / "start.sh"), "3", "2"], env=env, capture_output=True, text=True)
+        if r.returncode:
+            print(f"hosts_merge: skipped, the hosts cannot start: {r.stderr.strip()[-300:]}", flush=True)
+            return
+        procs: list[subprocess.Popen] = []
+        try:
+            shared = base / "shared"
+            count = 200_000 if self.quick else 800_000
+            subprocess.run([sys.executable, "-m", "benchmarks.work", "hosts_data", str(shared / "run"), str(count),
+                            str(base / "local")], env=env, cwd=REPO, check=True)
+            size = sum(p.stat().st_size for p in (shared / "run" / "shards").glob("*.db"))
+
+            def on(k: int, *cmd: str, **kw) -> subprocess.Popen:
+                return subprocess.Popen([str(REPO / "cluster" / "hosts.sh"), "exec", str(k), *cmd], env=env,
+                                        cwd=REPO, **kw)
+
+            procs.append(on(1, sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "10.77.0.11",
+                            "--port", "8786", "--no-dashboard", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for k in (1, 2, 3):
+                procs.append(on(k, sys.executable, "-m", "distributed.cli.dask_worker", "tcp://10.77.0.11:8786",
+                                "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--local-directory",
+                                f"/tmp/unidask-bench-worker{k}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+            def merge_(hosts: int):
+                p = on(1, sys.executable, "-m", "benchmarks.work", "hosts_merge", str(shared / "run"),
+                       str(shared / "out.db"), "tcp://10.77.0.11:8786" if hosts > 1 else "", str(hosts),
+                       stdout=subprocess.PIPE, text=True)
+                seconds = float(p.communicate(timeout=600)[0].split()[-1])
+                assert p.returncode == 0
+                return {"rate": size / seconds / 1e6}
+
+            self.alternate({"unidask merge on node1, threads": lambda: merge_(1),
+                            "unidask merge on 3 hosts' Dask workers": lambda: merge_(3)},
+                           "merge MB/s", f"n=4, 3 hosts, sshfs, {size / 1e6:.0f} MB", "unidask merge on node1, threads")
+        finally:
+            for p in procs:
+                p.kill()
+            for p in procs:
+                p.wait()
+            subprocess.run([str(REPO / "cluster" / "stop.sh")], env=env, capture_output=True)
+            self.clean()
+
     # 4b. many shards: the merge of a run's deltas (a stage-out every 1, 4 or 16 tasks) against
     # the same data in 4 shards: what a merge pays per file
     def shards(self) -> None:

@@ -155,3 +155,43 @@ def file_per_unitary(path: str, seed: int, count: int, dim: int, start_at: float
     for i in range(count):
         np.savetxt(d / f"{i}.txt", unitary_group.rvs(dim, random_state=rng))
     return done(start)
+
+
+def hosts_data(run_dir: str, count: str, local_dir: str) -> None:
+    """A run's staged shards of ``count`` U(4), in 3 nodes' shards, for the merge over hosts."""
+    import unidask
+
+    spec = unidask.load_config(None, data={
+        "run": {"name": "h", "count": int(count), "task_size": 20_000, "run_dir": run_dir},
+        "generator": {"dim": 4}, "storage": {"local_dir": local_dir},
+        "cluster": {"nodes": 3, "workers": 1, "dashboard_address": "127.0.0.1:0"}})
+    unidask.run(spec, merge=False)
+
+
+def hosts_merge(run_dir: str, out: str, scheduler: str, workers: str) -> None:
+    """Merge ``run_dir`` into ``out`` (then removed) on this host's threads, or with the Dask
+    workers of ``scheduler`` (``workers`` of them); print the seconds it took."""
+    import unidask
+    from distributed import Client
+
+    client = Client(scheduler) if scheduler else None
+    try:
+        if client is not None:
+            client.wait_for_workers(int(workers), timeout=120)
+        t = time.perf_counter()
+        unidask.merge(run_dir, out, client=client)
+        seconds = time.perf_counter() - t
+    finally:
+        if client is not None:
+            client.close()
+    con = sqlite3.connect(out)
+    assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    con.close()
+    os.unlink(out)
+    print(seconds)
+
+
+if __name__ == "__main__":
+    import sys
+
+    {"hosts_data": hosts_data, "hosts_merge": hosts_merge}[sys.argv[1]](*sys.argv[2:])
