@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import unidask
-from unidask import RunDir, db, worker
+from unidask import RunDir, db, pagemerge, worker
 
 from conftest import merged_data, messages, run_main
 
@@ -298,6 +298,25 @@ def test_the_merge_writes_pages_sqlite_reads_as_its_own(config, monkeypatch, gen
     assert unidask.verify(report.out).ok
 
 
+def test_a_unit_of_more_shards_than_are_kept_open(config, monkeypatch):
+    """A unit whose tasks lie in more shards than the merge keeps open (a run of many segments):
+    every shard it reads stays open until its rows are gathered; the same rows as SQLite reads."""
+    spec = config(run={"count": 1200, "task_size": 100}, generator={"kind": "haar", "dim": 4})
+    RunDir(spec.run_dir).prepare(spec, resume=False)
+    shards = [stage(spec, f"n{k}", range(k, spec.n_tasks, 6), monkeypatch) for k in range(6)]
+    monkeypatch.setattr(pagemerge.Readers, "KEEP", 2)
+    report = unidask.merge(spec.run_dir)
+    assert report.complete and report.rows == spec.count
+    con = sqlite3.connect(report.out)
+    assert "layout.per_leaf" in db.read_meta(con)   # written page by page
+    rows = {}
+    for p in shards:
+        with sqlite3.connect(f"file:{p}?mode=ro", uri=True) as s:
+            rows.update((r[0], r) for r in s.execute("SELECT * FROM unitaries"))
+    assert con.execute("SELECT * FROM unitaries ORDER BY id").fetchall() == [rows[i] for i in sorted(rows)]
+    con.close()
+
+
 def test_the_page_merge_in_units_on_dask_workers_writes_the_same_table(config, monkeypatch, tmp_path):
     """The page merge split into units of a few rows (leaves shared between units, their rows
     sent back to the merging process), inline and as Dask tasks on real worker processes: the
@@ -305,8 +324,6 @@ def test_the_page_merge_in_units_on_dask_workers_writes_the_same_table(config, m
     worker is refused by name, as without workers."""
     import psutil
     from distributed import Client, LocalCluster
-
-    from unidask import pagemerge
 
     merge_module = sys.modules["unidask.merge"]   # unidask.merge is the function
 

@@ -135,12 +135,13 @@ class Readers:
         self.row_bytes, self.dim = row_bytes, dim
         self.open: dict[str, tuple[sqlite3.Connection, pages.TableReader | None]] = {}
         self.buffer = np.zeros((0, row_bytes), np.uint8)
+        self.pinned: set[str] = set()   # the shards of the unit being read: never closed meanwhile
 
     def _shard(self, path: str) -> tuple[sqlite3.Connection, pages.TableReader | None]:
         shard = self.open.pop(path, None)
         if shard is None:
-            if len(self.open) >= self.KEEP:
-                self._close(self.open.pop(next(iter(self.open))))
+            if len(self.open) >= self.KEEP and (old := next((p for p in self.open if p not in self.pinned), None)):
+                self._close(self.open.pop(old))
             con = connect_readonly(path, check_same_thread=False)
             con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
@@ -167,6 +168,7 @@ class Readers:
         by_path: dict[str, list[int]] = {}
         for i, t in enumerate(unit.tasks):
             by_path.setdefault(t.path, []).append(i)
+        self.pinned = set(by_path)
         for path, idx in by_path.items():
             _, table = self._shard(path)
             if table is None:
@@ -196,6 +198,7 @@ class Readers:
                 if not (source[offsets[k]] >= 0 and db.checksum(rows, t.count) == t.checksum):
                     rows[:] = self.task_rows(t)   # not as the pages say: SQLite reads it, or says what is wrong
             yield ids[r0:r1], out
+        self.pinned = set()
 
     def task_rows(self, t: Task) -> np.ndarray:
         """Task ``t``'s rows read by SQLite, an ``(count, row_bytes)`` array in id order, once they
