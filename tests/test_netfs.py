@@ -5,27 +5,42 @@ import os
 import re
 import sqlite3
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import unidask
 from unidask import RunDir, files
 
 from conftest import REPO, cli, config_in, merged_data, write_config
+from test_faults import wait_for
 
 
 def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
     """Periodic and final stage-outs copy to the network filesystem (no rename across filesystems),
     the merge reads the shards there and builds its output there, and the data is the data of the
     same run on local disk."""
-    runs = {}
-    for where, run_dir in (("netfs", netfs / "run"), ("local", tmp_path / "run-local")):
-        spec = config(f"{where}.toml", run={"count": 3000, "task_size": 100, "run_dir": str(run_dir)},
+    # the run on the network filesystem goes on, a task every quarter second, until periodic
+    # stage-outs have put more segments there than the final stage-outs alone would
+    hold = tmp_path / "hold"
+    hold.touch()
+
+    def run(where: str, run_dir: Path):
+        spec = config(f"{where}.toml", run={"count": 3000, "task_size": 20, "run_dir": str(run_dir)},
+                      generator={"kind": "plugin_generators:held_haar", "dim": 4, "hold": str(hold)},
                       storage={"local_dir": str(tmp_path / f"local-{where}"), "stage_every": 0.2})
-        runs[where] = unidask.run(spec)
-    result = runs["netfs"]
+        return unidask.run(spec)
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run, "netfs", netfs / "run")
+        try:
+            wait_for(lambda: len(RunDir(netfs / "run").staged_shards()) > 2 or running.done(), timeout=120)
+        finally:
+            hold.unlink()
+        result = running.result(timeout=180)
+    local = run("local", tmp_path / "run-local")   # the same data, unheld
     assert files.filesystem_type(result.merged.out) == "fuse.sshfs"
     assert result.merged.complete and result.merged.rows == 3000
-    assert merged_data(result.merged.out) == merged_data(runs["local"].merged.out)
+    assert merged_data(result.merged.out) == merged_data(local.merged.out)
     shards = RunDir(netfs / "run").staged_shards()
     # segments of the processes' shards, copied whole (on each worker's background thread)
     assert len(shards) > 2 and all(re.search(r"-p\d+-[0-9a-f]{6}$", p.stem) for p in shards), shards
