@@ -10,7 +10,7 @@ import unidask
 from unidask import generators
 from unidask.generators import circuits, groups
 from unidask.generators.haar import haar
-from unidask.stats import spacings, wigner_cdf
+from unidask.laws import spacings, wigner_cdf
 
 from conftest import run_main, unitarity_error, write_config
 
@@ -170,7 +170,8 @@ def test_plugin_unitarity_check_can_be_turned_off(config):
 def test_bad_plugin_names(tmp_path, capsys):
     for kind, message in [("no_such_module_x:f", "cannot import"),
                           ("plugin_generators:nothing", "has no 'nothing'"),
-                          ("plugin_generators:rotations", "takes no generator.size")]:
+                          ("plugin_generators:rotations", "takes no generator.size"),
+                          ("plugin_generators:wrong_law", "states law 'Haar', not one unidask tests")]:
         cfg = write_config(tmp_path / "p.toml", generator={"kind": kind, "size": 3} if "rot" in kind
                            else {"kind": kind})
         code, _, err = run_main("run", cfg, capsys=capsys)
@@ -183,3 +184,4 @@ def test_generators_command(capsys):
     for kind in ("haar", "special", "orthogonal", "diagonal", "circuit", "module:function"):
         assert f"{kind}:" in out
     assert "two_qubit_density" in out and "coupling_map" in out
+    assert "(law U(n))" in out and "(law circuit)" in out and "@unidask.law(LAW)" in out

@@ -15,6 +15,7 @@ def test_verify_good_database(haar_run, tmp_path, capsys):
     cfg = write_config(tmp_path / "same.toml", run={"count": 20000, "task_size": 1000})
     code, out, _ = run_main("verify", db, "--against", cfg, capsys=capsys)
     assert code == 0 and out.startswith("OK: ") and "20/20 tasks" in out and "regenerated" in out
+    assert "<= 1e-10 (unidask's for complex128)" in out   # the bound it checked against, and whose
     assert out.count("\n") == 1
 
 
@@ -169,3 +170,44 @@ def test_a_wal_beside_a_database_is_refused_everywhere(haar_run, tmp_path, capsy
     con.close()
     code, out, err = run_main("verify", copy, capsys=capsys)
     assert code == 1 and "task 0" in out, out + err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sample", "5"], "--sample does nothing without --against CONFIG"),
+    (["--full"], "--full does nothing without --against CONFIG"),
+    (["--set", "run.count=5"], "--set does nothing without --against CONFIG"),
+    (["--stats-rows", "500"], "--stats-rows does nothing without --stats"),
+    (["--against", "c.toml", "--full", "--sample", "2"], "--sample does nothing with --full"),
+])
+def test_options_that_do_nothing_are_refused(haar_run, capsys, args, message):
+    _, db = haar_run
+    code, out, err = run_main("verify", db, *args, capsys=capsys)
+    assert code == 2 and out == "" and err == f"unidask: error: {message}\n", err
+
+
+def test_a_long_verify_shows_progress_on_a_terminal(haar_run):
+    """On a terminal, both passes over the rows (checksums, unitarity) draw a progress bar."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    _, db = haar_run
+    main, tty = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "unidask.cli", "verify", str(db)], stdout=subprocess.PIPE,
+                         stderr=tty, text=True)
+    os.close(tty)
+    shown = b""
+    while True:   # until the child closes the terminal (EIO) or it ends
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    out, _ = p.communicate(timeout=120)
+    os.close(main)
+    assert p.returncode == 0 and out.startswith("OK: "), out
+    text = shown.decode(errors="replace")
+    assert "verify: checksums" in text and "verify: unitarity" in text and "20.0k/20.0k" in text, text

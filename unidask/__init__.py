@@ -12,6 +12,7 @@ from .dataset import Dataset  # noqa: E402
 from .driver import run  # noqa: E402
 from .errors import InputError, RunError, UnidaskError  # noqa: E402
 from .export import export  # noqa: E402
+from .generators import law  # noqa: E402
 from .merge import merge  # noqa: E402
 from .report import report  # noqa: E402
 from .rundir import RunDir  # noqa: E402
@@ -19,5 +20,5 @@ from .slurm import submit  # noqa: E402
 from .status import status  # noqa: E402
 from .verify import verify  # noqa: E402
 
-__all__ = ["Dataset", "InputError", "RunDir", "RunError", "Spec", "UnidaskError", "export", "load_config",
-           "merge", "report", "run", "status", "submit", "verify", "__version__"]
+__all__ = ["Dataset", "InputError", "RunDir", "RunError", "Spec", "UnidaskError", "export", "law",
+           "load_config", "merge", "report", "run", "status", "submit", "verify", "__version__"]

@@ -237,6 +237,7 @@ class Spec:
     storage: Storage
     cluster: Cluster
     code: str = ""   # a plugin generator's identity (generators.code_identity); "" for built-ins
+    law: str = "none"   # the law its generator states (generators.LAWS): not part of the data
     source: str = field(default="", compare=False)
 
     def __reduce__(self):
@@ -261,12 +262,14 @@ class Spec:
         run_dir = Path(expand_vars(str(run["run_dir"] or f"runs/{run['name']}"), where)).absolute()
         kind = gen.pop("kind")
         dtype = _check(one_of("complex128", "complex64"), "generator", "dtype", gen.pop("dtype"), where)
-        if recorded:
+        if recorded:   # a record from before laws were stated: a built-in's own
             params, code = gen, data.get("code", "")
+            law = _check(one_of(*generators.LAWS), "generator", "law",
+                         data.get("law") or generators.builtin_law(kind), where)
         else:
             try:
                 generator = generators.get(kind)
-                params, code = generator.validate(gen), generator.code
+                params, code, law = generator.validate(gen), generator.code, generator.law
             except InputError as e:
                 raise InputError(f"{where}: {e}") from e
         storage = _section(Storage, "storage", data["storage"], where)
@@ -276,7 +279,7 @@ class Spec:
         if cluster.mode == "scheduler_file" and not cluster.scheduler_file:
             raise InputError(f"{where}: cluster.scheduler_file is required in scheduler_file mode")
         return cls(**values, run_dir=run_dir, kind=kind, dtype=dtype, params=MappingProxyType(params),
-                   storage=storage, cluster=cluster, code=code, source=where)
+                   storage=storage, cluster=cluster, code=code, law=law, source=where)
 
     @property
     def n_tasks(self) -> int:
@@ -298,6 +301,7 @@ class Spec:
             "storage": asdict(self.storage),
             "cluster": asdict(self.cluster),
             **({"code": self.code} if self.code else {}),
+            "law": self.law,
         }
 
     @property
@@ -351,6 +355,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     if recorded and not isinstance(data, dict):
         raise InputError(f"{where}: not a unidask job spec (a JSON object of sections)")
     code = data.pop("code", "") if recorded else ""
+    law = data.pop("law", "") if recorded else ""
     _update(merged, data, where)
     for key, value in overrides.items():
         section, dot, item = key.partition(".")
@@ -359,7 +364,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
         _update(merged, {section: {item: value}}, "override")
     if merged["run"]["name"] is None:
         merged["run"]["name"] = Path(path).stem if path is not None else "unidask"
-    return Spec.from_dict({**merged, "code": code}, where, recorded=recorded)
+    return Spec.from_dict({**merged, "code": code, "law": law}, where, recorded=recorded)
 
 
 def parse_override(item: str) -> tuple[str, Any]:

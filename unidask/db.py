@@ -10,7 +10,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import xxhash
@@ -356,14 +356,15 @@ class Expected:
         return None if self.dim is None else self.dim ** 2 * self.itemsize
 
 
-def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main", read_elsewhere: frozenset = frozenset()
-                ) -> Iterator[tuple[int | None, str]]:
+def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main", read_elsewhere: frozenset = frozenset(),
+                checked: Callable[[int], None] | None = None) -> Iterator[tuple[int | None, str]]:
     """Everything that breaks the integrity invariant in the tasks of ``schema``, as (task, what is
     wrong), task None for the file as a whole: a task outside the plan, a count that is not the
     plan's, rows missing or off their ids, of another dim, byte length or type, a checksum that its
     rows do not give, rows that belong to no task. The one check behind merge, verify, status and
     resume. The rows of the tasks in ``read_elsewhere`` are left to the caller, who reads them
-    anyway (the page merge: :meth:`TaskRows.read` as it copies them)."""
+    anyway (the page merge: :meth:`TaskRows.read` as it copies them). ``checked`` is told each
+    task's rows as they are read (a progress bar)."""
     dim = expected.dim
     accounted = 0
     for task, count, recorded in con.execute(f"SELECT task, count, checksum FROM {schema}.tasks ORDER BY task"):
@@ -386,6 +387,8 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
         # slot of a task_size far above its count would be read in ~task_size / chunk steps)
         rows = TaskRows.read(con, schema, base, count, dim, row_bytes)
         accounted += rows.count
+        if checked is not None:
+            checked(rows.count)
         if (reason := rows.fault(con, schema, task, base, count, dim, row_bytes, recorded)):
             yield task, reason
     total = con.execute(f"SELECT count(*) FROM {schema}.unitaries").fetchone()[0]

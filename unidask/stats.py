@@ -1,48 +1,52 @@
-"""``unidask verify DB --stats``: independent checks that a database holds the distribution its
-generator claims, on a seeded sample of its rows.
+"""``unidask verify DB --stats``: independent checks that a database holds the law its generator
+states (``generators.LAWS``; the tests of each in :mod:`unidask.laws`), on a seeded sample of its rows.
 
-Each check is a hypothesis test against theory (or, for the eigenphase spacings, against scipy's
-own Haar sampler, an independent implementation): a p-value below :data:`ALPHA` fails it. With
-about ten tests on a dataset, a correct generator fails one by chance about once in a thousand
-runs of ``--stats``; the classic bugs fail them with p-values far below 1e-10
-(``tests/test_stats.py`` shows both). Alongside, two checks that are not statistical: rows that
-repeat (a seed reused across tasks), and complex128 data with only complex64's precision.
+Alongside, checks that are not statistical: rows that repeat (a seed reused across tasks), complex128
+data with only complex64's precision, and for circuits the stored unitary against its circuit
+simulated again (:mod:`unidask.simulate`). A generator that states no law, and brings no checks of
+its own, is NOT TESTED: never OK.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import special, stats
+from scipy import stats
 
+from . import generators, laws
 from .dataset import Dataset
+from .errors import InputError
+from .laws import Check
 
-ALPHA = 1e-4        # a p-value below this fails a test
 SAMPLE = 5000       # rows a test reads, spread over the dataset by a fixed seed
-SPACINGS = 2000     # matrices whose eigenphase spacings are compared (n of them each)
 CIRCUITS = 200      # stored circuits simulated again
 TASK_HEAD = 4       # rows at the start of each task compared with the other tasks
 F32_BITS = 29       # mantissa bits a float64 has beyond a float32's
 
 
 @dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    pvalue: float | None = None
+class Stats:
+    """``verify --stats``'s checks of one database and what they read."""
 
-    def line(self) -> str:
-        p = "" if self.pvalue is None else f"p = {self.pvalue:.2g}, "
-        return f"{'ok  ' if self.ok else 'FAIL'} {self.name}: {p}{self.detail}"
+    law: str
+    checks: list[Check] = field(default_factory=list)
+    read: list[str] = field(default_factory=list)   # e.g. "5,000 sampled rows"
 
+    @property
+    def verdict(self) -> str:
+        """FAILED if a check failed, else NOT TESTED if one could not be run, else OK."""
+        if any(c.ok is False for c in self.checks):
+            return "FAILED"
+        return "NOT TESTED" if any(c.ok is None for c in self.checks) else "OK"
 
-def tested(name: str, pvalue: float, detail: str) -> Check:
-    return Check(name, bool(pvalue >= ALPHA), detail, float(pvalue))
+    def summary(self) -> str:
+        if self.verdict == "OK":
+            return f"stats: OK: {len(self.checks)} checks of law {self.law} on {' and '.join(self.read)}"
+        return f"stats: {self.verdict}: " + ", ".join(c.name for c in self.checks if c.ok is not True)
 
 
 def sample(ds: Dataset, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -56,107 +60,25 @@ def sample(ds: Dataset, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return ids, ds[ids]
 
 
-def wigner_cdf(s: np.ndarray) -> np.ndarray:
-    """CDF of the Wigner surmise for CUE (beta = 2) spacings, p(s) = 32/pi^2 s^2 exp(-4 s^2/pi):
-    the large-n shape, drawn in the report as a guide."""
-    return special.erf(2 * s / np.sqrt(np.pi)) - 4 * s / np.pi * np.exp(-4 * s * s / np.pi)
+def circuit_checks(ds: Dataset, ids: np.ndarray, u: np.ndarray) -> tuple[list[Check], int]:
+    """The stored unitary against the stored circuit simulated again (:mod:`unidask.simulate`), and
+    how many circuits were."""
+    from . import simulate
 
-
-def spacings(u: np.ndarray) -> np.ndarray:
-    """Nearest-neighbour eigenphase spacings, unfolded to mean 1."""
-    n = u.shape[-1]
-    theta = np.sort(np.angle(np.linalg.eigvals(u)), axis=1)
-    gaps = np.diff(np.concatenate([theta, theta[:, :1] + 2 * np.pi], axis=1), axis=1)
-    return (gaps * n / (2 * np.pi)).ravel()
-
-
-def mean_test(name: str, x: np.ndarray, expected: float, what: str) -> Check:
-    """Two-sided z-test of the sample mean of ``x`` against ``expected``."""
-    se = x.std(ddof=1) / np.sqrt(len(x))
-    z = (x.mean() - expected) / se if se > 0 else (0.0 if x.mean() == expected else np.inf)
-    return tested(name, 2 * stats.norm.sf(abs(z)), f"{what} = {x.mean():.4f} (theory {expected:g})")
-
-
-def haar_checks(u: np.ndarray, seed: int) -> list[Check]:
-    n = u.shape[-1]
-    if n < 2:
-        return [tested("|U_00| = 1, phase uniform", stats.kstest(np.angle(u[:, 0, 0]) % (2 * np.pi),
-                                                                 stats.uniform(0, 2 * np.pi).cdf).pvalue,
-                       "U(1)")]
-    tr = np.abs(np.trace(u, axis1=1, axis2=2)) ** 2
-    k = min(len(u), SPACINGS)
-    reference = stats.unitary_group.rvs(n, size=k, random_state=np.random.default_rng(seed + 1))
-    return [
-        tested("|U_00|^2 ~ Beta(1, n-1)", stats.kstest(np.abs(u[:, 0, 0]) ** 2, stats.beta(1, n - 1).cdf).pvalue,
-               f"Kolmogorov-Smirnov, {len(u):,} rows"),
-        tested("eigenphase spacings (CUE)", stats.ks_2samp(spacings(u[:k]), spacings(reference.reshape(k, n, n))).pvalue,
-               f"against scipy's unitary_group, {k:,} matrices each"),
-        mean_test("E|tr U|^2 = 1", tr, 1.0, "mean"),
-        mean_test("E|tr U|^4 = 2", tr ** 2, 2.0, "mean"),
-    ]
-
-
-def special_checks(u: np.ndarray, seed: int) -> list[Check]:
-    n = u.shape[-1]
-    err = float(np.abs(np.linalg.det(u) - 1).max())
-    out = [Check("det U = 1", err < 1e-6 if u.dtype == np.complex64 else err < 1e-9,
-                 f"max |det U - 1| = {err:.1e}")]
-    if n >= 2:
-        out.append(tested("|U_00|^2 ~ Beta(1, n-1)", stats.kstest(np.abs(u[:, 0, 0]) ** 2,
-                                                                  stats.beta(1, n - 1).cdf).pvalue,
-                          f"Kolmogorov-Smirnov, {len(u):,} rows"))
-    return out
-
-
-def orthogonal_checks(u: np.ndarray, seed: int) -> list[Check]:
-    n = u.shape[-1]
-    imag = float(np.abs(u.imag).max())
-    det = np.linalg.det(u.real)
-    plus = int((det > 0).sum())
-    out = [Check("real", imag == 0, f"max |Im U| = {imag:.1e}"),
-           tested("det = +1 and -1 equally likely", stats.binomtest(plus, len(det)).pvalue,
-                  f"{plus:,} of {len(det):,} have det +1")]
-    if n >= 2:
-        out.append(tested("U_00^2 ~ Beta(1/2, (n-1)/2)", stats.kstest(u[:, 0, 0].real ** 2,
-                                                                      stats.beta(0.5, (n - 1) / 2).cdf).pvalue,
-                          f"Kolmogorov-Smirnov, {len(u):,} rows"))
-    return out
-
-
-def diagonal_checks(u: np.ndarray, seed: int) -> list[Check]:
-    off = float(np.abs(u - np.einsum("kii->ki", u)[:, :, None] * np.eye(u.shape[-1])).max())
-    phases = np.angle(u[:, -1, -1]) % (2 * np.pi)
-    return [Check("diagonal", off == 0, f"max |off-diagonal| = {off:.1e}"),
-            tested("phases uniform on [0, 2 pi)", stats.kstest(phases, stats.uniform(0, 2 * np.pi).cdf).pvalue,
-                   f"Kolmogorov-Smirnov, {len(u):,} rows")]
-
-
-def circuit_checks(ds: Dataset, ids: np.ndarray, u: np.ndarray) -> list[Check]:
-    """The stored unitary against the stored circuit simulated again: by qiskit where installed
-    (independent of unidask), else by unidask's own simulator."""
-    from .generators import circuits
-
-    try:
-        from qiskit import QuantumCircuit
-        from qiskit.quantum_info import Operator
-
-        def simulate(qasm: str) -> np.ndarray:
-            return Operator(QuantumCircuit.from_qasm_str(qasm)).data
-        by = "qiskit"
-    except ImportError:
-        def simulate(qasm: str) -> np.ndarray:
-            return circuits.unitary(*circuits.parse_qasm(qasm))
-        by = "unidask's simulator (qiskit is not installed)"
+    simulate_one, by = simulate.simulator()
+    name = "stored unitary = its circuit simulated again"
     picked = np.linspace(0, len(ids) - 1, min(CIRCUITS, len(ids))).astype(int)
-    err = max((float(np.abs(u[j] - simulate(ds.meta_of(int(ids[j]))["qasm"])).max()) for j in picked),
-              default=0.0)
+    err = 0.0
+    for j in picked:
+        meta = ds.meta_of(int(ids[j]))
+        if not isinstance(meta, dict) or not isinstance(meta.get("qasm"), str):
+            return [Check(name, None, f"unitary {int(ids[j])} has no circuit (meta without \"qasm\")")], 0
+        try:
+            err = max(err, float(np.abs(u[j] - simulate_one(meta["qasm"])).max()))
+        except Exception as e:   # a circuit no simulator reads (qiskit raises its own kinds)
+            return [Check(name, False, f"unitary {int(ids[j])}'s circuit: {type(e).__name__}: {e}")], 0
     tol = 1e-5 if u.dtype == np.complex64 else 1e-10
-    return [Check("stored unitary = its circuit simulated again", err < tol,
-                  f"{len(picked)} circuits by {by}, max |difference| = {err:.1e}")]
-
-
-KINDS = {"haar": haar_checks, "special": special_checks, "orthogonal": orthogonal_checks,
-         "diagonal": diagonal_checks}
+    return [Check(name, err < tol, f"{len(picked):,} circuits by {by}, max |difference| = {err:.1e}")], len(picked)
 
 
 def repeats(ds: Dataset, u: np.ndarray | None) -> Check:
@@ -191,17 +113,39 @@ def precision(u: np.ndarray) -> Check:
                  "would be 100%)")
 
 
-def check(db: str | os.PathLike, size: int = SAMPLE, seed: int = 0) -> list[Check]:
-    """The statistical checks for ``db``'s generator, on ``size`` rows drawn with ``seed``."""
+def check(db: str | os.PathLike, size: int = SAMPLE, seed: int = 0) -> Stats:
+    """The checks of the law ``db``'s generator states, on ``size`` rows drawn with ``seed``."""
     with Dataset(db) as ds:
-        kind = ds.spec["generator"]["kind"]
+        spec = ds.spec
+        kind, law = spec["generator"]["kind"], stated_law(spec)
         ids, u = sample(ds, size, seed)
-        if kind == "circuit":
-            return [*circuit_checks(ds, ids, u), repeats(ds, None)]   # small circuits can repeat
-        out = [precision(u), repeats(ds, u)]
-        if kind in KINDS:
-            return out + KINDS[kind](u, seed)
-        return out + [Check(f"distribution of {kind}", True, "unknown to unidask: not tested")]
+        result = Stats(law)
+        if law == "circuit":
+            result.checks, circuits = circuit_checks(ds, ids, u)
+            result.checks.append(repeats(ds, None))   # small circuits can repeat
+            result.read = [f"{circuits:,} circuits simulated again", f"{len(u):,} sampled rows"]
+            return result
+        result.checks = [precision(u), repeats(ds, u)]
+        result.read = [f"{len(u):,} sampled rows"]
+    if law in laws.TESTS:
+        result.checks += laws.TESTS[law](u, seed)
+    own = _own_checks(kind)
+    if own is not None:
+        result.checks += laws.own(own, u, kind)
+    elif law == "none":
+        result.checks.append(Check("distribution", None, f"generator {kind!r} states no law (state one "
+                                   f"with @unidask.law, one of {', '.join(generators.LAWS[:-1])})"))
+    return result
+
+
+def _own_checks(kind: str):
+    """A plugin's own checks (``@unidask.law(..., checks=)``), from its module where importable."""
+    if ":" not in kind:
+        return None
+    try:
+        return getattr(generators.get(kind).function, "checks", None)
+    except InputError:
+        return None   # not importable here: its law's tests still run
 
 
 @dataclass
@@ -216,25 +160,32 @@ class Shown:
     hi: float = 1.0
 
 
+def stated_law(spec: dict[str, Any]) -> str:
+    """The law a database's recorded spec states (a record from before laws: its built-in's;
+    anything unidask does not know: none)."""
+    law = spec.get("law") or generators.builtin_law(spec["generator"]["kind"])
+    return law if law in generators.LAWS else "none"
+
+
 def shown(db: str | os.PathLike, size: int = SAMPLE, seed: int = 0) -> list[Shown]:
-    """What the report's data section draws for ``db``'s generator (the groups; nothing for
-    circuits and unknown kinds)."""
+    """What the report's data section draws for ``db``'s law (the groups; nothing for circuits
+    and generators that state none)."""
     with Dataset(db) as ds:
-        kind = ds.spec["generator"]["kind"]
-        if kind not in KINDS:
+        law = stated_law(ds.spec)
+        if law not in laws.TESTS:
             return []
         _, u = sample(ds, size, seed)
     n = u.shape[-1]
-    if kind == "diagonal" or n < 2:
+    if law == "diagonal" or n < 2:
         return [Shown("phases of U_nn", "phase", np.angle(u[:, -1, -1]) % (2 * np.pi),
                       lambda x: np.full_like(x, 1 / (2 * np.pi)), "uniform", 0, 2 * np.pi)]
-    if kind == "orthogonal":
+    if law in ("O(n)", "SO(n)"):
         return [Shown("U_00^2", "U_00^2", u[:, 0, 0].real ** 2, stats.beta(0.5, (n - 1) / 2).pdf,
                       f"Beta(1/2, {(n - 1) / 2:g})", 0, 1)]
     out = [Shown("|U_00|^2", "|U_00|^2", np.abs(u[:, 0, 0]) ** 2, stats.beta(1, n - 1).pdf,
                  f"Beta(1, {n - 1})", 0, 1)]
-    if kind == "haar":
-        out += [Shown("eigenphase spacings", "spacing (unfolded: mean 1)", spacings(u[:SPACINGS]),
+    if law == "U(n)":
+        out += [Shown("eigenphase spacings", "spacing (unfolded: mean 1)", laws.spacings(u[:laws.SPACINGS]),
                       lambda s: 32 / np.pi ** 2 * s ** 2 * np.exp(-4 * s * s / np.pi),
                       "Wigner surmise (CUE, large n)", 0, 4),
                 Shown("|tr U|^2", "|tr U|^2", np.abs(np.trace(u, axis1=1, axis2=2)) ** 2,

@@ -15,9 +15,8 @@ from . import files, generators, plan
 from .config import Spec
 from .db import BadFile, Expected, check_database, check_pages, reading, task_faults
 from .errors import InputError
+from .progress import Progress
 
-# max |U^H U - I| allowed, per dtype: a few hundred ulps at the sizes unidask makes
-TOLERANCE = {"complex128": 1e-10, "complex64": 1e-4}
 SAMPLE = 3          # tasks generated again by --against, evenly spread (--full: all of them)
 SCAN_ROWS = 20_000  # rows read at a time for the unitarity check
 
@@ -29,6 +28,7 @@ class Verdict:
     tasks: int = 0
     expected_tasks: int = 0
     max_error: float = 0.0
+    tolerance: tuple[float, str] = (0.0, "")   # the bound and whose (generators.tolerance)
     regenerated: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -38,8 +38,9 @@ class Verdict:
 
     def line(self) -> str:
         if self.ok:
+            bound, whose = self.tolerance
             text = (f"OK: {self.path}: {self.rows:,} unitaries in {self.tasks}/{self.expected_tasks} "
-                    f"tasks, checksums match, max |U^H U - I| = {self.max_error:.1e}")
+                    f"tasks, checksums match, max |U^H U - I| = {self.max_error:.1e} <= {bound:g} ({whose})")
             return text + (f", {self.regenerated} task(s) regenerated identically" if self.regenerated else "")
         more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
         return f"FAILED: {self.path}: " + "; ".join(self.problems[:3]) + more
@@ -83,7 +84,9 @@ def _recorded_spec(path: Path, meta: dict[str, str]) -> Spec:
 
 def _check_contents(con, v: Verdict, spec: Spec, expected: Expected, meta: dict[str, str]) -> None:
     v.expected_tasks = spec.n_tasks
-    v.problems += [reason for _, reason in task_faults(con, expected)]
+    progress = Progress(spec.count, desc="verify: checksums")
+    v.problems += [reason for _, reason in task_faults(con, expected, checked=progress.update)]
+    progress.close()
     _check_unitary(con, v, spec, expected)
     present = [t for (t,) in con.execute("SELECT task FROM tasks")]
     v.tasks = len(present)
@@ -98,23 +101,27 @@ def _check_contents(con, v: Verdict, spec: Spec, expected: Expected, meta: dict[
 
 
 def _check_unitary(con, v: Verdict, spec: Spec, expected: Expected) -> None:
-    """Every well-formed row finite and unitary within the dtype's tolerance (a NaN is not)."""
+    """Every well-formed row finite and unitary within the run's tolerance (a NaN is not)."""
     n = expected.dim
     if not n:
         return   # no row to take a size from: task_faults has said what is wrong
     dtype = np.dtype(spec.dtype).newbyteorder("<")
-    tolerance = TOLERANCE.get(spec.dtype, 1e-10)
+    tolerance, whose = generators.tolerance(spec)
+    v.tolerance = (tolerance, whose)
     cursor = con.execute("SELECT id, data FROM unitaries WHERE dim = ? AND typeof(data) = 'blob' AND "
                          "length(data) = ? ORDER BY id", (n, n * n * dtype.itemsize))
     bad: list[int] = []
+    progress = Progress(spec.count, desc="verify: unitarity")
     while rows := cursor.fetchmany(SCAN_ROWS):
         u = np.frombuffer(b"".join(r[1] for r in rows), dtype).reshape(-1, n, n)
         err = generators.unitarity_errors(u)
         err[~np.isfinite(u).all(axis=(1, 2))] = np.inf
         bad += [rows[i][0] for i in np.flatnonzero(~(err <= tolerance))]
         v.max_error = max(v.max_error, float(err.max()))
+        progress.update(len(rows))
+    progress.close()
     if bad:
-        v.problems.append(f"{len(bad)} matrix(es) not finite or not unitary within {tolerance:g} "
+        v.problems.append(f"{len(bad)} matrix(es) not finite or not unitary within {tolerance:g} ({whose}) "
                           f"(ids {plan.ranges(bad[:20])}{', ...' if len(bad) > 20 else ''}); "
                           f"max |U^H U - I| = {v.max_error:.1e}")
 

@@ -3,6 +3,9 @@
 A built-in generator is ``f(rng, count, *, dtype, **params)``. A user's generator, named in the
 config as ``kind = "module:function"``, is ``function(rng, count, **params)``; both return a
 ``(count, n, n)`` array, or a pair ``(array, metas)`` with one JSON-able dict (or None) per unitary.
+
+Every generator states the law its samples follow (:data:`LAWS`), which ``verify --stats`` tests: a
+built-in here, a plugin with :func:`law`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,30 @@ if TYPE_CHECKING:
     from ..config import Spec
 
 REQUIRED = object()
+
+# the laws a generator may state (unidask/laws.py holds each one's tests); "none": not testable
+LAWS = ("U(n)", "SU(n)", "O(n)", "SO(n)", "Sp(n)", "diagonal", "circuit", "none")
+
+
+def law(name: str, checks: Callable[[np.ndarray], Mapping[str, float | bool]] | None = None
+        ) -> Callable[[Callable], Callable]:
+    """State the law a plugin generator's samples follow, for ``verify --stats``::
+
+        @unidask.law("U(n)")
+        def my_haar(rng, count, *, dim=4): ...
+
+    ``name`` is one of :data:`LAWS`. ``checks``, the plugin's own tests, is called with a sample of
+    the stored unitaries ``(k, n, n)`` and returns ``{test name: p-value or pass (bool)}``; a
+    p-value fails below the threshold of unidask's own tests."""
+    if name not in LAWS:
+        raise InputError(f"law {name!r} is not one unidask tests (known: {', '.join(LAWS)})")
+    if checks is not None and not callable(checks):
+        raise InputError(f"law {name!r}: checks must be a function of the sampled unitaries")
+
+    def stated(function: Callable) -> Callable:
+        function.law, function.checks = name, checks
+        return function
+    return stated
 
 
 @dataclass(frozen=True)
@@ -52,6 +79,7 @@ class Generator:
     check: Callable[[dict[str, Any]], None] | None = None   # cross-parameter checks
     plugin: bool = False
     code: str = ""   # a plugin's identity: module:function and its source's hash (or version)
+    law: str = "none"   # one of LAWS: what its samples follow
 
     def validate(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Check ``given`` against the parameters; return them with defaults filled in."""
@@ -95,11 +123,12 @@ class Generator:
 dim = Param(int, minimum=1, doc="matrix size n")
 REGISTRY: dict[str, Generator] = {g.kind: g for g in [
     Generator("haar", _haar.haar, {"dim": dim},
-              "Haar-random U(n): batched QR with Mezzadri's phase correction"),
-    Generator("special", groups.special, {"dim": dim}, "Haar-random SU(n)"),
+              "Haar-random U(n): batched QR with Mezzadri's phase correction", law="U(n)"),
+    Generator("special", groups.special, {"dim": dim}, "Haar-random SU(n)", law="SU(n)"),
     Generator("orthogonal", groups.orthogonal, {"dim": dim},
-              "Haar-random O(n) (real, stored as complex), both determinant signs"),
-    Generator("diagonal", groups.diagonal, {"dim": dim}, "diagonal unitaries with uniform random phases"),
+              "Haar-random O(n) (real, stored as complex), both determinant signs", law="O(n)"),
+    Generator("diagonal", groups.diagonal, {"dim": dim}, "diagonal unitaries with uniform random phases",
+              law="diagonal"),
     Generator("circuit", circuits.circuit, {
         "qubits": Param(int, minimum=1, doc="qubits q; unitaries are 2^q x 2^q"),
         "depth": Param(int, 10, minimum=0, doc="layers, each touching a qubit at most once"),
@@ -109,13 +138,19 @@ REGISTRY: dict[str, Generator] = {g.kind: g for g in [
         "two_qubit_density": Param(float, 0.3, doc="chance a slot gets a two-qubit gate"),
         "coupling_map": Param(list, [], doc="allowed [a, b] qubit pairs (default: all)"),
     }, "random circuits; meta holds the circuit as OpenQASM 2 (qubit 0 = least significant bit)",
-        check=circuits.check),
+        check=circuits.check, law="circuit"),
 ]}
 
 PLUGIN_PARAMS = {
     "check_unitary": Param(bool, True, doc="check every returned matrix is unitary"),
     "tolerance": Param(float, 1e-8, doc="max |U^H U - I| allowed"),
 }
+
+
+def builtin_law(kind: Any) -> str:
+    """The law of the built-in ``kind`` ("none" for anything else): what a record from before
+    laws were recorded stated."""
+    return REGISTRY[kind].law if isinstance(kind, str) and kind in REGISTRY else "none"
 
 
 def get(kind: str) -> Generator:
@@ -144,8 +179,12 @@ def plugin(kind: str) -> Generator:
     for p in list(inspect.signature(function).parameters.values())[2:]:
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             params[p.name] = Param(object, REQUIRED if p.default is p.empty else p.default)
+    stated = getattr(function, "law", "none")
+    if stated not in LAWS:
+        raise InputError(f"generator {kind!r} states law {stated!r}, not one unidask tests (known: "
+                         f"{', '.join(LAWS)}; state it with @unidask.law)")
     return Generator(kind, function, params, (inspect.getdoc(function) or "").split("\n")[0], plugin=True,
-                     code=code_identity(kind, function))
+                     code=code_identity(kind, function), law=stated)
 
 
 def code_identity(kind: str, function: Callable) -> str:
@@ -193,6 +232,19 @@ def matrix_dim(kind: str, params: Mapping[str, Any]) -> int | None:
     if ":" in kind:
         return None
     return 2 ** params["qubits"] if "qubits" in params else params["dim"]
+
+
+# max |U^H U - I| of a built-in's matrices, per dtype: a few hundred ulps at the sizes unidask makes
+TOLERANCE = {"complex128": 1e-10, "complex64": 1e-4}
+
+
+def tolerance(spec: Spec) -> tuple[float, str]:
+    """The max |U^H U - I| a run's matrices keep, and whose bound it is: a plugin's
+    ``generator.tolerance`` where its run checked with it, else unidask's for the dtype."""
+    params = spec.params
+    if ":" in spec.kind and params.get("check_unitary", True) and isinstance(params.get("tolerance"), float):
+        return params["tolerance"], "the run's generator.tolerance"
+    return TOLERANCE.get(spec.dtype, TOLERANCE["complex128"]), f"unidask's for {spec.dtype}"
 
 
 def unitarity_errors(u: np.ndarray) -> np.ndarray:
