@@ -5,12 +5,16 @@ import functools
 import json
 import multiprocessing
 import pickle
+import shutil
 import sqlite3
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as npst
 
 import unidask
 
@@ -40,19 +44,10 @@ def test_dataset_indexing_and_batches(haar_run):
 def test_ids_and_split_of_an_incomplete_dataset(haar_run, tmp_path):
     """A dataset that lacks a task (a merge with --skip-bad) has no ids for it: neither ids() nor
     split() nor stats' sample invent them."""
-    import shutil
-
     from unidask import stats
 
     _, db = haar_run
-    holed = tmp_path / "holed.db"
-    shutil.copyfile(db, holed)
-    con = sqlite3.connect(holed)
-    con.execute("DELETE FROM unitaries WHERE id >= 3000 AND id < 4000")
-    con.execute("DELETE FROM tasks WHERE task = 3")
-    con.execute("DELETE FROM meta WHERE key = 'rows'")
-    con.commit()
-    con.close()
+    holed = without_task_3(db, tmp_path)
     with unidask.Dataset(holed) as ds, unidask.Dataset(db) as whole:
         assert np.array_equal(whole.ids(), np.arange(20000))
         expected = np.concatenate([np.arange(3000), np.arange(4000, 20000)])
@@ -77,14 +72,14 @@ def test_dataset_takes_an_array_of_ids(haar_run):
         assert np.array_equal(ds[[5, 3]], np.stack([ds[5], ds[3]])) and ds[[]].shape == (0, 4, 4)
         with pytest.raises(IndexError, match="id 20000 is out of range: the dataset holds ids 0:20000"):
             ds[[1, 20000, 30000]]
-        for bad in (np.array([1.5]), np.array([True]), [[1, 2]]):
-            with pytest.raises(TypeError):
+        for bad in (np.array([1.5]), [1.5], "a", np.array(["a"])):   # as numpy: IndexError
+            with pytest.raises(IndexError, match="valid indices"):
                 ds[bad]
 
 
 def test_dataset_indexes_as_numpy_does(haar_run):
     """Every key a numpy user would try gives what it gives on the same array in memory; what numpy
-    refuses, the Dataset refuses with the same kind of error, and booleans are refused."""
+    refuses, the Dataset refuses with the same kind of error; a lone boolean is refused."""
     _, db = haar_run
     with unidask.Dataset(db) as ds:
         ref = ds[:]
@@ -98,9 +93,108 @@ def test_dataset_indexes_as_numpy_does(haar_run):
         for key in (20000, -20001, 2**63, -2**63 - 1, [0, 2**63], np.array([20000])):
             with pytest.raises(IndexError, match="out of range"):
                 ds[key]
-        for key in (True, False, np.True_, np.array([True, False]), [True]):
-            with pytest.raises(TypeError, match="booleans"):
+        for key in (True, False, np.True_):   # numpy would add an axis to the whole dataset
+            with pytest.raises(TypeError, match="a single boolean"):
                 ds[key]
+        for key in (np.array([True, False]), [True]):
+            with pytest.raises(IndexError, match="boolean index did not match"):
+                ds[key]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_dataset_indexes_a_stack_of_matrices_as_numpy(haar_run, data):
+    """Fuzzed keys (hypothesis: numpy's basic indices, integer and boolean arrays, sequences,
+    ranges, in tuples with indices into the matrices): the Dataset gives what numpy gives on the
+    same array in memory, or raises the same kind of error."""
+    _, db = haar_run
+    ds = _opened(db)
+    ref = _whole(db)
+    n = len(ref)
+    first = st.one_of(
+        st.integers(-n - 3, n + 3), st.slices(n + 5), st.just(Ellipsis), st.none(),
+        npst.integer_array_indices((n,), result_shape=npst.array_shapes(min_dims=1, max_dims=2, max_side=5)).map(
+            lambda t: t[0]),
+        st.lists(st.integers(-n, n - 1), max_size=6), st.builds(range, st.integers(-3, 30), st.integers(-3, 30)),
+        st.sampled_from([np.arange(n) % 7 == 0, np.ones(3, bool)]))   # a mask, and one of a wrong length
+    inner = st.one_of(st.integers(-5, 4), st.slices(4), st.lists(st.integers(-4, 3), min_size=1, max_size=3),
+                      st.just(Ellipsis), st.none())
+    key = data.draw(st.one_of(first, st.tuples(first), st.tuples(first, inner), st.tuples(first, inner, inner),
+                              st.tuples(first, inner, inner, inner)))
+    try:
+        want = ref[key]
+    except (IndexError, TypeError, ValueError) as e:
+        with pytest.raises(type(e)):
+            ds[key]
+        return
+    got = ds[key]
+    assert np.shape(got) == np.shape(want) and np.array_equal(got, want), key
+
+
+_OPEN: dict = {}
+
+
+def _opened(db) -> unidask.Dataset:
+    if db not in _OPEN:
+        _OPEN[db] = unidask.Dataset(db)
+    return _OPEN[db]
+
+
+def _whole(db) -> np.ndarray:
+    if ("ref", db) not in _OPEN:
+        _OPEN["ref", db] = _opened(db)[:]
+    return _OPEN["ref", db]
+
+
+def without_task_3(db, tmp_path):
+    """A copy of the haar run's database without task 3 (ids 3000-3999), as a merge with
+    --skip-bad leaves one."""
+    holed = tmp_path / "holed.db"
+    shutil.copyfile(db, holed)
+    con = sqlite3.connect(holed)
+    con.execute("DELETE FROM unitaries WHERE id >= 3000 AND id < 4000")
+    con.execute("DELETE FROM tasks WHERE task = 3")
+    con.execute("DELETE FROM meta WHERE key = 'rows'")
+    con.commit()
+    con.close()
+    return holed
+
+
+def test_dataset_is_array_like(haar_run):
+    """shape, dtype, ndim, np.asarray: a Dataset goes wherever numpy takes an array."""
+    _, db = haar_run
+    with unidask.Dataset(db) as ds:
+        assert ds.shape == (20000, 4, 4) and ds.ndim == 3 and ds.dtype == np.complex128
+        whole = np.asarray(ds)
+        assert whole.shape == ds.shape and np.array_equal(whole, ds[:])
+        assert np.asarray(ds, dtype=np.complex64).dtype == np.complex64
+        assert ds[5, 0, 0] == ds[5][0, 0] and np.ndim(ds[5, 0, 0]) == 0
+        assert np.array_equal(ds[(1, 2)], ds[1][2]) and np.array_equal(ds[range(3)], ds[:3])
+        with pytest.raises(IndexError, match="too many indices for array: array is 3-dimensional, but 4"):
+            ds[0, 0, 0, 0]
+        for size in (0, -5, 2.5, True):
+            with pytest.raises(ValueError, match="batch size must be an integer >= 1"):
+                next(ds.batches(size))
+
+
+def test_positions_read_an_incomplete_dataset_as_a_data_loader_does(haar_run, tmp_path):
+    """A dataset without some tasks: ids keep their gaps (the stable key), `ds.at[k]` reads the
+    k-th row for every k < len(ds), as `for k in range(len(...))` and a DataLoader do."""
+    _, db = haar_run
+    with unidask.Dataset(db) as whole, unidask.Dataset(without_task_3(db, tmp_path)) as ds:
+        assert len(ds) == len(ds.at) == 19000 and ds.shape == (19000, 4, 4)
+        with pytest.raises(IndexError, match="no unitary with id 3000"):
+            ds[3000]
+        ids = ds.ids()
+        for k in (0, 2999, 3000, 18999, -1):
+            assert np.array_equal(ds.at[k], whole[int(ids[k])]), k
+        assert np.array_equal(ds.at[2999:3002], whole[[2999, 4000, 4001]])
+        assert np.array_equal(ds.at[[3000, 0], 1, 1], whole[[4000, 0], 1, 1])
+        assert np.array_equal(np.asarray(ds), whole[ids])
+        with pytest.raises(IndexError):
+            ds.at[19000]
+        loaded = pickle.loads(pickle.dumps(ds.at))   # a DataLoader's worker gets it pickled
+        assert np.array_equal(loaded[3000], ds.at[3000])
 
 
 def test_dataset_arrays_are_the_callers(haar_run):

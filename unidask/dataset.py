@@ -9,7 +9,7 @@ import sqlite3
 import threading
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -157,20 +157,22 @@ class Dataset:
         return ids, out
 
     def _ids(self, key: Any) -> int | range | np.ndarray:
-        """``key`` as an id, a range of ids or an array of ids, by numpy's rules for a sequence
-        of ``id_range[1]`` items."""
+        """``key`` as an id, a range of ids or an array of ids (of any shape), by numpy's rules
+        for the first axis of an array of ``id_range[1]`` items."""
         n = self.id_range[1]
-        if isinstance(key, (list, tuple)):
-            if key and all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
-                           for i in key):
+        if isinstance(key, (list, tuple, range)):
+            if isinstance(key, range) or (key and all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in key)):
                 if (bad := next((i for i in key if not -n <= i < n), None)) is not None:
                     raise self._out_of_range(bad)   # before numpy makes it a float
                 key = np.asarray(key, dtype=np.int64)
             else:
                 key = np.asarray(key)
-        if isinstance(key, (bool, np.bool_)) or getattr(key, "dtype", None) == bool:
-            raise TypeError("Dataset indices must be integers, slices or integer arrays, not "
-                            "booleans (for a mask, index with np.flatnonzero(mask))")
+                if key.size == 0:
+                    key = key.astype(np.int64)
+        if isinstance(key, (bool, np.bool_)):
+            raise TypeError("Dataset indices must not be a single boolean (numpy would add an axis "
+                            "to the whole dataset); for a mask, index with a boolean array")
         if isinstance(key, slice):
             return range(*key.indices(n))
         if isinstance(key, (int, np.integer)) or (isinstance(key, np.ndarray) and key.ndim == 0
@@ -179,22 +181,48 @@ class Dataset:
             if not -n <= i < n:
                 raise self._out_of_range(i)
             return i % n if n else i
-        if isinstance(key, np.ndarray):
+        if isinstance(key, np.ndarray) and key.dtype == bool and key.ndim == 1:
+            if len(key) != n:
+                raise IndexError(f"boolean index did not match indexed array along axis 0; size of axis "
+                                 f"is {n} but size of corresponding boolean axis is {len(key)}")
+            return np.flatnonzero(key)
+        if isinstance(key, np.ndarray) and key.ndim >= 1 and key.dtype.kind in "iu":
             ids = key
-            if ids.ndim == 1 and (ids.dtype.kind in "iu" or ids.size == 0):
-                if ids.size and ((lo := ids.min()) < -n or ids.max() >= n):
-                    raise self._out_of_range(ids[(ids < -n) | (ids >= n)][0])
-                if ids.size and lo < 0:
-                    ids = np.where(ids < 0, ids + n, ids)
-                return ids.astype(np.int64, copy=False)   # read, never written
-        raise TypeError(f"Dataset indices must be integers, slices or 1-D integer arrays, not "
-                        f"{type(key).__name__}")
+            if ids.size and ((lo := ids.min()) < -n or ids.max() >= n):
+                raise self._out_of_range(ids[(ids < -n) | (ids >= n)][0])
+            if ids.size and lo < 0:
+                ids = np.where(ids < 0, ids + n, ids)
+            return ids.astype(np.int64, copy=False)   # read, never written
+        raise IndexError("only integers, slices (`:`), ellipsis (`...`), numpy.newaxis (`None`) and "
+                         f"integer or boolean arrays are valid indices (a Dataset got {type(key).__name__}"
+                         + (f" of {key.dtype}" if isinstance(key, np.ndarray) else "") + ")")
 
-    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+    def __getitem__(self, key: Any) -> Any:
+        """By id, as numpy indexes a ``(ids, n, n)`` array: the first index selects unitaries
+        (an id, a slice, a sequence, a range, an integer or boolean array), the others index into
+        the matrices (``ds[5, 0, 0]`` is one complex number)."""
         if (type(key) is np.ndarray and key.ndim == 1 and key.dtype.kind in "iu" and key.size
                 and self._pages is not None and key.min() >= 0 and key.max() < len(self)):
             return self._paged(key)   # a minibatch, straight to the pages: the rest is numpy's cost
-        ids = self._ids(key)
+        if not isinstance(key, tuple):
+            if key is not Ellipsis and key is not None:
+                return self._rows(self._ids(key))
+            key = (key,)
+        if not key or key[0] is Ellipsis or key[0] is None:   # the whole dataset, as numpy would
+            return np.asarray(self)[key]
+        if len(key) > 3 and not any(k is Ellipsis or k is None for k in key):
+            raise IndexError(f"too many indices for array: array is 3-dimensional, but {len(key)} were indexed")
+        ids = self._ids(key[0])
+        block = self._rows(ids if isinstance(ids, (int, range)) else ids.ravel())
+        if isinstance(ids, int):
+            return block[key[1:]]
+        if isinstance(ids, range):
+            return block[(slice(None), *key[1:])]
+        # the block holds the rows in the index's order: its own positions, in the index's shape
+        return block[(np.arange(ids.size).reshape(ids.shape), *key[1:])]
+
+    def _rows(self, ids: int | range | np.ndarray) -> np.ndarray:
+        """The rows of an id, a range of ids or an array of ids (any shape)."""
         if isinstance(ids, int) and self._pages is not None and 0 <= ids < len(self):
             return self._paged(np.array([ids]))[0]
         if isinstance(ids, int):
@@ -203,13 +231,39 @@ class Dataset:
                 raise IndexError(f"{self.path}: no unitary with id {ids}")
             return out[0]
         if isinstance(ids, range):
-            if ids.step == 1 or not ids:
-                return self._span(ids.start, max(ids.start, ids.stop))
+            if not ids:   # e.g. slice(-n - 5, 0, -1): range(-1, 0, -1), no id at all
+                return np.zeros((0, self.dim, self.dim), self.dtype)
+            if ids.step == 1:
+                return self._span(ids.start, ids.stop)
             if abs(ids.step) > SPARSE_STEP:
                 return self._take(np.arange(ids.start, ids.stop, ids.step))
             lo, hi = min(ids[0], ids[-1]), max(ids[0], ids[-1]) + 1
             return self._span(lo, hi)[ids.start - lo::ids.step].copy()
-        return self._take(ids)
+        return self._take(ids.ravel()).reshape(*ids.shape, self.dim, self.dim)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(len(ds), n, n)``: the array ``np.asarray(ds)`` (and ``ds.at``) gives."""
+        return (len(self), self.dim, self.dim)
+
+    ndim = 3
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        """Every row in id order (of an incomplete dataset too: its rows by position)."""
+        out = self.at[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    @cached_property
+    def at(self) -> "Positions":
+        """The rows by position, ``0`` to ``len(ds) - 1``, whatever ids an incomplete dataset lacks:
+        what a PyTorch ``DataLoader`` wants (``ds.at`` has ``len`` and ``[k]``)."""
+        return Positions(self)
+
+    @cached_property
+    def _all_ids(self) -> np.ndarray | None:
+        """Every id in order where the dataset lacks some (positions differ from ids), else None."""
+        lo, hi = self.id_range
+        return None if (lo, hi) == (0, len(self)) else self.ids()
 
     def _span(self, start: int, stop: int) -> np.ndarray:
         """The unitaries of ids ``start`` to ``stop - 1``, every one present."""
@@ -262,11 +316,11 @@ class Dataset:
     def batches(self, size: int = 10_000, start: int = 0, stop: int | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, unitaries) in id order, ``size`` at a time, over ids in [start, stop)."""
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"batch size must be an integer >= 1, not {size!r}")
         stop = self.id_range[1] if stop is None else stop
         if self._pages is not None:   # ids 0 ... len - 1, every one there
-            if size == 0:   # as SQL's LIMIT: none for 0, no limit but memory's for less
-                return
-            step = size if size > 0 else self._rows_per_read
+            step = size
             for a in range(max(start, 0), min(stop, len(self)), step):
                 ids = np.arange(a, min(a + step, stop, len(self)))
                 yield ids, self._paged(ids)
@@ -340,6 +394,27 @@ class Dataset:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Positions:
+    """``ds.at``: a Dataset by position, ``at[k]`` the k-th row in id order, indexed as numpy
+    indexes an array of ``len(ds)`` rows; on a complete dataset positions are the ids."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: Any) -> Any:
+        ids = self.ds._all_ids
+        if ids is None:
+            return self.ds[key]
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
+        if (isinstance(key, tuple) and not key) or first is Ellipsis or first is None:
+            return self[:][key]
+        picked = ids[first]   # numpy's rules and errors over positions
+        return self.ds[(picked if isinstance(picked, np.ndarray) else int(picked), *rest)]
 
 
 MMAP_BYTES = 1 << 40      # the whole file, as far as the address space goes
