@@ -98,7 +98,7 @@ def unitarity_error(u: np.ndarray) -> float:
 @contextlib.contextmanager
 def messages(on_line: Callable[[str], None] | None = None) -> Iterator[list[str]]:
     """The ``unidask`` logger's lines while the body runs, formatted as the CLI shows them."""
-    from unidask.cli import LineFormatter
+    from unidask.progress import LineFormatter
 
     lines: list[str] = []
 

@@ -5,6 +5,7 @@ import functools
 import json
 import multiprocessing
 import pickle
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -332,6 +333,7 @@ def test_info_says_what_a_database_holds(haar_run, capsys, tmp_path):
     assert "20,000 unitaries of 4x4 complex128" in out and "haar (dim=4" in out
     assert "seed       7 " in out and "complete: 20 of 20 tasks" in out
     assert f"fingerprint {spec.fingerprint}" in out and "merged     -" not in out
+    assert re.search(r"merged     \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", out), out   # a date with the time
     code, out, _ = run_main("info", db, "--json", capsys=capsys)
     i = json.loads(out)
     assert code == 0 and (i["rows"], i["dim"], i["kind"], i["tasks"], i["tasks_planned"]) == \
@@ -376,6 +378,7 @@ def test_export_keeps_what_the_database_knows(circuit_run, tmp_path, capsys):
         assert f["unitaries"].chunks is not None
         assert [json.loads(m) for m in f["meta"].asstr()[:]] == [ds.meta_of(i) for i in range(600)]
         assert json.loads(f.attrs["spec"]) == ds.spec and f.attrs["fingerprint"] == spec.fingerprint
+        assert f.attrs["ids_start"] == 0 and f.attrs["ids_stop"] == 600 and f["meta"].chunks is not None
     # a group dataset has no per-row metadata: no meta file beside the array, no meta dataset
     ds.close()
 
@@ -388,6 +391,43 @@ def test_export_of_group_data_has_no_meta_file(haar_run, tmp_path):
     assert unidask.export(db, "h5", tmp_path / "u.data") == 20000
     with h5py.File(tmp_path / "u.data", "r") as f:
         assert sorted(f) == ["ids", "unitaries"]
+
+
+def test_hdf5_as_an_h5py_user_expects_it(haar_run, tmp_path, capsys):
+    """Attributes typed (numbers as numbers, the merge's time in ISO 8601, the run's dim, kind,
+    dtype, law, seed, count of their own), chunks sized for random reads or as asked, ids chunked,
+    gzip or lzf that plain h5py reads; HDF5's options refused for other formats."""
+    import datetime
+
+    h5py = pytest.importorskip("h5py")
+    spec, db = haar_run
+    with unidask.Dataset(db) as ds:
+        whole = ds[:]
+        merged = float(ds.meta["merged"])
+    code, out, _ = run_main("export", db, tmp_path / "u.h5", capsys=capsys)
+    assert code == 0, out
+    with h5py.File(tmp_path / "u.h5", "r") as f:
+        a = f.attrs
+        assert (a["dim"], a["kind"], a["dtype"], a["law"], a["seed"], a["count"], a["task_size"]) == \
+            (4, "haar", "complex128", "U(n)", 7, 20000, 1000)
+        assert isinstance(a["rows"], (int, np.integer)) and a["rows"] == 20000 and a["tasks"] == 20
+        assert isinstance(a["fingerprint"], str) and a["fingerprint"] == spec.fingerprint
+        when = datetime.datetime.fromisoformat(a["merged"])
+        assert when.tzinfo is not None and abs(when.timestamp() - merged) < 1e-3
+        assert f["unitaries"].chunks == (256, 4, 4) and f["unitaries"].compression is None   # 64 KiB
+        assert f["ids"].chunks is not None
+        assert np.array_equal(f["unitaries"][:], whole)
+    for compression in ("gzip", "lzf"):
+        code, out, _ = run_main("export", db, tmp_path / f"{compression}.h5", "--compression", compression,
+                                "--chunk-rows", "1000", capsys=capsys)
+        assert code == 0, out
+        with h5py.File(tmp_path / f"{compression}.h5", "r") as f:
+            assert f["unitaries"].compression == compression and f["unitaries"].chunks == (1000, 4, 4)
+            assert np.array_equal(f["unitaries"][:], whole) and np.array_equal(f["ids"][:], np.arange(20000))
+    code, _, err = run_main("export", db, tmp_path / "u.npy", "--compression", "gzip", capsys=capsys)
+    assert code == 2 and err.strip().endswith("chunk_rows and compression are HDF5's: "
+                                              f"{tmp_path / 'u.npy'} is written as npy"), err
+    assert not (tmp_path / "u.npy").exists()
 
 
 # the process's own memory (RssAnon, sampled every 2 ms): the pages of the files it maps or

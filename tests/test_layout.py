@@ -69,3 +69,48 @@ def test_no_import_cycle():
 def test_a_cycle_is_found():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+READER = """
+import resource, sys
+import numpy as np
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+import unidask
+from unidask import Dataset
+with Dataset(sys.argv[1]) as ds:
+    assert ds[np.arange(0, 1000, 7)].shape == (143, 4, 4) and ds[5, 0, 0] == ds[5][0, 0]
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"dask", "distributed", "scipy", "bokeh", "tornado", "click"})
+print(grown, *heavy)
+"""
+
+
+def test_reading_a_database_imports_no_dask(haar_run):
+    """A process that imports unidask and reads a database (a DataLoader's worker) loads neither
+    Dask nor distributed, scipy or bokeh, and grows by less than 30 MB beyond numpy: the package's
+    names load their modules on first use."""
+    import subprocess
+    import sys
+
+    _, db = haar_run
+    done = subprocess.run([sys.executable, "-c", READER, str(db)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    grown, *heavy = done.stdout.split()
+    assert heavy == [] and int(grown) < 30, done.stdout
+
+
+def test_the_package_names_what_it_offers():
+    """Every public name of `unidask` resolves (each to its module's object), and nothing else does."""
+    import pytest
+
+    for name in unidask.__all__:
+        assert getattr(unidask, name) is not None, name
+    assert unidask.Dataset.__module__ == "unidask.dataset" and unidask.run.__module__ == "unidask.driver"
+    import unidask.export
+    import unidask.merge
+    import unidask.verify   # a submodule of a function's name: the name stays the function's
+
+    assert all(callable(f) and f.__name__ == name for name, f in
+               (("export", unidask.export), ("merge", unidask.merge), ("verify", unidask.verify)))
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        unidask.nothing

@@ -122,14 +122,20 @@ def test_cli_run_status_and_rerun_refusal(tmp_path):
 
     # the same config again: the run is complete, and says so
     r = cli("run", cfg, cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout == f"complete: {tmp_path / 'run' / 't.db'}\n", r.stdout + r.stderr
+    assert r.returncode == 0 and r.stdout == (f"complete: {tmp_path / 'run' / 't.db'} holds all 1,000 "
+                                              "unitaries; nothing to do\n"), r.stdout + r.stderr
+    assert "complete" not in r.stderr   # said once
     # without its merged database, running again must not mix attempts silently
     (tmp_path / "run" / "t.db").unlink()
     r = cli("run", cfg, cwd=tmp_path)
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
-    r = cli("run", cfg, "--resume", cwd=tmp_path)
+    r = cli("run", cfg, "--resume", cwd=tmp_path)   # every task staged: a merge, no cluster, one line
     assert r.returncode == 0, r.stderr
-    assert "wrote 0 unitaries" in r.stdout and "; 2 shard file(s) in " in r.stdout   # not "0 staged"
+    assert r.stdout.startswith("merged 2 shard(s)") and r.stdout.count("\n") == 1, r.stdout
+    assert "dashboard" not in r.stderr and "wrote" not in r.stdout, r.stderr
+    (tmp_path / "run" / "t.db").unlink()
+    r = cli("run", cfg, "--resume", "--no-merge", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout == f"nothing to do: all 4 tasks are staged in {tmp_path / 'run' / 'shards'}\n"
 
 
 def test_shard_per_process_gives_the_same_bytes(config, tmp_path):
@@ -585,3 +591,55 @@ def test_a_driver_whose_lock_is_damaged_stops_in_one_line(tmp_path):
     (run_dir / "lock").unlink()
     r = cli("run", cfg, "--resume")
     assert r.returncode == 0, r.stderr
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from unidask.runlock import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    sys.stdin.read()   # until the test closes it
+"""
+
+
+def test_merge_respects_the_run_lock(tmp_path):
+    """`unidask merge` while a run holds the run dir (here a real second process holding its lock)
+    is refused in one line naming the holder, and merges once it is gone."""
+    cfg = write_config(tmp_path / "c.toml", run={"count": 1000, "task_size": 250})
+    assert cli("run", cfg, "--no-merge").returncode == 0
+    lock = tmp_path / "run" / "lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        r = cli("merge", tmp_path / "run")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert f"another unidask run is using this run dir (host {socket.gethostname()}, pid {holder.pid}" in r.stderr
+        assert not (tmp_path / "run" / "t.db").exists()
+    finally:
+        holder.communicate("", timeout=60)
+    r = cli("merge", tmp_path / "run")
+    assert r.returncode == 0 and r.stdout.startswith("merged 2 shard(s)"), r.stdout + r.stderr
+    assert not lock.exists()   # released
+
+
+API_RUN = """
+import sys
+import unidask
+result = unidask.run(unidask.load_config(sys.argv[1]))
+print(result.merged.rows)
+"""
+
+
+def test_the_python_api_shows_unidask_and_quiets_dask(tmp_path):
+    """`unidask.run()` from a script that configured no logging: unidask's lines on stderr as the
+    CLI shows them, none of distributed's INFO lines; with logging configured, what it says."""
+    cfg = write_config(tmp_path / "c.toml", run={"count": 1000, "task_size": 250})
+    r = subprocess.run([sys.executable, "-c", API_RUN, str(cfg)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout == "1000\n", r.stdout + r.stderr
+    assert "dashboard: http://127.0.0.1:" in r.stderr and " - INFO - " not in r.stderr, r.stderr
+    configured = "import logging; logging.basicConfig(level=logging.INFO)\n" + API_RUN
+    shutil.rmtree(tmp_path / "run")
+    r = subprocess.run([sys.executable, "-c", configured, str(cfg)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "INFO:unidask:dashboard: http://" in r.stderr, r.stderr

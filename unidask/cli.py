@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from . import __version__
+from . import progress
 from .errors import UnidaskError
 
 log = logging.getLogger("unidask")
@@ -69,24 +70,6 @@ set_option = click.option("--set", "overrides", multiple=True, type=Override(),
                           help="Override a config key (repeatable), e.g. --set run.count=1000.")
 
 
-class LineFormatter(logging.Formatter):
-    """unidask's messages as bare lines; a warning says it is one."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
-        return f"warning: {text}" if record.levelno == logging.WARNING else text
-
-
-def log_to_stderr() -> logging.Handler:
-    """Show the ``unidask`` logger's messages on stderr, one line each (the CLI's view)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter())
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    return handler
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="unidask")
 def cli() -> None:
@@ -121,14 +104,18 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
         raise Interrupted(f"interrupted: {done:,} of {spec.n_tasks:,} tasks staged in {spec.run_dir}; "
                       f"to finish: {again}") from None
     if result.complete is not None:
-        click.echo(f"complete: {result.complete}")
+        click.echo(f"complete: {result.complete} holds all {spec.count:,} unitaries; nothing to do")
         return
     # every staged file (first copies and deltas, this invocation's and earlier ones'), which the
     # merge reads: result.shards holds only the final stage-outs that had something new
     rd = RunDir(spec.run_dir)
-    click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
-               f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
-               f"{len(rd.staged_shards()):,} shard file(s) in {rd.shards}")
+    if result.skipped_tasks == spec.n_tasks:   # nothing to generate: the merge's line says the rest
+        if result.merged is None:
+            click.echo(f"nothing to do: all {spec.n_tasks:,} tasks are staged in {rd.shards}")
+    else:
+        click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
+                   f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
+                   f"{len(rd.staged_shards()):,} shard file(s) in {rd.shards}")
     if result.merged is not None:
         click.echo(result.merged.summary())
 
@@ -328,14 +315,17 @@ def report(run_dir: str, out: str) -> None:
 @click.option("--ids", type=IdRange(), help="Export ids A to B-1 only.")
 @click.option("--unique", type=click.Choice(["circuit", "unitary"]),
               help="Only the first row of each distinct circuit, or unitary up to a global phase.")
+@click.option("--chunk-rows", type=click.IntRange(min=1),
+              help="HDF5: rows a chunk (default: about 64 KiB; larger for scans, smaller for random reads).")
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5: compress the chunks.")
 def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None] | None,
-           unique: str | None) -> None:
+           unique: str | None, chunk_rows: int | None, compression: str | None) -> None:
     """Export DB as one .npy array (k, n, n) with its metadata beside it, one HDF5 file, or one
     .txt file per unitary in OUT."""
     from .export import IdsOutOfRange, export as export_db
 
     try:
-        n = export_db(db, fmt, out, ids, unique)
+        n = export_db(db, fmt, out, ids, unique, chunk_rows=chunk_rows, compression=compression)
     except IdsOutOfRange as e:
         raise click.BadParameter(str(e), param_hint="'--ids'") from e
     click.echo(f"exported {n:,} unitaries to {out}")
@@ -408,7 +398,7 @@ def one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and an exit status, never a traceback."""
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    handler = log_to_stderr()
+    handler = progress.log_to_stderr()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         code = cli.main(args=argv, prog_name="unidask", standalone_mode=False, obj={"argv": argv})

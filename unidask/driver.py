@@ -19,7 +19,7 @@ from . import cluster, daskapi, dashboard, files, generators, plan, shard, sizin
 from .config import Spec
 from .errors import InputError, RunError, Stopped, UnidaskError
 from .merge import MergeReport, merge as merge_run
-from .progress import Progress
+from .progress import Progress, messages_shown
 from .rundir import RunDir
 from .runlock import Held, run_lock
 from .stopping import check_stop
@@ -395,11 +395,15 @@ def task_size_hint(task_size: int, durations: list[float]) -> str | None:
 
 def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     """Run ``spec`` to the end: every task generated and staged, then (by default) merged.
-    Progress and messages go to the ``unidask`` logger."""
-    spec = sizing.resolve(spec)
+    Progress and messages go to the ``unidask`` logger (to stderr, as the CLI shows them, where the
+    caller configured no logging)."""
+    with messages_shown():
+        return _started(sizing.resolve(spec), resume, merge)
+
+
+def _started(spec: Spec, resume: bool, merge: bool) -> RunResult:
     run_dir = RunDir(spec.run_dir)
-    if merge and (done := run_dir.complete_database(spec)) is not None:
-        log.info("this run is complete: %s holds all %s unitaries; nothing to do", done, f"{spec.count:,}")
+    if merge and (done := run_dir.complete_database(spec)) is not None:   # RunResult.complete says so
         return RunResult(spec.run_dir, skipped_tasks=spec.n_tasks, complete=done)
     out = run_dir.database(spec.name)
     if merge and os.path.lexists(out) and (why := files.regular(out, follow=False)) is not None:
@@ -437,6 +441,11 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
     result = RunResult(spec.run_dir, skipped_tasks=len(staged))
     if resume and staged:
         log.info("resume: %d of %d tasks already staged", len(staged), spec.n_tasks)
+    if not tasks:   # every task staged before (a run with --no-merge, a merge that failed): no cluster
+        if merge:
+            check_stop()
+            result.merged = merge_run(spec.run_dir, lock=False)
+        return result
     if spec.cluster.security == "none":
         log.warning("cluster.security = 'none': anyone who can reach the scheduler (in local mode: "
                     "any user of this machine) can run code as you and read your shards")
@@ -469,5 +478,5 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
             lock.check()
             # its pages built on the run's workers where they are on other hosts; a local
             # cluster's share this machine's cores with the driver, whose threads need no transfers
-            result.merged = merge_run(spec.run_dir, client=None if local else client)
+            result.merged = merge_run(spec.run_dir, client=None if local else client, lock=False)
     return result

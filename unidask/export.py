@@ -5,6 +5,7 @@ knows beside the matrices: the ids, the per-row metadata (a circuit), the run's 
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -21,6 +22,11 @@ from .errors import InputError, writing
 from .progress import Progress
 
 FORMATS = ("npy", "h5", "txt")
+COMPRESSIONS = ("gzip", "lzf")   # what plain h5py reads, with no plugin
+# HDF5 reads whole chunks: 64 KiB (256 U(4)) keeps a random minibatch's reads near its rows, and
+# a scan still reads megabytes a call; h5py's guide: 10 KiB to 1 MiB
+H5_CHUNK_BYTES = 64 << 10
+H5_ID_CHUNK = 8192
 SUFFIXES = {".npy": "npy", ".h5": "h5", ".hdf5": "h5"}
 TXT_UNASKED = 1000   # text files an export writes without --format txt
 log = logging.getLogger("unidask")
@@ -42,14 +48,19 @@ def id_range(ds: Dataset, ids: tuple[int | None, int | None] | None) -> tuple[in
 
 
 def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
-           ids: tuple[int | None, int | None] | None = None, unique: str | None = None) -> int:
+           ids: tuple[int | None, int | None] | None = None, unique: str | None = None, *,
+           chunk_rows: int | None = None, compression: str | None = None) -> int:
     """Write unitaries ``ids`` (``(start, stop)``, default all) of ``db`` as
 
     - ``npy``: one array ``(k, n, n)`` in ``OUT``, and beside it ``OUT.json`` (the database's meta,
       the run's spec, the ids) and, where rows carry metadata, ``OUT.meta.jsonl`` (``{"id", "meta"}``
       a line);
-    - ``h5``: datasets ``unitaries`` ``(k, n, n)`` (chunked), ``ids`` and, where rows carry
-      metadata, ``meta`` (a JSON string a row), the meta and spec as the file's attributes;
+    - ``h5``: datasets ``unitaries`` ``(k, n, n)`` in chunks of ``chunk_rows`` rows (default about
+      64 KiB: a random read pays little beyond its rows), ``compression`` none, ``"gzip"`` or
+      ``"lzf"``; ``ids`` (chunked) and, where rows carry metadata, ``meta`` (a JSON string a row);
+      the file's attributes: the database's meta (numbers as numbers, times in ISO 8601), the run's
+      ``dim``, ``kind``, ``dtype``, ``law``, ``seed``, ``count``, ``task_size``, the ids exported,
+      the spec as JSON;
     - ``txt``: one file per unitary (``OUT/ID.txt``) that ``np.loadtxt(f, dtype=complex)`` reads
       back exactly.
 
@@ -61,6 +72,10 @@ def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
     writers = {"npy": _export_npy, "h5": _export_h5, "txt": _export_txt}
     if fmt is not None and fmt not in writers:
         raise InputError(f"unknown export format {fmt!r} ({', '.join(FORMATS)})")
+    if compression is not None and compression not in COMPRESSIONS:
+        raise InputError(f"unknown compression {compression!r} ({', '.join(COMPRESSIONS)})")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise InputError(f"chunk_rows must be a number of rows >= 1, got {chunk_rows!r}")
     out = Path(out)
     check_database(Path(db), None, what="database")
     check_pages(Path(db))   # a damaged file is refused before anything is written
@@ -76,8 +91,11 @@ def export(db: str | os.PathLike, fmt: str | None, out: str | os.PathLike,
         if unique is not None:
             keep = ds.unique_ids(unique)
             keep = keep[(keep >= start) & (keep < stop)]
+        h5 = {"chunk_rows": chunk_rows, "compression": compression}
+        if fmt != "h5" and any(v is not None for v in h5.values()):
+            raise InputError(f"chunk_rows and compression are HDF5's: {out} is written as {fmt}")
         with writing(out):
-            written = writers[fmt](Rows(ds, start, stop, keep), out)
+            written = writers[fmt](Rows(ds, start, stop, keep), out, **(h5 if fmt == "h5" else {}))
         if keep is not None:
             present = _present(ds, start, stop)
             log.info("dropped %s of %s rows that repeat an earlier %s", f"{present - written:,}",
@@ -127,9 +145,37 @@ def _present(ds: Dataset, start: int, stop: int) -> int:
 
 
 def described(ds: Dataset, ids: Any) -> dict[str, Any]:
-    """What an export says of itself: the database's meta (its spec as JSON) and the ids."""
-    meta = {k: v for k, v in ds.meta.items() if k != "spec"}
+    """What an export says of itself: the database's meta (numbers as numbers, times in ISO 8601;
+    its spec as JSON) and the ids."""
+    meta = {k: typed_meta(k, v) for k, v in ds.meta.items() if k != "spec"}
     return {"source": str(ds.path), "meta": meta, "spec": ds.spec, "ids": ids}
+
+
+TEXT_META = {"fingerprint", "dtype", "unidask_version"}   # text even where it reads as a number
+TIME_META = {"merged"}                                    # epoch seconds in the database
+
+
+def typed_meta(key: str, value: str) -> Any:
+    """A meta value (text in SQLite) as what it is: an int, a float, a time in ISO 8601 (UTC)."""
+    if key in TEXT_META:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    if key in TIME_META:
+        return datetime.datetime.fromtimestamp(number, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return int(value) if value.strip().lstrip("-").isdigit() else number
+
+
+def run_attributes(ds: Dataset) -> dict[str, Any]:
+    """What an h5py user looks for at the top of the file: the run's dims, kind, dtype, law, seed,
+    count and task size as attributes of their own (a seed beyond int64 as its digits)."""
+    run, generator = ds.spec["run"], ds.spec["generator"]
+    seed = int(run["seed"])
+    return {"dim": ds.dim, "kind": generator["kind"], "dtype": ds.dtype.name, "law": ds.spec.get("law", ""),
+            "seed": seed if seed < 2 ** 63 else str(seed), "count": int(run["count"]),
+            "task_size": int(run["task_size"])}
 
 
 def _export_npy(rows: Rows, out: Path) -> int:
@@ -160,17 +206,19 @@ def _export_npy(rows: Rows, out: Path) -> int:
     return k
 
 
-def _export_h5(rows: Rows, out: Path) -> int:
+def _export_h5(rows: Rows, out: Path, chunk_rows: int | None = None, compression: str | None = None) -> int:
     try:
         import h5py
     except ImportError as e:
         raise InputError("export to HDF5 needs h5py: pip install 'unidask[hdf5]'") from e
     ds, present = rows.ds, rows.count
-    chunk = (max(1, min(present, (1 << 20) // max(1, ds.row_bytes))), ds.dim, ds.dim)   # about 1 MB a chunk
+    chunk_rows = min(present, chunk_rows or max(1, H5_CHUNK_BYTES // max(1, ds.row_bytes)))
+    chunked = {"compression": compression} if present else {}   # h5py chunks nothing of size 0
     with files.publishing(out, mode=None) as tmp, h5py.File(tmp, "w") as f:
-        data = f.create_dataset("unitaries", shape=(present, ds.dim, ds.dim), chunks=chunk if present else None,
-                                dtype=ds.dtype.newbyteorder("="))
-        id_set = f.create_dataset("ids", shape=(present,), dtype=np.int64)
+        data = f.create_dataset("unitaries", shape=(present, ds.dim, ds.dim), dtype=ds.dtype.newbyteorder("="),
+                                chunks=(chunk_rows, ds.dim, ds.dim) if present else None, **chunked)
+        id_set = f.create_dataset("ids", shape=(present,), dtype=np.int64,
+                                  chunks=(min(present, H5_ID_CHUNK),) if present else None, **chunked)
         meta_set = None
         k = 0
         for ids, batch in rows.batches():
@@ -178,14 +226,16 @@ def _export_h5(rows: Rows, out: Path) -> int:
             id_set[k:k + len(batch)] = ids
             if metas := rows.metas(ids):
                 if meta_set is None:
-                    meta_set = f.create_dataset("meta", shape=(present,), dtype=h5py.string_dtype())
+                    meta_set = f.create_dataset("meta", shape=(present,), dtype=h5py.string_dtype(),
+                                                chunks=(chunk_rows,), **chunked)
                 at = np.searchsorted(ids, [i for i, _ in metas]) + k
                 for j, (_, m) in zip(at, metas):
                     meta_set[j] = json.dumps(m)
             k += len(batch)
         about = described(ds, {"start": rows.start, "stop": rows.stop})
-        for key, value in about["meta"].items():
+        for key, value in {**about["meta"], **run_attributes(ds)}.items():
             f.attrs[key] = value
+        f.attrs["ids_start"], f.attrs["ids_stop"] = rows.start, rows.stop
         f.attrs["spec"] = json.dumps(ds.spec, sort_keys=True)
         f.attrs["source"] = about["source"]
     return k

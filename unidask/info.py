@@ -35,7 +35,7 @@ class Info:
         return asdict(self)
 
     def format(self) -> str:
-        from .plots import clock
+        from .plots import moment
 
         params = ", ".join(f"{k}={v}" for k, v in self.generator.items() if k != "kind") or "-"
         complete = self.tasks == self.tasks_planned and self.rows == self.count
@@ -47,7 +47,7 @@ class Info:
                 ("generator", f"{self.kind} ({params})"),
                 ("seed", f"{self.seed} (tasks of {self.task_size:,}: the data depends on both)"),
                 ("tasks", state),
-                ("merged", clock(self.merged) if self.merged else "- (a shard, or merged by an "
+                ("merged", moment(self.merged) if self.merged else "- (a shard, or merged by an "
                                                                   "older unidask)"),
                 ("size", f"{self.bytes / 1e6:,.1f} MB on disk"),
                 ("run", f"fingerprint {self.fingerprint}, unidask {self.unidask_version}")]

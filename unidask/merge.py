@@ -21,11 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, files, malloc, pagemerge, pages, plan
+from . import db, files, malloc, pagemerge, pages, plan, runlock
 from .db import (COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema,
                  check_tasks)
 from .errors import InputError, RunError, writing
-from .progress import Progress
+from .progress import Progress, messages_shown
 from .rundir import RunDir
 
 ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
@@ -68,14 +68,23 @@ class MergeReport:
 
 
 def merge(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, append: bool = False,
-          skip_bad: bool = False, client=None) -> MergeReport:
+          skip_bad: bool = False, client=None, lock: bool = True) -> MergeReport:
     """Merge the staged shards of ``run_dir`` into ``out`` (default ``RUN_DIR/NAME.db``).
 
     ``append`` adds to an existing ``out`` instead of rebuilding it; ``skip_bad`` merges the good
     shards and lists the rejected ones instead of refusing the merge. ``client``: a Dask client
     whose workers see ``run_dir`` and ``out`` at the same paths (shared storage) build the pages.
+    ``lock``: hold the run lock while merging, so no run changes the shards under the merge (a run
+    dir this user cannot write: only refuse while a run holds it); False for the run that holds it.
     """
     rd = RunDir(run_dir)
+    rd.record()   # a run dir at all, before a lock file is made in it
+    with messages_shown(), runlock.merging(rd.lock_path) if lock else contextlib.nullcontext():
+        return _merge(rd, out, append, skip_bad, client)
+
+
+def _merge(rd: RunDir, out: str | os.PathLike | None, append: bool, skip_bad: bool, client) -> MergeReport:
+    run_dir = rd.path
     record = rd.record()
     spec = rd.spec()
     task_size = spec.task_size
@@ -153,7 +162,7 @@ def _merge_sql(tmp: Path, existing: Path | None, paths: list[Path], record: dict
     """The merge by SQLite: a few attached shards at a time, their tasks' rows copied by
     ``INSERT ... SELECT`` (rows with meta, rows larger than a page, ``--append``)."""
     with contextlib.closing(_open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
-        progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
+        progress = Progress(sum(sizes.values()), unit="B", desc="merge")
         merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
         for i in range(0, len(paths), ATTACH_BATCH):
             batch = paths[i:i + ATTACH_BATCH]
@@ -208,7 +217,7 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
     table = pagemerge.Table(owners, task_size, page_size, tmp.stat().st_size // page_size + 1,
                             expected.row_bytes, expected.dim)
     units = table.units()
-    progress = Progress(sum(sizes.values()), unit="MB", desc="merge", scale=1e-6)
+    progress = Progress(sum(sizes.values()), unit="B", desc="merge")
     per_row = sum(sizes.values()) / max(1, table.layout.rows)
     # on background threads (files.background_thread): the units, which keep the disk busy, first
     checks = {p: checker.submit(db.check, p, fingerprint, expected, frozenset(taken[p])) for p in paths}

@@ -7,7 +7,15 @@ import math
 import time
 from typing import Any, Sequence
 
-COUNT = "0,0.[0]a"         # 180000 -> 180k, 1.2e6 -> 1.2m (numbro's suffixes)
+# an axis of counts as people write them: 180000 -> 180k, 1.2e6 -> 1.2M, 3e9 -> 3G (bokeh's
+# numbro formats would write 1.2m, milli)
+COUNT_JS = """
+const a = Math.abs(tick);
+for (const [suffix, scale] of [["G", 1e9], ["M", 1e6], ["k", 1e3]]) {
+    if (a >= scale) return +(tick / scale).toFixed(1) + suffix;
+}
+return String(+tick.toFixed(2));
+"""
 PLAN_COLOUR = "#999999"
 
 
@@ -45,6 +53,11 @@ def clock(t: float | None) -> str:
     return time.strftime(fmt, time.localtime(t))
 
 
+def moment(t: float | None) -> str:
+    """A date and time in the viewer's local time, with its zone: for records read later."""
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
+
+
 def colours(nodes: Sequence[str]) -> dict[str, str]:
     from bokeh.palettes import Category10_10
 
@@ -54,15 +67,23 @@ def colours(nodes: Sequence[str]) -> dict[str, str]:
 def figure(title: str, x_label: str, y_label: str, *, counts: str = "", name: str, **kw: Any):
     """A bokeh figure with both axes labelled; ``counts="y"`` (or ``"x"``) writes that axis as
     k/M (bokeh's default would be ``1.800e+5``)."""
-    from bokeh.models import NumeralTickFormatter
+    from bokeh.models import CustomJSTickFormatter
     from bokeh.plotting import figure as bokeh_figure
 
     f = bokeh_figure(title=title, x_axis_label=x_label, y_axis_label=y_label, name=name,
                      sizing_mode="stretch_width", height=kw.pop("height", 260), **kw)
     for axis in counts:
-        getattr(f, f"{axis}axis").formatter = NumeralTickFormatter(format=COUNT)
+        getattr(f, f"{axis}axis").formatter = CustomJSTickFormatter(code=COUNT_JS)
     f.toolbar.logo = None
     return f
+
+
+def legend_below(f) -> None:
+    """The figure's legend under its plot, in a row: never over the data."""
+    legend = f.legend[0]
+    legend.orientation = "horizontal"
+    legend.location = "center"
+    f.add_layout(legend, "below")
 
 
 def table(source, columns: Sequence[tuple[str, str, str]], name: str, height: int = 200):

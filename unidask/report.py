@@ -34,6 +34,19 @@ def flat(spec: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+PAUSE_S = 10.0   # a gap with no task running at least this long is a pause (a stopped run, resumed)
+
+
+def pauses(rows: list[tuple]) -> list[tuple[float, float]]:
+    """The spans in which no task ran for :data:`PAUSE_S` or more: a run stopped and resumed."""
+    out, reach = [], None
+    for _, _, started, finished, _ in sorted(rows, key=lambda r: r[2]):
+        if reach is not None and started - reach >= PAUSE_S:
+            out.append((reach, started))
+        reach = finished if reach is None else max(reach, finished)
+    return out
+
+
 def _rows(cells: list[tuple[str, str]]) -> str:
     return "".join(f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
                    f"<td>{html.escape(v)}</td></tr>" for k, v in cells)
@@ -43,12 +56,15 @@ def summary_html(st: RunStatus, record: dict[str, Any], rows: list[tuple], n_sta
     start = min((r[2] for r in rows), default=None)
     end = max((r[3] for r in rows), default=None)
     missing = st.to_dict()["missing"]
+    paused = sum(b - a for a, b in pauses(rows))
+    wall = "-" if not rows else plots.duration(end - start - paused) + (
+        f" running (and {plots.duration(paused)} paused)" if paused else "")
     facts = [
         ("run dir", st.run_dir),
-        ("created", plots.clock(record.get("created"))),
-        ("first task started", plots.clock(start)),
-        ("last task finished", plots.clock(end)),
-        ("wall time", plots.duration(end - start) if rows else "-"),
+        ("created", plots.moment(record.get("created"))),
+        ("first task started", plots.moment(start)),
+        ("last task finished", plots.moment(end)),
+        ("wall time", wall),
         ("unitaries", f"{st.unitaries:,} of {st.count:,} staged"),
         ("tasks", f"{st.tasks_done:,} of {st.tasks_expected:,} done"
                   + (f", {st.tasks_missing:,} missing: {missing}" if missing else "")),
@@ -56,7 +72,7 @@ def summary_html(st: RunStatus, record: dict[str, Any], rows: list[tuple], n_sta
         ("staged", f"{st.bytes / 1e6:,.1f} MB in {len(st.shards)} shard(s), {n_stages} stage-out(s)"),
         ("unidask", str(record.get("unidask_version", "?"))),
     ]
-    config = [(k, "" if v is None else str(v)) for k, v in flat(record["spec"])]
+    config = [(k, "" if v is None else str(v)) for k, v in flat(record["spec"]) if k != "run.run_dir"]
     per_node: dict[str, list] = {}
     for _, node, started, finished, count in rows:
         p = per_node.setdefault(node, [0, 0, started, finished])
@@ -96,6 +112,7 @@ def data_section(db: Path) -> list:
                right=edges[1:], fill_alpha=0.5, legend_label=f"the data ({len(d.values):,} values)")
         x = np.linspace(d.lo, d.hi, 400)[1:-1]
         f.line(x, d.theory(x), line_width=2, color="black", legend_label=d.theory_label)
+        plots.legend_below(f)
         figures.append(f)
     text = ("<h3>the data against theory</h3><p>Sampled from the merged database; "
             "<code>unidask verify DB --stats</code> tests the same (README, Trust in the numbers).</p>"
@@ -108,7 +125,7 @@ def data_section(db: Path) -> list:
 def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
-    from bokeh.models import Div, Range1d, Span
+    from bokeh.models import BoxAnnotation, Div, Label, Range1d, Span
     from bokeh.resources import INLINE
 
     run_dir, out = Path(run_dir), Path(out)
@@ -123,6 +140,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     nodes = sorted({r[1] for r in rows})
     colour = plots.colours(nodes)
     since = "seconds since the first task started"
+    gaps = [(a - t0, b - t0) for a, b in pauses(rows)]
 
     progress = plots.figure("progress against the plan", since, "unitaries staged", counts="y",
                             x_range=span, name="progress")
@@ -143,24 +161,31 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
             fin = np.array([r[3] - t0 for r in rows if r[1] == n])
             cnt = np.array([r[4] for r in rows if r[1] == n])
             hist, _ = np.histogram(fin, bins=edges, weights=cnt)
-            throughput.line(edges[1:], hist / (edges[1] - edges[0]), legend_label=n, color=colour[n],
-                            line_width=2)
-        throughput.legend.location = "top_left"
+            rate = hist / (edges[1] - edges[0])
+            for a, b in gaps:   # no line through a pause: the run was not running
+                rate[(edges[1:] > a) & (edges[:-1] < b)] = np.nan
+            throughput.line(edges[1:], rate, legend_label=n, color=colour[n], line_width=2)
+        plots.legend_below(throughput)
+    for a, b in gaps:
+        for f in (progress, throughput):
+            f.add_layout(BoxAnnotation(left=a, right=b, fill_color=plots.PLAN_COLOUR, fill_alpha=0.2))
+        throughput.add_layout(Label(x=a, y=0, x_offset=4, y_offset=4, text=f"paused {plots.duration(b - a)}",
+                                    text_font_size="11px", text_color="#555555"))
 
     durations = plots.figure("task durations", "seconds", "tasks", counts="y", name="durations")
     durations.quad(top="top", bottom=0, left="left", right="right", fill_alpha=0.7,
                    source=plots.histogram([r[3] - r[2] for r in rows]))
 
-    unit, scale = ("seconds", 1) if max((s["seconds"] for s in stages), default=0) >= 1 else ("ms", 1e3)
-    staging = plots.figure("stage-outs: when, and how long each took", since, unit,
-                           x_range=span, name="stageouts")
+    # what each node had staged as the run went: a step a stage-out (how long one took: the log)
+    staging = plots.figure("stage-outs: data staged per node", since, "MB staged", x_range=span, name="stageouts")
     staging.y_range.start = 0
     for n in sorted({s["node"] for s in stages}):
-        mine = [s for s in stages if s["node"] == n]
-        staging.scatter([s["time"] - t0 for s in mine], [scale * s["seconds"] for s in mine], size=8,
-                        legend_label=n, color=colour.get(n, "black"))
+        mine = sorted((s["time"] - t0, s.get("bytes", 0) / 1e6) for s in stages if s["node"] == n)
+        staging.step([0, *(t for t, _ in mine), span.end], [0, *np.cumsum([b for _, b in mine]), sum(b for _, b in mine)],
+                     mode="after", legend_label=n, color=colour.get(n, "black"), line_width=2)
+        staging.scatter([t for t, _ in mine], np.cumsum([b for _, b in mine]), size=5, color=colour.get(n, "black"))
     if stages:
-        staging.legend.location = "top_left"
+        plots.legend_below(staging)
 
     data = data_section(rd.database(st.name))
     summary = Div(sizing_mode="stretch_width", name="summary",

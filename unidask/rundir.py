@@ -142,8 +142,8 @@ class RunDir:
                 raise InputError(f"{self.path}: generator {spec.kind} changed since this run started "
                                  f"(it was {recorded.code or 'built in'}, now {spec.code}): its rows would "
                                  "mix two versions; restore it, or choose another run.run_dir")
-            raise InputError(f"{self.path} holds another run (its count, task_size, seed or "
-                             "generator differ): choose another run.run_dir")
+            differ = differences(recorded, spec) or "its generator's code differs"
+            raise InputError(f"{self.path} holds another run ({differ}): choose another run.run_dir")
         staged = self.staged_shards()
         if staged and not resume:
             raise InputError(f"{self.path} already holds {len(staged)} staged shard(s) of this run: "
@@ -265,3 +265,14 @@ class RunDir:
             log.warning("%s: line(s) %s are not stage-out records; skipped", self.stages,
                         ", ".join(map(str, skipped[:10])) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
         return records
+
+
+def differences(recorded: Spec, spec: Spec) -> str:
+    """The settings that decide the data where a run dir's run and a config differ, with both values."""
+    pairs = [("run.count", recorded.count, spec.count), ("run.task_size", recorded.task_size, spec.task_size),
+             ("run.seed", recorded.seed, spec.seed), ("generator.kind", recorded.kind, spec.kind),
+             ("generator.dtype", recorded.dtype, spec.dtype)]
+    pairs += [(f"generator.{k}", recorded.params.get(k), spec.params.get(k))
+              for k in sorted({*recorded.params, *spec.params})]
+    return "; ".join(f"{key} = {mine!r} there, {theirs!r} in the config" for key, mine, theirs in pairs
+                     if mine != theirs)

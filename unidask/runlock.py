@@ -122,6 +122,21 @@ def run_lock(path: Path) -> Iterator[Held]:
             path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def merging(path: Path) -> Iterator[None]:
+    """For a merge: the run lock, where the run dir takes one; where this user cannot write it
+    (another's run, read from a shared view), only a refusal while a live run holds it."""
+    if os.access(path.parent, os.W_OK):
+        with run_lock(path):
+            yield
+        return
+    holder = holder_of(path)
+    if os.path.lexists(path) and stale(path, holder) is None:
+        raise InputError(f"{path.parent}: a unidask run is using this run dir ({_described(holder)}): merge "
+                         "it once that run has ended")
+    yield
+
+
 def _take_over(path: Path, holder: dict, why: str) -> None:
     """Move a stale lock aside, unless another run took it over first (then its new lock stays)."""
     aside = path.with_name(f".{path.name}.stale-{secrets.token_hex(4)}")
