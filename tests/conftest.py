@@ -79,6 +79,29 @@ def slow_haar_reference(spec: unidask.Spec) -> list[tuple[int, bytes]]:
     return expected
 
 
+def on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str, str]:
+    """``unidask ARGS`` with its stderr on a pseudo-terminal (where progress bars are drawn):
+    its exit status, stdout, and what the terminal showed."""
+    import pty
+
+    main, tty = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "unidask.cli", *map(str, args)], stdout=subprocess.PIPE,
+                         stderr=tty, text=True)
+    os.close(tty)
+    shown = b""
+    while True:   # until the child closes the terminal (EIO at its exit)
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        shown += chunk
+    out, _ = p.communicate(timeout=timeout)
+    os.close(main)
+    return p.returncode, out, shown.decode(errors="replace")
+
+
 def run_main(*args, capsys) -> tuple[int, str, str]:
     """Run the CLI in this process (its real entry point); return exit status, stdout, stderr."""
     from unidask.cli import main

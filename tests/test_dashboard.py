@@ -280,6 +280,36 @@ def test_report_data_section_says_why_it_is_empty(config, tmp_path):
     assert "No distribution known to unidask for this generator" in text
 
 
+def figures_of(page_html: str) -> dict[str, dict]:
+    """The bokeh figures of a standalone page, by name: their attributes as the page's JSON has them."""
+    found = re.search(r'<script type="application/json" id="[^"]+">\s*(.*?)\s*</script>', page_html, re.S)
+    out: dict[str, dict] = {}
+
+    def walk(o):
+        if isinstance(o, dict):
+            if o.get("name") == "Figure":
+                out[o["attributes"]["name"]] = o["attributes"]
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+    walk(json.loads(found.group(1)))
+    return out
+
+
+def test_report_legends_sit_below_the_data(haar_run, tmp_path):
+    """No legend inside a plot, where it covered the histograms' peaks: each one under its plot."""
+    spec, _ = haar_run
+    figures = figures_of(unidask.report(spec.run_dir, tmp_path / "r.html").read_text())
+    kinds = {name: ([x.get("name") for x in f.get("center", []) if isinstance(x, dict)],
+                    [x.get("name") for x in f.get("below", []) if isinstance(x, dict)]) for name, f in figures.items()}
+    assert {"throughput", "stageouts", "data-0", "data-1", "data-2"} <= set(kinds), kinds
+    for name, (center, below) in kinds.items():
+        assert "Legend" not in center, (name, center)
+        assert name in ("progress", "durations") or "Legend" in below, (name, below)
+
+
 def test_report_of_a_resumed_run_shows_its_pause(config, tmp_path):
     """A run stopped and resumed a minute later (its second half's tasks ran 60 s after the first
     half's, as the shards record): the report marks the pause, keeps it out of the throughput line

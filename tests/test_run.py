@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,7 +18,7 @@ from scipy import stats
 import unidask
 from unidask import RunDir
 
-from conftest import REPO, cli, merged_data, messages, run_main, unitarity_error, write_config
+from conftest import REPO, cli, merged_data, messages, on_a_terminal, run_main, unitarity_error, write_config
 
 
 def test_run_writes_unitary_haar_data(haar_run):
@@ -619,8 +620,9 @@ def test_merge_respects_the_run_lock(tmp_path):
         assert not (tmp_path / "run" / "t.db").exists()
     finally:
         holder.communicate("", timeout=60)
-    r = cli("merge", tmp_path / "run")
-    assert r.returncode == 0 and r.stdout.startswith("merged 2 shard(s)"), r.stdout + r.stderr
+    code, out, shown = on_a_terminal("merge", tmp_path / "run")   # its bar in kB/MB/GB, no "MMB"
+    assert code == 0 and out.startswith("merged 2 shard(s)"), out + shown
+    assert re.search(r"merge: 100%.*[kMG]?B/s", shown) and "MMB" not in shown and "kMB" not in shown, shown
     assert not lock.exists()   # released
 
 

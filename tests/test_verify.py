@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main, write_config
+from conftest import REPO, on_a_terminal, run_main, write_config
 
 
 def test_verify_good_database(haar_run, tmp_path, capsys):
@@ -187,27 +187,7 @@ def test_options_that_do_nothing_are_refused(haar_run, capsys, args, message):
 
 def test_a_long_verify_shows_progress_on_a_terminal(haar_run):
     """On a terminal, both passes over the rows (checksums, unitarity) draw a progress bar."""
-    import os
-    import pty
-    import subprocess
-    import sys
-
     _, db = haar_run
-    main, tty = pty.openpty()
-    p = subprocess.Popen([sys.executable, "-m", "unidask.cli", "verify", str(db)], stdout=subprocess.PIPE,
-                         stderr=tty, text=True)
-    os.close(tty)
-    shown = b""
-    while True:   # until the child closes the terminal (EIO) or it ends
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        shown += chunk
-    out, _ = p.communicate(timeout=120)
-    os.close(main)
-    assert p.returncode == 0 and out.startswith("OK: "), out
-    text = shown.decode(errors="replace")
-    assert "verify: checksums" in text and "verify: unitarity" in text and "20.0k/20.0k" in text, text
+    code, out, shown = on_a_terminal("verify", db)
+    assert code == 0 and out.startswith("OK: "), out
+    assert "verify: checksums" in shown and "verify: unitarity" in shown and "20.0k/20.0k" in shown, shown

@@ -133,7 +133,7 @@ def page_size_for(row_bytes: int, data_bytes: int | None = None) -> int:
 
 def database_meta(spec: dict[str, Any], fingerprint: str) -> dict[str, str]:
     """The ``meta`` rows every database of a run (shard or merged) starts with."""
-    from . import __version__
+    from ._version import __version__
 
     return {"schema_version": str(SCHEMA_VERSION), "dtype": spec["generator"]["dtype"],
             "fingerprint": fingerprint, "task_size": str(spec["run"]["task_size"]),

@@ -149,7 +149,7 @@ class RunDir:
             raise InputError(f"{self.path} already holds {len(staged)} staged shard(s) of this run: "
                              "pass --resume to finish it, or choose another run.run_dir")
         if not self.record_path.exists():
-            from . import __version__
+            from ._version import __version__
 
             record = {"unidask_version": __version__, "fingerprint": spec.fingerprint,
                       "created": time.time(), "spec": spec.to_dict()}

@@ -45,7 +45,8 @@ class Stats:
 
     def summary(self) -> str:
         if self.verdict == "OK":
-            return f"stats: OK: {len(self.checks)} checks of law {self.law} on {' and '.join(self.read)}"
+            of = f"of law {self.law}" if self.law != "none" else "(the generator's own, and unidask's)"
+            return f"stats: OK: {len(self.checks)} checks {of} on {' and '.join(self.read)}"
         return f"stats: {self.verdict}: " + ", ".join(c.name for c in self.checks if c.ok is not True)
 
 
