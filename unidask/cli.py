@@ -15,7 +15,7 @@ from ._version import __version__
 from . import progress
 from .errors import UnidaskError
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 class Override(click.ParamType):
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("unidask: interrupted", err=True)
         code = 130
     finally:
-        log.removeHandler(handler)
+        progress.log.removeHandler(handler)
     sys.exit(code or 0)
 
 

@@ -23,7 +23,7 @@ from .config import SUBMIT_WALLTIME, Spec, dask_exports, dask_settings
 from .errors import InputError, RunError
 from .rundir import RunDir
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 # every worker imports the task code as it starts rather than in its first task (~40 ms, and a

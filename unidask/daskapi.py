@@ -20,7 +20,7 @@ from distributed.http.utils import RequestHandler  # a route of Dask's own HTTP 
 
 from . import files
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 __all__ = ["RequestHandler", "address_host", "workers", "start_workers", "bound_tls_handshakes", "withstand_floods", "mend_sitemap",
            "dashboard_page", "page_template", "running_tasks"]

@@ -25,7 +25,7 @@ from .runlock import Held, run_lock
 from .stopping import check_stop
 from .stragglers import Stragglers
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 REDO_ROUNDS = 3
@@ -455,7 +455,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
             log.info(line)
         start = time.monotonic()  # the rate is of generating and staging, not of starting workers
         driver = Driver(client, spec, attempt, result, staged, lock)
-        for round in range(REDO_ROUNDS + 1):
+        for redo in range(REDO_ROUNDS + 1):
             if tasks:
                 driver.generate(tasks)
             finals = driver.final_stage_out()
@@ -463,7 +463,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
                               if p not in result.shards]
             # a node that lost its disk took its unstaged tasks with it: generate them again
             tasks = plan.todo(spec, run_dir.staged_tasks())
-            if not tasks or round == REDO_ROUNDS:
+            if not tasks or redo == REDO_ROUNDS:
                 break
             result.redone += list(tasks)
             log.info("%d finished task(s) were lost before their stage-out (%s): generating them again",

@@ -29,7 +29,7 @@ H5_CHUNK_BYTES = 64 << 10
 H5_ID_CHUNK = 8192
 SUFFIXES = {".npy": "npy", ".h5": "h5", ".hdf5": "h5"}
 TXT_UNASKED = 1000   # text files an export writes without --format txt
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 BATCH_BYTES = 8 << 20   # a batch passes through SQLite, bytes and numpy: about 4 copies
 
 

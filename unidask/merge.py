@@ -34,7 +34,7 @@ ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
 STALL_MIN, STALL_X = 30.0, 10.0
 MERGE_THREADS = 8   # the merging process's own units at most this many at once (memory: ~3 units each)
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 from . import db, pages, plan
 from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_schema, connect_readonly, reading
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 UNIT_BYTES = 64 << 20   # a unit's rows: enough to amortize its start, few enough to spread
 PART_BYTES = 4 << 20    # a unit's rows read, checked and laid out at a time: the buffers stay in cache

@@ -32,7 +32,7 @@ from . import db, files
 from .config import Spec
 from .errors import InputError
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 class RunDir:

@@ -29,7 +29,7 @@ from .errors import InputError, RunError
 BEAT = 10.0
 STALE = 120.0
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 def holder_of(path: Path) -> dict:

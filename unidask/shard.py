@@ -51,7 +51,7 @@ INSERT_TASK = ("WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i W
 INSERT_TASK_MAX = 1 << 28   # bytes; SQLite's limit on a bound blob is 10^9 (and less in some builds)
 WRITE_BEHIND_EVERY = files.WRITE_BEHIND_EVERY
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 class Shard:

@@ -31,7 +31,7 @@ from .config import Spec
 from .plots import duration
 from .rundir import RunDir
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 AUTO = "auto"
 SCHEDULER_CPU = 0.0056   # s of driver + scheduler CPU per task (benchmark: task_size, scheduler)

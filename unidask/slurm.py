@@ -21,7 +21,7 @@ from .config import Spec, walltime_seconds
 from .errors import InputError, RunError
 from .rundir import RunDir
 
-log = logging.getLogger("unidask")
+log = logging.getLogger(__name__)
 
 
 # -- the environment SLURM gives a job -------------------------------------------------------------
