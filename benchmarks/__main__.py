@@ -572,7 +572,7 @@ class Bench:
         for data in h5s.values():
             data.file.close()
         ds.close()
-        del mapped
+        mapped = None   # its map closed before the files go
         self.clean()
 
     # 5. memory
