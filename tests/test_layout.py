@@ -115,3 +115,17 @@ def test_the_package_names_what_it_offers():
                (("export", unidask.export), ("merge", unidask.merge), ("verify", unidask.verify)))
     with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
         unidask.nothing
+
+
+def test_the_code_passes_the_linter():
+    """ruff, as pyproject.toml configures it (pyflakes and pycodestyle): no unused or undefined
+    name, no line over 120 characters in the package."""
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("ruff")
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(PACKAGE.parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

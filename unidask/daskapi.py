@@ -22,7 +22,8 @@ from . import files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RequestHandler", "address_host", "workers", "start_workers", "bound_tls_handshakes", "withstand_floods", "mend_sitemap",
+__all__ = ["RequestHandler", "address_host", "workers", "start_workers", "bound_tls_handshakes", "withstand_floods",
+           "mend_sitemap",
            "dashboard_page", "page_template", "running_tasks"]
 
 

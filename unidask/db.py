@@ -356,8 +356,9 @@ class Expected:
         return None if self.dim is None else self.dim ** 2 * self.itemsize
 
 
-def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main", read_elsewhere: frozenset = frozenset(),
-                checked: Callable[[int], None] | None = None) -> Iterator[tuple[int | None, str]]:
+def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main",
+                read_elsewhere: frozenset = frozenset(), checked: Callable[[int], None] | None = None
+                ) -> Iterator[tuple[int | None, str]]:
     """Everything that breaks the integrity invariant in the tasks of ``schema``, as (task, what is
     wrong), task None for the file as a whole: a task outside the plan, a count that is not the
     plan's, rows missing or off their ids, of another dim, byte length or type, a checksum that its
@@ -441,7 +442,8 @@ class TaskRows:
             if out.odd:
                 return out   # its digest would say nothing more
             if not concat:
-                for data, meta in con.execute(f"SELECT data, meta {where} ORDER BY id", {"start": base, "stop": base + size}):
+                bounds = {"start": base, "stop": base + size}
+                for data, meta in con.execute(f"SELECT data, meta {where} ORDER BY id", bounds):
                     h.update(data)
                     metas.append(b"\0" if meta is None else meta)
                     if keep:

@@ -131,10 +131,11 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
         # tasks big enough for the scheduler, and still TASKS_PER_WORKER of them each: at most
         # this many workers (W^2 <= load * count * s/unitary / (TASKS_PER_WORKER * cpu per task))
         most = int(math.sqrt(SCHEDULER_LOAD * e.unitaries * e.seconds_per_unitary / TASKS_PER_WORKER / SCHEDULER_CPU))
+        few = (f"; a run of {e.unitaries:,} keeps at most about {most:,} workers busy with "
+               f"{TASKS_PER_WORKER}+ such tasks each" if most < e.workers else "")
         e.warnings.append(f"scheduler-bound: {e.workers:,} workers finish {rate:,.0f} tasks/s, more than "
                           f"the scheduler hands out at half its core ({capacity:,.0f}/s): set run.task_size "
-                          f">= {good:,}" + (f"; a run of {e.unitaries:,} keeps at most about {most:,} workers "
-                                            f"busy with {TASKS_PER_WORKER}+ such tasks each" if most < e.workers else ""))
+                          f">= {good:,}" + few)
     if e.tasks < TASKS_PER_WORKER * e.workers:
         e.warnings.append(f"{e.tasks:,} tasks for {e.workers:,} workers: fewer than {TASKS_PER_WORKER} each, "
                           "so the run ends unevenly and backup tasks have little to run; a smaller "

@@ -408,7 +408,8 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 j, row = owners[task]
                 with blame(batch[j]):
                     copied = con.execute(f"INSERT INTO main.unitaries SELECT * FROM s{j}.unitaries "
-                                         "WHERE id >= ? AND id < ?", (task * task_size, (task + 1) * task_size)).rowcount
+                                         "WHERE id >= ? AND id < ?",
+                                         (task * task_size, (task + 1) * task_size)).rowcount
                 if copied != row[2]:
                     raise BadFile(batch[j], f"task {task} has {copied} of its {row[2]} unitaries")
             for p in batch:

@@ -269,7 +269,8 @@ class TableWriter:
         Returns the layout."""
         self.flush()
         layout = Layout(**{**asdict(self.layout), "leaves": sum(map(len, self.keys)), "rows": self.rows})
-        return finish_table(self.fd, layout, self.root, np.concatenate(self.keys) if self.keys else np.zeros(0, np.int64))
+        keys = np.concatenate(self.keys) if self.keys else np.zeros(0, np.int64)
+        return finish_table(self.fd, layout, self.root, keys)
 
 
 def finish_table(fd: int, layout: Layout, root: int, keys: np.ndarray) -> Layout:

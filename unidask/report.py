@@ -181,9 +181,10 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     staging.y_range.start = 0
     for n in sorted({s["node"] for s in stages}):
         mine = sorted((s["time"] - t0, s.get("bytes", 0) / 1e6) for s in stages if s["node"] == n)
-        staging.step([0, *(t for t, _ in mine), span.end], [0, *np.cumsum([b for _, b in mine]), sum(b for _, b in mine)],
-                     mode="after", legend_label=n, color=colour.get(n, "black"), line_width=2)
-        staging.scatter([t for t, _ in mine], np.cumsum([b for _, b in mine]), size=5, color=colour.get(n, "black"))
+        times, staged = [t for t, _ in mine], np.cumsum([b for _, b in mine])
+        staging.step([0, *times, span.end], [0, *staged, staged[-1]], mode="after", legend_label=n,
+                     color=colour.get(n, "black"), line_width=2)
+        staging.scatter(times, staged, size=5, color=colour.get(n, "black"))
     if stages:
         plots.legend_below(staging)
 

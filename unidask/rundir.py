@@ -262,8 +262,9 @@ class RunDir:
                 if line.strip():
                     skipped.append(number)
         if warn and skipped:
+            more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
             log.warning("%s: line(s) %s are not stage-out records; skipped", self.stages,
-                        ", ".join(map(str, skipped[:10])) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""))
+                        ", ".join(map(str, skipped[:10])) + more)
         return records
 
 
