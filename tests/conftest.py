@@ -82,9 +82,13 @@ def slow_haar_reference(spec: unidask.Spec) -> list[tuple[int, bytes]]:
 def on_a_terminal(*args: str, timeout: float = 300) -> tuple[int, str, str]:
     """``unidask ARGS`` with its stderr on a pseudo-terminal (where progress bars are drawn):
     its exit status, stdout, and what the terminal showed."""
+    import fcntl
     import pty
+    import struct
+    import termios
 
     main, tty = pty.openpty()
+    fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # a terminal's size
     p = subprocess.Popen([sys.executable, "-m", "unidask.cli", *map(str, args)], stdout=subprocess.PIPE,
                          stderr=tty, text=True)
     os.close(tty)

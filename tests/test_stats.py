@@ -207,6 +207,7 @@ def test_the_table_of_plugins(tmp_path, capsys, name, extra, status, failing):
 def test_a_plugin_with_its_own_checks(tmp_path, capsys):
     """`@unidask.law("none", checks=...)`: its own tests run, and decide; a failing one fails."""
     for scale, status in ((1.0, 0), (0.5, 1)):   # scale 0.5: angles on half the circle
+        (tmp_path / f"{scale}").mkdir()
         cfg = write_config(tmp_path / f"{scale}" / "c.toml", run={"count": 4000, "task_size": 1000},
                            generator={"kind": "plugin_generators:rotations_checked", "scale": scale})
         merged = unidask.run(unidask.load_config(cfg)).merged

@@ -177,7 +177,8 @@ def test_a_wal_beside_a_database_is_refused_everywhere(haar_run, tmp_path, capsy
     (["--full"], "--full does nothing without --against CONFIG"),
     (["--set", "run.count=5"], "--set does nothing without --against CONFIG"),
     (["--stats-rows", "500"], "--stats-rows does nothing without --stats"),
-    (["--against", "c.toml", "--full", "--sample", "2"], "--sample does nothing with --full"),
+    (["--against", "c.toml", "--full", "--sample", "2"],
+     "--sample does nothing with --full (every task is generated again)"),
 ])
 def test_options_that_do_nothing_are_refused(haar_run, capsys, args, message):
     _, db = haar_run

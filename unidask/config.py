@@ -437,14 +437,14 @@ def dask_settings() -> dict[str, Any]:
                 out[".".join((*keys, k))] = v
         return out
 
+    import distributed  # noqa: F401  (its defaults registered before any is compared with them)
+
     ours = flatten(dask.config.get("unidask.dask"), ())
     return {key: value if dask.config.get(key, None) == _dask_default(key) else dask.config.get(key)
             for key, value in ours.items()}
 
 
 def _dask_default(key: str) -> Any:
-    import distributed  # noqa: F401  (registers distributed.* defaults)
-
     for layer in reversed(dask.config.defaults):
         try:
             return dask.config.get(key, config=layer)

@@ -260,8 +260,8 @@ class Dataset:
         return Positions(self)
 
     @cached_property
-    def _all_ids(self) -> np.ndarray | None:
-        """Every id in order where the dataset lacks some (positions differ from ids), else None."""
+    def ids_by_position(self) -> np.ndarray | None:
+        """Every id in order where the dataset lacks some (positions are not ids), else None."""
         lo, hi = self.id_range
         return None if (lo, hi) == (0, len(self)) else self.ids()
 
@@ -407,7 +407,7 @@ class Positions:
         return len(self.ds)
 
     def __getitem__(self, key: Any) -> Any:
-        ids = self.ds._all_ids
+        ids = self.ds.ids_by_position
         if ids is None:
             return self.ds[key]
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) and key else (key, ())
