@@ -102,7 +102,7 @@ def test_dataset_indexes_as_numpy_does(haar_run):
                 ds[key]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_dataset_indexes_a_stack_of_matrices_as_numpy(haar_run, data):
     """Fuzzed keys (hypothesis: numpy's basic indices, integer and boolean arrays, sequences,

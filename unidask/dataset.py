@@ -213,9 +213,9 @@ class Dataset:
         if len(key) > 3 and not any(k is Ellipsis or k is None for k in key):
             raise IndexError(f"too many indices for array: array is 3-dimensional, but {len(key)} were indexed")
         ids = self._ids(key[0])
-        block = self._rows(ids if isinstance(ids, (int, range)) else ids.ravel())
-        if isinstance(ids, int):
-            return block[key[1:]]
+        if isinstance(ids, int):   # a block of its one row, indexed by 0: numpy's rules for an int among arrays
+            return self._rows(np.array([ids]))[(0, *key[1:])]
+        block = self._rows(ids if isinstance(ids, range) else ids.ravel())
         if isinstance(ids, range):
             return block[(slice(None), *key[1:])]
         # the block holds the rows in the index's order: its own positions, in the index's shape
