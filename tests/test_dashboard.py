@@ -15,7 +15,7 @@ import pytest
 
 import unidask
 from unidask import RunDir, dashboard, db
-from unidask import plots
+from unidask import fmt
 from unidask.report import pauses, task_rows
 
 from conftest import REPO, messages, run_main
@@ -328,8 +328,8 @@ def test_report_of_a_resumed_run_shows_its_pause(config, tmp_path):
     assert pauses(shifted) == [(max(r[3] for r in shifted if r[0] < 10), min(r[2] for r in shifted if r[0] >= 10))]
     text = unidask.report(spec.run_dir, tmp_path / "r.html").read_text()
     running = max(r[3] for r in shifted) - t0 - pause
-    assert f"{plots.duration(running)} running (and {plots.duration(pause)} paused)" in text
-    assert f"paused {plots.duration(pause)}" in text and '"name":"BoxAnnotation"' in text
+    assert f"{fmt.duration(running)} running (and {fmt.duration(pause)} paused)" in text
+    assert f"paused {fmt.duration(pause)}" in text and '"name":"BoxAnnotation"' in text
     assert "run.run_dir" not in text   # the run dir once, as "run dir"
     assert pauses([r for r in rows]) == []   # the run as it ran: no pause
 

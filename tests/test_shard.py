@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from unidask import db, files, generators, shard, slurm, worker
+from unidask import db, files, generators, shard, staging, identity, worker
 from unidask.generators.haar import haar
 from unidask.errors import InputError, RunError
 
@@ -181,7 +181,7 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
     [path] = shard.run_local_dir(spec).glob("n-k-p*.db")
     assert os.path.getsize(f"{path}-journal") > 0                       # a hot journal
     assert path.read_bytes()[18:20] == b"\x01\x01" and not os.path.exists(f"{path}-wal")  # not WAL
-    [staged] = shard.stage_orphans(spec, "k", "n")
+    [staged] = staging.stage_orphans(spec, "k", "n")
     assert not path.exists() and not os.path.exists(f"{path}-journal")
     con = db.connect_readonly(staged)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -239,7 +239,7 @@ def test_shard_of_a_writer_killed_while_creating_it_is_removed(config, monkeypat
         assert f.read(8) == bytes(8) and os.path.getsize(f"{unsynced}-journal") > 512
     assert all(not files.pid_alive(int(pid)) for pid in pids.values())
     with messages() as lines:
-        assert shard.stage_orphans(spec, "k", "n") == []
+        assert staging.stage_orphans(spec, "k", "n") == []
     assert not any(p.exists() or os.path.exists(f"{p}-journal") for p in pids), lines
     assert not any("left in place" in line for line in lines), lines
 
@@ -263,11 +263,11 @@ sys.stdin.read()
 """], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        assert shard.stage_orphans(spec, "k", "n") == []
+        assert staging.stage_orphans(spec, "k", "n") == []
         assert not left.exists() and held.exists()
     finally:
         holder.communicate("")
-    shard.stage_orphans(spec, "k", "n")
+    staging.stage_orphans(spec, "k", "n")
     assert not held.exists()
 
 
@@ -318,9 +318,9 @@ def test_filesystem_type_reads_proc_mounts(tmp_path):
 def test_node_name_precedence(monkeypatch):
     monkeypatch.setenv("SLURMD_NODENAME", "cn042")
     monkeypatch.setenv("UNIDASK_NODE", "sim3")
-    assert slurm.node_name() == "sim3"
+    assert identity.node_name() == "sim3"
     monkeypatch.delenv("UNIDASK_NODE")
-    assert slurm.node_name() == "cn042"
+    assert identity.node_name() == "cn042"
 
 
 @pytest.mark.parametrize("dim, expected", [(4, 65536), (16, 65536), (32, 16384), (48, 32768)])

@@ -155,7 +155,7 @@ def test_slurm_mode_fails_when_worker_jobs_die(slurm, shared):
 
 def test_node_address_reaches_beyond_loopback():
     from unidask.errors import InputError
-    from unidask.slurm import node_address
+    from unidask.network import node_address
 
     assert node_address("lo") == "127.0.0.1"                     # cluster.interface: that one's
     assert node_address() != "127.0.0.1"                         # this machine has a way out

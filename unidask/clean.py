@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, shard
+from . import db, shard, staging
+from .fmt import size
 from .rundir import RunDir
 from .runlock import run_lock
 
@@ -22,7 +23,7 @@ class CleanReport:
     kept: str | None = None          # why the staged shards stay
 
     def summary(self) -> str:
-        text = f"removed {len(self.removed)} file(s), {self.bytes / 1e6:,.1f} MB"
+        text = f"removed {len(self.removed)} file(s), {size(self.bytes)}"
         if self.staged:
             text += f"; staged {len(self.staged)} leftover shard(s) of this machine first"
         return text + (f"; the staged shards stay: {self.kept}" if self.kept else "")
@@ -54,7 +55,7 @@ def clean(run_dir: str | os.PathLike, *, dry_run: bool = False) -> CleanReport:
         if merged is None:   # every copy may be the only one: stage this machine's leftovers, remove nothing
             report.kept = why
             if not dry_run:
-                report.staged = shard.salvage(spec)
+                report.staged = staging.salvage(spec)
             return report
         local_dir = shard.run_local_dir(spec)
         for p in [*rd.staged_shards(), *(sorted(rd.rejected.iterdir()) if rd.rejected.is_dir() else []),

@@ -13,6 +13,7 @@ import click
 
 from ._version import __version__
 from . import progress
+from .fmt import duration
 from .errors import UnidaskError
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
         if result.merged is None:
             click.echo(f"nothing to do: all {spec.n_tasks:,} tasks are staged in {rd.shards}")
     else:
-        click.echo(f"wrote {result.written:,} unitaries in {result.seconds:.1f} s "
+        click.echo(f"wrote {result.written:,} unitaries in {duration(result.seconds)} "
                    f"({result.rate:,.0f}/s) on {len(result.per_node)} node(s); "
                    f"{len(rd.staged_shards()):,} shard file(s) in {rd.shards}")
     if result.merged is not None:
@@ -177,7 +178,7 @@ def tls_args(run_dir: str) -> None:
 @click.option("--towards", metavar="HOST", help="The host to be reached from (the scheduler).")
 def address(interface: str, towards: str | None) -> None:
     """Print this node's address that the other nodes reach (job scripts: a worker's --host)."""
-    from .slurm import node_address
+    from .network import node_address
 
     click.echo(node_address(interface or None, towards))
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster, Status
 
-from . import daskapi, dashboard, files, slurm, tls, worker
+from . import daskapi, dashboard, files, identity, network, slurm, tls, worker
 from .config import SUBMIT_WALLTIME, Spec, dask_exports, dask_settings
 from .errors import InputError, RunError
 from .rundir import RunDir
@@ -226,7 +226,7 @@ def dashboard_lines(client: Client, spec: Spec) -> list[str]:
     if spec.cluster.mode != "local":
         host_port = urlsplit(link).netloc
         host, _, port = host_port.rpartition(":")
-        login = slurm.submit_host()
+        login = identity.submit_host()
         lines.append(f"from your machine: ssh -N -L {port}:{host}:{port} {login}, then open "
                      f"http://localhost:{port}/unidask")
     return lines
@@ -241,7 +241,7 @@ def connect(spec: Spec) -> Iterator[Client]:
             yield client
     elif mode == "scheduler_file":
         with connect_scheduler(spec) as client:
-            wait_for_nodes(client, slurm.job_nodes(), timeout=min(120.0, spec.cluster.worker_timeout))
+            wait_for_nodes(client, identity.job_nodes(), timeout=min(120.0, spec.cluster.worker_timeout))
             yield client
     else:
         with slurm_cluster(spec) as cluster, Client(cluster) as client:
@@ -263,7 +263,7 @@ def worker_jobs(spec: Spec) -> dict[str, Any]:
     interface = c.interface or jobqueue("interface")
     cores = jobqueue("job-cpu") or jobqueue("cores")
     processes = c.workers if c.workers != "auto" else (jobqueue("processes") or cores or 1)
-    host = slurm.login_address(interface)
+    host = network.login_address(interface)
     # each worker at its node's address on the way here, found in the job (Dask's own guess is
     # 127.0.0.1 on a node without a default route); with an interface, Dask's --interface does it
     find_host = [] if interface else [
@@ -333,7 +333,7 @@ def wait_for_worker_jobs(cluster, spec: Spec) -> None:
             if now - start > spec.cluster.worker_timeout:
                 raise RunError(f"no worker job was submitted in {now - start:.0f} s (cluster.worker_timeout)")
             continue   # still being submitted
-        if not slurm.queued(jobs) and not cluster.scheduler_info.get("workers"):
+        if not identity.queued(jobs) and not cluster.scheduler_info.get("workers"):
             raise RunError(f"the worker jobs {', '.join(jobs)} ended before any worker joined; "
                            f"see {RunDir(spec.run_dir).logs}")
         if now - said >= 60:

@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any
 
 import dask.config
-from . import daskapi, files, plots
+from . import daskapi, files, fmt, plots
 from .rundir import RunDir
 
 KEY = "unidask"
@@ -152,16 +152,16 @@ def summary_html(f: dict[str, Any]) -> str:
     """The page's head: where the run is against its plan, and what "staged" means."""
     done = f["written"] / max(1, f["total"])
     eta = f["eta_seconds"]
-    finish = "" if eta is None else f" (about {plots.clock(time.time() + eta)})"
+    finish = "" if eta is None else f" (about {fmt.clock(time.time() + eta)})"
     first_stage = f["started"] + f["stage_every"]
     if any(n["last_stage"] for n in f["nodes"].values()):
         staged = (f"<b>{f['staged']:,}</b> unitaries staged: copied to the run dir on shared storage, "
                   f"safe if a node is lost; the rest are on the nodes' local disks until the next "
-                  f"stage-out (every {plots.duration(f['stage_every'])}).")
+                  f"stage-out (every {fmt.duration(f['stage_every'])}).")
     else:
         staged = (f"No stage-out yet: the written unitaries are on the nodes' local disks until the "
-                  f"first, about {plots.clock(first_stage)} (<code>storage.stage_every</code> = "
-                  f"{plots.duration(f['stage_every'])}), and at the end of the run.")
+                  f"first, about {fmt.clock(first_stage)} (<code>storage.stage_every</code> = "
+                  f"{fmt.duration(f['stage_every'])}), and at the end of the run.")
     resumed = f" (resumed: {f['resumed_from']:,} were staged before)" if f["resumed_from"] else ""
     return (
         f"<h2 style='margin:0.3em 0'>unidask run {html.escape(f['name'])} "
@@ -171,7 +171,7 @@ def summary_html(f: dict[str, Any]) -> str:
         f"</div></div>"
         f"<p><b>{f['written']:,}</b> of {f['total']:,} unitaries written ({100 * done:.1f}%){resumed}"
         f" &middot; <b>{f['rate']:,.0f}</b> unitaries/s &middot; running for "
-        f"{plots.duration(f['elapsed_seconds'])} &middot; time left <b>{plots.duration(eta)}</b>{finish}"
+        f"{fmt.duration(f['elapsed_seconds'])} &middot; time left <b>{fmt.duration(eta)}</b>{finish}"
         f"</p><p>tasks: {f['tasks_done']:,} done, {f['tasks_running']:,} running, "
         f"{f['tasks_pending']:,} pending, of {f['tasks_total']:,}</p><p>{staged}</p>")
 
@@ -239,8 +239,8 @@ def page(scheduler, extra, doc) -> None:
                       "rate": [round(n["rate"]) for n in ns],
                       "staged": [n["staged"] for n in ns],
                       "shard_mb": [round(n["shard_bytes"] / 1e6, 1) for n in ns],
-                      "last_stage": [plots.clock(n["last_stage"]) if n["last_stage"] else
-                                     f"not yet (first about {plots.clock(f['started'] + f['stage_every'])})"
+                      "last_stage": [fmt.clock(n["last_stage"]) if n["last_stage"] else
+                                     f"not yet (first about {fmt.clock(f['started'] + f['stage_every'])})"
                                      for n in ns]}
 
     update()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from distributed import Client, Future, as_completed, wait
 
-from . import cluster, daskapi, dashboard, files, generators, plan, shard, sizing, slurm, worker
+from . import cluster, daskapi, dashboard, files, generators, plan, shard, sizing, staging, identity, worker
 from .config import Spec
 from .errors import InputError, RunError, Stopped, UnidaskError
 from .merge import MergeReport, merge as merge_run
@@ -339,7 +339,7 @@ class Driver:
         worker has been there for ``cluster.worker_timeout`` seconds."""
         workers = daskapi.workers(self.client)
         now = time.monotonic()
-        queued = self.spec.cluster.mode == "slurm" and not workers and slurm.queued(
+        queued = self.spec.cluster.mode == "slurm" and not workers and identity.queued(
             cluster.job_ids(getattr(self.client, "cluster", None)))
         if workers or queued:   # worker jobs still in SLURM's queue: waited for while SLURM keeps them
             self.no_workers_since = None
@@ -428,7 +428,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
     run_dir.prepare(spec, resume)
     local = spec.cluster.mode == "local"
     if resume and local:
-        if salvaged := shard.salvage(spec):
+        if salvaged := staging.salvage(spec):
             log.info("resume: staged %d shard(s) an earlier run left on local disk", len(salvaged))
     staged: set[int] = set()
     if resume:

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import sizing
 from .config import Spec
-from .plots import duration, size
+from .fmt import duration, size
 from .sizing import SCHEDULER_CPU, SCHEDULER_LOAD, TASKS_PER_WORKER
 
 MERGE_BYTES_S = 230e6    # merge throughput at n = 4 on 2 cores, the slowest case measured
@@ -151,6 +151,6 @@ def estimate(spec: Spec, nodes: int | None = None, cores: int | None = None,
     st = os.statvfs(local)
     free = st.f_bavail * st.f_frsize
     if e.local_bytes > free:
-        e.warnings.append(f"a node's local shards ({e.local_bytes / 1e9:,.1f} GB at most) exceed the free space "
-                          f"of {local} here ({free / 1e9:,.1f} GB): check the nodes' local disks")
+        e.warnings.append(f"a node's local shards ({size(e.local_bytes)} at most) exceed the free space "
+                          f"of {local} here ({size(free)}): check the nodes' local disks")
     return e

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import files
+from .fmt import moment, size
 from .db import BadFile, check_database, reading
 from .errors import InputError
 
@@ -35,7 +36,6 @@ class Info:
         return asdict(self)
 
     def format(self) -> str:
-        from .plots import moment
 
         params = ", ".join(f"{k}={v}" for k, v in self.generator.items() if k != "kind") or "-"
         complete = self.tasks == self.tasks_planned and self.rows == self.count
@@ -49,7 +49,7 @@ class Info:
                 ("tasks", state),
                 ("merged", moment(self.merged) if self.merged else "- (a shard, or merged by an "
                                                                   "older unidask)"),
-                ("size", f"{self.bytes / 1e6:,.1f} MB on disk"),
+                ("size", f"{size(self.bytes)} on disk"),
                 ("run", f"fingerprint {self.fingerprint}, unidask {self.unidask_version}")]
         return "\n".join([self.path, *(f"  {k:<10} {v}" for k, v in rows)])
 

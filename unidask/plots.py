@@ -1,10 +1,9 @@
-"""What the live page (:mod:`dashboard`) and the report (:mod:`report`) draw alike: counts as
-k/M, durations in words, one colour per node, labelled axes, tables without bokeh's index column."""
+"""What the live page (:mod:`dashboard`) and the report (:mod:`report`) draw alike: axes of counts
+as k/M, one colour per node, labelled axes, tables without bokeh's index column (their words and
+numbers from :mod:`fmt`)."""
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Sequence
 
 # an axis of counts as people write them: 180000 -> 180k, 1.2e6 -> 1.2M, 3e9 -> 3G (bokeh's
@@ -17,45 +16,6 @@ for (const [suffix, scale] of [["G", 1e9], ["M", 1e6], ["k", 1e3]]) {
 return String(+tick.toFixed(2));
 """
 PLAN_COLOUR = "#999999"
-
-
-def duration(seconds: float | None) -> str:
-    """``3725`` -> ``"1 h 02 min"``; a person's reading of a duration, not a clock's."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    if seconds < 0.0995:
-        return f"{max(0.0, seconds) * 1e3:.2g} ms"
-    if seconds < 9.95:
-        return f"{seconds:.1f} s"
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    if s < 86400:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 86400} d {s % 86400 // 3600:02d} h"
-
-
-def size(nbytes: float) -> str:
-    """``1.5e9`` -> ``"1.5 GB"``: bytes in the unit that reads best."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:,.1f} {unit}"
-    return f"{nbytes:,.0f} B"
-
-
-def clock(t: float | None) -> str:
-    """A wall-clock time in the viewer's local time; the date only when it is not today."""
-    if t is None:
-        return "-"
-    fmt = "%H:%M:%S" if time.localtime(t)[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S"
-    return time.strftime(fmt, time.localtime(t))
-
-
-def moment(t: float | None) -> str:
-    """A date and time in the viewer's local time, with its zone: for records read later."""
-    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
 
 
 def colours(nodes: Sequence[str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .plots import size
+from .fmt import size
 
 log = logging.getLogger("unidask")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import db, files, plots
+from . import db, files, fmt, plots
 from .errors import writing
 from .rundir import RunDir
 from .status import RunStatus, status
@@ -57,19 +57,19 @@ def summary_html(st: RunStatus, record: dict[str, Any], rows: list[tuple], n_sta
     end = max((r[3] for r in rows), default=None)
     missing = st.to_dict()["missing"]
     paused = sum(b - a for a, b in pauses(rows))
-    wall = "-" if not rows else plots.duration(end - start - paused) + (
-        f" running (and {plots.duration(paused)} paused)" if paused else "")
+    wall = "-" if not rows else fmt.duration(end - start - paused) + (
+        f" running (and {fmt.duration(paused)} paused)" if paused else "")
     facts = [
         ("run dir", st.run_dir),
-        ("created", plots.moment(record.get("created"))),
-        ("first task started", plots.moment(start)),
-        ("last task finished", plots.moment(end)),
+        ("created", fmt.moment(record.get("created"))),
+        ("first task started", fmt.moment(start)),
+        ("last task finished", fmt.moment(end)),
         ("wall time", wall),
         ("unitaries", f"{st.unitaries:,} of {st.count:,} staged"),
         ("tasks", f"{st.tasks_done:,} of {st.tasks_expected:,} done"
                   + (f", {st.tasks_missing:,} missing: {missing}" if missing else "")),
         ("throughput", f"{st.rate:,.0f} unitaries/s" if st.rate else "-"),
-        ("staged", f"{st.bytes / 1e6:,.1f} MB in {len(st.shards)} shard(s), {n_stages} stage-out(s)"),
+        ("staged", f"{fmt.size(st.bytes)} in {len(st.shards)} shard(s), {n_stages} stage-out(s)"),
         ("unidask", str(record.get("unidask_version", "?"))),
     ]
     config = [(k, "" if v is None else str(v)) for k, v in flat(record["spec"]) if k != "run.run_dir"]
@@ -169,7 +169,7 @@ def report(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     for a, b in gaps:
         for f in (progress, throughput):
             f.add_layout(BoxAnnotation(left=a, right=b, fill_color=plots.PLAN_COLOUR, fill_alpha=0.2))
-        throughput.add_layout(Label(x=a, y=0, x_offset=4, y_offset=4, text=f"paused {plots.duration(b - a)}",
+        throughput.add_layout(Label(x=a, y=0, x_offset=4, y_offset=4, text=f"paused {fmt.duration(b - a)}",
                                     text_font_size="11px", text_color="#555555"))
 
     durations = plots.figure("task durations", "seconds", "tasks", counts="y", name="durations")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from . import files, slurm
+from . import files, identity
 from .errors import InputError, RunError
 
 BEAT = 10.0
@@ -60,7 +60,7 @@ def stale(path: Path, holder: dict) -> str | None:
         if not started or holder.get("start", started) != started:
             return f"its process {pid} on this host is gone"
         return None   # alive, if stopped: it may go on, so its lock holds however old
-    if isinstance(job, str) and slurm.job_ended(job):   # its node may have crashed: SLURM knows
+    if isinstance(job, str) and identity.job_ended(job):   # its node may have crashed: SLURM knows
         return f"its SLURM job {job} has ended"
     if age > STALE:
         return f"it was last refreshed {age:.0f} s ago"
@@ -86,7 +86,7 @@ def run_lock(path: Path) -> Iterator[Held]:
     :class:`InputError` naming the holder where another live run holds it."""
     token = secrets.token_hex(8)
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "start": files.process_start(os.getpid()),
-            "job": slurm.job_id(), "token": token, "since": time.time()}
+            "job": identity.job_id(), "token": token, "since": time.time()}
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import generators, shard
 from .config import Spec
-from .plots import duration
+from .fmt import duration
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)

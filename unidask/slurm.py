@@ -1,14 +1,12 @@
-"""Everything about SLURM behind one small interface: its environment variables, rendering and
-submitting the job scripts (``sbatch``), and asking the queue (``squeue``)."""
+"""Submitting to SLURM: rendering the job scripts (every parameter quoted, from ``[cluster]``),
+``sbatch``, and what ``sinfo`` says of the nodes. The job's own environment (node, job id, the
+queue) is :mod:`identity`'s; the addresses hosts reach each other by, :mod:`network`'s."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -17,79 +15,13 @@ from importlib import resources
 from pathlib import Path
 
 from . import files
+from .identity import job_id
+from .network import dashboard_address, node_address
 from .config import Spec, walltime_seconds
 from .errors import InputError, RunError
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
-
-
-# -- the environment SLURM gives a job -------------------------------------------------------------
-
-def node_name() -> str:
-    """This node's identity: ``UNIDASK_NODE``, else SLURM's node name, else the host name."""
-    return os.environ.get("UNIDASK_NODE") or os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
-def job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def job_nodes() -> int:
-    """Nodes of this job (1 outside SLURM)."""
-    return int(os.environ.get("SLURM_JOB_NUM_NODES") or 1)
-
-
-def submit_host() -> str:
-    """Where the user submitted from (the login node an ssh tunnel goes through)."""
-    return os.environ.get("SLURM_SUBMIT_HOST") or socket.gethostname()
-
-
-def node_address(interface: str | None = None, towards: str | None = None) -> str:
-    """An address of this node that the other nodes can reach: ``interface``'s (dask-jobqueue's
-    meaning), else the one this node reaches ``towards`` (the scheduler) from, else the one the
-    default route leaves by, else (a compute node often has no default route) the first address
-    of an interface that is up and not loopback. Dask's own guess falls back to 127.0.0.1 where
-    there is no default route: a scheduler or worker there is unreachable."""
-    names = [interface] if interface else [name for _, name in socket.if_nameindex() if name != "lo"]
-    if not interface:
-        for target in filter(None, (towards, "192.0.2.1")):   # TEST-NET-1: any default route
-            with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((target, 9))   # nothing is sent: the kernel picks the route and its source
-                return s.getsockname()[0]
-    for name in names:
-        if (address := _interface_address(name)) is not None:
-            return address
-    if interface:
-        raise InputError(f"cluster.interface {interface!r}: no IPv4 address on this node "
-                         f"({', '.join(n for _, n in socket.if_nameindex())} exist)")
-    return "127.0.0.1"
-
-
-def login_address(interface: str | None = None) -> str:
-    """An address of this (login) host that the compute nodes can reach, for a scheduler here
-    (``mode = "slurm"``): ``interface``'s, else the one this host reaches SLURM's nodes from (their
-    ``NodeAddr``). A login node's default route often leads out to the users, not to the nodes."""
-    if interface:
-        return node_address(interface)
-    try:
-        addrs = subprocess.run(["sinfo", "-h", "-N", "-o", "%o"], capture_output=True, text=True,
-                               timeout=60).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        addrs = []
-    return node_address(towards=addrs[0] if addrs else None)
-
-
-def _interface_address(name: str) -> str | None:
-    import fcntl
-    import struct
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:   # SIOCGIFADDR
-            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return socket.inet_ntoa(packed[20:24])
 
 
 # -- the job scripts -------------------------------------------------------------------------------
@@ -119,16 +51,6 @@ def job_env(spec: Spec) -> list[str]:
               "WORKERS": c.workers, "DASHBOARD": dashboard_address(c.dashboard_address, host),
               "MAX_RESUBMITS": c.max_resubmits}
     return [f"export {k}={shlex.quote(str(v))}" for k, v in values.items()]
-
-
-def dashboard_address(configured: str, host: str) -> str:
-    """Where a job's dashboard listens: ``cluster.dashboard_address``, at the scheduler's own
-    address where that names no host or a loopback one (the default, right for a local run: on a
-    node only the node itself could reach it, and the ssh tunnel could not)."""
-    name, _, port = configured.rpartition(":")
-    if name in ("", "localhost", "[::1]") or name.startswith("127."):
-        return f"{host}:{port}"
-    return configured
 
 
 @dataclass
@@ -203,29 +125,6 @@ def node_cores(partition: str | None = None) -> int | None:
         return None
     cpus = [int(x) for x in r.stdout.split() if x.isdigit()]
     return min(cpus) if r.returncode == 0 and cpus else None
-
-
-def _squeue(jobs: list[str], states: str | None = None) -> list[str] | None:
-    """Which of ``jobs`` SLURM lists (in ``states``, default pending or running); None where it
-    gave no answer. An ended job's id is invalid to squeue: simply not listed."""
-    try:
-        r = subprocess.run(["squeue", "-h", "-o", "%i", *(["-t", states] if states else []), "-j", ",".join(jobs)],
-                           capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout.split() if r.returncode == 0 or "Invalid job id" in r.stderr else None
-
-
-def queued(jobs: list[str]) -> list[str]:
-    """Which of ``jobs`` are still in the queue (pending or running)."""
-    return (_squeue(jobs) or []) if jobs else []   # no answer is no evidence of a queued job
-
-
-def job_ended(job: str) -> bool | None:
-    """Whether SLURM job ``job`` has ended: left the queue, or completing (None: no answer from
-    SLURM here)."""
-    listed = _squeue([job], "PD,CF,R,S")
-    return None if listed is None else job not in listed
 
 
 def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submission:

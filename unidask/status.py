@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import db, files, plan
+from .fmt import size
 from .rundir import RunDir
 
 
@@ -58,7 +59,7 @@ class RunStatus:
                          "only on the nodes' local disks until the next stage-out")
         lines += [f"tasks: {self.tasks_done}/{self.tasks_expected} done, {self.tasks_missing} missing"
                  + (f" ({plan.ranges(self.missing)})" if self.missing else ""),
-                 f"unitaries: {self.unitaries:,}/{self.count:,} staged, {self.bytes / 1e6:,.1f} MB"
+                 f"unitaries: {self.unitaries:,}/{self.count:,} staged, {size(self.bytes)}"
                  + (f", {self.rate:,.0f}/s" if self.rate else ""),
                  "", f"{'node':<16} {'tasks':>7} {'unitaries':>12} {'MB':>9}  {'staged at':<19}  shard"]
         for s in self.shards:

@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any
 
-from . import daskapi, files, generators, malloc, plan, shard, slurm
+from . import daskapi, files, generators, malloc, plan, shard, staging, identity
 from .config import Spec
 
 
@@ -32,7 +32,7 @@ def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
     malloc.tune()
     started = time.time()
     array, metas = generators.generate(spec, task)
-    node = slurm.node_name()
+    node = identity.node_name()
     info = {"seed": plan.seed_label(spec, task), "node": node,
             "worker": f"{socket.gethostname()}:{os.getpid()}", "started": started,
             "finished": time.time()}
@@ -48,8 +48,8 @@ def disk(spec: Spec) -> str:
 
 
 def stage_out(spec: Spec, attempt: str, *, final: bool = False) -> dict[str, Any] | None:
-    """Stage this worker's shard out to the run dir (:func:`shard.stage`)."""
-    return shard.stage(spec, attempt, final=final)
+    """Stage this worker's shard out to the run dir (:func:`staging.stage`)."""
+    return staging.stage(spec, attempt, final=final)
 
 
 def close_shards() -> list[str]:
@@ -57,7 +57,7 @@ def close_shards() -> list[str]:
     return shard.close_shards()
 
 
-node_name = slurm.node_name
+node_name = identity.node_name
 
 
 def process() -> tuple[int, int]:
