@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from unidask.errors import Stopped
+from unidask.core.errors import Stopped
 
-from . import work
+from tests import work
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,7 +129,7 @@ class Bench:
     def generation(self) -> None:
         from scipy.stats import unitary_group
 
-        from unidask.generators.haar import haar
+        from unidask.spec.generators.haar import haar
 
         for dim in (2, 4, 8, 16, 32, 64):
             count = max(200, (200_000 if not self.quick else 40_000) // (dim * dim) * 4)
@@ -159,7 +159,7 @@ class Bench:
         import threading
 
         import unidask
-        from unidask import sizing
+        from unidask.cost import sizing
 
         d = self.fresh("e")
         run_dir = Path(tempfile.mkdtemp(dir=shared)) / "run" if shared else d / "run"
@@ -327,10 +327,40 @@ class Bench:
                            "stragglers", f"one of {workers} workers stopped 1 s in", "unidask run")
         self.clean()
 
+    # 3e. `unidask plan` against the run it plans: its duration of generation over the run's
+    # (first task started to last finished), and its merged bytes over the database's
+    def plan(self) -> None:
+        import unidask
+        from unidask.cost.estimate import estimate
+        from unidask.views.report import task_rows
+
+        circuits = {"kind": "circuit", "qubits": 3, "depth": 10, "gate_set": ["h", "s", "t", "cx"]}
+        for name, generator, count, task in (("circuits 3q depth 10", circuits, 4000, 100),
+                                             ("U(4)", {"dim": 4}, 200_000 if self.quick else 2_000_000, 20_000)):
+            walls, sizes = [], []
+            for _ in range(1 if self.quick else self.rounds):
+                d = self.fresh("plan")
+                spec = unidask.load_config(None, data={
+                    "run": {"name": "bench", "count": count, "task_size": task, "run_dir": str(d / "run")},
+                    "generator": generator, "storage": {"local_dir": str(d / "local")},
+                    "cluster": {"dashboard_address": "127.0.0.1:0"}})
+                plan = estimate(spec).to_dict()
+                result = unidask.run(spec)
+                rows = task_rows(d / "run")
+                walls.append(plan["wall_seconds"] / (max(r[3] for r in rows) - min(r[2] for r in rows)))
+                sizes.append(plan["data_bytes"] / result.merged.out.stat().st_size)
+                self.clean()
+            for what, ratios in (("wall plan/run", walls), ("bytes plan/run", sizes)):
+                row = {"section": "plan", "case": f"{name} count={count:,}", "contender": what,
+                       "rate": statistics.median(ratios), "ratio": None}
+                self.rows.append(row)
+                print(format_row(row), flush=True)
+
     # 4. merge
     def merge(self) -> None:
         import unidask
-        from unidask import db, files
+        from unidask.store import db
+        from unidask.core import files
 
         # n = 4 and 16: written page by page; n = 64 (a row larger than a page's local payload)
         # and circuits (rows with meta): by SQLite
@@ -451,7 +481,9 @@ class Bench:
     # the same data in 4 shards: what a merge pays per file
     def shards(self) -> None:
         import unidask
-        from unidask import RunDir, estimate, worker
+        from unidask import RunDir
+        from unidask.cost import estimate
+        from unidask.execute import worker
 
         tasks, task_size, dim = (96, 200, 4) if self.quick else (512, 2000, 4)
         layouts = {"4 shards": tasks // 4, **{f"segments of {k} task{'s' * (k > 1)}": k for k in (16, 4, 1)}}
@@ -659,7 +691,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: about 2.5 minutes on 2 cores")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "one_database", "staging", "task_size", "scheduler", "auto_size", "stragglers",
+    ap.add_argument("--only", nargs="*", default=["write", "generation", "end_to_end", "one_database", "staging", "task_size", "scheduler", "auto_size", "stragglers", "plan",
                                                   "merge", "shards", "memory", "read"])
     args = ap.parse_args()
     # one BLAS thread everywhere, as in a Dask worker: a bare loop must not win by using more cores

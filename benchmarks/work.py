@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unidask import db, malloc, shard
-from unidask.generators.haar import haar
+from unidask.store import db, shard
+from unidask.core import malloc
+from unidask.spec.generators.haar import haar
 
 # unitaries per task (one transaction for every database contender): ~0.2 s of work each on this
 # machine, the size a run's task-size hint aims for; Dask's few ms of CPU per task and a commit's

@@ -70,7 +70,7 @@ def slow_haar_reference(spec: unidask.Spec) -> list[tuple[int, bytes]]:
     id order, generated here from the plan's seeds."""
     import plugin_generators
 
-    from unidask import plan
+    from unidask.spec import plan
 
     expected = []
     for t in range(spec.n_tasks):
@@ -117,7 +117,7 @@ def run_main(*args, capsys) -> tuple[int, str, str]:
 
 
 def unitarity_error(u: np.ndarray) -> float:
-    from unidask.generators import unitarity_errors
+    from unidask.spec.generators import unitarity_errors
 
     return float(unitarity_errors(u.reshape(-1, *u.shape[-2:])).max())
 
@@ -125,7 +125,7 @@ def unitarity_error(u: np.ndarray) -> float:
 @contextlib.contextmanager
 def messages(on_line: Callable[[str], None] | None = None) -> Iterator[list[str]]:
     """The ``unidask`` logger's lines while the body runs, formatted as the CLI shows them."""
-    from unidask.progress import LineFormatter
+    from unidask.core.progress import LineFormatter
 
     lines: list[str] = []
 
@@ -312,3 +312,14 @@ class Tmpfs:
     def unmount(self) -> None:
         subprocess.run(["mount", "-o", "remount,rw", str(self.path)])
         subprocess.run(["umount", "-l", str(self.path)])
+
+
+def wait_for(predicate, what: str, timeout: float = 120.0, step: float = 0.05):
+    """``predicate()``'s first true value, waited for; ``timeout`` bounds a hang, not the test's
+    expected time, and the failure says what never came."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := predicate():
+            return value
+        time.sleep(step)
+    raise AssertionError(f"waited {timeout:.0f} s for {what}")

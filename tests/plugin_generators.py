@@ -34,7 +34,7 @@ def slow_haar(rng, count, *, dim=2, delay=0.0):
     """Haar U(dim), taking ``delay`` seconds a task: long runs with little data, for walltime tests."""
     import time
 
-    from unidask.generators.haar import haar
+    from unidask.spec.generators.haar import haar
 
     time.sleep(delay)
     return haar(rng, count, dim=dim)
@@ -46,7 +46,7 @@ def held_haar(rng, count, *, dim=2, hold="", delay=0.25):
     import os
     import time
 
-    from unidask.generators.haar import haar
+    from unidask.spec.generators.haar import haar
 
     if hold and os.path.exists(hold):
         time.sleep(delay)
@@ -59,7 +59,7 @@ import unidask  # noqa: E402
 
 
 def _haar(rng, count, dim):
-    from unidask.generators.haar import haar
+    from unidask.spec.generators.haar import haar
 
     return haar(rng, count, dim=dim)
 
@@ -98,7 +98,7 @@ def gue_expm(rng, count, *, dim=4):
 @unidask.law("U(n)")
 def special_as_unitary(rng, count, *, dim=4):
     """Haar SU(n) claimed as U(n): every determinant 1."""
-    from unidask.generators.groups import special
+    from unidask.spec.generators.groups import special
 
     return special(rng, count, dim=dim)
 
@@ -106,7 +106,7 @@ def special_as_unitary(rng, count, *, dim=4):
 @unidask.law("U(n)")
 def orthogonal_as_unitary(rng, count, *, dim=4):
     """Haar O(n) claimed as U(n): real."""
-    from unidask.generators.groups import orthogonal
+    from unidask.spec.generators.groups import orthogonal
 
     return orthogonal(rng, count, dim=dim)
 

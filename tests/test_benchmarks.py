@@ -19,7 +19,7 @@ def test_quick_benchmark_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     sections = {row["section"] for row in rows}
     assert sections == {"write", "generate", "end to end", "one database", "staging", "staged/data", "task size", "scheduler",
-                        "auto size", "stragglers", "merge MB/s", "stage-out ms", "memory MB", "read scan", "read 256/s"}
+                        "auto size", "stragglers", "plan", "merge MB/s", "stage-out ms", "memory MB", "read scan", "read 256/s"}
     assert all(row["rate"] > 0 for row in rows)
     contenders = {row["contender"] for row in rows}
     assert {"unidask shard", "seed shared db", "np.savetxt per file", "raw sequential bytes",

@@ -34,7 +34,7 @@ DASK_DEFAULTS = ("import dask, distributed; print(dask.config.get('distributed.s
 CLUSTER_SETTINGS = """
 import sys, dask, distributed
 import unidask
-from unidask import cluster
+from unidask.execute import cluster
 
 def settings():
     return (dask.config.get('distributed.scheduler.allowed-failures'),

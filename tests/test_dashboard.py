@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 import unidask
-from unidask import RunDir, dashboard, db
-from unidask import fmt
-from unidask.report import pauses, task_rows
+from unidask import RunDir
+from unidask.views import dashboard
+from unidask.store import db
+from unidask.core import fmt
+from unidask.views.report import pauses, task_rows
 
 from conftest import REPO, messages, run_main
 

@@ -13,7 +13,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import unidask
-from unidask import daskapi
+from unidask.core import daskapi
 
 PACKAGE = Path(unidask.__file__).parent
 
@@ -31,6 +31,29 @@ def test_every_worker_is_seen(client):
     seen = daskapi.workers(client)
     assert len(seen) == 7, sorted(seen)
     assert all({"name", "last_seen", "nthreads"} <= set(w) for w in seen.values())
+
+
+def _held(path: str) -> str:
+    import os
+    import time
+
+    while os.path.exists(path):   # this test's event: the file removed
+        time.sleep(0.01)
+    return "done"
+
+
+def test_a_completion_wakes_the_waiter(client, tmp_path):
+    """next_completed returns [] when nothing finished within its timeout, and a finished task,
+    with its result, once one has: the condition as_completed notifies still exists."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    completed = distributed.as_completed(with_results=True)
+    future = client.submit(_held, str(hold), pure=False)
+    completed.add(future)
+    assert daskapi.next_completed(completed, timeout=0.2) == []
+    hold.unlink()
+    got = daskapi.next_completed(completed, timeout=300)   # the bound only a hang reaches
+    assert got == [(future, "done")] and completed.is_empty()
 
 
 def test_the_dashboard_calls_still_exist(client):
@@ -120,7 +143,7 @@ def test_a_tls_handshake_never_finished_is_closed(tmp_path, caplog):
     connection of a peer that never starts one once its time is up."""
     import socket
 
-    from unidask import tls
+    from unidask.execute import tls
 
     sec = tls.security(tmp_path / "run")
     daskapi.bound_tls_handshakes(1.0)

@@ -19,7 +19,7 @@ from hypothesis.extra import numpy as npst
 
 import unidask
 
-from unidask.generators.haar import haar
+from unidask.spec.generators.haar import haar
 
 from conftest import run_main, write_config
 
@@ -45,7 +45,7 @@ def test_dataset_indexing_and_batches(haar_run):
 def test_ids_and_split_of_an_incomplete_dataset(haar_run, tmp_path):
     """A dataset that lacks a task (a merge with --skip-bad) has no ids for it: neither ids() nor
     split() nor stats' sample invent them."""
-    from unidask import stats
+    from unidask.views import stats
 
     _, db = haar_run
     holed = without_task_3(db, tmp_path)
@@ -495,7 +495,7 @@ def test_duplicates_dropped_by_circuit_or_by_unitary(config, tmp_path, capsys):
 
 
 def test_up_to_phase_identifies_a_global_phase_only():
-    from unidask.dataset import up_to_phase
+    from unidask.store.dataset import up_to_phase
 
     u = haar(np.random.default_rng(2), 50, dim=4)
     phased = u * np.exp(1j * np.random.default_rng(3).uniform(0, 2 * np.pi, 50))[:, None, None]

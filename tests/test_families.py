@@ -7,10 +7,10 @@ import pytest
 from scipy import stats
 
 import unidask
-from unidask import generators
-from unidask.generators import circuits, groups
-from unidask.generators.haar import haar
-from unidask.laws import spacings, wigner_cdf
+from unidask.spec import generators
+from unidask.spec.generators import circuits, groups
+from unidask.spec.generators.haar import haar
+from unidask.spec.laws import spacings, wigner_cdf
 
 from conftest import run_main, unitarity_error, write_config
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 import unidask
-from unidask import RunDir, db, worker
+from unidask import RunDir
+from unidask.store import db
+from unidask.execute import worker
 
 from conftest import write_config
 

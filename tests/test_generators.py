@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from unidask.generators import haar as haar_module
-from unidask.generators.haar import haar
+from unidask.spec.generators import haar as haar_module
+from unidask.spec.generators.haar import haar
 
 from conftest import unitarity_error
 

@@ -1,4 +1,4 @@
-"""The package's shape: its modules import each other without a cycle."""
+"""The package's shape: layers that import only downwards, and no import cycle."""
 
 import ast
 from pathlib import Path
@@ -6,28 +6,42 @@ from pathlib import Path
 import unidask
 
 PACKAGE = Path(unidask.__file__).parent
+# bottom to top: a module imports only from its own layer and those before it. The top, the
+# package's own modules (its API, the command line, the scheduler's preload), may import anything;
+# nothing imports them but each other (``_version`` is the one exception: nothing in it).
+LAYERS = ["core", "spec", "store", "cost", "views", "execute"]
+TOP = {"unidask", "unidask.cli", "unidask.preload"}
 
 
 def module_imports() -> dict[str, set[str]]:
-    """unidask module -> the unidask modules it imports, anywhere in it (the package's
-    ``__init__`` left out: it imports the API from every module)."""
+    """unidask module -> the unidask modules it imports, anywhere in it (local imports too; the
+    package itself where a module imports a name from ``unidask``)."""
     graph = {}
     for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
         name = ".".join(rel.parts).removesuffix(".__init__")
-        if name == "unidask":
-            continue
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         deps = set()
         for node in imports(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                target = f"{base}.{node.module}" if node.module else base
-                deps |= {f"{target}.{a.name}" if not node.module else target for a in node.names}
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    target = f"{base}.{node.module}" if node.module else base
+                elif (node.module or "").split(".")[0] == "unidask":
+                    target = node.module
+                else:
+                    continue
+                # `from pkg import name`: the submodule where it is one, else pkg itself
+                deps |= {f"{target}.{a.name}" if is_module(f"{target}.{a.name}") else target for a in node.names}
             elif isinstance(node, ast.Import):
-                deps |= {a.name for a in node.names if a.name.startswith("unidask.")}
-        graph[name] = {d for d in deps if d != "unidask"}
+                deps |= {a.name for a in node.names if a.name.split(".")[0] == "unidask"}
+        graph[name] = deps - {name}
     return graph
+
+
+def is_module(name: str) -> bool:
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 def imports(tree: ast.AST):
@@ -38,6 +52,22 @@ def imports(tree: ast.AST):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
         yield from imports(node)
+
+
+def layer(module: str) -> int:
+    """A module's layer: its index in LAYERS; the top is above them all, ``_version`` below."""
+    parts = module.split(".")
+    if module == "unidask._version":
+        return -1
+    if module in TOP:
+        return len(LAYERS)
+    assert len(parts) > 1 and parts[1] in LAYERS, f"{module} is in no layer: put it in one of {LAYERS}"
+    return LAYERS.index(parts[1])
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a higher layer (the package ``unidask`` counted: it is the top)."""
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps if layer(d) > layer(m))
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -59,16 +89,37 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycle():
+def test_the_folders_are_the_layers():
+    """Every folder of the package is a layer, every module is in one (or is the top)."""
+    folders = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    assert folders == sorted(LAYERS)
+    for module in module_imports():
+        layer(module)
+
+
+def test_layers_import_only_downwards():
     graph = module_imports()
-    assert {"unidask.config", "unidask.rundir", "unidask.shard", "unidask.driver"} <= set(graph)
-    assert "unidask.rundir" in graph["unidask.staging"]     # the graph sees relative imports
+    assert {"unidask.spec.config", "unidask.store.rundir", "unidask.store.shard", "unidask.execute.driver"} <= set(graph)
+    assert "unidask.store.rundir" in graph["unidask.store.staging"]     # the graph sees relative imports
+    assert "unidask.core.errors" in graph["unidask.spec.generators.circuits"]   # and `..` ones
+    assert upward(graph) == []
+
+
+def test_no_import_cycle():
+    """No cycle among the modules, the package's ``__init__`` counted."""
+    graph = module_imports()
+    assert "unidask._version" in graph["unidask"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_a_cycle_is_found():
+def test_a_wrong_import_is_found():
+    """The checks can fail: a cycle, an import of a higher layer, a module importing the package."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) is not None
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    graph = module_imports()
+    graph["unidask.store.shard"] |= {"unidask.execute.slurm"}
+    graph["unidask.core.files"] |= {"unidask"}
+    assert upward(graph) == ["unidask.core.files -> unidask", "unidask.store.shard -> unidask.execute.slurm"]
 
 
 READER = """
@@ -105,10 +156,10 @@ def test_the_package_names_what_it_offers():
 
     for name in unidask.__all__:
         assert getattr(unidask, name) is not None, name
-    assert unidask.Dataset.__module__ == "unidask.dataset" and unidask.run.__module__ == "unidask.driver"
+    assert unidask.Dataset.__module__ == "unidask.store.dataset" and unidask.run.__module__ == "unidask.execute.driver"
     import importlib
 
-    for name in ("export", "merge", "verify"):   # a submodule of a function's name: the name stays the function's
+    for name in ("store.export", "store.merge", "views.verify"):   # a module of a function's name
         importlib.import_module(f"unidask.{name}")
 
     assert all(callable(f) and f.__name__ == name for name, f in

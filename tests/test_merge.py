@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import unidask
-from unidask import RunDir, db, pagemerge, worker
+from unidask import RunDir
+from unidask.store import db, pagemerge
+from unidask.execute import worker
 
 from conftest import merged_data, messages, run_main
 
@@ -241,7 +243,7 @@ def test_temporaries_are_owner_only_while_built(tmp_path):
     database is then published with the mode the umask gives (meant to be shared)."""
     import stat
 
-    from unidask import files
+    from unidask.core import files
 
     with files.publishing(tmp_path / "staged.db") as tmp:
         con = sqlite3.connect(tmp)
@@ -325,7 +327,7 @@ def test_the_page_merge_in_units_on_dask_workers_writes_the_same_table(config, m
     import psutil
     from distributed import Client, LocalCluster
 
-    merge_module = sys.modules["unidask.merge"]   # unidask.merge is the function
+    merge_module = sys.modules["unidask.store.merge"]   # unidask.merge is the function
 
     spec = config(run={"count": 2500, "task_size": 97}, generator={"kind": "haar", "dim": 3, "dtype": "complex64"})
     RunDir(spec.run_dir).prepare(spec, resume=False)

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import unidask
-from unidask import RunDir, files
+from unidask import RunDir
+from unidask.core import files
 
-from conftest import REPO, cli, config_in, merged_data, write_config
-from test_faults import wait_for
+from conftest import REPO, cli, config_in, merged_data, wait_for, write_config
 
 
 def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
@@ -33,7 +33,7 @@ def test_stage_merge_and_read_on_a_network_filesystem(config, netfs, tmp_path):
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(run, "netfs", netfs / "run")
         try:
-            wait_for(lambda: len(RunDir(netfs / "run").staged_shards()) > 2 or running.done(), timeout=120)
+            wait_for(lambda: len(RunDir(netfs / "run").staged_shards()) > 2 or running.done(), "3 segments staged")
         finally:
             hold.unlink()
         result = running.result(timeout=180)
@@ -123,7 +123,7 @@ def test_one_driver_per_run_dir_on_a_network_filesystem(netfs, tmp_path):
     import sys
     import time
 
-    from unidask import runlock
+    from unidask.store import runlock
 
     base = netfs / "lock"
     (base / "run").mkdir(parents=True)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unidask import db, pages
+from unidask.store import db, pages
 
 
 def table(path, page_size: int, ids: np.ndarray, data: np.ndarray, dim: int, chunk: int = 1000,

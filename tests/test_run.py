@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from scipy import stats
 import unidask
 from unidask import RunDir
 
-from conftest import REPO, cli, merged_data, messages, on_a_terminal, run_main, unitarity_error, write_config
+from conftest import REPO, cli, merged_data, messages, on_a_terminal, run_main, unitarity_error, wait_for, write_config
 
 
 def test_run_writes_unitary_haar_data(haar_run):
@@ -162,7 +163,7 @@ def test_short_tasks_get_a_task_size_hint(config):
 
 
 def test_task_size_hint_only_for_short_tasks():
-    from unidask.driver import task_size_hint
+    from unidask.execute.driver import task_size_hint
 
     assert task_size_hint(1000, [0.2] * 50) is None
     assert "run.task_size = 50000 (now 100)" in task_size_hint(100, [0.001] * 50)
@@ -316,7 +317,7 @@ def test_status_shows_a_running_run_live(config, tmp_path):
     run ends, only what the files say."""
     import threading
 
-    from unidask.status import status
+    from unidask.views.status import status
 
     spec = config(run={"count": 2000, "task_size": 10}, generator={"kind": "plugin_generators:slow_haar", "delay": 0.2},
                   storage={"stage_every": 300})
@@ -346,7 +347,7 @@ def test_clean_never_removes_the_only_copy(config, tmp_path, capsys):
     import shutil
 
     from conftest import run_main
-    from unidask import shard
+    from unidask.store import shard
 
     spec = config(run={"count": 1000, "task_size": 100})
     unidask.run(spec, merge=False)
@@ -380,16 +381,26 @@ def test_staged_bytes_grow_with_the_data_not_the_stage_outs(config, tmp_path):
     """Many stage-outs: each stages only the tasks written since the one before (a segment), so
     the bytes written to the run dir stay within 1.5x the data (a whole copy each time made them
     grow with data x stage-outs); the merged data is the same bytes as a run staged once."""
-    spec = config(run={"count": 60000, "task_size": 500}, generator={"dim": 8},
-                  storage={"stage_every": 0.2})
-    result = unidask.run(spec)
+    # the run goes on, a task every quarter second per worker, until 10 stage-outs have staged a
+    # segment each: an event, however loaded the machine
+    hold = tmp_path / "hold"
+    hold.touch()
+    gen = {"kind": "plugin_generators:held_haar", "dim": 8, "hold": str(hold)}
+    spec = config(run={"count": 60000, "task_size": 125}, generator=gen, storage={"stage_every": 0.2})
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(unidask.run, spec)
+        try:
+            wait_for(lambda: len(RunDir(spec.run_dir).staged_shards()) >= 10 or running.done(), "10 segments staged")
+        finally:
+            hold.unlink()
+        result = running.result(timeout=600)
     stages = RunDir(spec.run_dir).read_stages()
     written = sum(s["bytes"] for s in stages)
     data = 60000 * 8 * 8 * 16
     assert len([s for s in stages if s["path"]]) >= 10, len(stages)   # many stage-outs
     assert written <= 1.5 * data, (written / data, len(stages))
-    once = config("once.toml", run={"count": 60000, "task_size": 500, "run_dir": str(tmp_path / "once")},
-                  generator={"dim": 8}, storage={"local_dir": str(tmp_path / "once-local")})
+    once = config("once.toml", run={"count": 60000, "task_size": 125, "run_dir": str(tmp_path / "once")},
+                  generator=gen, storage={"local_dir": str(tmp_path / "once-local")})
     assert merged_data(result.merged.out) == merged_data(unidask.run(once).merged.out)
     assert result.merged.duplicates == 0
 
@@ -462,7 +473,7 @@ def test_a_damaged_run_lock_is_one_line_then_taken_over_when_stale(config, tmp_p
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from unidask import runlock
+    from unidask.store import runlock
 
     spec = config(run={"count": 1000, "task_size": 100})
     lock = RunDir(spec.run_dir).lock_path
@@ -597,7 +608,7 @@ def test_a_driver_whose_lock_is_damaged_stops_in_one_line(tmp_path):
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from unidask.runlock import run_lock
+from unidask.store.runlock import run_lock
 with run_lock(Path(sys.argv[1])):
     print("held", flush=True)
     sys.stdin.read()   # until the test closes it

@@ -11,8 +11,8 @@ import sys
 import unidask
 from unidask import RunDir
 
-from conftest import REPO, merged_data, write_config
-from test_faults import staged_tasks, wait_for
+from conftest import REPO, merged_data, wait_for, write_config
+from test_faults import staged_tasks
 
 NODES = 32
 
@@ -30,7 +30,7 @@ def test_thirty_two_nodes_stage_resume_and_merge_to_the_bytes_of_one(tmp_path):
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True, env=env)
     try:
-        wait_for(lambda: len(staged_tasks(spec.run_dir)) >= 10, timeout=300)   # a periodic stage-out
+        wait_for(lambda: len(staged_tasks(spec.run_dir)) >= 10, "10 staged tasks", timeout=300)   # a periodic stage-out
         os.killpg(driver.pid, signal.SIGINT)
         _, err = driver.communicate(timeout=180)
     finally:

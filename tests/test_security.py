@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ import pytest
 from distributed import Client
 
 import unidask
-from unidask import tls
+from unidask.execute import tls
 
 from conftest import REPO, config_in, run_main
 
@@ -149,8 +150,7 @@ def planted(run, other, case: str) -> str:
     if case == "expired":
         for name in tls.FILES:
             (d / name).unlink()
-        tls.ensure(run, days=0)               # valid until now
-        time.sleep(1.1)
+        tls.ensure(run, days=1, issued=datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2))
         return "ca.pem"
     raise ValueError(case)
 

@@ -14,9 +14,12 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from unidask import db, files, generators, shard, staging, identity, worker
-from unidask.generators.haar import haar
-from unidask.errors import InputError, RunError
+from unidask.store import db, shard, staging, identity
+from unidask.core import files
+from unidask.spec import generators
+from unidask.execute import worker
+from unidask.spec.generators.haar import haar
+from unidask.core.errors import InputError, RunError
 
 from conftest import REPO, Tmpfs, messages
 
@@ -157,7 +160,8 @@ def test_a_process_shard_is_staged_as_segments(config, monkeypatch, tmp_path, wh
 
 KILLED_MID_TASK = """
 import os, pickle, signal, sys
-from unidask import shard, worker
+from unidask.store import shard
+from unidask.execute import worker
 spec = pickle.loads(bytes.fromhex(sys.argv[1]))
 for t in range(3):
     worker.generate_task(spec, t, "k")
@@ -200,7 +204,7 @@ def killed_in_first_transaction(path: Path, spill: bool) -> None:
     subprocess.run([sys.executable, "-c", f"""
 import os, sqlite3, sys
 sys.path.insert(0, {str(REPO)!r})
-from unidask import db
+from unidask.store import db
 con = sqlite3.connect({str(path)!r}, isolation_level=None)
 con.execute("PRAGMA journal_mode = TRUNCATE")
 con.executescript(db.SCHEMA)

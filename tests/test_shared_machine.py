@@ -16,7 +16,9 @@ import sys
 import psutil
 
 import unidask
-from unidask import RunDir, shard, worker
+from unidask import RunDir
+from unidask.store import shard
+from unidask.execute import worker
 
 from conftest import cli, merged_data, write_config
 

@@ -9,7 +9,9 @@ from pathlib import Path
 from hypothesis import given, settings, strategies as st
 
 import unidask
-from unidask import RunDir, plan, sizing
+from unidask import RunDir
+from unidask.spec import plan
+from unidask.cost import sizing
 
 from conftest import merged_data, messages, run_main, write_config
 

@@ -154,8 +154,8 @@ def test_slurm_mode_fails_when_worker_jobs_die(slurm, shared):
 
 
 def test_node_address_reaches_beyond_loopback():
-    from unidask.errors import InputError
-    from unidask.network import node_address
+    from unidask.core.errors import InputError
+    from unidask.execute.network import node_address
 
     assert node_address("lo") == "127.0.0.1"                     # cluster.interface: that one's
     assert node_address() != "127.0.0.1"                         # this machine has a way out
@@ -179,7 +179,7 @@ RENDER = """\
 import json, sys
 import unidask
 from dask_jobqueue import SLURMCluster
-from unidask import cluster
+from unidask.execute import cluster
 spec = unidask.load_config(sys.argv[1], json.loads(sys.argv[2]))
 with SLURMCluster(**cluster.worker_jobs(spec)) as jobs:
     print(jobs.job_script())
@@ -204,7 +204,7 @@ def test_the_users_jobqueue_settings_reach_the_worker_jobs(tmp_path):
     theirs = worker_job_script(tmp_path, cfg, {"cluster.workers": "auto"}, tmp_path / "dask")
     for line in ("#SBATCH --mem=60G", "#SBATCH -t 12:00:00", "#SBATCH -p long", "#SBATCH -A proj",
                  "#SBATCH --qos=big", "#SBATCH --cpus-per-task=16", "--nworkers 4", "--nthreads 1",
-                 "--preload unidask.worker"):
+                 "--preload unidask.execute.worker"):
         assert line in theirs, (line, theirs)
     ours = worker_job_script(tmp_path, cfg, {"cluster.workers": 2, "cluster.memory": "8GB",
                                              "cluster.walltime": "02:00:00", "cluster.partition": "short"},

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import unidask
-from unidask import generators, laws, stats
-from unidask.generators import groups
-from unidask.generators.haar import haar
+from unidask.spec import generators, laws
+from unidask.views import stats
+from unidask.spec.generators import groups
+from unidask.spec.generators.haar import haar
 
 import plugin_generators
 from conftest import run_main, write_config
@@ -231,8 +232,8 @@ def test_the_independent_simulator_agrees_with_qiskit_and_sees_a_wrong_gate(monk
     from qiskit import QuantumCircuit
     from qiskit.quantum_info import Operator
 
-    from unidask import simulate
-    from unidask.generators import circuits
+    from unidask.views import simulate
+    from unidask.spec.generators import circuits
 
     gen = generators.get("circuit")
     for q in range(1, 6):

@@ -67,7 +67,7 @@ def _edit(src, dst, *statements):
 
 def _match(path, task, task_size=1000):
     """Rewrite a task's count and checksum to agree with its rows, as a careful forger would."""
-    from unidask import db
+    from unidask.store import db
 
     con = sqlite3.connect(path)
     base = task * task_size

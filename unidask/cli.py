@@ -12,9 +12,9 @@ from typing import Any
 import click
 
 from ._version import __version__
-from . import progress
-from .fmt import duration
-from .errors import UnidaskError
+from .core import progress
+from .core.fmt import duration
+from .core.errors import UnidaskError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Override(click.ParamType):
     def convert(self, value: Any, param, ctx) -> tuple[str, Any]:
         if isinstance(value, tuple):
             return value
-        from .config import parse_override
+        from .spec.config import parse_override
 
         try:
             return parse_override(value)
@@ -58,7 +58,7 @@ class Walltime(click.ParamType):
     name = "HH:MM:SS"
 
     def convert(self, value: Any, param, ctx) -> str:
-        from .config import walltime_seconds
+        from .spec.config import walltime_seconds
 
         try:
             walltime_seconds(value)
@@ -84,12 +84,12 @@ def cli() -> None:
 @click.option("--no-merge", is_flag=True, help="Stop after staging the shards.")
 def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_merge: bool) -> None:
     """Run CONFIG: generate, stage every node's shard, merge."""
-    from .config import load_config
-    from .driver import run as run_spec
-    from .errors import Interrupted
-    from .rundir import RunDir
-    from .sizing import resolve
-    from .stopping import stop_on_signal
+    from .spec.config import load_config
+    from .execute.driver import run as run_spec
+    from .core.errors import Interrupted
+    from .store.rundir import RunDir
+    from .cost.sizing import resolve
+    from .execute.stopping import stop_on_signal
 
     spec = resolve(load_config(config, dict(overrides)))
     log.info("unidask %s: %s x %s %s in %d task(s) -> %s", __version__, f"{spec.count:,}", spec.kind,
@@ -138,8 +138,8 @@ def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int | Non
            wait: bool) -> int:
     """Submit CONFIG to SLURM: the generation job, then the merge job after it. Every job
     parameter comes from the config's [cluster]; these options override it."""
-    from .config import load_config
-    from .slurm import submit as submit_jobs
+    from .spec.config import load_config
+    from .execute.slurm import submit as submit_jobs
 
     flags = {"cluster.nodes": nodes, "cluster.walltime": time_limit, "cluster.partition": partition,
              "cluster.account": account}
@@ -168,7 +168,7 @@ def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int | Non
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def tls_args(run_dir: str) -> None:
     """Make RUN_DIR's TLS certificates if missing; print the dask scheduler/worker flags for them."""
-    from .tls import cli_args
+    from .execute.tls import cli_args
 
     click.echo(" ".join(cli_args(run_dir)))
 
@@ -178,7 +178,7 @@ def tls_args(run_dir: str) -> None:
 @click.option("--towards", metavar="HOST", help="The host to be reached from (the scheduler).")
 def address(interface: str, towards: str | None) -> None:
     """Print this node's address that the other nodes reach (job scripts: a worker's --host)."""
-    from .network import node_address
+    from .execute.network import node_address
 
     click.echo(node_address(interface or None, towards))
 
@@ -193,8 +193,8 @@ def address(interface: str, towards: str | None) -> None:
 def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | None, dask_env: bool,
                 job_env: bool) -> int:
     """Print CONFIG as unidask reads it: defaults, overrides and paths filled in (JSON)."""
-    from .config import dask_exports, load_config
-    from .slurm import job_env as job_exports
+    from .spec.config import dask_exports, load_config
+    from .execute.slurm import job_env as job_exports
 
     spec = load_config(config, dict(overrides))
     data = spec.to_dict()
@@ -216,7 +216,7 @@ def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | 
     elif key == "cluster.workers" and value == "auto" and c.mode == "local":
         value = c.local_per_node()
     elif key == "run.task_size" and value == "auto":
-        from .sizing import resolve
+        from .cost.sizing import resolve
 
         value = resolve(spec).task_size
     click.echo("null" if value is None else json.dumps(value) if isinstance(value, (list, tuple, dict)) else value)
@@ -230,7 +230,7 @@ def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | 
 @click.option("--skip-bad", is_flag=True, help="Merge the good shards, list the rejected ones.")
 def merge(run_dir: str, out: str | None, append: bool, skip_bad: bool) -> int:
     """Merge the staged shards of RUN_DIR into one database. Exits 1 when tasks are missing."""
-    from .merge import merge as merge_run
+    from .store.merge import merge as merge_run
 
     report = merge_run(run_dir, out, append=append, skip_bad=skip_bad)
     click.echo(report.summary())
@@ -244,7 +244,7 @@ def clean(run_dir: str, dry_run: bool) -> None:
     """Remove what RUN_DIR's run no longer needs, never the only copy of a task: once its merged
     database holds every task (checked again), the staged shards, set-aside files and this
     machine's leftover live shards; before that, only stage those leftovers."""
-    from .clean import clean as clean_run
+    from .store.clean import clean as clean_run
 
     report = clean_run(run_dir, dry_run=dry_run)
     for p in report.removed:
@@ -257,7 +257,7 @@ def clean(run_dir: str, dry_run: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(run_dir: str, as_json: bool) -> int:
     """Tasks done and missing in RUN_DIR, per node."""
-    from .status import status as run_status
+    from .views.status import status as run_status
 
     return show(run_status(run_dir), as_json)
 
@@ -280,8 +280,8 @@ def show(figures: Any, as_json: bool) -> int:
 def plan_cmd(config: str, nodes: int | None, cores: int | None, seconds_per_unitary: float | None,
              as_json: bool, overrides: tuple[tuple[str, Any], ...]) -> int:
     """What CONFIG's run will be: tasks, duration, core-hours, bytes, shards, merge, warnings."""
-    from .config import load_config
-    from .estimate import estimate
+    from .spec.config import load_config
+    from .cost.estimate import estimate
 
     # an "auto" task size is sized by the plan, for its --nodes and --cores
     return show(estimate(load_config(config, dict(overrides)), nodes, cores, seconds_per_unitary), as_json)
@@ -292,7 +292,7 @@ def plan_cmd(config: str, nodes: int | None, cores: int | None, seconds_per_unit
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def info(db: str, as_json: bool) -> int:
     """What DB holds: rows, matrices, generator, seed, tasks, when merged, size."""
-    from .info import info as db_info
+    from .views.info import info as db_info
 
     return show(db_info(db), as_json)
 
@@ -302,7 +302,7 @@ def info(db: str, as_json: bool) -> int:
 @click.option("-o", "--out", type=click.Path(dir_okay=False), default="report.html", show_default=True)
 def report(run_dir: str, out: str) -> None:
     """Write a self-contained HTML report of how RUN_DIR's run went."""
-    from .report import report as write_report
+    from .views.report import report as write_report
 
     click.echo(f"report written to {write_report(run_dir, out)}")
 
@@ -323,7 +323,7 @@ def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None
            unique: str | None, chunk_rows: int | None, compression: str | None) -> None:
     """Export DB as one .npy array (k, n, n) with its metadata beside it, one HDF5 file, or one
     .txt file per unitary in OUT."""
-    from .export import IdsOutOfRange, export as export_db
+    from .store.export import IdsOutOfRange, export as export_db
 
     try:
         n = export_db(db, fmt, out, ids, unique, chunk_rows=chunk_rows, compression=compression)
@@ -350,9 +350,9 @@ def verify(ctx: click.Context, db: str, against: str | None, sample: int, full: 
     """Check DB: every planned task whole and unaltered, nothing else, every matrix finite and
     unitary, the total; with --stats, its distribution too. Exit 0 only when all holds (1: it does
     not; 3: --stats could not test its distribution)."""
-    from .config import load_config
-    from .stats import check
-    from .verify import verify as verify_db
+    from .spec.config import load_config
+    from .views.stats import check
+    from .views.verify import verify as verify_db
 
     given = {name for name in ("sample", "full", "overrides", "stats_rows")
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
@@ -377,7 +377,7 @@ def verify(ctx: click.Context, db: str, against: str | None, sample: int, full: 
 @cli.command("generators")
 def list_generators() -> None:
     """List the generators and their parameters."""
-    from .generators import LAWS, PLUGIN_PARAMS, REGISTRY
+    from .spec.generators import LAWS, PLUGIN_PARAMS, REGISTRY
 
     for g in REGISTRY.values():
         click.echo(f"{g.kind}: {g.doc} (law {g.law})")

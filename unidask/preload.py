@@ -4,8 +4,8 @@ Dask imports preloads before it builds the dashboard."""
 
 import dask.config
 
-from .daskapi import withstand_floods
-from .dashboard import install
+from .core.daskapi import withstand_floods
+from .views.dashboard import install
 
 # this process is the job's `dask scheduler`: its own Dask config is unidask's to set
 dask.config.set(install())

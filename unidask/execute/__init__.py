@@ -1,0 +1,1 @@
+"""Running it: SLURM, the cluster, TLS, the workers' entry points and the driver."""
