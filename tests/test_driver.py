@@ -35,7 +35,7 @@ def driver(client, config):
         rd.prepare(spec, False)
         lock = run_lock(rd.lock_path)
         drivers.append(lock)
-        d = Driver(client, spec, shard.new_attempt(), RunResult(spec.run_dir), set(), lock.__enter__())
+        d = Driver(client, spec, rd, shard.new_attempt(), RunResult(spec.run_dir), set(), lock.__enter__())
         return d
 
     yield make

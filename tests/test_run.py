@@ -655,4 +655,4 @@ def test_the_python_api_shows_unidask_and_quiets_dask(tmp_path):
     configured = "import logging; logging.basicConfig(level=logging.INFO)\n" + API_RUN
     shutil.rmtree(tmp_path / "run")
     r = subprocess.run([sys.executable, "-c", configured, str(cfg)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "INFO:unidask.driver:dashboard: http://" in r.stderr, r.stderr
+    assert r.returncode == 0 and "INFO:unidask.execute.driver:dashboard: http://" in r.stderr, r.stderr

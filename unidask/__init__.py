@@ -39,15 +39,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .spec.config import Spec, load_config
-    from .store.dataset import Dataset
-    from .execute.driver import run
     from .core.errors import InputError, RunError, UnidaskError
-    from .store.export import export
-    from .spec.generators import law
-    from .store.merge import merge
-    from .views.report import report
-    from .store.rundir import RunDir
+    from .execute.driver import run
     from .execute.slurm import submit
+    from .spec.config import Spec, load_config
+    from .spec.generators import law
+    from .store.dataset import Dataset
+    from .store.export import export
+    from .store.merge import merge
+    from .store.rundir import RunDir
+    from .views.report import report
     from .views.status import status
     from .views.verify import verify

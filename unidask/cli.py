@@ -13,8 +13,8 @@ import click
 
 from ._version import __version__
 from .core import progress
-from .core.fmt import duration
 from .core.errors import UnidaskError
+from .core.fmt import duration
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,15 @@ def cli() -> None:
 @click.option("--no-merge", is_flag=True, help="Stop after staging the shards.")
 def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_merge: bool) -> None:
     """Run CONFIG: generate, stage every node's shard, merge."""
-    from .spec.config import load_config
-    from .execute.driver import run as run_spec
     from .core.errors import Interrupted
-    from .store.rundir import RunDir
     from .cost.sizing import resolve
+    from .execute.driver import run as run_spec
     from .execute.stopping import stop_on_signal
+    from .spec.config import load_config
+    from .store.rundir import RunDir
 
     spec = resolve(load_config(config, dict(overrides)))
+    rd = RunDir(spec.run_dir)
     log.info("unidask %s: %s x %s %s in %d task(s) -> %s", __version__, f"{spec.count:,}", spec.kind,
              spec.dtype, spec.n_tasks, spec.run_dir)
     try:
@@ -101,7 +102,7 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
         # what a Ctrl-C leaves, and the command that finishes it
         argv = list((click.get_current_context().obj or {}).get("argv", ["run", config]))
         again = shlex.join(["unidask", *argv, *([] if "--resume" in argv else ["--resume"])])
-        done = len(RunDir(spec.run_dir).staged_tasks())
+        done = len(rd.staged_tasks())
         raise Interrupted(f"interrupted: {done:,} of {spec.n_tasks:,} tasks staged in {spec.run_dir}; "
                       f"to finish: {again}") from None
     if result.complete is not None:
@@ -109,7 +110,6 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
         return
     # every staged file (first copies and deltas, this invocation's and earlier ones'), which the
     # merge reads: result.shards holds only the final stage-outs that had something new
-    rd = RunDir(spec.run_dir)
     if result.skipped_tasks == spec.n_tasks:   # nothing to generate: the merge's line says the rest
         if result.merged is None:
             click.echo(f"nothing to do: all {spec.n_tasks:,} tasks are staged in {rd.shards}")
@@ -138,8 +138,8 @@ def submit(config: str, overrides: tuple[tuple[str, Any], ...], nodes: int | Non
            wait: bool) -> int:
     """Submit CONFIG to SLURM: the generation job, then the merge job after it. Every job
     parameter comes from the config's [cluster]; these options override it."""
-    from .spec.config import load_config
     from .execute.slurm import submit as submit_jobs
+    from .spec.config import load_config
 
     flags = {"cluster.nodes": nodes, "cluster.walltime": time_limit, "cluster.partition": partition,
              "cluster.account": account}
@@ -193,13 +193,14 @@ def address(interface: str, towards: str | None) -> None:
 def show_config(config: str, overrides: tuple[tuple[str, Any], ...], key: str | None, dask_env: bool,
                 job_env: bool) -> int:
     """Print CONFIG as unidask reads it: defaults, overrides and paths filled in (JSON)."""
-    from .spec.config import dask_exports, load_config
     from .execute.slurm import job_env as job_exports
+    from .spec.config import dask_exports, load_config
+    from .store.rundir import RunDir
 
     spec = load_config(config, dict(overrides))
     data = spec.to_dict()
     if dask_env or job_env:
-        click.echo("\n".join([*(job_exports(spec) if job_env else []), *dask_exports()]))
+        click.echo("\n".join([*(job_exports(spec, RunDir(spec.run_dir)) if job_env else []), *dask_exports()]))
         return 0
     if key is None:
         click.echo(json.dumps(data, indent=2))
@@ -280,8 +281,8 @@ def show(figures: Any, as_json: bool) -> int:
 def plan_cmd(config: str, nodes: int | None, cores: int | None, seconds_per_unitary: float | None,
              as_json: bool, overrides: tuple[tuple[str, Any], ...]) -> int:
     """What CONFIG's run will be: tasks, duration, core-hours, bytes, shards, merge, warnings."""
-    from .spec.config import load_config
     from .cost.estimate import estimate
+    from .spec.config import load_config
 
     # an "auto" task size is sized by the plan, for its --nodes and --cores
     return show(estimate(load_config(config, dict(overrides)), nodes, cores, seconds_per_unitary), as_json)
@@ -323,7 +324,8 @@ def export(db: str, fmt: str | None, out: str, ids: tuple[int | None, int | None
            unique: str | None, chunk_rows: int | None, compression: str | None) -> None:
     """Export DB as one .npy array (k, n, n) with its metadata beside it, one HDF5 file, or one
     .txt file per unitary in OUT."""
-    from .store.export import IdsOutOfRange, export as export_db
+    from .store.export import IdsOutOfRange
+    from .store.export import export as export_db
 
     try:
         n = export_db(db, fmt, out, ids, unique, chunk_rows=chunk_rows, compression=compression)

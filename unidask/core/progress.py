@@ -33,7 +33,7 @@ class Progress:
                             unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
                             dynamic_ncols=True, smoothing=0.05)
 
-    def update(self, n: int, extra: str = "") -> None:
+    def update(self, n: float, extra: str = "") -> None:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)

@@ -14,9 +14,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import sizing
-from ..spec.config import Spec
 from ..core.fmt import duration, size
+from ..spec.config import Spec
+from . import sizing
 from .sizing import SCHEDULER_CPU, SCHEDULER_LOAD, TASKS_PER_WORKER
 
 MERGE_BYTES_S = 230e6    # merge throughput at n = 4 on 2 cores, the slowest case measured

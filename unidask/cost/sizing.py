@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..spec import generators
-from ..store import shard
-from ..spec.config import Spec
 from ..core.fmt import duration
+from ..spec import generators
+from ..spec.config import Spec
+from ..store import shard
 from ..store.rundir import RunDir
 
 log = logging.getLogger(__name__)

@@ -12,19 +12,19 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import dask.config
 from distributed import Client, Nanny, Scheduler, SpecCluster, Status
 
 from ..core import daskapi, files
-from ..views import dashboard
-from ..store import identity
-from . import network, slurm, tls, worker
-from ..spec.config import SUBMIT_WALLTIME, Spec, dask_exports, dask_settings
 from ..core.errors import InputError, RunError
+from ..spec.config import SUBMIT_WALLTIME, Spec, dask_exports, dask_settings
+from ..store import identity
 from ..store.rundir import RunDir
+from ..views import dashboard
+from . import network, slurm, tls, worker
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,19 @@ from pathlib import Path
 
 from distributed import Client, wait
 
-from . import cluster, worker
 from ..core import daskapi, files
-from ..views import dashboard
-from ..spec import plan
-from ..store import shard, staging, identity
-from ..cost import sizing
-from ..spec.config import Spec
 from ..core.errors import InputError, RunError, Stopped
-from ..store.merge import MergeReport, merge as merge_run
 from ..core.progress import Progress, messages_shown
+from ..cost import sizing
+from ..spec import plan
+from ..spec.config import Spec
+from ..store import identity, shard, staging
+from ..store.merge import MergeReport
+from ..store.merge import merge as merge_run
 from ..store.rundir import RunDir
 from ..store.runlock import Held, run_lock
+from ..views import dashboard
+from . import cluster, worker
 from .stopping import check_stop
 from .stragglers import Stragglers
 from .window import Window
@@ -68,14 +69,16 @@ class Driver:
     """One invocation's work on a connected client: keep tasks in flight, stage shards out, and
     report progress (progress bar, dashboard page, ``RUN_DIR/stages.jsonl``)."""
 
-    def __init__(self, client: Client, spec: Spec, attempt: str, result: RunResult, staged: set[int], lock: Held):
+    def __init__(self, client: Client, spec: Spec, run_dir: RunDir, attempt: str, result: RunResult, staged: set[int],
+                 lock: Held):
         self.client, self.spec, self.attempt, self.result, self.lock = client, spec, attempt, result, lock
-        self.tracker = dashboard.Tracker(client, spec, sum(spec.task_count(t) for t in staged), len(staged))
-        self.run_dir = RunDir(spec.run_dir)
+        self.run_dir = run_dir
+        self.tracker = dashboard.Tracker(client, spec, run_dir.live_path, sum(spec.task_count(t) for t in staged),
+                                         len(staged))
         self.said = 0.0
         self.stragglers = Stragglers()   # task times, kept across the rounds of a run
         self.no_workers_since: float | None = None
-        self.processes: dict[str, tuple[str, int, int]] = {}   # local mode: address -> name, pid, start
+        self.processes: dict[str, tuple[str | None, int, int]] = {}   # local mode: address -> name, pid, start
         self.unlogged: list[dict] = []    # stage-outs not yet in stages.jsonl (the run dir hiccuped)
         self.troubles: dict[str, tuple[str, float]] = {}   # what goes wrong now: its cause, last seen
 
@@ -191,7 +194,8 @@ class Driver:
         threads = sum(client.nthreads().values()) or spec.cluster.nodes * spec.cluster.workers_per_node(1)
         progress = Progress(spec.count, initial=spec.count - sum(spec.task_count(t) for t in tasks))
         window = Window(client, spec, self.attempt, tasks, spec.cluster.in_flight(threads))
-        last_stage, stages = time.monotonic(), {}
+        stages: dict = {}
+        last_stage = time.monotonic()
         n_done, durations = 0, []
         watched, last_done = 0.0, time.monotonic()
         try:
@@ -380,7 +384,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
         for line in cluster.dashboard_lines(client, spec):
             log.info(line)
         start = time.monotonic()  # the rate is of generating and staging, not of starting workers
-        driver = Driver(client, spec, attempt, result, staged, lock)
+        driver = Driver(client, spec, run_dir, attempt, result, staged, lock)
         for redo in range(REDO_ROUNDS + 1):
             if tasks:
                 driver.generate(tasks)

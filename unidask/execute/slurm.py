@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 from ..core import files
-from ..store.identity import job_id
-from .network import dashboard_address, node_address
-from ..spec.config import Spec, walltime_seconds
 from ..core.errors import InputError, RunError
+from ..spec.config import Spec, walltime_seconds
+from ..store.identity import job_id
 from ..store.rundir import RunDir
+from .network import dashboard_address, node_address
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,11 @@ def render(script: str, directives: list[str], env: dict[str, str]) -> str:
     return "\n".join(head + body[:at] + exports + body[at:]) + "\n"
 
 
-def job_env(spec: Spec) -> list[str]:
+def job_env(spec: Spec, rd: RunDir) -> list[str]:
     """What a generation job needs to know of its run, as shell exports: the run dir's paths (of
     this job, from ``SLURM_JOB_ID``), the run's security, its workers per node and where the
     scheduler and its dashboard listen."""
-    rd, c = RunDir(spec.run_dir), spec.cluster
+    c = spec.cluster
     host = node_address(c.interface)
     values = {"RUN_DIR": rd.path, "LOGS": rd.logs, "SCHEDULER_FILE": rd.scheduler_file(job_id() or "local"),
               "SECURITY": c.security, "SCHEDULER_HOST": host, "INTERFACE": c.interface or "",
@@ -71,10 +72,10 @@ def directive(option: str) -> str:
     return f"{name}={shlex.quote(value)}" if eq and shlex.quote(value) != value else option
 
 
-def job_scripts(spec: Spec, spec_path: Path) -> dict[str, str]:
+def job_scripts(spec: Spec, spec_path: Path, logs: Path) -> dict[str, str]:
     """The rendered generation and merge scripts for ``spec``, whose resolved copy each job reads
     from ``spec_path``: every job parameter from ``[cluster]``."""
-    c, logs = spec.cluster, RunDir(spec.run_dir).logs
+    c = spec.cluster
     common = [*([f"--partition={c.partition}"] if c.partition else []),
               *([f"--account={c.account}"] if c.account else []), *c.job_extra_directives]
     stop_before = min(int(c.stop_before), max(60, walltime_seconds(c.job_walltime()) // 2))
@@ -92,7 +93,7 @@ def job_scripts(spec: Spec, spec_path: Path) -> dict[str, str]:
             "merge": render(template("merge.sbatch"), list(map(directive, merge)), env) + line}
 
 
-def sbatch(script: Path, args: list[str], extra: list[str] = (), *, wait: bool = False) -> tuple[str, int]:
+def sbatch(script: Path, args: list[str], extra: Sequence[str] = (), *, wait: bool = False) -> tuple[str, int]:
     """Submit ``script``; return the job id and, with ``wait``, the job's exit status."""
     cmd = ["sbatch", "--parsable", *extra, *(["--wait"] if wait else []), str(script), *args]
     try:
@@ -139,7 +140,7 @@ def submit(spec: Spec, *, dry_run: bool = False, wait: bool = False) -> Submissi
         log.warning("%s (SLURM's nodes here have %d)", said, cores)   # --exclusive: the job gets them all
     stamp = time.strftime("%Y%m%d-%H%M%S")
     spec_path = rd.jobs / f"spec-{stamp}.json"
-    sub = Submission(None, None, job_scripts(spec, spec_path), rd.logs, spec_path,
+    sub = Submission(None, None, job_scripts(spec, spec_path, rd.logs), rd.logs, spec_path,
                      json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
     if dry_run:
         return sub

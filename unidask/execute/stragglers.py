@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from typing import Hashable, Iterable, Mapping
+from typing import Any, Hashable, Iterable, Mapping
 
 FACTOR = 4.0        # a task is a straggler past this many times the median task time...
 FLOOR = 10.0        # ...and never before this many seconds (a task may queue behind one on its worker)
@@ -22,7 +22,7 @@ class Stragglers:
     def __init__(self, factor: float = FACTOR, floor: float = FLOOR):
         self.factor, self.floor = factor, floor
         self.durations: deque[float] = deque(maxlen=RECENT)
-        self.seen: dict[Hashable, tuple[float, str]] = {}   # key -> (first seen running, worker)
+        self.seen: dict[Any, tuple[float, str]] = {}   # key -> (first seen running, worker)
 
     def finished(self, seconds: float) -> None:
         self.durations.append(seconds)

@@ -10,11 +10,11 @@ from typing import Iterable
 
 from distributed import Client, Future, as_completed
 
-from . import worker
 from ..core import daskapi
 from ..core.errors import RunError, UnidaskError
 from ..spec import generators
 from ..spec.config import Spec
+from . import worker
 from .stragglers import Stragglers
 
 log = logging.getLogger(__name__)

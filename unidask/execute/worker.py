@@ -16,8 +16,8 @@ from typing import Any
 
 from ..core import daskapi, files, malloc
 from ..spec import generators, plan
-from ..store import shard, staging, identity
 from ..spec.config import Spec
+from ..store import identity, shard, staging
 
 
 def dask_setup(worker) -> None:

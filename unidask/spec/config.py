@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping
 import dask.config
 import yaml
 
-from . import generators, plan
 from ..core.errors import InputError, RunError
+from . import generators, plan
 
 _defaults_file = Path(__file__).with_name("unidask.yaml")
 # only unidask's own namespace: Dask's settings for the clusters unidask starts sit under
@@ -187,7 +187,7 @@ class Cluster:
 
     def workers_per_node(self, cores: int) -> int:
         """Worker processes on a node of ``cores`` cores: ``workers``, or with "auto" one per core."""
-        return cores if self.workers == "auto" else self.workers
+        return cores if self.workers == "auto" else int(self.workers)
 
     def job_walltime(self) -> str:
         """The generation job's walltime (``unidask submit``): ``walltime``, else one hour."""
@@ -354,6 +354,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
     merged = {s: copy.deepcopy(defaults[s]) for s in SECTIONS}
     if recorded and not isinstance(data, dict):
         raise InputError(f"{where}: not a unidask job spec (a JSON object of sections)")
+    data = dict(data)   # the caller's, left as it is
     code = data.pop("code", "") if recorded else ""
     law = data.pop("law", "") if recorded else ""
     _update(merged, data, where)

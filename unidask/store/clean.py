@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, shard, staging
 from ..core.fmt import size
+from . import db, shard, staging
 from .rundir import RunDir
 from .runlock import run_lock
 

@@ -14,9 +14,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..core import files
+from ..core.errors import InputError
 from . import pages
 from .db import connect_readonly, read_meta
-from ..core.errors import InputError
 
 
 class Dataset:
@@ -53,7 +53,7 @@ class Dataset:
         return {"path": str(self.path), "mmap": self.mmap}   # connections do not travel
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["mmap"])
+        Dataset.__init__(self, state["path"], state["mmap"])
 
     @property
     def con(self) -> sqlite3.Connection:
@@ -103,6 +103,7 @@ class Dataset:
         return pages.PageReader(self.path, layout)
 
     def _paged(self, ids: np.ndarray) -> np.ndarray:
+        assert self._pages is not None   # called only where the pages are readable
         return self._pages.rows(ids).view(self.dtype).reshape(len(ids), self.dim, self.dim)
 
     def _query(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
@@ -306,10 +307,10 @@ class Dataset:
 
     def meta_of(self, i: int) -> Any:
         """The JSON metadata stored with unitary ``i`` (e.g. its circuit), or None."""
-        i = self._ids(i)
-        if not isinstance(i, int):
+        key = self._ids(i)
+        if not isinstance(key, int):
             raise TypeError("meta_of takes one id")
-        row = self._query("SELECT meta FROM unitaries WHERE id = ?", (i,)).fetchone()
+        row = self._query("SELECT meta FROM unitaries WHERE id = ?", (key,)).fetchone()
         if row is None:
             raise IndexError(f"{self.path}: no unitary with id {i}")
         return self.parse_meta(i, row[0])
@@ -364,8 +365,8 @@ class Dataset:
             if self._query("SELECT 1 FROM unitaries WHERE meta IS NULL LIMIT 1").fetchone():
                 raise InputError(f"{self.path}: rows without a stored circuit: deduplicate "
                                  "these by='unitary'")
-            ids = (i for (i,) in self._query("SELECT min(id) FROM unitaries GROUP BY meta"))
-            return np.sort(np.fromiter(ids, dtype=np.int64))
+            firsts = (i for (i,) in self._query("SELECT min(id) FROM unitaries GROUP BY meta"))
+            return np.sort(np.fromiter(firsts, dtype=np.int64))
         if by != "unitary":
             raise ValueError(f"by must be 'circuit' or 'unitary', not {by!r}")
         seen: set[bytes] = set()

@@ -16,8 +16,8 @@ import numpy as np
 import xxhash
 
 from ..core import files
-from ..spec import generators, plan
 from ..core.errors import InputError
+from ..spec import generators, plan
 
 if TYPE_CHECKING:
     from ..spec.config import Spec

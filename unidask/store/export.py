@@ -16,10 +16,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..core import files
-from .dataset import Dataset
-from .db import check_database, check_pages
 from ..core.errors import InputError, writing
 from ..core.progress import Progress
+from .dataset import Dataset
+from .db import check_database, check_pages
 
 FORMATS = ("npy", "h5", "txt")
 COMPRESSIONS = ("gzip", "lzf")   # what plain h5py reads, with no plugin
@@ -201,8 +201,8 @@ def _export_npy(rows: Rows, out: Path) -> int:
         has_metas = lines.tell() > 0
     if not has_metas:
         metas.unlink()
-    ids = {"start": rows.start, "stop": nxt} if gaps is None else np.concatenate(gaps).tolist()
-    files.write_atomic(sidecar, json.dumps(described(ds, ids), indent=1) + "\n", mode=None)
+    held = {"start": rows.start, "stop": nxt} if gaps is None else np.concatenate(gaps).tolist()
+    files.write_atomic(sidecar, json.dumps(described(ds, held), indent=1) + "\n", mode=None)
     return k
 
 

@@ -14,19 +14,19 @@ import os
 import shutil
 import sqlite3
 import statistics
-import threading
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import db, pagemerge, pages, runlock
 from ..core import files, malloc
-from ..spec import plan
-from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema, check_tasks
 from ..core.errors import InputError, RunError, writing
 from ..core.progress import Progress, messages_shown
+from ..spec import plan
+from . import db, pagemerge, pages, runlock
+from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema, check_tasks
 from .rundir import RunDir
 
 ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
@@ -124,7 +124,8 @@ def _merge(rd: RunDir, out: str | os.PathLike | None, append: bool, skip_bad: bo
     try:
         existing = out if append and out.exists() else None
         laid = False
-        if existing is None and expected.dim is not None and pages.fits(expected.row_bytes, page_size):
+        row_bytes = expected.row_bytes   # None where the rows' size is unknown (a plugin's, no rows yet)
+        if existing is None and row_bytes is not None and pages.fits(row_bytes, page_size):
             try:
                 _merge_pages(tmp, paths, record, page_size, expected, checker, task_size, fingerprint, report, sizes,
                              client)
@@ -215,6 +216,7 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
         taken[p].add(task)
     with contextlib.closing(_open_target(tmp, None, record, page_size, expected)) as con:
         root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+    assert expected.row_bytes is not None and expected.dim is not None   # the page merge's condition
     table = pagemerge.Table(owners, task_size, page_size, tmp.stat().st_size // page_size + 1,
                             expected.row_bytes, expected.dim)
     units = table.units()
@@ -300,7 +302,8 @@ def _on_workers(client, target: str, layout: pages.Layout, units: list[pagemerge
         said.append(why)
         out.extend(pagemerge.write_unit(target, layout, unit))
 
-    pending, gaps, last = set(futures), [], time.monotonic()
+    gaps: list[float] = []
+    pending, last = set(futures), time.monotonic()
     try:
         while pending:
             bound = max(STALL_MIN, STALL_X * statistics.median(gaps)) if gaps else None

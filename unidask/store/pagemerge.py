@@ -22,8 +22,8 @@ from typing import Iterator
 
 import numpy as np
 
-from . import db, pages
 from ..spec import plan
+from . import db, pages
 from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_schema, connect_readonly, reading
 
 log = logging.getLogger(__name__)

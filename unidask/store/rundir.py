@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import db
 from ..core import files
-from ..spec.config import Spec
 from ..core.errors import InputError
+from ..spec.config import Spec
+from . import db
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class RunDir:
             log.info("%s: replacing the record of a run that staged nothing (%s)", self.path,
                      self.record_path)
             self.record_path.unlink()
-        elif record is not None and record["fingerprint"] != spec.fingerprint:
+        elif recorded is not None and record is not None and record["fingerprint"] != spec.fingerprint:
             if recorded.code != spec.code and dataclasses.replace(recorded, code=spec.code).fingerprint \
                     == spec.fingerprint:
                 raise InputError(f"{self.path}: generator {spec.kind} changed since this run started "
@@ -193,9 +193,7 @@ class RunDir:
 
     def _staged_names(self) -> set[str]:
         """The names of the shards ``stages.jsonl`` records (the merge checks every file it opens)."""
-        names = {Path(p).name for r in self.read_stages()
-                 for p in (r.get("paths") if isinstance(r.get("paths"), list) else [r.get("path")])
-                 if isinstance(p, str)}
+        names = {Path(p).name for r in self.read_stages() for p in _paths_of(r) if isinstance(p, str)}
         return {n for n in names if n.endswith(".db") and not n.startswith(".")}
 
     def complete_database(self, spec: Spec) -> Path | None:
@@ -267,6 +265,12 @@ class RunDir:
             log.warning("%s: line(s) %s are not stage-out records; skipped", self.stages,
                         ", ".join(map(str, skipped[:10])) + more)
         return records
+
+
+def _paths_of(stage: dict[str, Any]) -> list[Any]:
+    """The staged files a line of ``stages.jsonl`` names (older lines name one, as ``path``)."""
+    paths = stage.get("paths")
+    return paths if isinstance(paths, list) else [stage.get("path")]
 
 
 def differences(recorded: Spec, spec: Spec) -> str:

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..core import files
-from . import identity
 from ..core.errors import InputError, RunError
+from . import identity
 
 BEAT = 10.0
 STALE = 120.0

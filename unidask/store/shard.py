@@ -33,10 +33,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import db, identity
 from ..core import files
-from ..spec.config import Spec
 from ..core.errors import InputError, RunError
+from ..spec.config import Spec
+from . import db, identity
 
 # A task's rows from its bytes bound once: SQLite cuts them apart (substr of a BLOB is a BLOB),
 # about twice the insert rate of executemany, where binding each row from Python was half the

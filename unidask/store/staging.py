@@ -12,18 +12,18 @@ import fcntl
 import glob
 import logging
 import os
+import secrets
 import shutil
 import sqlite3
-import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from . import db, identity, shard
 from ..core import files
-from ..spec.config import Spec
 from ..core.errors import RunError
+from ..spec.config import Spec
+from . import db, identity, shard
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,13 @@ import os
 import socket
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import dask.config
+
 from ..core import daskapi, files, fmt
 from . import plots
-from ..store.rundir import RunDir
 
 KEY = "unidask"
 PUBLISH_EVERY = 1.0   # seconds
@@ -32,7 +33,7 @@ NODE_LINES = 32       # above this many nodes the page draws the total throughpu
 class Tracker:
     """The driver's live view of a run, published to the scheduler for the page."""
 
-    def __init__(self, client, spec, done_units: int, done_tasks: int):
+    def __init__(self, client, spec, live_path: Path, done_units: int, done_tasks: int):
         self.client, self.spec = client, spec
         now = time.time()
         self.state: dict[str, Any] = {
@@ -43,7 +44,7 @@ class Tracker:
             "durations": deque(maxlen=DURATIONS),
         }
         self.last = self.last_live = 0.0
-        self.live_path = RunDir(spec.run_dir).live_path
+        self.live_path = live_path
 
     def node(self, name: str) -> dict[str, Any]:
         return self.state["nodes"].setdefault(name, {"written": 0, "staged": 0, "shard_bytes": 0,

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core import files
+from ..core.errors import InputError
 from ..core.fmt import moment, size
 from ..store.db import BadFile, check_database, reading
-from ..core.errors import InputError
 
 
 @dataclass

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from ..store import db
 from ..core import files, fmt
-from . import plots
 from ..core.errors import writing
+from ..store import db
 from ..store.rundir import RunDir
+from . import plots
 from .status import RunStatus, status
 
 
@@ -59,7 +59,7 @@ def summary_html(st: RunStatus, record: dict[str, Any], rows: list[tuple], n_sta
     end = max((r[3] for r in rows), default=None)
     missing = st.to_dict()["missing"]
     paused = sum(b - a for a, b in pauses(rows))
-    wall = "-" if not rows else fmt.duration(end - start - paused) + (
+    wall = "-" if start is None or end is None else fmt.duration(end - start - paused) + (
         f" running (and {fmt.duration(paused)} paused)" if paused else "")
     facts = [
         ("run dir", st.run_dir),

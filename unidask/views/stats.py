@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from ..spec import generators, laws
-from ..store.dataset import Dataset
 from ..core.errors import InputError
+from ..spec import generators, laws
 from ..spec.laws import Check
+from ..store.dataset import Dataset
 
 SAMPLE = 5000       # rows a test reads, spread over the dataset by a fixed seed
 CIRCUITS = 200      # stored circuits simulated again

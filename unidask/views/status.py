@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..store import db
 from ..core import files
-from ..spec import plan
 from ..core.fmt import size
+from ..spec import plan
+from ..store import db
 from ..store.rundir import RunDir
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ..core import files
+from ..core.errors import InputError
+from ..core.progress import Progress
 from ..spec import generators, plan
 from ..spec.config import Spec
 from ..store.db import BadFile, Expected, check_database, check_pages, reading, task_faults
-from ..core.errors import InputError
-from ..core.progress import Progress
 
 SAMPLE = 3          # tasks generated again by --against, evenly spread (--full: all of them)
 SCAN_ROWS = 20_000  # rows read at a time for the unitarity check

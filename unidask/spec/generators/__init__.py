@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
-from .. import plan
 from ...core.errors import InputError, RunError
-from . import circuits, groups, haar as _haar
+from .. import plan
+from . import circuits, groups
+from . import haar as _haar
 
 if TYPE_CHECKING:
     from ..config import Spec
@@ -49,7 +50,8 @@ def law(name: str, checks: Callable[[np.ndarray], Mapping[str, float | bool]] | 
         raise InputError(f"law {name!r}: checks must be a function of the sampled unitaries")
 
     def stated(function: Callable) -> Callable:
-        function.law, function.checks = name, checks
+        setattr(function, "law", name)   # read back by get(): the function itself carries its law
+        setattr(function, "checks", checks)
         return function
     return stated
 
@@ -193,6 +195,8 @@ def code_identity(kind: str, function: Callable) -> str:
     generator cannot mix its rows with the old one's."""
     module = inspect.getmodule(function)
     try:
+        if module is None:
+            raise TypeError(f"{function!r} has no module")
         return f"{kind} sha256:{hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]}"
     except (OSError, TypeError):
         top = kind.partition(":")[0].split(".")[0]
