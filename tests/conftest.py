@@ -174,6 +174,26 @@ MARKED_BY_FIXTURE = ("slurm", "netfs", "browser", "hosts")
 SLURM_DIR = "/var/tmp/unidask-slurm-tests"
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test not marked ``cluster`` may not start worker processes of its own (a session
+    fixture's one shared run, such as ``haar_run``, is made before, at setup): the quick layer,
+    ``-m "not cluster ..."``, stays quick because a test that would slow it fails, saying so."""
+    if item.get_closest_marker("cluster") is not None:
+        return (yield)
+    from unidask.execute import cluster
+
+    def refused(spec):
+        raise AssertionError(f"{item.nodeid} starts a local cluster of worker processes: mark it "
+                             "@pytest.mark.cluster (or use an in-process one, as tests/test_driver.py)")
+
+    started, cluster.local_cluster = cluster.local_cluster, refused
+    try:
+        return (yield)
+    finally:
+        cluster.local_cluster = started
+
+
 def pytest_collection_modifyitems(items) -> None:
     """A test that uses the slurm, netfs or browser fixture carries that marker, so ``-m`` selects
     by what a test needs, and no marker can be forgotten."""

@@ -58,6 +58,7 @@ def test_importing_unidask_leaves_dask_config_alone():
     assert with_unidask == dask_only == "3 True\n"
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("env, failures", [({}, "10"), ({"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "5"}, "5")])
 def test_dask_settings_of_unidask_yaml_apply_to_its_clusters_only(tmp_path, env, failures):
     """unidask.yaml's Dask settings reach the scheduler and the workers of the cluster unidask
@@ -175,6 +176,7 @@ def test_unwritable_run_dir_and_local_dir(tmp_path, capsys):
     assert code == 2 and f"local_dir {blocker / 'local'} is not writable" in one_error(err)
 
 
+@pytest.mark.cluster
 def test_run_dir_of_another_run_is_refused_once_it_staged(tmp_path, capsys):
     """A run dir whose first attempt staged nothing (it failed as it started) takes the corrected
     config, saying so in one line; once anything is staged, another run is refused."""
@@ -189,6 +191,7 @@ def test_run_dir_of_another_run_is_refused_once_it_staged(tmp_path, capsys):
                           "generator.dim = 4 there, 3 in the config): choose another run.run_dir") in err, err
 
 
+@pytest.mark.cluster
 def test_a_complete_run_says_so(tmp_path, capsys):
     """Running a finished, merged run again (with or without --resume) generates nothing and says
     where its database is."""
@@ -227,6 +230,7 @@ def test_dask_env_carries_unidask_settings_to_a_bare_dask_process(tmp_path):
     assert out == ["10", "False", "1s", "False"]
 
 
+@pytest.mark.cluster
 def test_dashboard_address_mistakes_are_one_line_and_leave_nothing(tmp_path, capsys):
     """A malformed address is refused as config; one this machine cannot listen at fails before
     the run dir exists; a port in use is one warning line, and the run goes on elsewhere."""
@@ -265,6 +269,7 @@ def test_config_get_prints_the_value_the_run_uses(tmp_path, capsys):
     assert out.strip() == str(max(1, (os.cpu_count() or 1) // 2))
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("name", ["quickstart", "circuits", "orthogonal"])
 def test_each_shipped_config_runs(name, tmp_path, capsys):
     """configs/ has a config per generator family; each runs as shipped (smaller, elsewhere)."""

@@ -91,6 +91,7 @@ def run_while(spec, watch, hold: Path | None = None):
     return result
 
 
+@pytest.mark.cluster
 def test_page_figures_match_the_shards_on_disk(config, tmp_path):
     spec, hold = held(config, tmp_path)
 
@@ -212,6 +213,7 @@ def test_page_renders_in_a_browser(config, browser, tmp_path):
     assert (ARTIFACTS / "dashboard-unidask.png").stat().st_size > 10_000
 
 
+@pytest.mark.cluster
 def test_page_says_why_nothing_is_staged_yet(config, tmp_path):
     """Before the first stage-out the page says when it comes, not just "0 staged"."""
     spec, hold = held(config, tmp_path, stage_every=600, tasks=200)
@@ -272,6 +274,7 @@ def test_report_to_a_path_it_cannot_write(haar_run, tmp_path, out, reason, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
+@pytest.mark.cluster
 def test_report_data_section_says_why_it_is_empty(config, tmp_path):
     spec = config(run={"count": 400, "task_size": 100}, generator={"kind": "circuit", "qubits": 2})
     unidask.run(spec, merge=False)
@@ -312,6 +315,7 @@ def test_report_legends_sit_below_the_data(haar_run, tmp_path):
         assert name in ("progress", "durations") or "Legend" in below, (name, below)
 
 
+@pytest.mark.cluster
 def test_report_of_a_resumed_run_shows_its_pause(config, tmp_path):
     """A run stopped and resumed a minute later (its second half's tasks ran 60 s after the first
     half's, as the shards record): the report marks the pause, keeps it out of the throughput line
@@ -336,6 +340,7 @@ def test_report_of_a_resumed_run_shows_its_pause(config, tmp_path):
     assert pauses([r for r in rows]) == []   # the run as it ran: no pause
 
 
+@pytest.mark.cluster
 def test_the_dashboard_serves_no_logs(config, tmp_path):
     """Dask's /info pages served the scheduler's and the workers' logs (file paths, tracebacks)
     and call stacks to anyone who can reach the dashboard (every user of a login node): left

@@ -126,6 +126,7 @@ def test_the_private_name_check_can_fail(tmp_path):
     assert any(isinstance(n, ast.Attribute) and n.attr == "_correct_state" for n in ast.walk(tree))
 
 
+@pytest.mark.cluster
 def test_eight_workers_stage_every_task(config):
     """The run the version bug broke: 8 simulated nodes of one worker each, 400,000 U(4) in tasks
     of 10,000. Every final stage-out must reach every node: no task generated twice."""

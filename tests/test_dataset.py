@@ -283,6 +283,7 @@ def test_export_of_many_text_files_must_be_asked_for(haar_run, tmp_path, capsys)
     assert code == 0 and len(list((tmp_path / "all").iterdir())) == 1001
 
 
+@pytest.mark.cluster
 def test_export_txt_of_complex64_is_exact(config, tmp_path):
     spec = config(run={"count": 50, "task_size": 25}, generator={"dtype": "complex64", "dim": 3})
     db = unidask.run(spec).merged.out
@@ -448,6 +449,7 @@ print(peak[0])
 """
 
 
+@pytest.mark.cluster
 def test_export_streams_with_flat_memory(config, tmp_path):
     """An export several times larger than the memory the exporting process ever holds, measured
     in a fresh process, for .npy and HDF5 (both written in batches)."""
@@ -469,6 +471,7 @@ def test_export_streams_with_flat_memory(config, tmp_path):
         (tmp_path / out).unlink()
 
 
+@pytest.mark.cluster
 def test_duplicates_dropped_by_circuit_or_by_unitary(config, tmp_path, capsys):
     """One qubit, two gates from {s, sdg}: 4 circuits (s s, s sdg, sdg s, sdg sdg) and 2 unitaries
     (Z and I). The database keeps every row; the export drops the repeats and says how many."""

@@ -82,3 +82,12 @@ def test_the_driver_generates_stages_and_accounts(driver):
     assert rd.staged_tasks() == set(range(d.spec.n_tasks))
     assert d.result.written == 3000 and sum(d.result.per_node.values()) == 3000
     assert finals and len(rd.read_stages()) > len(finals)   # periodic ones before the final
+
+
+def test_a_quick_test_may_not_start_worker_processes(config):
+    """The quick layer's guard (conftest.py): a test not marked ``cluster`` that starts a local
+    cluster of worker processes fails, saying how to mark it."""
+    import unidask
+
+    with pytest.raises(AssertionError, match="mark it @pytest.mark.cluster"):
+        unidask.run(config(run={"count": 200, "task_size": 100}))

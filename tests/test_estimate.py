@@ -11,6 +11,8 @@ from unidask import RunDir
 
 from conftest import run_main, write_config
 
+pytestmark = pytest.mark.cluster   # every test here runs on a local cluster of worker processes
+
 CIRCUITS = {"kind": "circuit", "qubits": 3, "depth": 10, "gate_set": ["h", "s", "t", "cx"]}
 
 

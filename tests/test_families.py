@@ -80,6 +80,7 @@ def test_circuit_bad_options(params, message):
         generators.get("circuit").validate(params)
 
 
+@pytest.mark.cluster
 def test_circuit_run_end_to_end(config):
     spec = config(run={"count": 60, "task_size": 25}, generator={"kind": "circuit", "qubits": 3, "depth": 4})
     db = unidask.run(spec).merged.out
@@ -135,6 +136,7 @@ def test_spacing_test_rejects_qr_without_phase_correction():
     assert stats.kstest(spacings(q), wigner_cdf).pvalue < 1e-6
 
 
+@pytest.mark.cluster
 def test_plugin_generator_end_to_end(config):
     spec = config(run={"count": 300, "task_size": 100},
                   generator={"kind": "plugin_generators:rotations", "scale": 0.5})
@@ -145,6 +147,7 @@ def test_plugin_generator_end_to_end(config):
         assert 0 <= ds.meta_of(7)["theta"] <= np.pi
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("name,message", [
     ("wrong_shape", "returned shape (100, 2, 3), expected (100, n, n)"),
     ("with_nan", "non-finite values"),
@@ -160,6 +163,7 @@ def test_broken_plugin_fails_with_a_clear_message(tmp_path, capsys, name, messag
     assert "Traceback" not in err and "<class" not in err and "traceback object" not in err, err
 
 
+@pytest.mark.cluster
 def test_plugin_unitarity_check_can_be_turned_off(config):
     spec = config(run={"count": 20, "task_size": 10},
                   generator={"kind": "plugin_generators:not_unitary", "check_unitary": False})

@@ -32,7 +32,7 @@ from conftest import Tmpfs, merged_data, messages, wait_for, write_config
 # slow enough tasks (n = 64) that faults land mid-run on 2 cores
 SLOW = {"run": {"count": 12000, "task_size": 100}, "generator": {"dim": 64}}
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.cluster]
 
 
 def reference(spec) -> list[tuple[int, bytes]]:

@@ -6,11 +6,11 @@ sees; every node reaches every other, and the login host (this namespace) reache
 from __future__ import annotations
 
 import subprocess
-import time
+from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SYSTEM_PYTHON
+from conftest import REPO, SYSTEM_PYTHON, wait_for
 
 SCRIPT = str(REPO / "cluster" / "hosts.sh")
 BASE = "/var/tmp/unidask-hosts-tests"
@@ -79,11 +79,20 @@ def test_every_node_reaches_every_other_on_both_networks(hosts):
         server.wait(30)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: its /proc entry there and not a zombie's."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_stop_leaves_nothing_and_a_crashed_start_starts_again(hosts):
     hosts_sh("start", 2)                                   # over a running one: starts fresh
-    for pid in subprocess.run(["sh", "-c", f"cat {BASE}/node*.pid"], capture_output=True, text=True).stdout.split():
+    pids = subprocess.run(["sh", "-c", f"cat {BASE}/node*.pid"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
         subprocess.run(["kill", "-9", pid])                # a crash: holders gone, links left
-    time.sleep(0.2)
+    wait_for(lambda: not any(alive(int(pid)) for pid in pids), "the killed holders gone", timeout=60)
     hosts_sh("start", NODES)
     assert on(NODES, "hostname") == f"node{NODES}"
     hosts_sh("stop")

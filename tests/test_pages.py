@@ -99,6 +99,7 @@ def test_a_row_larger_than_a_page_is_left_to_sqlite():
     assert pages.fits(62 * 62 * 16, 65536) and not pages.fits(64 * 64 * 16, 65536)
 
 
+@pytest.mark.cluster
 def test_a_dataset_reads_the_merged_pages_as_sql_reads_the_rows(config, tmp_path):
     """``Dataset`` reads a database in the merge's layout from the map of its pages: every way of
     indexing gives what SQL gives (a copy of the file that one write has touched reads through

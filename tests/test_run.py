@@ -14,12 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import stats
 
 import unidask
 from unidask import RunDir
 
 from conftest import REPO, cli, merged_data, messages, on_a_terminal, run_main, unitarity_error, wait_for, write_config
+
+pytestmark = pytest.mark.cluster   # every test here runs on a local cluster of worker processes
 
 
 def test_run_writes_unitary_haar_data(haar_run):

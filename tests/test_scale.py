@@ -8,11 +8,15 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 import unidask
 from unidask import RunDir
 
 from conftest import REPO, merged_data, wait_for, write_config
 from test_faults import staged_tasks
+
+pytestmark = pytest.mark.cluster   # every test here runs on a local cluster of worker processes
 
 NODES = 32
 

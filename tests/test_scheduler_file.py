@@ -15,6 +15,8 @@ import unidask
 
 from conftest import merged_data, messages
 
+pytestmark = pytest.mark.cluster   # every test here runs on a local cluster of worker processes
+
 BIN = Path(sys.executable).parent
 
 

@@ -80,6 +80,7 @@ def test_tls_job_refuses_clients_without_the_certificate(slurm, shared):
         assert len(ds) == 2000
 
 
+@pytest.mark.cluster
 def test_local_mode_listens_on_loopback_only(config):
     spec = config(run={"count": 6000, "task_size": 100}, generator={"dim": 48})
     seen: set[str] = set()
@@ -155,6 +156,7 @@ def planted(run, other, case: str) -> str:
     raise ValueError(case)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("case,why", [
     ("garbage cert", "not a PEM certificate (Unable to load PEM file)"), ("empty key", "not a PEM private key"),
     ("key others read", "others may read it (mode 0644)"), ("dir others use", "others may use it (mode 0755)"),
@@ -178,6 +180,7 @@ def test_tls_files_not_the_owners_alone_or_not_whole_are_refused(config, tmp_pat
     assert not (spec.run_dir / "shards").exists() or not any((spec.run_dir / "shards").iterdir())
 
 
+@pytest.mark.cluster
 def test_a_shard_another_user_planted_is_never_taken(config, other_user, shared_tmp, capsys):
     """The user made the run dir and shards/ group- and world-writable (a shared project dir);
     another user planted a shard of the run's missing tasks there, a faithful copy of a real one
@@ -229,6 +232,7 @@ sys.stdin.read()   # held until the test closes our stdin
 """
 
 
+@pytest.mark.cluster
 def test_a_flood_of_half_open_connections_does_not_stop_a_run(tmp_path, other_user, shared_tmp):
     """Another local user opens 1,100 TCP connections to every port the driver listens on (the
     scheduler's, the nannies', the dashboard's) and never completes a handshake, against a driver

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 import unidask
 from unidask import RunDir
@@ -92,6 +93,7 @@ def test_another_user_cannot_connect_to_a_local_run(other_user, tmp_path):
         proc.wait()
 
 
+@pytest.mark.cluster
 def test_a_local_dir_another_user_made_first_is_refused(other_user, shared_tmp, tmp_path):
     """Another user creates your default local dir first (mode 777) and plants a forged shard in
     it: the run refuses the dir with one line, and then, in a dir of its own, gives the clean result."""
@@ -153,6 +155,7 @@ def test_a_local_dir_another_user_points_elsewhere_is_refused(other_user, shared
     assert r.returncode == 2 and "may be written by anyone and has no sticky bit" in r.stderr, r.stderr
 
 
+@pytest.mark.cluster
 def test_a_planted_or_damaged_local_shard_is_not_staged(other_user, config, monkeypatch):
     """Leftover shards a resume would stage: one owned by another user, one of this user's with a
     damaged task. Both are left in place with a warning naming them; the result is the clean one."""
@@ -191,6 +194,7 @@ def test_a_planted_or_damaged_local_shard_is_not_staged(other_user, config, monk
     assert merged_data(result.merged.out) == merged_data(clean.merged.out)
 
 
+@pytest.mark.cluster
 def test_two_runs_of_one_config_never_touch_each_others_shards(config, monkeypatch, tmp_path):
     """Same config file (same name), two run dirs: a resume of one never stages the other's
     leftovers, and each finishes with its own."""
@@ -216,6 +220,7 @@ def test_two_runs_of_one_config_never_touch_each_others_shards(config, monkeypat
     assert ra.skipped_tasks == 3 and merged_data(ra.merged.out) == merged_data(rb.merged.out)
 
 
+@pytest.mark.cluster
 def test_everything_unidask_writes_is_owner_only(config):
     spec = config(run={"count": 1000, "task_size": 100}, storage={"stage_every": 0.01})
     result = unidask.run(spec)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from hypothesis import given, settings, strategies as st
 
 import unidask
@@ -53,6 +55,7 @@ def test_a_bad_task_size_is_named_in_one_line(tmp_path, capsys):
                                                                "got 'big'")
 
 
+@pytest.mark.cluster
 def test_auto_size_is_recorded_and_a_resume_on_other_workers_reuses_it(tmp_path):
     """Two simulated nodes choose the size and stage; a shard is lost; the resume on one node of
     one worker reuses the recorded size (no calibration) and merges to the bytes of a run with

@@ -22,6 +22,7 @@ import plugin_generators
 from conftest import run_main, write_config
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("generator", [{"kind": "special", "dim": 3}, {"kind": "orthogonal", "dim": 5},
                                        {"kind": "diagonal", "dim": 3}, {"dim": 6, "dtype": "complex64"},
                                        {"kind": "circuit", "qubits": 2, "depth": 5}])
@@ -85,6 +86,7 @@ def test_classic_bugs_fail(haar_run, tmp_path, rows, fails):
         assert checks[name].pvalue is None or checks[name].pvalue < 1e-10, checks[name].line()
 
 
+@pytest.mark.cluster
 def test_orthogonal_with_one_determinant_sign_fails(config, tmp_path):
     """SO(n) data claimed as O(n): the determinant test fails."""
     spec = config(run={"count": 4000, "task_size": 500}, generator={"kind": "orthogonal", "dim": 3})
@@ -182,6 +184,7 @@ TABLE = [   # generator, [generator] extras, exit status, the checks that must f
 ]
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("name,extra,status,failing", TABLE, ids=[row[0] for row in TABLE])
 def test_the_table_of_plugins(tmp_path, capsys, name, extra, status, failing):
     cfg = write_config(tmp_path / "c.toml", run={"count": 50000, "task_size": 5000},
@@ -205,6 +208,7 @@ def test_the_table_of_plugins(tmp_path, capsys, name, extra, status, failing):
     assert "stats: OK" not in out or status == 0
 
 
+@pytest.mark.cluster
 def test_a_plugin_with_its_own_checks(tmp_path, capsys):
     """`@unidask.law("none", checks=...)`: its own tests run, and decide; a failing one fails."""
     for scale, status in ((1.0, 0), (0.5, 1)):   # scale 0.5: angles on half the circle
@@ -247,6 +251,7 @@ def test_the_independent_simulator_agrees_with_qiskit_and_sees_a_wrong_gate(monk
     assert max(np.abs(simulate.unitary(m["qasm"]) - ui).max() for ui, m in zip(u, metas)) > 0.1
 
 
+@pytest.mark.cluster
 def test_circuits_without_qiskit_are_checked_by_the_independent_simulator(config, tmp_path):
     """`verify --stats` where qiskit cannot be imported: the circuits are simulated again by unidask's
     independent simulator, the count says circuits, and a stored unitary that is not its circuit's
