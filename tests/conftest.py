@@ -170,16 +170,20 @@ def config(tmp_path: Path):
     return make
 
 
-MARKED_BY_FIXTURE = ("slurm", "netfs", "browser", "hosts")
 SLURM_DIR = "/var/tmp/unidask-slurm-tests"
+
+
+MARKED_BY_FIXTURE = ("slurm", "netfs", "browser", "hosts")
+OUTSIDE_THE_QUICK_LAYER = ("cluster", "faults", "bench", *MARKED_BY_FIXTURE)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """A test not marked ``cluster`` may not start worker processes of its own (a session
     fixture's one shared run, such as ``haar_run``, is made before, at setup): the quick layer,
-    ``-m "not cluster ..."``, stays quick because a test that would slow it fails, saying so."""
-    if item.get_closest_marker("cluster") is not None:
+    ``-m "not cluster ..."``, stays quick because a test that would slow it fails, saying so.
+    Tests of the other layers (faults, SLURM, the browser, ...) are outside it anyway."""
+    if any(item.get_closest_marker(m) for m in OUTSIDE_THE_QUICK_LAYER):
         return (yield)
     from unidask.execute import cluster
 

@@ -230,7 +230,7 @@ def test_a_law_that_is_not_one_is_refused():
 # --- circuits: simulated again by qiskit, or without it by an independent algorithm
 
 def test_the_independent_simulator_agrees_with_qiskit_and_sees_a_wrong_gate(monkeypatch):
-    """unidask.simulate (gates from their definitions, applied by index arithmetic, its own QASM
+    """unidask.views.simulate (gates from their definitions, applied by index arithmetic, its own QASM
     reader) against qiskit on every gate; then a wrong gate table in the generator: it disagrees."""
     pytest.importorskip("qiskit")
     from qiskit import QuantumCircuit
