@@ -26,7 +26,7 @@ import psutil
 
 from unidask.core.errors import Stopped
 
-from tests import work
+from . import work
 
 REPO = Path(__file__).resolve().parent.parent
 
