@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unidask.store import db, pages
+from unidask.store import db, pages, pagewrite, shardread
 
 
 def table(path, page_size: int, ids: np.ndarray, data: np.ndarray, dim: int, chunk: int = 1000,
@@ -29,7 +29,7 @@ def table(path, page_size: int, ids: np.ndarray, data: np.ndarray, dim: int, chu
     con.close()
     fd = os.open(path, os.O_RDWR)
     try:
-        writer = pages.TableWriter(fd, pages.layout_for(page_size, os.path.getsize(path) // page_size + 1,
+        writer = pagewrite.TableWriter(fd, pages.layout_for(page_size, os.path.getsize(path) // page_size + 1,
                                                         data.shape[1], dim, int(ids[-1]) if len(ids) else 0), root)
         for lo in range(0, len(ids), chunk):
             writer.add(ids[lo:lo + chunk], data[lo:lo + chunk])
@@ -167,7 +167,7 @@ def test_the_table_reader_reads_what_sqlite_reads(tmp_path_factory, page_exp, di
         rng.shuffle(ids)
     path = tmp_path_factory.mktemp("r") / "s.db"
     root = sqlite_table(path, page_size, ids, row, dim, seed)
-    reader = pages.TableReader(path, root, row, dim)
+    reader = shardread.TableReader(path, root, row, dim)
     con = sqlite3.connect(path)
     lo, hi = sorted(int(i) for i in rng.choice(sorted(ids) + [start, max(ids) + 1], 2))
     want = con.execute("SELECT id, data FROM unitaries WHERE id >= ? AND id < ? ORDER BY id", (lo, hi)).fetchall()
@@ -190,7 +190,7 @@ def test_a_gather_puts_every_row_where_asked(tmp_path_factory, runs, row, shuffl
     rows = np.arange(len(starts) + 5)
     into = rng.permutation(rows)[:len(starts)] if shuffled else rows[3:3 + len(starts)]
     out = np.zeros((len(rows), row), np.uint8)
-    pages._Mapped(path, row).gather(starts, out=out, into=into)
+    pages.Mapped(path, row).gather(starts, out=out, into=into)
     data = np.frombuffer(path.read_bytes(), np.uint8)
     want = np.zeros_like(out)
     for k, i in zip(starts, into):
@@ -201,10 +201,10 @@ def test_a_gather_puts_every_row_where_asked(tmp_path_factory, runs, row, shuffl
 def test_rows_of_another_shape_are_left_to_sql(tmp_path):
     root = sqlite_table(tmp_path / "m.db", 4096, list(range(100)), 256, 4, 1, metas=True)
     with pytest.raises(pages.Unreadable, match="another (shape|size)"):
-        pages.TableReader(tmp_path / "m.db", root, 256, 4).rows(0, 100)
+        shardread.TableReader(tmp_path / "m.db", root, 256, 4).rows(0, 100)
     root = sqlite_table(tmp_path / "d.db", 4096, list(range(100)), 256, 4, 1)
     with pytest.raises(pages.Unreadable, match="another size"):
-        pages.TableReader(tmp_path / "d.db", root, 64, 2)
+        shardread.TableReader(tmp_path / "d.db", root, 64, 2)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -225,7 +225,7 @@ def test_a_damaged_file_is_unreadable_or_read_never_a_crash(tmp_path_factory, sp
         damaged[at % len(damaged)] = value
     path.write_bytes(bytes(damaged[:cut] if cut is not None else damaged))
     try:
-        reader = pages.TableReader(path, root, 64, 2)
+        reader = shardread.TableReader(path, root, 64, 2)
         for lo, hi in ((0, 3000), (500, 501), (1000, 2000)):
             ids, rows = reader.rows(lo, hi)
             assert len(ids) == len(rows) and rows.shape[1:] == (64,)

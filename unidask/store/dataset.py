@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -15,8 +16,10 @@ import numpy as np
 
 from ..core import files
 from ..core.errors import InputError
-from . import pages
-from .db import connect_readonly, read_meta
+from . import pageread, pages
+from .db import COLUMNS, connect_readonly, read_meta
+
+log = logging.getLogger(__name__)
 
 
 class Dataset:
@@ -78,8 +81,10 @@ class Dataset:
 
     @cached_property
     def _len(self) -> int:
-        if "rows" in self.meta:  # recorded by the merge, saves a full scan
-            return int(self.meta["rows"])
+        # the rows SQLite holds: a proven page layout's count, else SQLite's own (meta's "rows" is
+        # what the merge wrote, and other clients may have changed the table since)
+        if self._pages is not None:
+            return self._pages.layout.rows
         return self._query("SELECT count(*) FROM unitaries").fetchone()[0]
 
     @cached_property
@@ -94,17 +99,46 @@ class Dataset:
         return (0, 0) if lo is None else (lo, hi + 1)
 
     @cached_property
-    def _pages(self) -> pages.PageReader | None:
-        """Where the file is as the page merge left it (``pages.read_layout``), its rows read
+    def _pages(self) -> pageread.PageReader | None:
+        """Where the file is proven to be as the page merge left it (``pageread``), its rows read
         straight from the map of its pages; else None: through SQL (the same rows)."""
-        layout = pages.read_layout(self.path, self.meta) if self.mmap else None
-        if layout is None or layout.rows != len(self) or layout.row_bytes != self.row_bytes or layout.dim != self.dim:
+        layout = pages.Layout.from_meta(self.meta) if self.mmap else None
+        if layout is None or "layout.change_counter" not in self.meta or self.meta.get("layout.dense") != "1":
             return None
-        return pages.PageReader(self.path, layout)
+        try:
+            columns = [r[1] for r in self._query("PRAGMA table_info(unitaries)")]
+            root = self._query("SELECT rootpage FROM sqlite_schema WHERE type = 'table' AND name = 'unitaries'"
+                               ).fetchone()
+            if columns != list(COLUMNS["unitaries"]) or root is None or layout.dim != self.dim \
+                    or layout.row_bytes != self.row_bytes:
+                raise pageread.Changed(f"{self.path}: its table is not the one the merge laid out")
+            return pageread.PageReader(self.path, layout, int(root[0]), int(self.meta["layout.change_counter"]))
+        except (ValueError, TypeError) as e:
+            self._untrusted(pages.Unreadable(f"{self.path}: its recorded layout is unreadable ({e})"))
+        except pages.Unreadable as e:
+            self._untrusted(e)
+        return None
+
+    @property
+    def direct(self) -> pageread.PageReader | None:
+        """The reader of the pages this Dataset serves rows from without SQL, or None (SQL)."""
+        return self._pages
+
+    def _untrusted(self, e: pages.Unreadable) -> None:
+        """Read by SQL from now on: the pages are not what SQLite reads (a warning), or the file
+        is not the merge's any more (quietly: another client wrote it, which is the user's right)."""
+        (log.debug if isinstance(e, pageread.Changed) else log.warning)("%s; reading it through SQL", e)
+        for name in ("_pages", "_len", "id_range", "ids_by_position"):
+            self.__dict__.pop(name, None)
+        self.__dict__["_pages"] = None
 
     def _paged(self, ids: np.ndarray) -> np.ndarray:
         assert self._pages is not None   # called only where the pages are readable
-        return self._pages.rows(ids).view(self.dtype).reshape(len(ids), self.dim, self.dim)
+        try:
+            return self._pages.rows(ids).view(self.dtype).reshape(len(ids), self.dim, self.dim)
+        except pages.Unreadable as e:
+            self._untrusted(e)
+            return self._take(ids)   # SQLite's rows, or its IndexError for what it does not hold
 
     def _query(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         try:

@@ -25,7 +25,7 @@ from ..core import files, malloc
 from ..core.errors import InputError, RunError, writing
 from ..core.progress import Progress, messages_shown
 from ..spec import plan
-from . import db, pagemerge, pages, runlock
+from . import db, pagemerge, pageread, pages, pagewrite, runlock
 from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_database, check_pages, check_schema, check_tasks
 from .rundir import RunDir
 
@@ -227,13 +227,13 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
     try:
         with files.write_behind(tmp):
             if client is None or len(units) < 2:
-                fragments = _on_threads(str(tmp), table.layout, units, progress, per_row)
+                fragments = _on_threads(str(tmp), table.layout, units, progress, per_row, checks)
             else:
-                fragments = _on_workers(client, str(tmp), table.layout, units, progress, per_row)
+                fragments = _on_workers(client, str(tmp), table.layout, units, progress, per_row, checks)
             fd = os.open(tmp, os.O_RDWR)
             try:
                 pagemerge.write_fragments(fd, table.layout, fragments)
-                layout = pages.finish_table(fd, table.layout, root, table.keys)
+                layout = pagewrite.finish_table(fd, table.layout, root, table.keys)
             finally:
                 os.close(fd)
     finally:
@@ -256,10 +256,23 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
         con.execute("COMMIT")
         if pages.change_counter(tmp) != counter:   # SQLite counted otherwise: read it through SQL
             con.execute("DELETE FROM meta WHERE key = 'layout.change_counter'")
+    try:   # the file proves its table before it is published: a fault of the writer is ours, exit 1
+        pageread.prove(tmp, layout, root, table.id_of)
+    except pages.Unreadable as e:
+        raise RunError(f"merge into {report.out} failed: the table written is not sound, "
+                       f"nothing published ({e})") from e
+
+
+def _raise_failed(checks: dict[Path, Future]) -> None:
+    """A shard's check that failed stops the units at once: its BadFile (the SQL merge then says
+    which shard and why), not after every unit was written."""
+    for future in checks.values():
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            future.result()
 
 
 def _on_threads(target: str, layout: pages.Layout, units: list[pagemerge.Unit], progress: Progress,
-                per_row: float) -> list[pagemerge.Fragment]:
+                per_row: float, checks: dict[Path, Future]) -> list[pagemerge.Fragment]:
     """The units on a thread per core (numpy's copies, the hashing and the writes let go of the
     GIL), each thread with its shards open."""
     local, opened = threading.local(), []
@@ -276,6 +289,7 @@ def _on_threads(target: str, layout: pages.Layout, units: list[pagemerge.Unit], 
         for unit, fragments in zip(units, pool.map(write, units)):
             out += fragments
             progress.update(unit.rows * per_row)
+            _raise_failed(checks)
     finally:
         pool.shutdown(cancel_futures=True)
         for readers in opened:
@@ -284,7 +298,7 @@ def _on_threads(target: str, layout: pages.Layout, units: list[pagemerge.Unit], 
 
 
 def _on_workers(client, target: str, layout: pages.Layout, units: list[pagemerge.Unit], progress: Progress,
-                per_row: float) -> list[pagemerge.Fragment]:
+                per_row: float, checks: dict[Path, Future]) -> list[pagemerge.Fragment]:
     """The units as Dask tasks on ``client``'s workers, each syncing what it wrote. A shard that
     fails a check cancels the rest. A unit that fails otherwise (its worker lost, the target not
     reachable from its host), or that has not come back long after the others (a stopped
@@ -326,6 +340,7 @@ def _on_workers(client, target: str, layout: pages.Layout, units: list[pagemerge
                 except Exception as e:   # anything else of a worker's: the unit is this process's to write
                     here(unit, f"failed on a worker ({type(e).__name__}: {e})")
                 progress.update(unit.rows * per_row)
+            _raise_failed(checks)
     finally:
         client.cancel(futures)
     return out

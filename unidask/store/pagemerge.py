@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from ..spec import plan
-from . import db, pages
+from . import db, pages, pagewrite, shardread
 from .db import COLUMNS, MMAP_SIZE, BadFile, Expected, blame, check_schema, connect_readonly, reading
 
 log = logging.getLogger(__name__)
@@ -127,18 +127,18 @@ class Table:
 
 class Readers:
     """Open shards, the most recently read kept (tasks alternate between a few shards): each one's
-    pages mapped (:class:`pages.TableReader`) and a connection for what they do not take. One
+    pages mapped (:class:`shardread.TableReader`) and a connection for what they do not take. One
     thread's: the rows it returns are in a buffer of its own, reused by the next call."""
 
     KEEP = 16
 
     def __init__(self, row_bytes: int, dim: int) -> None:
         self.row_bytes, self.dim = row_bytes, dim
-        self.open: dict[str, tuple[sqlite3.Connection, pages.TableReader | None]] = {}
+        self.open: dict[str, tuple[sqlite3.Connection, shardread.TableReader | None]] = {}
         self.buffer = np.zeros((0, row_bytes), np.uint8)
         self.pinned: set[str] = set()   # the shards of the unit being read: never closed meanwhile
 
-    def _shard(self, path: str) -> tuple[sqlite3.Connection, pages.TableReader | None]:
+    def _shard(self, path: str) -> tuple[sqlite3.Connection, shardread.TableReader | None]:
         shard = self.open.pop(path, None)
         if shard is None:
             if len(self.open) >= self.KEEP and (old := next((p for p in self.open if p not in self.pinned), None)):
@@ -147,7 +147,7 @@ class Readers:
             con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
             try:
-                shard = con, pages.TableReader(path, root, self.row_bytes, self.dim)
+                shard = con, shardread.TableReader(path, root, self.row_bytes, self.dim)
             except pages.Unreadable as e:
                 log.debug("%s read through SQL: %s", path, e)
                 shard = con, None
@@ -216,7 +216,7 @@ class Readers:
         return np.frombuffer(data, np.uint8).reshape(t.count, self.row_bytes)
 
     @staticmethod
-    def _close(shard: tuple[sqlite3.Connection, pages.TableReader | None]) -> None:
+    def _close(shard: tuple[sqlite3.Connection, shardread.TableReader | None]) -> None:
         shard[0].close()
         if shard[1] is not None:
             shard[1].close()
@@ -240,7 +240,7 @@ def write_unit(target: str, layout: pages.Layout, unit: Unit, sync: bool = False
     fd = os.open(target, os.O_RDWR)
     out = []
     try:
-        writer = pages.TableWriter(fd, layout, first_row=unit.first_row + head)
+        writer = pagewrite.TableWriter(fd, layout, first_row=unit.first_row + head)
         front: list[tuple[np.ndarray, np.ndarray]] = []
         before = head
         for ids, data in readers.unit_rows(unit, max(1, PART_BYTES // layout.row_bytes)):
@@ -267,7 +267,7 @@ def write_unit(target: str, layout: pages.Layout, unit: Unit, sync: bool = False
 def write_fragments(fd: int, layout: pages.Layout, fragments: list[Fragment]) -> None:
     """The shared leaves, from the fragments of the units on either side (each run of them
     begins a leaf)."""
-    leaves = pages.LeafWriter(fd, layout)
+    leaves = pagewrite.LeafWriter(fd, layout)
     run: list[Fragment] = []
     for f in sorted(fragments, key=lambda f: f.first_row) + [None]:
         if run and (f is None or f.first_row != run[-1].first_row + len(run[-1].ids)):

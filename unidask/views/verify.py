@@ -16,7 +16,10 @@ from ..core.errors import InputError
 from ..core.progress import Progress
 from ..spec import generators, plan
 from ..spec.config import Spec
+from ..store import db as dbfile
+from ..store.dataset import Dataset
 from ..store.db import BadFile, Expected, check_database, check_pages, reading, task_faults
+from ..store.pages import Unreadable
 
 SAMPLE = 3          # tasks generated again by --against, evenly spread (--full: all of them)
 SCAN_ROWS = 20_000  # rows read at a time for the unitarity check
@@ -64,6 +67,7 @@ def verify(db: str | os.PathLike, against: Spec | None = None, *, sample: int = 
         expected = Expected.of(spec, first=path)
         with reading(path) as con:
             _check_contents(con, v, spec, expected, meta)
+            _check_served(path, con, v, spec)
             if against is not None and not v.problems:
                 if against.task_size == "auto":   # sized when it ran: the database says how
                     against = replace(against, task_size=spec.task_size)
@@ -99,6 +103,30 @@ def _check_contents(con, v: Verdict, spec: Spec, expected: Expected, meta: dict[
         v.problems.append(f"holds {v.rows:,} unitaries, the run asked for {spec.count:,}")
     if "rows" in meta and meta["rows"] != str(v.rows):
         v.problems.append(f"its meta says {meta['rows']} rows, it holds {v.rows}")
+
+
+def _check_served(path: Path, con, v: Verdict, spec: Spec) -> None:
+    """The bytes ``Dataset`` serves, where it reads the pages directly: every task's checksum
+    recomputed from them too (SQL's reads were checked above)."""
+    with Dataset(path) as ds:
+        reader = ds.direct
+        if reader is None:
+            return
+        progress = Progress(spec.count, desc="verify: pages")
+        try:
+            for task, count, digest in con.execute("SELECT task, count, checksum FROM tasks ORDER BY task"):
+                base = task * spec.task_size
+                if not (0 <= base and base + count <= reader.layout.rows):
+                    v.problems.append(f"task {task} lies outside the rows its page layout holds")
+                    continue
+                rows = reader.rows(np.arange(base, base + count))
+                if dbfile.checksum(rows, count) != digest:
+                    v.problems.append(f"task {task}: the rows read from its pages differ from its checksum")
+                progress.update(count)
+        except Unreadable as e:
+            v.problems.append(f"its pages are not as the merge laid them out ({e})")
+        finally:
+            progress.close()
 
 
 def _check_unitary(con, v: Verdict, spec: Spec, expected: Expected) -> None:

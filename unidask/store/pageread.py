@@ -1,0 +1,199 @@
+"""A merged database's rows read straight from its pages (a memory map, no SQL), where the file is
+proven to be in the page merge's layout; and the proof the merge runs on its own output before
+it publishes it.
+
+Nothing the file says about itself is taken on trust (its meta's ``layout.*`` rows, its change
+counter: copies and other tools reproduce them); they only say what to check. Before a byte is
+served: the header is a plain rollback-journal file of the stated pages; the table's interior
+pages are byte for byte what the writer makes for that layout (so SQLite's descent reaches the
+same leaves); every leaf a read touches is checked whole the first time (its type, cell count,
+every cell pointer, and every cell's payload size, rowid and record header), so SQLite's own
+search of that leaf finds the same cell; and each read checks the header has not changed since.
+Where anything differs the reader is :class:`pages.Unreadable` and the caller goes to SQL.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from .pages import (
+    LEAF,
+    VARINT_LIMITS,
+    Layout,
+    Mapped,
+    Unreadable,
+    layout_for,
+    lock_page,
+    read_varints,
+    varint,
+    varint_len,
+)
+from .pagewrite import interior_pages
+
+CHECK_LEAVES = 1024   # leaves checked at a time by the merge's proof: a few MiB of cell heads
+
+
+class Changed(Unreadable):
+    """The file is not the one the layout was recorded for, or changed while it was read: SQLite's
+    to read (not damage)."""
+
+
+class PageReader(Mapped):
+    """The rows of a database in the merge's layout (ids 0 ... rows - 1, every one there), read from
+    a memory map of the file at offsets computed from the layout: no SQL, no Python object per
+    row. ``root``: the table's root page, as SQLite's schema says; ``counter``: the change
+    counter the merge recorded (None: any); ``id_of``: each row's id (by default its index: ids
+    0 ... rows - 1, what a reader by id needs). Raises :class:`Unreadable` unless the file is in
+    ``layout`` (``Changed`` where its counter says it was written since)."""
+
+    def __init__(self, path: str | os.PathLike, layout: Layout, root: int, counter: int | None = None,
+                 id_of: Callable[[np.ndarray], np.ndarray] | None = None):
+        super().__init__(path, layout.row_bytes)
+        header = self.header()
+        if counter is not None and header.change_counter != counter:
+            raise Changed(f"{path}: written since it was merged (its change counter is {header.change_counter}, "
+                          f"the merge left {counter})")
+        header.plain(path, len(self.map))
+        self.layout, self.pages = layout, header.pages
+        self.id_of = id_of or (lambda rows: rows)
+        self._prove_shape(layout, header.page_size)
+        self.stamp = self._stamp()   # the header's versions and counter, watched by every read
+        self.size = len(self.map)
+        lp = len(varint(layout.payload_size))
+        self.prefix, self.payload = np.frombuffer(varint(layout.payload_size), np.uint8), \
+            np.frombuffer(layout.payload, np.uint8)
+        self.before = lp + len(layout.payload)   # a cell's bytes before its data, less the rowid
+        self.chunk = max(1, (1 << 20) // max(1, layout.row_bytes))
+        self.pointers = self.map[:len(self.map) // 2 * 2].view(">u2")   # at even offsets, as cell pointers are
+        self.checked = np.zeros(layout.leaves, bool)
+        self._prove_interior(root)
+        if layout.leaves:
+            self.check_leaves(np.array([layout.leaves - 1]))   # the last: the table ends where it says
+
+    def _prove_shape(self, lay: Layout, page_size: int) -> None:
+        """The layout is one the writer makes, and the file holds it."""
+        if lay.page_size != page_size or lay.rows < 0 or lay.row_bytes < 1 or lay.dim < 0:
+            raise Unreadable(f"{self.path}: its recorded layout is not of this file")
+        largest = int(self.id_of(np.array([max(lay.rows - 1, 0)]))[0])
+        made = layout_for(page_size, lay.first_leaf, lay.row_bytes, lay.dim, largest, lay.rows)
+        if made.per_leaf != lay.per_leaf or made.leaves != lay.leaves or made.first_leaf != lay.first_leaf \
+                or lay.first_leaf < 2:
+            raise Unreadable(f"{self.path}: its recorded layout is not one the merge makes")
+        if lay.leaves and lay.leaf_page(lay.leaves - 1) > self.pages:
+            raise Unreadable(f"{self.path}: its recorded layout reaches past the file's end")
+
+    def _prove_interior(self, root: int) -> None:
+        """The table's root and interior pages are exactly the writer's for this layout."""
+        lay, ps = self.layout, self.layout.page_size
+        if lay.leaves <= 1:
+            if lay.leaves and root != lay.first_leaf:
+                raise Unreadable(f"{self.path}: the table's root is not its one leaf")
+            return
+        keys = self.id_of(np.minimum(np.arange(1, lay.leaves + 1) * lay.per_leaf, lay.rows) - 1)
+        pages, count = interior_pages(lay, root, keys)
+        if count > self.pages:   # SQLite's small tables may follow
+            raise Unreadable(f"{self.path}: {self.pages} pages, the layout needs {count}")
+        for page, data in pages:
+            if page == lock_page(ps) or not np.array_equal(self.map[(page - 1) * ps:page * ps], data):
+                raise Unreadable(f"{self.path}: interior page {page} is not the layout's")
+
+    def _stamp(self) -> bytes:
+        return bytes(self.map[18:20]) + bytes(self.map[24:28])
+
+    def current(self) -> None:
+        """Raise :class:`Changed` where the file was written since it was proven (its header's
+        versions or change counter, or its size)."""
+        if self._stamp() != self.stamp:
+            raise Changed(f"{self.path}: written by another SQLite client while open")
+        try:
+            size = os.stat(self.path).st_size
+        except OSError as e:
+            raise Changed(f"{self.path}: {e.strerror}") from e
+        if size != self.size:
+            raise Changed(f"{self.path}: its size changed while open")
+
+    def check_leaves(self, leaves: np.ndarray) -> None:
+        """Check leaves (indices) whole, as SQLite would read them for any of their rows: the type
+        byte, no freeblock, the cell count, the content area's start, every cell pointer where
+        the layout puts it, and every cell's payload size, rowid (the id of its place) and
+        record header; then mark them checked. :class:`Unreadable` naming the first that differs."""
+        lay, ps, c = self.layout, self.layout.page_size, self.layout.per_leaf
+        leaves = np.asarray(leaves, np.int64)
+        bases = (np.asarray(lay.leaf_page(leaves), np.int64) - 1) * ps
+        counts = lay.leaf_rows(leaves)
+        valid = np.arange(c) < counts[:, None]
+        ids = self.id_of(np.minimum(leaves[:, None] * c + np.arange(c), max(lay.rows - 1, 0)))
+        id_len = varint_len(ids)
+        sizes = np.where(valid, len(self.prefix) + id_len + lay.payload_size, 0)
+        tops = ps - sizes.sum(axis=1)
+        offsets = tops[:, None] + np.cumsum(sizes, axis=1) - sizes
+        head = self.map[bases[:, None] + np.arange(8)].astype(np.int64)
+        fine = ((head[:, 0] == LEAF) & (head[:, 1] == 0) & (head[:, 2] == 0) & (head[:, 7] == 0)
+                & ((head[:, 3] << 8 | head[:, 4]) == counts) & ((head[:, 5] << 8 | head[:, 6]) == tops % 65536))
+        pointers = self.u16(bases[:, None] + 8 + 2 * np.arange(c))
+        fine &= np.all((pointers == offsets) | ~valid, axis=1)
+        if fine.all():
+            lp, pl = len(self.prefix), len(self.payload)
+            cells = (bases[:, None] + offsets)[valid]
+            heads = self.map[cells[:, None] + np.arange(lp + 8 + pl)]   # within the cell: its data is 8 bytes or more
+            rowid, length = read_varints(heads, lp)
+            record = np.take_along_axis(heads, (lp + length)[:, None] + np.arange(pl), axis=1)
+            good = ((heads[:, :lp] == self.prefix).all(axis=1) & (rowid == ids[valid]) & (length == id_len[valid])
+                    & (record == self.payload).all(axis=1))
+            cell_leaf = np.repeat(np.arange(len(leaves)), valid.sum(axis=1))
+            fine &= np.bincount(cell_leaf, weights=~good, minlength=len(leaves)) == 0
+        if not fine.all():
+            bad = int(leaves[np.argmin(fine)])
+            raise Unreadable(f"{self.path}: leaf page {int(lay.leaf_page(bad))} is not as the layout "
+                             f"puts rows {bad * c}...{bad * c + int(lay.leaf_rows(np.array([bad]))[0]) - 1}")
+        self.checked[leaves] = True
+
+    def rows(self, ks: np.ndarray) -> np.ndarray:
+        """The data of rows ``ks`` (ids, in range), as an owned ``(len(ks), row_bytes)`` uint8 array."""
+        ks = np.asarray(ks, dtype=np.int64)
+        self.current()
+        leaf = ks // self.layout.per_leaf
+        if not self.checked[leaf].all():
+            self.check_leaves(np.unique(leaf[~self.checked[leaf]]))
+        if len(ks) <= self.chunk:
+            return self._rows(ks, leaf)
+        out = np.empty((len(ks), self.row_bytes), np.uint8)
+        for a in range(0, len(ks), self.chunk):
+            self._rows(ks[a:a + self.chunk], leaf[a:a + self.chunk], out[a:a + self.chunk])
+        return out
+
+    def _rows(self, k: np.ndarray, leaf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        # a minibatch's every numpy call counts: in place where it can be
+        lay = self.layout
+        base = np.asarray(lay.leaf_page(leaf), np.int64) - 1
+        base *= lay.page_size
+        pointer = base >> 1   # the cell pointer's index in the 2-byte view: at 8 + 2 * nth in the leaf
+        pointer += k
+        pointer -= leaf * lay.per_leaf
+        pointer += 4
+        starts = self.pointers[pointer].astype(np.int64)
+        starts += base
+        starts += VARINT_LIMITS.searchsorted(k, "right")   # the rowid's varint, less a byte
+        starts += self.before + 1
+        if len(k) > 1 and k[-1] - k[0] == len(k) - 1:   # a span: its leaves are strided runs
+            return self.gather(starts, out)
+        if out is None:
+            return self.windows[starts].view(np.uint8).reshape(len(k), self.row_bytes)
+        out.view(self.windows.dtype)[:, 0] = self.windows[starts]
+        return out
+
+
+def prove(path: str | os.PathLike, layout: Layout, root: int, id_of: Callable[[np.ndarray], np.ndarray]) -> None:
+    """The merge's check of the file it wrote, before it is published: the header (page count
+    and size), the interior pages exactly the layout's (every leaf referenced once, in key
+    order, the lock-byte page unused), and every leaf whole (:meth:`PageReader.check_leaves`).
+    Raises :class:`Unreadable` naming what differs."""
+    reader = PageReader(path, layout, root, id_of=id_of)
+    try:
+        for a in range(0, layout.leaves, CHECK_LEAVES):
+            reader.check_leaves(np.arange(a, min(a + CHECK_LEAVES, layout.leaves)))
+    finally:
+        reader.close()
