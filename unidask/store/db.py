@@ -56,7 +56,7 @@ class BadFile(InputError):
         return type(self), (self.path, self.reason)
 
 
-def checksum(data: bytes, metas: Sequence[str | None] | int) -> str:
+def checksum(data: bytes | memoryview, metas: Sequence[str | None] | int) -> str:
     """A task's checksum: XXH3-128 of its data blobs in id order, then each row's meta (NUL for
     none; ``metas`` a number: that many rows without). It tells two copies of a task apart and
     finds damaged rows; nothing adversarial, so a hash at memory speed (blake2b was a large share

@@ -120,7 +120,7 @@ def _check_served(path: Path, con, v: Verdict, spec: Spec) -> None:
                     v.problems.append(f"task {task} lies outside the rows its page layout holds")
                     continue
                 rows = reader.rows(np.arange(base, base + count))
-                if dbfile.checksum(rows, count) != digest:
+                if dbfile.checksum(rows.data, count) != digest:
                     v.problems.append(f"task {task}: the rows read from its pages differ from its checksum")
                 progress.update(count)
         except Unreadable as e:
