@@ -367,6 +367,7 @@ def _open_target(tmp: Path, existing: Path | None, record: dict, page_size: int,
     con = sqlite3.connect(tmp, isolation_level=None, uri=True)
     con.execute("PRAGMA trusted_schema = OFF")
     con.execute(f"PRAGMA page_size = {page_size}")
+    con.execute("PRAGMA auto_vacuum = NONE")   # no pointer-map pages: the page writer's format (pages.Header.plain)
     # the temp file is thrown away on any failure and never seen under its final name, so its
     # journal need not survive a crash: keep it in memory (ROLLBACK still works)
     con.execute("PRAGMA journal_mode = MEMORY")
