@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -359,6 +360,32 @@ def test_a_dataset_open_while_another_client_writes_reads_the_new_rows(merged):
         con.commit()
         con.close()
         assert not ds[10].any() and before.any()
+
+
+MAP_REFUSED = """
+import resource, sqlite3, sys, numpy as np, unidask
+path = sys.argv[1]
+ds = unidask.Dataset(path)
+ds.dim   # its connection opened before the limit
+size = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (size + (3 << 20), resource.RLIM_INFINITY))
+try:
+    np.memmap(path, np.uint8, "r")
+    print("mapped")
+except OSError:
+    print("refused")
+con = sqlite3.connect(path)
+print(all(ds[i].tobytes() == con.execute("SELECT data FROM unitaries WHERE id = ?", (i,)).fetchone()[0]
+          for i in (0, 123, 19999)), ds.direct is None)
+"""
+
+
+def test_a_refused_memory_map_reads_through_sql(merged):
+    """The kernel refuses the map (the address space limited below the file's size): the rows
+    come through SQL, with one warning, not an error on every read."""
+    proc = subprocess.run([sys.executable, "-c", MAP_REFUSED, str(merged)], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["refused", "True", "True"], proc.stdout + proc.stderr
+    assert "cannot map" in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 def leaf_of(path: Path, row: int) -> tuple[int, int]:

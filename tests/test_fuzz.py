@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import sqlite3
+import struct
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,63 @@ def byte_damage(r: random.Random, path: Path) -> str:
     return f"{k} bit(s) flipped"
 
 
+def tree_pages(data: bytes, root: int, page_size: int) -> list[int]:
+    """The pages of a table b-tree from ``root``, read here independently of the readers under test."""
+    out, level = [], [root]
+    while level and len(out) < 10_000:
+        out += level
+        nxt = []
+        for p in level:
+            base = (p - 1) * page_size
+            if data[base] != 0x05:
+                continue
+            n = struct.unpack(">H", data[base + 3:base + 5])[0]
+            for i in range(n):
+                q = struct.unpack(">H", data[base + 12 + 2 * i:base + 14 + 2 * i])[0]
+                nxt.append(struct.unpack(">I", data[base + q:base + q + 4])[0])
+            nxt.append(struct.unpack(">I", data[base + 8:base + 12])[0])
+        level = [p for p in nxt if 1 < p <= len(data) // page_size and p not in out]
+    return out
+
+
+def page_damage(r: random.Random, path: Path) -> str:
+    """Structure-aware damage: one field of the header, or of a page of the unitaries b-tree (its
+    type, cell count, content start, a cell pointer, a cell's first bytes: a child's page number or
+    a payload size and rowid, the right-most pointer), set to a value chosen to mislead (another
+    page of the tree, the root, 0, one off, all ones)."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        found = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        con.close()
+    if found is None:   # an earlier damage took the table
+        return byte_damage(r, path)
+    root = found[0]
+    data = bytearray(path.read_bytes())
+    tree = tree_pages(bytes(data), root, page_size)
+    page = r.choice(tree)
+    base = (page - 1) * page_size
+    interior = data[base] == 0x05
+    n = struct.unpack(">H", data[base + 3:base + 5])[0]
+    k = r.randrange(max(n, 1))
+    at = base + (12 if interior else 8) + 2 * k
+    cell = base + struct.unpack(">H", data[at:at + 2])[0]
+    fields = {"page size": (16, 2), "versions": (18, 2), "reserved": (20, 1), "page count": (28, 4),
+              "freelist trunk": (32, 4), "freelist count": (36, 4), "largest root": (52, 4),
+              "type": (base, 1), "freeblock": (base + 1, 2), "cell count": (base + 3, 2),
+              "content start": (base + 5, 2), "cell pointer": (at, 2), "cell head": (cell, 4)}
+    if interior:
+        fields["right-most"] = (base + 8, 4)
+    name = r.choice(sorted(fields))
+    where, width = fields[name]
+    old = int.from_bytes(data[where:where + width], "big")
+    new = r.choice([old + 1, old - 1, 0, (1 << (8 * width)) - 1, r.choice(tree), root, old ^ 0x80])
+    data[where:where + width] = (new % (1 << (8 * width))).to_bytes(width, "big")
+    path.write_bytes(bytes(data))
+    return f"page {page} {name}: {old} -> {new}"
+
+
 def file_damage(r: random.Random, shards: list[Path], spare: Path) -> str:
     victim = r.choice(shards)
     match = r.randrange(4)
@@ -210,7 +268,11 @@ def damage(r: random.Random, shards: list[Path], spare: Path) -> list[str]:
                 done.append(f"{path.name}: ({e})")
         elif kind < 0.85:
             path = r.choice(shards)
-            done.append(f"{path.name}: {byte_damage(r, path)}")
+            try:
+                what = page_damage(r, path) if r.random() < 0.5 else byte_damage(r, path)
+            except sqlite3.DatabaseError as e:   # an earlier damage made it unreadable
+                what = f"({e})"
+            done.append(f"{path.name}: {what}")
         else:
             try:
                 done.append(file_damage(r, shards, spare))
