@@ -352,14 +352,20 @@ def test_rows_changed_by_another_client_are_read_as_sql_reads_them(merged, chang
     served_as_sql(merged)
 
 
-def test_a_dataset_open_while_another_client_writes_reads_the_new_rows(merged):
-    with unidask.Dataset(merged) as ds:
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_dataset_open_while_another_client_writes_reads_the_new_rows(merged, direct):
+    with unidask.Dataset(merged, mmap=direct) as ds:
         before = ds[10].copy()
+        assert len(ds) == 20000 and (ds.direct is not None) == direct
         con = sqlite3.connect(merged)
         con.execute("UPDATE unitaries SET data = zeroblob(256) WHERE id = 10")
+        con.execute("DELETE FROM unitaries WHERE id = 11")
         con.commit()
         con.close()
         assert not ds[10].any() and before.any()
+        assert len(ds) == 19999 and ds.ids_by_position is not None and ds.at[11].tobytes() == ds[12].tobytes()
+        with pytest.raises(IndexError):
+            ds[11]
 
 
 MAP_REFUSED = """

@@ -77,7 +77,26 @@ class Dataset:
         return f"Dataset({str(self.path)!r}, {len(self)} x {self.dim}x{self.dim} {self.dtype.name})"
 
     def __len__(self) -> int:
+        self._fresh()
         return self._len
+
+    def _fresh(self) -> None:
+        """Forget what was counted where another client wrote the file since (its header's change
+        counter, which every rollback-journal commit moves)."""
+        if self._pages is not None:
+            try:
+                self._pages.current()
+            except pages.Unreadable as e:
+                self._untrusted(e)
+            return
+        try:
+            counter = pages.change_counter(self.path)
+        except OSError:
+            return   # the reads say what is wrong
+        if self.__dict__.get("_counter", counter) != counter:
+            for name in ("_len", "id_range", "ids_by_position"):
+                self.__dict__.pop(name, None)
+        self.__dict__["_counter"] = counter
 
     @cached_property
     def _len(self) -> int:
@@ -199,6 +218,7 @@ class Dataset:
     def _ids(self, key: Any) -> int | range | np.ndarray:
         """``key`` as an id, a range of ids or an array of ids (of any shape), by numpy's rules
         for the first axis of an array of ``id_range[1]`` items."""
+        self._fresh()
         n = self.id_range[1]
         if isinstance(key, (list, tuple, range)):
             if isinstance(key, range) or (key and all(
