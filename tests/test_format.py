@@ -139,6 +139,34 @@ def test_three_interior_levels_are_sound(tmp_path, page_size):
     pageread.prove(path, layout, root, lambda r: r)
 
 
+@pytest.mark.parametrize("damage", ["leaf rowid", "leaf count", "interior key", "interior child", "page count"])
+def test_the_merge_s_proof_finds_what_is_not_as_written(tmp_path, damage):
+    """``prove`` (the merge's check before it publishes) passes the writer's table and finds each
+    kind of difference, naming it."""
+    path = tmp_path / "t.db"
+    layout = write_table(path, 1024, 30_000, 16)
+    root = sqlite3.connect(path).execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+    pageread.prove(path, layout, root, lambda r: r)
+    data = bytearray(path.read_bytes())
+    leaf = (int(layout.leaf_page(7)) - 1) * 1024
+    top = (root - 1) * 1024
+    cell = top + struct.unpack(">H", data[top + 12:top + 14])[0]
+    if damage == "leaf rowid":
+        at = leaf + struct.unpack(">H", data[leaf + 8:leaf + 10])[0] + 1
+        data[at + 1] ^= 0x01
+    elif damage == "leaf count":
+        data[leaf + 4] -= 1
+    elif damage == "interior key":
+        data[cell + 5] ^= 0x01
+    elif damage == "interior child":
+        data[cell + 3] ^= 0x01
+    else:
+        data[28:32] = struct.pack(">I", struct.unpack(">I", data[28:32])[0] - 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(pages.Unreadable, match="leaf page|interior page|pages"):
+        pageread.prove(path, layout, root, lambda r: r)
+
+
 def test_the_lock_byte_page_is_skipped_by_the_layout():
     """Leaf k on page first_leaf + k, but one page further from the lock-byte page on, at every
     page size; a layout never begins on it."""
