@@ -48,13 +48,16 @@ def sqlite_file(path: Path, page_size: int) -> int:
 
 
 def pattern(ids: np.ndarray, row: int) -> np.ndarray:
-    """Each row's bytes, from its id: any row read back in another's place shows."""
-    return ((ids[:, None] * 131 + np.arange(row)) % 251).astype(np.uint8)
+    """Each row's bytes, from its id: any row read back in another's place shows (a window of
+    0, 1, ... 250, 0, 1, ... from an offset of the id's; a copy a row)."""
+    base = (np.arange(row + 251) % 251).astype(np.uint8)
+    return np.lib.stride_tricks.sliding_window_view(base, row)[(np.asarray(ids) * 131) % 251]
 
 
-def write_table(path: Path, page_size: int, rows: int, row: int, dim: int = 1, chunk: int = 1 << 16) -> pages.Layout:
+def write_table(path: Path, page_size: int, rows: int, row: int, dim: int = 1) -> pages.Layout:
     """``rows`` rows of ``pattern`` data (ids 0 ... rows - 1) written by the page writer into a
-    file SQLite made."""
+    file SQLite made, a few MiB at a time."""
+    chunk = max(1, (8 << 20) // row)
     root = sqlite_file(path, page_size)
     fd = os.open(path, os.O_RDWR)
     try:
@@ -75,7 +78,7 @@ def sqlite_agrees(path: Path, rows: int, row: int) -> None:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)], path
         cursor = con.execute("SELECT id, data FROM unitaries ORDER BY id")
         at = 0
-        while batch := cursor.fetchmany(1 << 15):
+        while batch := cursor.fetchmany(max(1, (8 << 20) // row)):
             ids = np.array([i for i, _ in batch])
             assert np.array_equal(ids, np.arange(at, at + len(batch)))
             assert b"".join(d for _, d in batch) == pattern(ids, row).tobytes()
