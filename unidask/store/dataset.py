@@ -262,7 +262,7 @@ class Dataset:
         (an id, a slice, a sequence, a range, an integer or boolean array), the others index into
         the matrices (``ds[5, 0, 0]`` is one complex number)."""
         if (type(key) is np.ndarray and key.ndim == 1 and key.dtype.kind in "iu" and key.size
-                and self._pages is not None and key.min() >= 0 and key.max() < len(self)):
+                and self._pages is not None and key.min() >= 0 and key.max() < self._pages.layout.rows):
             return self._paged(key)   # a minibatch, straight to the pages: the rest is numpy's cost
         if not isinstance(key, tuple):
             if key is not Ellipsis and key is not None:
@@ -443,6 +443,8 @@ class Dataset:
 
     def close(self) -> None:
         """Close the connections this process opened (in every thread)."""
+        if (reader := self.__dict__.pop("_pages", None)) is not None:
+            reader.close()
         mine = [c for pid, c in self._cons if pid == os.getpid()]
         self._cons = [(pid, c) for pid, c in self._cons if pid != os.getpid()]
         self._local = threading.local()

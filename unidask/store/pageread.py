@@ -30,10 +30,11 @@ from .pages import (
     read_varints,
     varint,
     varint_len,
+    varints,
 )
 from .pagewrite import interior_pages
 
-CHECK_LEAVES = 1024   # leaves checked at a time by the merge's proof: a few MiB of cell heads
+CHECK_CELLS = 1 << 16   # cells checked at a time: their index arrays stay a few MiB
 
 
 class Changed(Unreadable):
@@ -62,6 +63,9 @@ class PageReader(Mapped):
         self._prove_shape(layout, header.page_size)
         self.stamp = self._stamp()   # the header's versions and counter, watched by every read
         self.size = len(self.map)
+        self.fd: int | None = None
+        self.lock0 = lock_page(layout.page_size) - 1   # 0-based, as the reads count pages
+        self.crosses = layout.leaves > 0 and layout.leaf_page(layout.leaves - 1) > self.lock0 + 1
         lp = len(varint(layout.payload_size))
         self.prefix, self.payload = np.frombuffer(varint(layout.payload_size), np.uint8), \
             np.frombuffer(layout.payload, np.uint8)
@@ -72,6 +76,7 @@ class PageReader(Mapped):
         self._prove_interior(root)
         if layout.leaves:
             self.check_leaves(np.array([layout.leaves - 1]))   # the last: the table ends where it says
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)   # its size, watched by every read
 
     def _prove_shape(self, lay: Layout, page_size: int) -> None:
         """The layout is one the writer makes, and the file holds it."""
@@ -101,78 +106,115 @@ class PageReader(Mapped):
                 raise Unreadable(f"{self.path}: interior page {page} is not the layout's")
 
     def _stamp(self) -> bytes:
-        return bytes(self.map[18:20]) + bytes(self.map[24:28])
+        return self.map[18:28].tobytes()   # the format versions, ..., the change counter
 
     def current(self) -> None:
         """Raise :class:`Changed` where the file was written since it was proven (its header's
-        versions or change counter, or its size)."""
-        if self._stamp() != self.stamp:
+        versions or change counter, or its size: a map of a file cut short would fault)."""
+        if self.map[18:28].tobytes() != self.stamp:
             raise Changed(f"{self.path}: written by another SQLite client while open")
         try:
-            size = os.stat(self.path).st_size
+            size = os.fstat(self.fd).st_size
         except OSError as e:
             raise Changed(f"{self.path}: {e.strerror}") from e
         if size != self.size:
             raise Changed(f"{self.path}: its size changed while open")
+
+    def close(self) -> None:
+        super().close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def check_leaves(self, leaves: np.ndarray) -> None:
         """Check leaves (indices) whole, as SQLite would read them for any of their rows: the type
         byte, no freeblock, the cell count, the content area's start, every cell pointer where
         the layout puts it, and every cell's payload size, rowid (the id of its place) and
         record header; then mark them checked. :class:`Unreadable` naming the first that differs."""
-        lay, ps, c = self.layout, self.layout.page_size, self.layout.per_leaf
         leaves = np.asarray(leaves, np.int64)
-        bases = (np.asarray(lay.leaf_page(leaves), np.int64) - 1) * ps
+        step = max(1, CHECK_CELLS // self.layout.per_leaf)   # the index arrays stay a few MiB
+        for a in range(0, len(leaves), step):
+            self._check(leaves[a:a + step])
+        self.checked[leaves] = True
+
+    def _check(self, leaves: np.ndarray) -> None:
+        lay, ps, c = self.layout, self.layout.page_size, self.layout.per_leaf
+        lp, pl = len(self.prefix), len(self.payload)
+        pages_ = np.asarray(lay.leaf_page(leaves), np.int64)
+        bases = (pages_ - 1) * ps
         counts = lay.leaf_rows(leaves)
         valid = np.arange(c) < counts[:, None]
         ids = self.id_of(np.minimum(leaves[:, None] * c + np.arange(c), max(lay.rows - 1, 0)))
         id_len = varint_len(ids)
-        sizes = np.where(valid, len(self.prefix) + id_len + lay.payload_size, 0)
+        sizes = np.where(valid, lp + id_len + lay.payload_size, 0)
         tops = ps - sizes.sum(axis=1)
         offsets = tops[:, None] + np.cumsum(sizes, axis=1) - sizes
-        head = self.map[bases[:, None] + np.arange(8)].astype(np.int64)
+        head = self._windows(8)[bases].view(np.uint8).reshape(len(leaves), 8).astype(np.int64)
         fine = ((head[:, 0] == LEAF) & (head[:, 1] == 0) & (head[:, 2] == 0) & (head[:, 7] == 0)
                 & ((head[:, 3] << 8 | head[:, 4]) == counts) & ((head[:, 5] << 8 | head[:, 6]) == tops % 65536))
-        pointers = self.u16(bases[:, None] + 8 + 2 * np.arange(c))
+        pointers = self._windows(2 * c)[bases + 8].view(">u2").reshape(len(leaves), c)
         fine &= np.all((pointers == offsets) | ~valid, axis=1)
-        if fine.all():
-            lp, pl = len(self.prefix), len(self.payload)
-            cells = (bases[:, None] + offsets)[valid]
-            heads = self.map[cells[:, None] + np.arange(lp + 8 + pl)]   # within the cell: its data is 8 bytes or more
+        # the cells: where a leaf's rowids have one length its cells are evenly spaced (the
+        # pointers said so), and runs of such leaves on consecutive pages are one strided view
+        # each; the others (a rowid length changes in the leaf) cell by cell
+        last = id_len[np.arange(len(leaves)), counts - 1]
+        uniform = (id_len[:, 0] == last) & fine
+        key = np.stack([pages_ - np.arange(len(leaves)), counts, last, uniform])
+        cuts = np.flatnonzero(np.any(np.diff(key, axis=1) != 0, axis=0)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(leaves)]):
+            if not uniform[a]:
+                continue
+            n, L = int(counts[a]), int(last[a])
+            cells = np.ndarray((b - a, n, lp + L + pl), np.uint8, self.map, int(bases[a] + tops[a]),
+                               (ps, lp + L + lay.payload_size, 1))
+            fine[a:b] &= ((cells[:, :, :lp] == self.prefix).all(axis=(1, 2))
+                          & (cells[:, :, lp + L:] == self.payload).all(axis=(1, 2))
+                          & (cells[:, :, lp:lp + L] == varints(ids[a:b, :n].ravel(), L).reshape(b - a, n, L)
+                             ).all(axis=(1, 2)))
+        rest = ~uniform & fine
+        if rest.any():
+            cells = (bases[:, None] + offsets)[rest[:, None] & valid]
+            width = lp + 8 + pl   # within the cell: its data is 8 bytes or more
+            heads = self._windows(width)[cells].view(np.uint8).reshape(len(cells), width)
             rowid, length = read_varints(heads, lp)
             record = np.take_along_axis(heads, (lp + length)[:, None] + np.arange(pl), axis=1)
-            good = ((heads[:, :lp] == self.prefix).all(axis=1) & (rowid == ids[valid]) & (length == id_len[valid])
-                    & (record == self.payload).all(axis=1))
-            cell_leaf = np.repeat(np.arange(len(leaves)), valid.sum(axis=1))
+            good = ((heads[:, :lp] == self.prefix).all(axis=1) & (rowid == ids[rest[:, None] & valid])
+                    & (length == id_len[rest[:, None] & valid]) & (record == self.payload).all(axis=1))
+            cell_leaf = np.repeat(np.flatnonzero(rest), counts[rest])
             fine &= np.bincount(cell_leaf, weights=~good, minlength=len(leaves)) == 0
         if not fine.all():
             bad = int(leaves[np.argmin(fine)])
             raise Unreadable(f"{self.path}: leaf page {int(lay.leaf_page(bad))} is not as the layout "
                              f"puts rows {bad * c}...{bad * c + int(lay.leaf_rows(np.array([bad]))[0]) - 1}")
-        self.checked[leaves] = True
+
+    def _windows(self, width: int) -> np.ndarray:
+        """Every ``width`` bytes of the file as one item: a gather of them is a memcpy each."""
+        return np.ndarray((len(self.map) - width + 1,), np.dtype((np.void, width)), self.map, 0, (1,))
 
     def rows(self, ks: np.ndarray) -> np.ndarray:
         """The data of rows ``ks`` (ids, in range), as an owned ``(len(ks), row_bytes)`` uint8 array."""
         ks = np.asarray(ks, dtype=np.int64)
         self.current()
-        leaf = ks // self.layout.per_leaf
+        leaf, nth = np.divmod(ks, self.layout.per_leaf)
         if not self.checked[leaf].all():
             self.check_leaves(np.unique(leaf[~self.checked[leaf]]))
         if len(ks) <= self.chunk:
-            return self._rows(ks, leaf)
+            return self._rows(ks, leaf, nth)
         out = np.empty((len(ks), self.row_bytes), np.uint8)
         for a in range(0, len(ks), self.chunk):
-            self._rows(ks[a:a + self.chunk], leaf[a:a + self.chunk], out[a:a + self.chunk])
+            b = a + self.chunk
+            self._rows(ks[a:b], leaf[a:b], nth[a:b], out[a:b])
         return out
 
-    def _rows(self, k: np.ndarray, leaf: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        # a minibatch's every numpy call counts: in place where it can be
+    def _rows(self, k: np.ndarray, leaf: np.ndarray, nth: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        # a minibatch's every numpy call counts: in place where it can be (Layout.leaf_page, inlined)
         lay = self.layout
-        base = np.asarray(lay.leaf_page(leaf), np.int64) - 1
+        base = leaf + (lay.first_leaf - 1)   # the leaf's page, from 0
+        if self.crosses:
+            base += base >= self.lock0
         base *= lay.page_size
         pointer = base >> 1   # the cell pointer's index in the 2-byte view: at 8 + 2 * nth in the leaf
-        pointer += k
-        pointer -= leaf * lay.per_leaf
+        pointer += nth
         pointer += 4
         starts = self.pointers[pointer].astype(np.int64)
         starts += base
@@ -193,7 +235,6 @@ def prove(path: str | os.PathLike, layout: Layout, root: int, id_of: Callable[[n
     Raises :class:`Unreadable` naming what differs."""
     reader = PageReader(path, layout, root, id_of=id_of)
     try:
-        for a in range(0, layout.leaves, CHECK_LEAVES):
-            reader.check_leaves(np.arange(a, min(a + CHECK_LEAVES, layout.leaves)))
+        reader.check_leaves(np.arange(layout.leaves))
     finally:
         reader.close()
