@@ -22,6 +22,9 @@ import pytest
 import unidask
 
 REPO = Path(__file__).resolve().parent.parent
+# every database a merge writes in the tests, in this process, the CLI's and the workers' (they
+# inherit it), passes SQLite's PRAGMA integrity_check before it is published (merge.CHECK_ENV)
+os.environ["UNIDASK_INTEGRITY_CHECK"] = "1"
 
 
 def write_config(path: Path, *, run: dict | None = None, generator: dict | None = None,

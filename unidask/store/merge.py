@@ -33,6 +33,8 @@ ATTACH_BATCH = 8  # SQLite attaches at most 10 databases by default
 # a merge unit not back from its worker this long after the one before (and this many times the
 # usual gap) is written by the merging process: a stopped worker must not hold the merge
 STALL_MIN, STALL_X = 30.0, 10.0
+# set (tests/conftest.py): every merge's output also through SQLite's PRAGMA integrity_check
+CHECK_ENV = "UNIDASK_INTEGRITY_CHECK"
 MERGE_THREADS = 8   # the merging process's own units at most this many at once (memory: ~3 units each)
 
 log = logging.getLogger(__name__)
@@ -141,6 +143,10 @@ def _merge(rd: RunDir, out: str | os.PathLike | None, append: bool, skip_bad: bo
             checks = {p: checker.submit(db.check, p, fingerprint, expected) for p in paths}
             _merge_sql(tmp, existing, paths, record, page_size, expected, checks, task_size, fingerprint,
                        report, sizes, skip_bad, run_dir)
+        if os.environ.get(CHECK_ENV):   # the test suite's: SQLite's own judgement of every merge too
+            with contextlib.closing(sqlite3.connect(f"file:{tmp}?mode=ro", uri=True)) as con:
+                if (result := con.execute("PRAGMA integrity_check").fetchall()) != [("ok",)]:
+                    raise RunError(f"merge into {out} failed: integrity_check says {result[:3]}")
         files.publish(tmp, out, mode=files.shared_mode())   # meant to be shared: the umask decides
     except sqlite3.Error as e:
         full = "full" in str(e) or (getattr(e, "sqlite_errorcode", 0) & 0xFF) == 13

@@ -30,11 +30,14 @@ from .pages import (
     read_varints,
     varint,
     varint_len,
-    varints,
 )
 from .pagewrite import interior_pages
 
 CHECK_CELLS = 1 << 16   # cells checked at a time: their index arrays stay a few MiB
+
+
+def _rows_are_ids(rows: np.ndarray) -> np.ndarray:
+    return rows
 
 
 class Changed(Unreadable):
@@ -59,7 +62,7 @@ class PageReader(Mapped):
                           f"the merge left {counter})")
         header.plain(path, len(self.map))
         self.layout, self.pages = layout, header.pages
-        self.id_of = id_of or (lambda rows: rows)
+        self.id_of = id_of or _rows_are_ids
         self._prove_shape(layout, header.page_size)
         self.stamp = self._stamp()   # the header's versions and counter, watched by every read
         self.size = len(self.map)
@@ -72,7 +75,19 @@ class PageReader(Mapped):
         self.before = lp + len(layout.payload)   # a cell's bytes before its data, less the rowid
         self.chunk = max(1, (1 << 20) // max(1, layout.row_bytes))
         self.pointers = self.map[:len(self.map) // 2 * 2].view(">u2")   # at even offsets, as cell pointers are
+        self.step = self.before + layout.row_bytes   # a cell's bytes but its rowid's
+        self.end = layout.page_size + self.before + 1   # from a page's end to a cell's data, past the rowid
+        # the leaves whose cells are not evenly spaced: the last one where it is short, and where
+        # a rowid grows a byte inside one (ids from 0: a leaf's ids are its rows)
+        c, n = layout.per_leaf, layout.leaves
+        odd = np.zeros(n, bool)
+        if n:
+            odd[-1] = layout.rows % c != 0
+            grows = VARINT_LIMITS[VARINT_LIMITS < layout.rows]
+            odd[(grows // c)[grows % c != 0]] = True
+        self.odd = odd if odd.any() else None
         self.checked = np.zeros(layout.leaves, bool)
+        self.all_checked = False
         self._prove_interior(root)
         if layout.leaves:
             self.check_leaves(np.array([layout.leaves - 1]))   # the last: the table ends where it says
@@ -138,54 +153,87 @@ class PageReader(Mapped):
         self.checked[leaves] = True
 
     def _check(self, leaves: np.ndarray) -> None:
+        lay, c = self.layout, self.layout.per_leaf
+        counts = lay.leaf_rows(leaves)
+        first, last = self.id_of(leaves * c), self.id_of(leaves * c + counts - 1)
+        length = varint_len(last)
+        # nearly every leaf holds consecutive ids of one varint length: its cells are evenly
+        # spaced, checked as strided runs; the others (a task's gap, a rowid growing a byte in
+        # the leaf) cell by cell
+        uniform = (varint_len(first) == length) & (last - first == counts - 1)
+        fine = np.ones(len(leaves), bool)
+        if uniform.any():
+            fine[uniform] = self._uniform(leaves[uniform], counts[uniform], first[uniform], length[uniform])
+        if not uniform.all():
+            fine[~uniform] = self._cells(leaves[~uniform], counts[~uniform])
+        if not fine.all():
+            bad = int(leaves[np.argmin(fine)])
+            raise Unreadable(f"{self.path}: leaf page {int(lay.leaf_page(bad))} is not as the layout "
+                             f"puts rows {bad * c}...{bad * c + int(lay.leaf_rows(np.array([bad]))[0]) - 1}")
+
+    def _head(self, bases: np.ndarray, counts: np.ndarray, tops: np.ndarray, offsets: np.ndarray,
+              valid: np.ndarray) -> np.ndarray:
+        """Which leaves' headers and cell pointers are as the layout puts them."""
+        c = self.layout.per_leaf
+        head = self._windows(8)[bases].view(np.uint8).reshape(len(bases), 8).astype(np.int64)
+        fine = ((head[:, 0] == LEAF) & (head[:, 1] == 0) & (head[:, 2] == 0) & (head[:, 7] == 0)
+                & ((head[:, 3] << 8 | head[:, 4]) == counts) & ((head[:, 5] << 8 | head[:, 6]) == tops % 65536))
+        pointers = self._windows(2 * c)[bases + 8].view(">u2").reshape(len(bases), c)
+        return fine & np.all((pointers == offsets) | ~valid, axis=1)
+
+    def _uniform(self, leaves: np.ndarray, counts: np.ndarray, first: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """Leaves of consecutive ids of one varint length each: runs of them on consecutive pages
+        read as one strided view, a byte of every cell at a time (numpy's inner loop over cells)."""
         lay, ps, c = self.layout, self.layout.page_size, self.layout.per_leaf
         lp, pl = len(self.prefix), len(self.payload)
         pages_ = np.asarray(lay.leaf_page(leaves), np.int64)
         bases = (pages_ - 1) * ps
-        counts = lay.leaf_rows(leaves)
+        size = lp + length + lay.payload_size
+        tops = ps - counts * size
+        nth = np.arange(c)
+        fine = self._head(bases, counts, tops, tops[:, None] + size[:, None] * nth, nth < counts[:, None])
+        key = np.stack([pages_ - np.arange(len(leaves)), counts, length, fine])
+        cuts = np.flatnonzero(np.any(np.diff(key, axis=1) != 0, axis=0)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(leaves)]):
+            if not fine[a]:
+                continue
+            n, L = int(counts[a]), int(length[a])
+            cells = np.ndarray((b - a, n, lp + L + pl), np.uint8, self.map, int(bases[a] + tops[a]),
+                               (ps, int(size[a]), 1))
+            ok = np.ones((b - a, n), bool)
+            for k, v in [*enumerate(self.prefix), *((lp + L + j, v) for j, v in enumerate(self.payload))]:
+                ok &= cells[:, :, k] == v
+            rowid = np.zeros((b - a, n), np.int64)
+            for k in range(L):
+                byte = cells[:, :, lp + k]
+                ok &= (byte >= 0x80) if k < L - 1 else (byte < 0x80)
+                rowid <<= 7
+                rowid |= byte & 0x7F
+            ok &= rowid == first[a:b, None] + nth[:n]
+            fine[a:b] = ok.all(axis=1)
+        return fine
+
+    def _cells(self, leaves: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Any leaves, cell by cell: each cell's place from the lengths of the rowids before it."""
+        lay, ps, c = self.layout, self.layout.page_size, self.layout.per_leaf
+        lp, pl = len(self.prefix), len(self.payload)
+        bases = (np.asarray(lay.leaf_page(leaves), np.int64) - 1) * ps
         valid = np.arange(c) < counts[:, None]
         ids = self.id_of(np.minimum(leaves[:, None] * c + np.arange(c), max(lay.rows - 1, 0)))
         id_len = varint_len(ids)
         sizes = np.where(valid, lp + id_len + lay.payload_size, 0)
         tops = ps - sizes.sum(axis=1)
-        offsets = tops[:, None] + np.cumsum(sizes, axis=1) - sizes
-        head = self._windows(8)[bases].view(np.uint8).reshape(len(leaves), 8).astype(np.int64)
-        fine = ((head[:, 0] == LEAF) & (head[:, 1] == 0) & (head[:, 2] == 0) & (head[:, 7] == 0)
-                & ((head[:, 3] << 8 | head[:, 4]) == counts) & ((head[:, 5] << 8 | head[:, 6]) == tops % 65536))
-        pointers = self._windows(2 * c)[bases + 8].view(">u2").reshape(len(leaves), c)
-        fine &= np.all((pointers == offsets) | ~valid, axis=1)
-        # the cells: where a leaf's rowids have one length its cells are evenly spaced (the
-        # pointers said so), and runs of such leaves on consecutive pages are one strided view
-        # each; the others (a rowid length changes in the leaf) cell by cell
-        last = id_len[np.arange(len(leaves)), counts - 1]
-        uniform = (id_len[:, 0] == last) & fine
-        key = np.stack([pages_ - np.arange(len(leaves)), counts, last, uniform])
-        cuts = np.flatnonzero(np.any(np.diff(key, axis=1) != 0, axis=0)) + 1
-        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(leaves)]):
-            if not uniform[a]:
-                continue
-            n, L = int(counts[a]), int(last[a])
-            cells = np.ndarray((b - a, n, lp + L + pl), np.uint8, self.map, int(bases[a] + tops[a]),
-                               (ps, lp + L + lay.payload_size, 1))
-            fine[a:b] &= ((cells[:, :, :lp] == self.prefix).all(axis=(1, 2))
-                          & (cells[:, :, lp + L:] == self.payload).all(axis=(1, 2))
-                          & (cells[:, :, lp:lp + L] == varints(ids[a:b, :n].ravel(), L).reshape(b - a, n, L)
-                             ).all(axis=(1, 2)))
-        rest = ~uniform & fine
-        if rest.any():
-            cells = (bases[:, None] + offsets)[rest[:, None] & valid]
-            width = lp + 8 + pl   # within the cell: its data is 8 bytes or more
-            heads = self._windows(width)[cells].view(np.uint8).reshape(len(cells), width)
-            rowid, length = read_varints(heads, lp)
-            record = np.take_along_axis(heads, (lp + length)[:, None] + np.arange(pl), axis=1)
-            good = ((heads[:, :lp] == self.prefix).all(axis=1) & (rowid == ids[rest[:, None] & valid])
-                    & (length == id_len[rest[:, None] & valid]) & (record == self.payload).all(axis=1))
-            cell_leaf = np.repeat(np.flatnonzero(rest), counts[rest])
-            fine &= np.bincount(cell_leaf, weights=~good, minlength=len(leaves)) == 0
-        if not fine.all():
-            bad = int(leaves[np.argmin(fine)])
-            raise Unreadable(f"{self.path}: leaf page {int(lay.leaf_page(bad))} is not as the layout "
-                             f"puts rows {bad * c}...{bad * c + int(lay.leaf_rows(np.array([bad]))[0]) - 1}")
+        fine = self._head(bases, counts, tops, tops[:, None] + np.cumsum(sizes, axis=1) - sizes, valid)
+        rest = fine[:, None] & valid
+        cells = (bases[:, None] + tops[:, None] + np.cumsum(sizes, axis=1) - sizes)[rest]
+        width = lp + 8 + pl   # within the cell: its data is 8 bytes or more
+        heads = self._windows(width)[cells].view(np.uint8).reshape(len(cells), width)
+        rowid, length = read_varints(heads, lp)
+        record = np.take_along_axis(heads, (lp + length)[:, None] + np.arange(pl), axis=1)
+        good = ((heads[:, :lp] == self.prefix).all(axis=1) & (rowid == ids[rest]) & (length == id_len[rest])
+                & (record == self.payload).all(axis=1))
+        cell_leaf = np.repeat(np.arange(len(leaves)), rest.sum(axis=1))
+        return fine & (np.bincount(cell_leaf, weights=~good, minlength=len(leaves)) == 0)
 
     def _windows(self, width: int) -> np.ndarray:
         """Every ``width`` bytes of the file as one item: a gather of them is a memcpy each."""
@@ -193,11 +241,14 @@ class PageReader(Mapped):
 
     def rows(self, ks: np.ndarray) -> np.ndarray:
         """The data of rows ``ks`` (ids, in range), as an owned ``(len(ks), row_bytes)`` uint8 array."""
+        if self.id_of is not _rows_are_ids:
+            raise ValueError("rows() reads a table whose ids are its rows (ids 0 ... rows - 1)")
         ks = np.asarray(ks, dtype=np.int64)
         self.current()
         leaf, nth = np.divmod(ks, self.layout.per_leaf)
-        if not self.checked[leaf].all():
+        if not self.all_checked and not self.checked[leaf].all():
             self.check_leaves(np.unique(leaf[~self.checked[leaf]]))
+            self.all_checked = bool(self.checked.all())
         if len(ks) <= self.chunk:
             return self._rows(ks, leaf, nth)
         out = np.empty((len(ks), self.row_bytes), np.uint8)
@@ -207,19 +258,27 @@ class PageReader(Mapped):
         return out
 
     def _rows(self, k: np.ndarray, leaf: np.ndarray, nth: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        # a minibatch's every numpy call counts: in place where it can be (Layout.leaf_page, inlined)
+        # Where a row's data is, by arithmetic: every leaf served was checked whole, its cells
+        # where the layout puts them (and the header is unchanged since). In a full leaf of
+        # rowids of one length L, the cells are evenly spaced at the page's end: the n-th one's
+        # data is (n - per_leaf) cells of (step + L) bytes from the page's end, plus its own
+        # head. Rows of other leaves (the last, short one; one where the rowids grow a byte)
+        # read their cell pointers. A minibatch's every numpy call counts: in place.
         lay = self.layout
-        base = leaf + (lay.first_leaf - 1)   # the leaf's page, from 0
+        length = VARINT_LIMITS.searchsorted(k, "right")   # the rowid's varint, less a byte
+        starts = nth - lay.per_leaf
+        starts *= length + (self.step + 1)
+        starts += length
+        base = leaf + (lay.first_leaf - 1)   # the leaf's page, from 0 (Layout.leaf_page, inlined)
         if self.crosses:
             base += base >= self.lock0
         base *= lay.page_size
-        pointer = base >> 1   # the cell pointer's index in the 2-byte view: at 8 + 2 * nth in the leaf
-        pointer += nth
-        pointer += 4
-        starts = self.pointers[pointer].astype(np.int64)
         starts += base
-        starts += VARINT_LIMITS.searchsorted(k, "right")   # the rowid's varint, less a byte
-        starts += self.before + 1
+        starts += self.end
+        if self.odd is not None and (odd := self.odd[leaf]).any():
+            p = base[odd] >> 1
+            p += nth[odd] + 4
+            starts[odd] = self.pointers[p] + base[odd] + length[odd] + self.before + 1
         if len(k) > 1 and k[-1] - k[0] == len(k) - 1:   # a span: its leaves are strided runs
             return self.gather(starts, out)
         if out is None:
