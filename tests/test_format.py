@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -101,15 +102,24 @@ def depth(path: Path, root: int, page_size: int) -> int:
             page, levels = struct.unpack(">I", head[pointer:pointer + 4])[0], levels + 1
 
 
+@pytest.fixture
+def big_dir(tmp_path) -> Iterator[Path]:
+    """A directory whose files (a GiB or more) are removed when the test ends: pytest keeps every
+    test's tmp_path to the session's end, and the big layer's would fill ~20 GB."""
+    yield tmp_path
+    for p in list(tmp_path.iterdir()):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 @pytest.mark.big
 @pytest.mark.parametrize("page_size", [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536])
-def test_a_table_past_the_lock_byte_page_is_sound_at_every_page_size(tmp_path, page_size):
+def test_a_table_past_the_lock_byte_page_is_sound_at_every_page_size(big_dir, page_size):
     """The page holding byte 2^30 is never a page of the table: a file past 1 GiB at each page
     size, rows one a leaf (the largest that fit), so the leaves themselves cross it."""
     row = page_size - 35 - 16 - 8
     lock = pages.lock_page(page_size)
     rows = lock + 40
-    path = tmp_path / "t.db"
+    path = big_dir / "t.db"
     layout = write_table(path, page_size, rows, row)
     assert layout.per_leaf == 1 and layout.end > lock and os.path.getsize(path) > pages.LOCK_BYTE
     sqlite_agrees(path, rows, row)
@@ -119,15 +129,15 @@ def test_a_table_past_the_lock_byte_page_is_sound_at_every_page_size(tmp_path, p
 
 
 @pytest.mark.big
-def test_interior_pages_that_reach_the_lock_byte_page_skip_it(tmp_path):
+def test_interior_pages_that_reach_the_lock_byte_page_skip_it(big_dir):
     """The leaves end just before the lock-byte page: the first interior page would be it."""
     page_size, row = 65536, 65536 - 60
-    root = sqlite_file(tmp_path / "probe.db", page_size)
-    first = os.path.getsize(tmp_path / "probe.db") // page_size + 1
+    root = sqlite_file(big_dir / "probe.db", page_size)
+    first = os.path.getsize(big_dir / "probe.db") // page_size + 1
     rows = pages.lock_page(page_size) - first
-    layout = write_table(tmp_path / "t.db", page_size, rows, row)
+    layout = write_table(big_dir / "t.db", page_size, rows, row)
     assert layout.end == pages.lock_page(page_size) and root
-    sqlite_agrees(tmp_path / "t.db", rows, row)
+    sqlite_agrees(big_dir / "t.db", rows, row)
 
 
 @pytest.mark.parametrize("page_size", [512, 1024])
@@ -183,13 +193,13 @@ def test_the_lock_byte_page_is_skipped_by_the_layout():
 
 
 @pytest.mark.big
-def test_a_short_write_is_written_on(tmp_path):
+def test_a_short_write_is_written_on(big_dir):
     """Linux writes at most 0x7ffff000 bytes a call: one ``pwrite_all`` of 2.2 GB is a real short
     write, written on from where it stopped (the source: zero pages, no memory)."""
     size = (1 << 31) + (64 << 20)
     data = np.zeros(size, np.uint8)
     data[-4096:] = 7   # the tail, past the first call's cap, must land too
-    path = tmp_path / "f"
+    path = big_dir / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:
         assert os.pwrite(fd, data[:size], 0) < size   # the kernel's cap: what makes the loop necessary
@@ -671,20 +681,20 @@ def craft_real(kind: str, data: bytes) -> bytes:
 
 @pytest.mark.big
 @pytest.mark.cluster
-def test_a_real_run_past_4_gib_merges_sound_and_equal_to_its_shards(tmp_path):
+def test_a_real_run_past_4_gib_merges_sound_and_equal_to_its_shards(big_dir):
     """A real run (Haar U(63), 64 KiB pages: a row a leaf) whose database passes 1, 2 and 4 GiB:
     integrity_check ok, every row SQLite's read of the shards, ``Dataset`` and ``verify`` agree."""
     dim, row = 63, 63 * 63 * 16
     count = (4 << 30) // row + 2000
-    cfg = write_config(tmp_path / "big.toml", run={"count": count, "task_size": 4000},
+    cfg = write_config(big_dir / "big.toml", run={"count": count, "task_size": 4000},
                        generator={"dim": dim}, storage={"page_size": 65536})
     proc = cli("run", cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "run" / "t.db"
+    out = big_dir / "run" / "t.db"
     assert os.path.getsize(out) > 4 << 30
     con = sqlite3.connect(f"file:{out}?mode=ro", uri=True)
     assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    shards = sorted((tmp_path / "run" / "shards").glob("*.db"))
+    shards = sorted((big_dir / "run" / "shards").glob("*.db"))
     seen = 0
     with unidask.Dataset(out) as ds:
         assert ds.direct is not None and len(ds) == count
