@@ -446,13 +446,16 @@ def structural(r: random.Random, data: bytearray, path: Path) -> str:
     """One structure-aware change to a merged file: a field of the header, of a leaf (type, cell
     count, content start, a cell pointer, a cell's payload size, rowid or record header) or of an
     interior page (a child, a key, the right-most pointer, the cell count)."""
-    meta = dict(sqlite3.connect(path).execute("SELECT key, value FROM meta"))
+    con = sqlite3.connect(path)
+    meta = dict(con.execute("SELECT key, value FROM meta"))
+    root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+    con.close()
     layout = pages.Layout.from_meta(meta)
     ps = layout.page_size
     leaf = (int(layout.leaf_page(r.randrange(layout.leaves))) - 1) * ps
     n = struct.unpack(">H", data[leaf + 3:leaf + 5])[0]
     cell = leaf + struct.unpack(">H", data[leaf + 8 + 2 * (k := r.randrange(n)):leaf + 10 + 2 * k])[0]
-    interior = (int(layout.end) - 1) * ps if layout.end * ps < len(data) else None
+    interior = (root - 1) * ps if data[(root - 1) * ps] == pages.INTERIOR else None   # the table's top page
     fields = {
         "header page size": (16, 2), "header versions": (18, 2), "header reserved": (20, 1),
         "header counter": (24, 4), "header page count": (28, 4), "header freelist": (32, 8),
