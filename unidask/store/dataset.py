@@ -151,7 +151,9 @@ class Dataset:
         """Read by SQL from now on: the pages are not what SQLite reads (a warning), or the file
         is not the merge's any more (quietly: another client wrote it, which is the user's right)."""
         (log.debug if isinstance(e, pageread.Changed) else log.warning)("%s; reading it through SQL", e)
-        for name in ("_pages", "_len", "id_range", "ids_by_position"):
+        if (reader := self.__dict__.pop("_pages", None)) is not None:
+            reader.close()   # its map and descriptor, not kept for reads that no longer use them
+        for name in ("_len", "id_range", "ids_by_position"):
             self.__dict__.pop(name, None)
         self.__dict__["_pages"] = None
 
