@@ -128,7 +128,7 @@ class Bench:
 
     # 1. write path
     def write_path(self) -> None:
-        for dim in (4, 32):
+        for dim in (4, 16, 32):
             task = work.TASK_SIZE[dim] // (10 if self.quick else 1)
             count = task * (2 if self.quick else 3)   # per process: ~0.6 s of work at tasks of 0.2 s
             txt = max(200, count // 250)
@@ -138,6 +138,7 @@ class Bench:
                 def seed_():
                     return run(work.seed_shared_db, path=str(self.shared_db()))
                 self.alternate({"unidask shard": lambda: run(work.unidask_shard),
+                                "unidask shard, a row a matrix": lambda: run(work.unidask_rows_shard),
                                 "unidask node shard": lambda: run(work.unidask_node_shard, path=str(self.fresh("n") / "node.db")),
                                 "seed shared db": seed_,
                                 "np.savetxt per file": lambda: run(work.savetxt_files, count=txt, path=str(self.fresh("t"))),

@@ -63,6 +63,16 @@ def unidask_shard(path: str, seed: int, count: int, dim: int, start_at: float, t
     return write_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task, single_writer=True)
 
 
+def unidask_rows_shard(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
+    """unidask's writer before packed shards (schema 2): a row per matrix, as rows with meta still
+    are (``shard.PACK_MAX`` 0 sends every task there)."""
+    pack_max, shard.PACK_MAX = shard.PACK_MAX, 0
+    try:
+        return write_shard(f"{path}.{seed}.db", seed, count, dim, start_at, task, single_writer=True)
+    finally:   # the pool's processes run the other contenders next
+        shard.PACK_MAX = pack_max
+
+
 def seed_shared_db(path: str, seed: int, count: int, dim: int, start_at: float, task: int) -> dict:
     """The seed's approach: every process inserts into ONE shared database (WAL, synchronous=OFF)."""
     u = data(seed, count, dim)

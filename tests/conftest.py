@@ -163,6 +163,33 @@ def merged_data(db: Path) -> list[tuple[int, bytes]]:
         con.close()
 
 
+def shard_data(con, full: bool = False) -> list[tuple]:
+    """A shard's rows (``con``: a connection or a path), whatever their layout: a row per matrix
+    (table unitaries) or packed a task a row (blocks), as (id, bytes) in id order; ``full``: as
+    the merged table's rows, (id, dim, data, meta)."""
+    import sqlite3
+
+    if not isinstance(con, sqlite3.Connection):
+        with contextlib.closing(sqlite3.connect(f"file:{con}?mode=ro", uri=True)) as c:
+            return shard_data(c, full)
+    rows = con.execute("SELECT id, dim, data, meta FROM unitaries").fetchall()
+    task_size = int(con.execute("SELECT value FROM meta WHERE key = 'task_size'").fetchone()[0])
+    for task, count, dim, data in con.execute(
+            "SELECT b.task, t.count, b.dim, b.data FROM blocks AS b JOIN tasks AS t USING (task)"):
+        step = len(data) // count
+        rows += [(task * task_size + i, dim, data[i * step:(i + 1) * step], None) for i in range(count)]
+    return sorted(rows) if full else sorted((r[0], r[2]) for r in rows)
+
+
+@pytest.fixture
+def per_row_shards(monkeypatch):
+    """Shards that keep a row per matrix (the layout of rows with meta, and of tasks over
+    shard.PACK_MAX bytes) for every task: what row-level damage is crafted on."""
+    from unidask.store import shard
+
+    monkeypatch.setattr(shard, "PACK_MAX", 0)
+
+
 @pytest.fixture
 def config(tmp_path: Path):
     """``config(**sections)`` -> a validated spec from a TOML file in a fresh directory."""

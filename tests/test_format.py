@@ -28,7 +28,7 @@ from unidask import RunDir
 from unidask.execute import worker
 from unidask.store import db, pageread, pages, pagewrite, shardread
 
-from conftest import cli, merged_data, run_main, write_config
+from conftest import cli, merged_data, run_main, shard_data, write_config
 
 def quick(examples: int) -> settings:
     return settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -248,20 +248,30 @@ def shard_rows(spec) -> dict[int, bytes]:
     """Every planned task's rows as SQLite reads them from the staged shards: id -> data."""
     out: dict[int, bytes] = {}
     for path in sorted(RunDir(spec.run_dir).shards.glob("*.db")):
-        con = db.connect_readonly(path)
-        out.update(con.execute("SELECT id, data FROM unitaries").fetchall())
-        con.close()
+        out.update(shard_data(path))
     return out
 
 
 @quick(30)
 @given(page_exp=st.integers(9, 16), dim=st.integers(1, 5), task_size=st.integers(1, 300),
-       tasks=st.integers(1, 12), shards=st.integers(1, 4), append=st.booleans(), seed=st.integers(0, 2**16))
+       tasks=st.integers(1, 12), shards=st.integers(1, 4), append=st.booleans(), seed=st.integers(0, 2**16),
+       packed=st.booleans())
 def test_every_merge_is_sound_and_holds_the_shards_rows(tmp_path_factory, page_exp, dim, task_size, tasks, shards,
-                                                        append, seed):
+                                                        append, seed, packed):
     """Page sizes 512 to 65536 x dims x one and many shards (tasks in more than one) x
-    ``merge --append``: integrity_check passes, every row is SQLite's read of the shards, and
-    ``Dataset`` reads each one the same."""
+    ``merge --append`` x shards of packed tasks or of a row per matrix: integrity_check passes,
+    every row is SQLite's read of the shards, and ``Dataset`` reads each one the same."""
+    from unidask.store import shard
+
+    pack_max = shard.PACK_MAX
+    shard.PACK_MAX = pack_max if packed else 0
+    try:
+        _every_merge(tmp_path_factory, page_exp, dim, task_size, tasks, shards, append, seed)
+    finally:
+        shard.PACK_MAX = pack_max
+
+
+def _every_merge(tmp_path_factory, page_exp, dim, task_size, tasks, shards, append, seed):
     page_size = 1 << page_exp
     assume(16 * dim * dim + 16 <= page_size - 35 or dim > 3)   # rows too large for a page: SQLite's merge, also tested
     base = tmp_path_factory.mktemp("m")
@@ -624,7 +634,7 @@ def test_the_crafted_shards_are_sound_before_they_are_crafted(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["cycle", "self", "shared child", "freelist", "rowids out of order", "truncated"])
-def test_a_crafted_staged_shard_ends_the_merge_in_one_line(config, tmp_path, kind, monkeypatch):
+def test_a_crafted_staged_shard_ends_the_merge_in_one_line(config, tmp_path, kind, monkeypatch, per_row_shards):
     """The crafted tree in a staged shard of a run: ``unidask merge`` refuses it in one line,
     exit 2, within a bound that only a hang reaches, and publishes nothing."""
     spec = config(run={"count": 600, "task_size": 100}, storage={"page_size": 1024})
@@ -705,8 +715,7 @@ def test_a_real_run_past_4_gib_merges_sound_and_equal_to_its_shards(big_dir):
             sc = db.connect_readonly(s)
             for task, in sc.execute("SELECT task FROM tasks ORDER BY task"):
                 lo, hi = task * 4000, min((task + 1) * 4000, count)
-                want = b"".join(d for (d,) in sc.execute(
-                    "SELECT data FROM unitaries WHERE id >= ? AND id < ? ORDER BY id", (lo, hi)))
+                want = sc.execute("SELECT data FROM blocks WHERE task = ?", (task,)).fetchone()[0]
                 got = b"".join(d for (d,) in con.execute(
                     "SELECT data FROM unitaries WHERE id >= ? AND id < ? ORDER BY id", (lo, hi)))
                 assert got == want and ds[lo:hi].tobytes() == want, task

@@ -10,10 +10,10 @@ import pytest
 
 import unidask
 from unidask import RunDir
-from unidask.store import db, pagemerge
+from unidask.store import db, pagemerge, shard
 from unidask.execute import worker
 
-from conftest import merged_data, messages, run_main
+from conftest import merged_data, messages, run_main, shard_data
 
 
 def stage(spec, node, tasks, monkeypatch, attempt="a"):
@@ -131,6 +131,26 @@ BAD_SHARDS = {
     "a dim that disagrees": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE unitaries SET dim = 5 WHERE id = 345"),
                                              _match(p, 3)),
 }
+# the same damage to a shard whose tasks are packed a task a row (table blocks; the layout of a
+# run's shards, where the rows above are a row per matrix's: rows with meta, very large tasks)
+PACKED_DAMAGE = {
+    "half a task": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "UPDATE blocks SET data = substr(data, 1, 50 * 256) WHERE task = 3"), _match(p, 3)),
+    "a task emptied": lambda good, p: (shutil.copy(good, p), _sql(p, "DELETE FROM blocks WHERE task = 3"), _match(p, 3)),
+    "a task outside the plan": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "INSERT INTO blocks SELECT 7777, dim, data FROM blocks WHERE task = 3",
+        "INSERT INTO tasks SELECT 7777, seed, count, node, worker, started, finished, checksum FROM tasks WHERE task = 3")),
+    "a flipped byte": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "UPDATE blocks SET data = CAST(substr(data, 1, 4509) || x'ff' || substr(data, 4511) AS BLOB) WHERE task = 3")),
+    "a blob of the wrong length": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "UPDATE blocks SET data = substr(data, 2) WHERE task = 3")),
+    "a dim that disagrees": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE blocks SET dim = 5 WHERE task = 3"),
+                                             _match(p, 3)),
+    "a block of no task": lambda good, p: (shutil.copy(good, p), _sql(
+        p, "INSERT INTO blocks SELECT 12, dim, data FROM blocks WHERE task = 3")),
+    "blocks in an older schema": lambda good, p: (shutil.copy(good, p),
+                                                  _sql(p, "UPDATE meta SET value = '2' WHERE key = 'schema_version'")),
+}
 REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "not a readable",
            "not a unidask shard": "not a unidask shard", "trigger": "trigger t", "view": "view v",
            "virtual table": "virtual table other",
@@ -140,16 +160,20 @@ REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "n
            "a task emptied": "task 3 records 0 unitaries, the plan has 100",
            "a task outside the plan": r"task 7777 is not in the run's plan \(tasks 0-19\)",
            "a flipped byte": "task 3: checksum mismatch",
-           "a blob of the wrong length": "task 3 has rows of 255, 256 bytes",
-           "a dim that disagrees": "task 3 has rows of dim 4, 5"}
+           "a blob of the wrong length": "task 3 has rows of 255, 256 bytes|task 3 has blob packed rows of 25599 bytes",
+           "a dim that disagrees": "task 3 has rows of dim 4, 5|task 3 has rows of dim 5, the run's is 4",
+           "a block of no task": r"packed rows of task\(s\) 12 belong to no task",
+           "blocks in an older schema": "table 'blocks' has columns task, dim, data in a file of schema_version 2"}
 
 
 def _match(path, task):
     """Rewrite task ``task``'s count and checksum to agree with its rows, as a careful forger would."""
     con = sqlite3.connect(path)
     n = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (task * 100, task * 100 + 100)).fetchone()[0]
-    con.execute("UPDATE tasks SET count = ?, checksum = ? WHERE task = ?",
-                (n, db.task_checksum(con, "main", task * 100, 100), task))
+    digest = db.task_checksum(con, "main", task * 100, 100)
+    if (block := con.execute("SELECT data FROM blocks WHERE task = ?", (task,)).fetchone()) is not None:
+        n, digest = len(block[0]) // 256, db.checksum(block[0], len(block[0]) // 256)
+    con.execute("UPDATE tasks SET count = ?, checksum = ? WHERE task = ?", (n, digest, task))
     con.commit()
     con.close()
 
@@ -162,15 +186,18 @@ def _sql(path, *statements):
     con.close()
 
 
-@pytest.mark.parametrize("kind", BAD_SHARDS)
-def test_bad_shards_are_refused_then_skipped(kind, config, monkeypatch, capsys):
+@pytest.mark.parametrize("kind, layout", [(k, "rows") for k in BAD_SHARDS] +
+                         [(k, "packed") for k in {**BAD_SHARDS, **PACKED_DAMAGE}])
+def test_bad_shards_are_refused_then_skipped(kind, layout, config, monkeypatch, capsys):
     import re
 
+    if layout == "rows":
+        monkeypatch.setattr(shard, "PACK_MAX", 0)
     spec = config()
     RunDir(spec.run_dir).prepare(spec, resume=False)
     good = stage(spec, "n1", range(0, 10), monkeypatch)
     bad = RunDir(spec.run_dir).shards / "zz-bad.db"
-    BAD_SHARDS[kind](good, bad)
+    {**BAD_SHARDS, **PACKED_DAMAGE}[kind](good, bad) if layout == "packed" else BAD_SHARDS[kind](good, bad)
     code, out, err = run_main("merge", spec.run_dir, capsys=capsys)
     assert code == 2 and str(bad) in err and re.search(REASONS[kind], err), err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -198,7 +225,7 @@ def test_damage_only_quick_check_sees_is_refused(config, monkeypatch, capsys):
     bad = stage(spec, "n2", range(10, 20), monkeypatch)
     # tasks 15-19 deleted whole (a valid shard of tasks 10-14, with free pages), then its first
     # freelist trunk page made to point past the end of the file
-    _sql(bad, "DELETE FROM unitaries WHERE id >= 1500", "DELETE FROM tasks WHERE task >= 15")
+    _sql(bad, "DELETE FROM blocks WHERE task >= 15", "DELETE FROM tasks WHERE task >= 15")
     with open(bad, "r+b") as f:
         header = f.read(100)
         page_size = int.from_bytes(header[16:18], "big")
@@ -227,7 +254,7 @@ def test_a_copy_with_its_genuine_checksum_over_wrong_rows_is_refused(staged_run,
     """Task 7 in both shards: in b its rows zeroed, its tasks row (the genuine checksum) kept. The
     merge must not keep b's copy: it refuses b by name, and --skip-bad keeps a's."""
     spec, a, b = staged_run
-    _sql(b, "UPDATE unitaries SET data = zeroblob(256) WHERE id >= 700 AND id < 800")
+    _sql(b, "UPDATE blocks SET data = zeroblob(100 * 256) WHERE task = 7")
     code, _, err = run_main("merge", spec.run_dir, capsys=capsys)
     assert code == 2 and str(b) in err and "task 7: checksum mismatch" in err, err
     assert not (spec.run_dir / "t.db").exists()
@@ -286,7 +313,7 @@ def test_the_merge_writes_pages_sqlite_reads_as_its_own(config, monkeypatch, gen
     expected_rows, expected_tasks = {}, {}
     for p in shards:
         with sqlite3.connect(f"file:{p}?mode=ro", uri=True) as s:
-            for r in s.execute("SELECT * FROM unitaries"):
+            for r in shard_data(s, full=True):
                 expected_rows.setdefault(r[0], r)
             for r in s.execute("SELECT * FROM tasks"):   # a duplicate's row: the first shard's, as merged
                 expected_tasks.setdefault(r[0], r)
@@ -314,7 +341,7 @@ def test_a_unit_of_more_shards_than_are_kept_open(config, monkeypatch):
     rows = {}
     for p in shards:
         with sqlite3.connect(f"file:{p}?mode=ro", uri=True) as s:
-            rows.update((r[0], r) for r in s.execute("SELECT * FROM unitaries"))
+            rows.update((r[0], r) for r in shard_data(s, full=True))
     assert con.execute("SELECT * FROM unitaries ORDER BY id").fetchall() == [rows[i] for i in sorted(rows)]
     con.close()
 

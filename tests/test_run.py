@@ -47,7 +47,7 @@ def test_run_layout_and_public_format(haar_run):
     # the merged file is readable with nothing but sqlite3 and numpy
     con = sqlite3.connect(db)
     meta = dict(con.execute("SELECT key, value FROM meta"))
-    assert meta["dtype"] == "complex128" and meta["schema_version"] == "2"
+    assert meta["dtype"] == "complex128" and meta["schema_version"] == "3"
     assert json.loads(meta["spec"])["generator"] == {"kind": "haar", "dtype": "complex128", "dim": 4}
     i, dim, data = con.execute("SELECT id, dim, data FROM unitaries WHERE id = 4321").fetchone()
     assert (i, dim) == (4321, 4)   # id = task * task_size + idx: task 4, its row 321
@@ -203,7 +203,7 @@ def test_status_and_resume_count_only_what_the_merge_would_take(config, tmp_path
     bad, good = RunDir(spec.run_dir).staged_shards()
     con = sqlite3.connect(bad)
     [(task,)] = con.execute("SELECT task FROM tasks ORDER BY task LIMIT 1").fetchall()
-    con.execute("UPDATE unitaries SET data = zeroblob(256) WHERE id = ?", (task * spec.task_size + 5,))
+    con.execute("UPDATE blocks SET data = zeroblob(length(data)) WHERE task = ?", (task,))
     con.commit()
     con.close()
     bad_tasks = {t for (t,) in sqlite3.connect(bad).execute("SELECT task FROM tasks")}

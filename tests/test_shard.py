@@ -2,6 +2,7 @@
 
 import multiprocessing
 import os
+import shutil
 import pickle
 import sqlite3
 import subprocess
@@ -14,14 +15,16 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pytest
 
-from unidask.store import db, shard, staging, identity
+import unidask
+from unidask.store import db, identity, pages, shard, staging
+from unidask.store.rundir import RunDir
 from unidask.core import files
 from unidask.spec import generators
 from unidask.execute import worker
 from unidask.spec.generators.haar import haar
 from unidask.core.errors import InputError, RunError
 
-from conftest import REPO, Tmpfs, messages
+from conftest import REPO, Tmpfs, merged_data, messages, shard_data
 
 
 def write_tasks(spec, tasks, attempt):
@@ -38,13 +41,13 @@ def test_four_processes_write_one_shard(config):
     path = shard.local_path(spec, "a1", "shared")
     con = sqlite3.connect(path)
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 4000
+    assert [i for i, _ in shard_data(con)] == list(range(4000))
     assert sorted(t for (t,) in con.execute("SELECT task FROM tasks")) == tasks
     assert len({w for (w,) in con.execute("SELECT DISTINCT worker FROM tasks")}) == 4
-    # every task's rows are complete: count matches the tasks row
-    bad = con.execute("SELECT t.task FROM tasks t JOIN (SELECT id / ? AS task, count(*) AS n FROM unitaries "
-                      "GROUP BY task) u USING (task) WHERE u.n != t.count", (spec.task_size,)).fetchall()
-    assert bad == []
+    # every task's rows are complete, packed in one row: count matches the tasks row
+    bad = con.execute("SELECT t.task FROM tasks t JOIN blocks b USING (task) WHERE length(b.data) != t.count * 256"
+                      ).fetchall()
+    assert bad == [] and con.execute("SELECT count(*) FROM blocks").fetchone()[0] == len(tasks)
 
 
 def test_task_written_twice_is_kept_once(config, monkeypatch):
@@ -54,7 +57,7 @@ def test_task_written_twice_is_kept_once(config, monkeypatch):
     again = worker.generate_task(spec, 3, "x")
     assert first["written"] and not again["written"]
     con = sqlite3.connect(shard.local_path(spec, "x"))
-    assert con.execute("SELECT count(*) FROM unitaries WHERE id / ? = 3", (spec.task_size,)).fetchone()[0] == 100
+    assert con.execute("SELECT count(*), sum(length(data)) FROM blocks WHERE task = 3").fetchone() == (1, 100 * 256)
     assert con.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1
     shard.close_shards()
 
@@ -85,7 +88,7 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path)
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]   # no temp left behind
     con = db.connect_readonly(dest)
     assert con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-    assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 500
+    assert len(shard_data(con)) == 500
     with open(dest, "rb") as f:
         header = f.read(20)
     assert header[18:20] == b"\x01\x01"   # rollback-journal file format: readable without -wal/-shm
@@ -101,8 +104,8 @@ def test_snapshot_is_a_whole_database_with_no_wal(config, monkeypatch, tmp_path)
     con = db.connect_readonly(delta)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert con.execute("SELECT task, count FROM tasks").fetchall() == [(5, 100)]
-    assert con.execute("SELECT min(id), max(id), count(*) FROM unitaries").fetchone() == (500, 599, 100)
-    row = con.execute("SELECT length(data) FROM unitaries LIMIT 1").fetchone()[0]
+    assert [i for i, _ in shard_data(con)] == list(range(500, 600))
+    row = 256
     # a small delta gets small pages: its table roots would otherwise outweigh its rows
     assert con.execute("PRAGMA page_size").fetchone()[0] == db.page_size_for(row, 100 * row) < 65536
     assert db.read_meta(con) == db.read_meta(db.connect_readonly(dest))
@@ -189,9 +192,10 @@ def test_process_shard_killed_mid_task_keeps_its_whole_tasks(config, monkeypatch
     assert not path.exists() and not os.path.exists(f"{path}-journal")
     con = db.connect_readonly(staged)
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert con.execute("SELECT count(*), max(id) FROM unitaries").fetchone() == (3000, 2999)
+    assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == 0   # the half-written task's rows
+    assert [i for i, _ in shard_data(con)] == list(range(3000))
     for task, digest in con.execute("SELECT task, checksum FROM tasks"):
-        blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE id / 1000 = ? ORDER BY id", (task,))]
+        blobs = [b for i, b in shard_data(con) if i // 1000 == task]
         assert db.checksum(b"".join(blobs), [None] * 1000) == digest
     con.close()
 
@@ -298,11 +302,9 @@ def test_snapshots_stay_whole_while_other_processes_write(config, tmp_path):
         con = db.connect_readonly(path)
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         for task, digest, count in con.execute("SELECT task, checksum, count FROM tasks"):
-            blobs = [b for (b,) in con.execute("SELECT data FROM unitaries WHERE id / ? = ? ORDER BY id",
-                                                   (spec.task_size, task))]
+            blobs = [b for i, b in shard_data(con) if i // spec.task_size == task]
             assert len(blobs) == count and db.checksum(b"".join(blobs), [None] * count) == digest
-        assert con.execute("SELECT count(*) FROM unitaries").fetchone()[0] == \
-            con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
+        assert len(shard_data(con)) == con.execute("SELECT coalesce(sum(count), 0) FROM tasks").fetchone()[0]
         sizes.append(con.execute("SELECT count(*) FROM tasks").fetchone()[0])
         con.close()
     assert sizes == sorted(sizes) and sizes[-1] == len(tasks) and len(set(sizes)) > 2
@@ -328,7 +330,7 @@ def test_node_name_precedence(monkeypatch):
 
 
 @pytest.mark.parametrize("dim, expected", [(4, 65536), (16, 65536), (32, 16384), (48, 32768)])
-def test_auto_page_size_keeps_shards_small(tmp_path, dim, expected):
+def test_auto_page_size_keeps_shards_small(tmp_path, dim, expected, per_row_shards):
     """"auto" picks, for real shards, the largest page size whose file grows within 10% of the
     least per matrix: 64 KiB pages hold three n = 32 rows (a quarter wasted) and one n = 48 row."""
     u = haar(np.random.default_rng(0), 160, dim=dim)
@@ -349,21 +351,38 @@ def test_auto_page_size_keeps_shards_small(tmp_path, dim, expected):
 
 
 @pytest.mark.parametrize("count", [1, 300])
-def test_task_insert_in_sql_writes_what_the_row_by_row_insert_writes(tmp_path, monkeypatch, count):
-    """A task's rows cut apart inside SQLite (one bound blob) are the rows, ids and bytes that a
-    row-by-row insert writes (still used above INSERT_TASK_MAX bytes)."""
+def test_a_packed_task_merges_to_the_rows_a_row_per_matrix_writes(tmp_path, config, monkeypatch, count):
+    """A task packed in one row (blocks) and the same task a row per matrix (rows with meta, tasks
+    over PACK_MAX bytes) hold the same rows, with one checksum; both merges (page by page, and
+    SQLite's with its unpacking in SQL) make the same database of them."""
+    spec = config(run={"count": count, "task_size": count})
     u = haar(np.random.default_rng(1), count, dim=4)
-    info = {"seed": "0/3", "node": "n", "worker": "w", "started": 0.0, "finished": 0.0}
-    rows = {}
-    for name, limit in (("in sql", shard.INSERT_TASK_MAX), ("row by row", 0)):
-        monkeypatch.setattr(shard, "INSERT_TASK_MAX", limit)
-        s = shard.Shard(tmp_path / f"{limit}.db", {"fingerprint": "f"}, single_writer=True)
-        s.write_task(3, 900, u, None, info)
-        rows[name] = s.con.execute("SELECT id, dim, typeof(data), data, meta FROM unitaries ORDER BY id").fetchall()
+    info = {"seed": "0/0", "node": "n", "worker": "w", "started": 0.0, "finished": 0.0}
+    rows, tables = {}, {}
+    for name, limit in (("packed", shard.PACK_MAX), ("row by row", 0)):
+        monkeypatch.setattr(shard, "PACK_MAX", limit)
+        meta, opts = shard.options(spec)
+        s = shard.Shard(tmp_path / f"{limit}.db", meta, **{**opts, "single_writer": True})
+        s.write_task(0, 0, u, None, info)
+        rows[name] = (shard_data(s.con), s.con.execute("SELECT checksum FROM tasks").fetchall(),
+                      s.con.execute("SELECT count(*) FROM blocks").fetchone()[0])
         s.close()
-    assert rows["in sql"] == rows["row by row"]
-    assert [r[0] for r in rows["in sql"]] == list(range(900, 900 + count))
-    assert all(r[1:3] == (4, "blob") and r[3] == m.tobytes() for r, m in zip(rows["in sql"], u))
+        RunDir(spec.run_dir).prepare(spec, resume=False)
+        staged = RunDir(spec.run_dir).shards / "s.db"
+        staged.parent.mkdir(exist_ok=True)
+        shutil.copy(s.path, staged)
+        for how in ("pages", "sql"):
+            with monkeypatch.context() as m:
+                if how == "sql":   # what the merge does where rows do not fit its pages
+                    m.setattr(pages, "fits", lambda *a: False)
+                report = unidask.merge(spec.run_dir)
+            tables[name, how] = merged_data(report.out)
+            report.out.unlink()
+        staged.unlink()
+    assert rows["packed"][:2] == rows["row by row"][:2] and (rows["packed"][2], rows["row by row"][2]) == (1, 0)
+    assert [i for i, _ in rows["packed"][0]] == list(range(count))
+    assert all(d == m.tobytes() for (_, d), m in zip(rows["packed"][0], u))
+    assert len({tuple(t) for t in tables.values()}) == 1 and len(tables) == 4
 
 
 def test_big_task_written_with_write_behind_is_whole_and_durable(tmp_path, monkeypatch):
@@ -376,7 +395,7 @@ def test_big_task_written_with_write_behind_is_whole_and_durable(tmp_path, monke
     assert s.write_task(0, 0, u, None, info)
     assert not any(t.name == "unidask-write-behind" for t in threading.enumerate())
     assert _dirty_pages(tmp_path / "big.db") == 0
-    data = b"".join(r[0] for r in s.con.execute("SELECT data FROM unitaries ORDER BY id"))
+    data = s.con.execute("SELECT data FROM blocks WHERE task = 0").fetchone()[0]
     assert data == u.tobytes()
     s.close()
 

@@ -116,7 +116,7 @@ def calibrate(spec: Spec, seconds: float = CALIBRATE_S) -> tuple[float, float]:
                 if took < seconds / 10 and size < largest:
                     size = min(size * 4, largest)
                 t += 1
-            stored, rows = live.nbytes, live.con.execute("SELECT count(*) FROM unitaries").fetchone()[0]
+            stored, rows = live.nbytes, live.con.execute("SELECT sum(count) FROM tasks").fetchone()[0]
         finally:
             live.close()
     # the median task: this machine's speed drifts, and a hiccup should not set the run

@@ -22,25 +22,28 @@ from ..spec import generators, plan
 if TYPE_CHECKING:
     from ..spec.config import Spec
 
-SCHEMA_VERSION = 2  # 2: no task/idx columns in unitaries; XXH3-128 checksums
+SCHEMA_VERSION = 3  # 2: no task/idx columns in unitaries; XXH3-128 checksums. 3: shards pack tasks (blocks)
+READS = ("2", "3")  # the versions read: 2's files are 3's without blocks (the merged tables are the same)
 SCHEMA = resources.files(__package__).joinpath("schema.sql").read_text()
+SHARD_SCHEMA = SCHEMA + resources.files(__package__).joinpath("shard.sql").read_text()
 AUTO_PAGE_SIZES = tuple(2 ** k for k in range(12, 17))   # 4 KiB ... 64 KiB
 MMAP_SIZE = 1 << 40  # map all of a file (SQLite caps it at its build's limit, 2 GiB by default)
 SUFFIXES = ("", "-journal", "-wal", "-shm")  # a database file and its companions
 
 
-def _columns() -> dict[str, list[str]]:
-    """Each table's columns, in order, as schema.sql makes them."""
+def _columns(schema: str) -> dict[str, list[str]]:
+    """Each table's columns, in order, as ``schema`` makes them."""
     con = sqlite3.connect(":memory:")
     try:
-        con.executescript(SCHEMA)
+        con.executescript(schema)
         tables = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
         return {t: [r[1] for r in con.execute(f"PRAGMA table_info({t})")] for t in tables}
     finally:
         con.close()
 
 
-COLUMNS = _columns()
+COLUMNS = _columns(SCHEMA)
+BLOCK_COLUMNS = _columns(SHARD_SCHEMA)["blocks"]
 
 
 class BadFile(InputError):
@@ -202,7 +205,7 @@ def never_written(path: Path) -> bool:
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             return all(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] == 0
-                       for t in ("tasks", "unitaries") if t in tables)
+                       for t in ("tasks", "unitaries", "blocks") if t in tables)
         finally:
             con.close()
     except (sqlite3.Error, OSError):
@@ -248,7 +251,7 @@ def check_schema(con: sqlite3.Connection, path: Path, fingerprint: str | None, w
     if active:
         raise BadFile(path, f"holds {', '.join(active)}; refused, nothing in a {what} may run")
     found: dict[str, list[str]] = {table: [] for table in COLUMNS}
-    tables = ", ".join(f"'{t}'" for t in COLUMNS)
+    tables = ", ".join(f"'{t}'" for t in (*COLUMNS, "blocks"))
     for table, column in con.execute(   # every table's columns in one query, in their order
             f"SELECT m.name, c.name FROM {schema}.sqlite_master AS m, pragma_table_info(m.name, ?) AS c "
             f"WHERE m.type = 'table' AND m.name IN ({tables}) ORDER BY m.name, c.cid", (schema,)):
@@ -261,11 +264,15 @@ def check_schema(con: sqlite3.Connection, path: Path, fingerprint: str | None, w
         if table == "meta":
             meta = read_meta(con, schema)
             version = meta.get("schema_version", "")
-            if version != str(SCHEMA_VERSION):
+            if version not in READS:
                 newer = version.isdigit() and int(version) > SCHEMA_VERSION
                 raise BadFile(path, f"schema_version {version!r} is {'newer' if newer else 'older'} than "
-                              f"this unidask reads ({SCHEMA_VERSION}); "
+                              f"this unidask reads ({', '.join(READS)}); "
                               + ("upgrade unidask" if newer else "merge it with the unidask that wrote it"))
+    # packed tasks (schema 3's shards); absent from merged databases and from schema 2's files
+    if "blocks" in found and (found["blocks"] != BLOCK_COLUMNS or meta.get("schema_version") == "2"):
+        raise BadFile(path, f"not a unidask {what} (table 'blocks' has columns {', '.join(found['blocks'])} "
+                      f"in a file of schema_version {meta.get('schema_version')})")
     if fingerprint is not None and meta.get("fingerprint") != fingerprint:
         raise BadFile(path, f"belongs to another run (fingerprint {meta.get('fingerprint')}, "
                       f"this run's is {fingerprint})")
@@ -344,7 +351,8 @@ class Expected:
         dim = generators.matrix_dim(spec.kind, spec.params)
         if dim is None and first is not None:
             with reading(first) as con:
-                row = con.execute("SELECT dim FROM unitaries ORDER BY id LIMIT 1").fetchone()
+                row = con.execute("SELECT dim FROM unitaries ORDER BY id LIMIT 1").fetchone() or \
+                    next(iter(packed(con).values()), None)
             dim = row[0] if row and isinstance(row[0], int) else None
         return cls(spec.n_tasks, spec.task_size, spec.count, np.dtype(spec.dtype).itemsize, dim)
 
@@ -369,6 +377,7 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
     task's rows as they are read (a progress bar)."""
     dim = expected.dim
     accounted = 0
+    blocks = packed(con, schema)
     for task, count, recorded in con.execute(f"SELECT task, count, checksum FROM {schema}.tasks ORDER BY task"):
         if not (isinstance(task, int) and 0 <= task < expected.n_tasks):
             yield task, f"task {task!r} is not in the run's plan (tasks 0-{expected.n_tasks - 1})"
@@ -376,15 +385,22 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
         if count != expected.task_count(task):
             yield task, f"task {task} records {count!r} unitaries, the plan has {expected.task_count(task)}"
             continue
+        block = blocks.pop(task, None)
         if task in read_elsewhere:
-            accounted += count
+            accounted += 0 if block else count
             continue
         base = task * expected.task_size
         if dim is None:   # a plugin's: the first row checked sets it
-            first = con.execute(f"SELECT dim FROM {schema}.unitaries WHERE id >= ? ORDER BY id LIMIT 1",
-                                (base,)).fetchone()
+            first = (block[0],) if block else con.execute(
+                f"SELECT dim FROM {schema}.unitaries WHERE id >= ? ORDER BY id LIMIT 1", (base,)).fetchone()
             dim = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 0
         row_bytes = dim * dim * expected.itemsize
+        if block:
+            if checked is not None:
+                checked(count)
+            if (reason := read_block(con, schema, task, count, dim, row_bytes, recorded)[0]):
+                yield task, reason
+            continue
         # the planned rows' ids only: any other row of the slot is counted as no task's, below (a
         # slot of a task_size far above its count would be read in ~task_size / chunk steps)
         rows = TaskRows.read(con, schema, base, count, dim, row_bytes)
@@ -396,6 +412,52 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
     total = con.execute(f"SELECT count(*) FROM {schema}.unitaries").fetchone()[0]
     if total != accounted:
         yield None, f"{total - accounted} row(s) belong to no task of the file"
+    if blocks:
+        yield None, f"packed rows of task(s) {plan.ranges(sorted(map(int, blocks)))} belong to no task of the file"
+
+
+# A packed task's rows cut apart inside SQLite (substr of a bound BLOB is a BLOB): one call a task,
+# for the SQL merge; bound, not joined to the blocks table, which SQLite would read again a row
+UNPACK = ("WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE x < :count - 1) "
+          "INSERT INTO main.unitaries(id, dim, data) SELECT :base + x, :dim, substr(:data, x * :step + 1, :step) "
+          "FROM i")
+
+
+def packed(con: sqlite3.Connection, schema: str = "main") -> dict[int, tuple]:
+    """A shard's packed tasks (schema 3, table ``blocks``): task -> (dim, type, bytes) as stored."""
+    if con.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'blocks'").fetchone() is None:
+        return {}
+    return {task: rest for task, *rest in con.execute(
+        f"SELECT task, dim, typeof(data), length(data) FROM {schema}.blocks ORDER BY task")}
+
+
+def read_block(con: sqlite3.Connection, schema: str, task: int, count: int, dim: int, row_bytes: int,
+               recorded: str, keep: bool = False) -> tuple[str | None, bytes]:
+    """What is wrong with task ``task``'s packed rows (None: nothing), and with ``keep`` their bytes,
+    read once for both: a BLOB of ``count`` matrices of ``dim`` (:data:`ODD_ROW`'s rules), whose
+    checksum is the recorded one."""
+    found = con.execute(f"SELECT dim, typeof(data), length(data) FROM {schema}.blocks WHERE task = ?",
+                        (task,)).fetchone()
+    if found is None:
+        return f"task {task} has no packed rows", b""
+    stored_dim, kind, length = found
+    if stored_dim != dim or type(stored_dim) is not int:
+        return f"task {task} has rows of dim {stored_dim!r}, the run's is {dim}", b""
+    if kind != "blob" or length != count * row_bytes:
+        return (f"task {task} has {kind} packed rows of {length} bytes, {count} {dim}x{dim} matrices of this run "
+                f"are {count * row_bytes}"), b""
+    h, kept = xxhash.xxh3_128(), []
+    if length:
+        with con.blobopen("blocks", "data", task, readonly=True, name=schema) as blob:
+            for _ in range(0, length, CHUNK_BYTES):
+                chunk = blob.read(CHUNK_BYTES)
+                h.update(chunk)
+                if keep:
+                    kept.append(chunk)
+    h.update(b"\0" * count)
+    if h.hexdigest() != recorded:
+        return f"task {task}: checksum mismatch (its rows are damaged or altered)", b""
+    return None, kept[0] if len(kept) == 1 else b"".join(kept)
 
 
 # Rows up to this size are concatenated inside SQLite (one call a chunk, not one a row); longer

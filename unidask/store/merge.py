@@ -406,11 +406,13 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                 # read the rows in place, not through pread into SQLite's cache: 1.08x the copy at
                 # n = 4 and 1.1x at n = 16; safe, as a staged shard is never written again
                 con.execute(f"PRAGMA s{j}.mmap_size = {MMAP_SIZE}")
+        packed: list[dict[int, tuple]] = []   # each shard's packed tasks
         owners: dict[int, tuple[int, tuple]] = {}   # task -> (shard index, its tasks row)
         duplicates = 0
         for j, p in enumerate(batch):
             with blame(p):
                 rows = con.execute(f"SELECT {', '.join(COLUMNS['tasks'])} FROM s{j}.tasks").fetchall()
+                packed.append(db.packed(con, f"s{j}"))
             differ = []
             for row in rows:
                 task, digest = row[0], row[-1]
@@ -436,6 +438,12 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
                     copied = con.execute(f"INSERT INTO main.unitaries SELECT * FROM s{j}.unitaries "
                                          "WHERE id >= ? AND id < ?",
                                          (task * task_size, (task + 1) * task_size)).rowcount
+                    if not copied and task in packed[j] and row[2]:   # its rows packed: unpacked here
+                        dim, data = con.execute(f"SELECT dim, data FROM s{j}.blocks WHERE task = ?", (task,)).fetchone()
+                        before = con.total_changes   # rowcount says -1 for a statement that begins WITH
+                        con.execute(db.UNPACK, {"count": row[2], "base": task * task_size, "dim": dim, "data": data,
+                                                "step": max(1, len(data) // row[2])})
+                        copied = con.total_changes - before
                 if copied != row[2]:
                     raise BadFile(batch[j], f"task {task} has {copied} of its {row[2]} unitaries")
             for p in batch:

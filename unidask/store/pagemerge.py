@@ -137,6 +137,7 @@ class Readers:
         self.open: dict[str, tuple[sqlite3.Connection, shardread.TableReader | None]] = {}
         self.buffer = np.zeros((0, row_bytes), np.uint8)
         self.pinned: set[str] = set()   # the shards of the unit being read: never closed meanwhile
+        self.blocks: dict[str, dict[int, tuple]] = {}   # each open shard's packed tasks (db.packed)
 
     def _shard(self, path: str) -> tuple[sqlite3.Connection, shardread.TableReader | None]:
         shard = self.open.pop(path, None)
@@ -146,6 +147,7 @@ class Readers:
             con = connect_readonly(path, check_same_thread=False)
             con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+            self.blocks[path] = db.packed(con)
             try:
                 shard = con, shardread.TableReader(path, root, self.row_bytes, self.dim)
             except pages.Unreadable as e:
@@ -207,6 +209,12 @@ class Readers:
         row has meta)."""
         con, _ = self._shard(t.path)
         with blame(Path(t.path)):
+            if t.task in self.blocks[t.path]:   # packed: one BLOB, read and hashed once
+                reason, data = db.read_block(con, "main", t.task, t.count, self.dim, self.row_bytes, t.checksum,
+                                             keep=True)
+                if reason:
+                    raise BadFile(Path(t.path), reason)
+                return np.frombuffer(data, np.uint8).reshape(t.count, self.row_bytes)
             rows = db.TaskRows.read(con, "main", t.base, t.count, self.dim, self.row_bytes, keep=True)
             if rows.metas:
                 raise NotPages(f"{t.path}: rows with meta")

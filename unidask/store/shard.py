@@ -38,13 +38,9 @@ from ..core.errors import InputError, RunError
 from ..spec.config import Spec
 from . import db, identity
 
-# A task's rows from its bytes bound once: SQLite cuts them apart (substr of a BLOB is a BLOB),
-# about twice the insert rate of executemany, where binding each row from Python was half the
-# write path.
-INSERT_TASK = ("WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE x < :count - 1) "
-               "INSERT INTO unitaries(id, dim, data) SELECT :base + x, :dim, substr(:data, x * :step + 1, :step) "
-               "FROM i")
-INSERT_TASK_MAX = 1 << 28   # bytes; SQLite's limit on a bound blob is 10^9 (and less in some builds)
+# A task's rows go in as one packed row (table blocks) up to this size: SQLite's limit on a bound
+# blob is 10^9 (and less in some builds); a larger task, or one with meta, goes in a row per matrix
+PACK_MAX = 1 << 28
 WRITE_BEHIND_EVERY = files.WRITE_BEHIND_EVERY
 
 log = logging.getLogger(__name__)
@@ -85,7 +81,7 @@ class Shard:
                 synchronous = "FULL"
             self.con.execute(f"PRAGMA synchronous = {synchronous}")
             # the first real write doubles as the probe that the journal works on this filesystem
-            self._retry(self.con.executescript, db.SCHEMA)
+            self._retry(self.con.executescript, db.SHARD_SCHEMA)
             # shard_uid tells this file from a later one at the same path (after a node lost its
             # disk), so their staged snapshots get different names and neither overwrites the other
             rows = {**meta, "shard_uid": secrets.token_hex(3)}
@@ -148,9 +144,8 @@ class Shard:
                     raise RunError(f"{self.path}: task {task} written twice with different data "
                                    f"(checksums {found[0]} and {digest})")
                 return False
-            if metas is None and 0 < len(data) <= INSERT_TASK_MAX:   # meta left to its NULL default
-                self.con.execute(INSERT_TASK, {"count": len(array), "base": base_id, "dim": n, "data": data,
-                                               "step": step})
+            if metas is None and 0 < len(data) <= PACK_MAX:   # packed, meta left to NULL
+                self.con.execute("INSERT INTO blocks(task, dim, data) VALUES (?, ?, ?)", (task, n, data))
             else:
                 # rows made afresh on each attempt (a retry must not get a spent iterator)
                 ids = range(base_id, base_id + len(array))
@@ -240,8 +235,10 @@ class Shard:
                 if not new:
                     return None
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                row_bytes = self.con.execute("SELECT length(data) FROM unitaries WHERE id >= ? LIMIT 1",
-                                             (new[0] * task_size,)).fetchone()[0] or 1
+                row_bytes = self.con.execute(
+                    "SELECT coalesce((SELECT length(data) / ? FROM blocks WHERE task = ?), "
+                    "(SELECT length(data) FROM unitaries WHERE id >= ? LIMIT 1))",
+                    (max(1, counts[new[0]]), new[0], new[0] * task_size)).fetchone()[0] or 1
                 page = min(self.con.execute("PRAGMA page_size").fetchone()[0],
                            db.page_size_for(row_bytes, row_bytes * sum(counts[t] for t in new)))
                 with files.publishing(dest) as tmp:
@@ -249,13 +246,15 @@ class Shard:
                     try:
                         out.execute(f"PRAGMA page_size = {page}")
                         out.execute("PRAGMA journal_mode = OFF")   # built whole, then published
-                        out.executescript(db.SCHEMA)
+                        out.executescript(db.SHARD_SCHEMA)
                     finally:
                         out.close()
                     self.con.execute("ATTACH DATABASE ? AS delta", (str(tmp),))
                     try:
                         self.con.execute("INSERT INTO delta.meta SELECT * FROM main.meta")
                         self.con.executemany("INSERT INTO delta.tasks SELECT * FROM main.tasks WHERE task = ?",
+                                             ((t,) for t in new))
+                        self.con.executemany("INSERT INTO delta.blocks SELECT * FROM main.blocks WHERE task = ?",
                                              ((t,) for t in new))
                         self.con.executemany("INSERT INTO delta.unitaries SELECT * FROM main.unitaries "
                                              "WHERE id >= ? AND id < ?",
