@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 # every database a merge writes in the tests, in this process, the CLI's and the workers' (they
 # inherit it), passes SQLite's PRAGMA integrity_check before it is published (merge.CHECK_ENV)
 os.environ["UNIDASK_INTEGRITY_CHECK"] = "1"
+# the calibrations runs remember (sizing.remembered) kept to this session: every session measures afresh
+os.environ["XDG_CACHE_HOME"] = __import__("tempfile").mkdtemp(prefix="unidask-test-cache-")
 
 
 def write_config(path: Path, *, run: dict | None = None, generator: dict | None = None,

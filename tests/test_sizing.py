@@ -4,6 +4,7 @@ busy, is recorded, and is reused on resume whatever the workers, so the bytes st
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,28 @@ def test_submit_and_plan_size_auto_tasks_for_the_clusters_nodes(tmp_path, capsys
     assert code == 0 and json.loads(out)["tasks"] >= sizing.TASKS_PER_WORKER * 512
     here = sizing.resolve(unidask.load_config(cfg))   # a local run of it: this machine's cores
     assert here.n_tasks < sizing.TASKS_PER_WORKER * 512
+
+
+def test_the_calibration_is_remembered_per_machine_and_generator(config, monkeypatch, tmp_path):
+    """A run's "auto" task size measures the generator once on a machine, then reuses the figures
+    (its start waits for no calibration); another generator, an old or unreadable cache are
+    measured again, without a word of the cache's trouble."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    spec = config(run={"count": 100_000, "task_size": "auto"})
+    first = sizing.remembered(spec)
+    again = sizing.remembered(spec)
+    assert first[2] == "here" and again[:2] == first[:2] and again[2].startswith("on ")
+    assert sizing.remembered(config(run={"count": 100_000, "task_size": "auto"}, generator={"dim": 8}))[2] == "here"
+    path = tmp_path / "cache" / "unidask" / "calibration.json"
+    assert (path.stat().st_mode & 0o777) == 0o600 and (path.parent.stat().st_mode & 0o777) == 0o700
+    known = json.loads(path.read_text())
+    assert len(known) == 2
+    known = {k: [v[0], v[1], v[2] - sizing.REMEMBER_S - 1] for k, v in known.items()}   # a week old
+    path.write_text(json.dumps(known))
+    assert sizing.remembered(spec)[2] == "here" and sizing.remembered(spec)[2].startswith("on ")
+    for damaged in ("{not json", "[1, 2]", json.dumps({k: "x" for k in known})):
+        path.write_text(damaged)
+        assert sizing.remembered(spec)[2] == "here"
+    path.unlink()
+    os.mkfifo(path)   # never opened: it would block
+    assert sizing.remembered(spec)[2] == "here"

@@ -119,6 +119,9 @@ def run(config: str, overrides: tuple[tuple[str, Any], ...], resume: bool, no_me
                    f"{len(rd.staged_shards()):,} shard file(s) in {rd.shards}")
     if result.merged is not None:
         click.echo(result.merged.summary())
+    if result.written:   # where the time went: what a faster start, generation or merge would save
+        click.echo(f"time: start {duration(result.start_seconds)}, generation {duration(result.seconds)}"
+                   + (f", merge after the last task {duration(result.merged.seconds)}" if result.merged else ""))
 
 
 @cli.command()

@@ -16,16 +16,21 @@ everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..core import files
+from ..core.errors import InputError
 from ..core.fmt import duration
 from ..spec import generators
 from ..spec.config import Spec
@@ -42,6 +47,7 @@ TASKS_PER_WORKER = 4     # fewer and the run ends unevenly, with no spare tasks 
 TASK_BYTES = 64 << 20    # a task's array (as generated) at most
 CALIBRATE_S = 1.0        # seconds of generation and writing a calibration counts (at least)
 RESOLVE_S = 0.25         # ... for a task size only: rounded to 1-2-5 steps, it needs less
+REMEMBER_S = 7 * 86400   # a machine's measured speed is reused this long (sizing.remembered)
 
 
 def parallel(spec: Spec, local: bool | None = None) -> int:
@@ -81,13 +87,46 @@ def resolve(spec: Spec, local: bool | None = None, *, workers: int | None = None
     spec = RunDir(spec.run_dir).sized(spec)
     if spec.task_size != AUTO:
         return spec
-    per_unitary, row_bytes = measured or calibrate(spec, RESOLVE_S)
+    per_unitary, row_bytes, when = (*measured, "here") if measured else remembered(spec)
     workers = workers or parallel(spec, local)
     size = choose(spec.count, per_unitary, row_bytes, workers)
     log.info("run.task_size = auto: %s unitaries a task (%s of work each, at %.1f µs a unitary measured "
-             "here, for %s worker thread(s) at once)", f"{size:,}", duration(size * per_unitary),
-             per_unitary * 1e6, f"{workers:,}")
+             "%s, for %s worker thread(s) at once)", f"{size:,}", duration(size * per_unitary),
+             per_unitary * 1e6, when, f"{workers:,}")
     return dataclasses.replace(spec, task_size=size)
+
+
+def remembered(spec: Spec) -> tuple[float, float, str]:
+    """:func:`calibrate`'s figures for ``spec``'s generator on this machine, and when they were
+    measured: remembered for :data:`REMEMBER_S` in the user's cache (``$XDG_CACHE_HOME/unidask``),
+    so a run starts its cluster without measuring first; measured (for :data:`RESOLVE_S`) where
+    not remembered. The key is all that sets the speed: host, cores, generator, its parameters
+    and dtype, and the versions of unidask and numpy."""
+    from .._version import __version__
+
+    path = cache_dir() / "calibration.json"
+    key = json.dumps([socket.gethostname(), os.cpu_count(), spec.kind, spec.params, spec.dtype, __version__,
+                      np.__version__], sort_keys=True, default=str)
+    try:   # none yet, or unreadable: measured again, and written whole
+        known = json.loads(path.read_text()) if files.regular(path) is None else {}
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        per_unitary, row_bytes, at = known[key]
+        if 0 < time.time() - at < REMEMBER_S and per_unitary > 0 and row_bytes > 0:
+            return float(per_unitary), float(row_bytes), f"on {time.strftime('%Y-%m-%d %H:%M', time.localtime(at))}"
+    per_unitary, row_bytes = calibrate(spec, RESOLVE_S)
+    known[key] = [per_unitary, row_bytes, time.time()]
+    with contextlib.suppress(OSError, InputError):   # a cache that cannot be written: measured next time
+        files.private_dir(path.parent)
+        files.write_atomic(path, json.dumps(known))
+    return per_unitary, row_bytes, "here"
+
+
+def cache_dir() -> Path:
+    """The user's cache of unidask (``$XDG_CACHE_HOME/unidask``, default ``~/.cache/unidask``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "unidask"
 
 
 def calibrate(spec: Spec, seconds: float = CALIBRATE_S) -> tuple[float, float]:

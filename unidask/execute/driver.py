@@ -21,6 +21,7 @@ from ..cost import sizing
 from ..spec import plan
 from ..spec.config import Spec
 from ..store import identity, shard, staging
+from ..store.behind import Behind
 from ..store.merge import MergeReport
 from ..store.merge import merge as merge_run
 from ..store.rundir import RunDir
@@ -58,6 +59,8 @@ class RunResult:
     per_node: dict[str, int] = field(default_factory=dict)
     redone: list[int] = field(default_factory=list)   # tasks lost with a node and generated again
     merged: MergeReport | None = None
+    began: float = field(default_factory=time.monotonic)
+    start_seconds: float = 0.0       # before the first task could run: calibration, the cluster's start
     complete: Path | None = None     # the run was already complete: its merged database
 
     @property
@@ -70,8 +73,9 @@ class Driver:
     report progress (progress bar, dashboard page, ``RUN_DIR/stages.jsonl``)."""
 
     def __init__(self, client: Client, spec: Spec, run_dir: RunDir, attempt: str, result: RunResult, staged: set[int],
-                 lock: Held):
+                 lock: Held, behind: Behind | None = None):
         self.client, self.spec, self.attempt, self.result, self.lock = client, spec, attempt, result, lock
+        self.behind = behind   # the merged database built as tasks are staged
         self.run_dir = run_dir
         self.tracker = dashboard.Tracker(client, spec, run_dir.live_path, sum(spec.task_count(t) for t in staged),
                                          len(staged))
@@ -129,9 +133,17 @@ class Driver:
                 wait(list(stages), timeout=1, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 pass
+        self.record_stages(results)
+        return results
+
+    def record_stages(self, results: list[dict]) -> None:
+        """Stage-outs done (each worker's, or a task's own): on the dashboard, in stages.jsonl, and
+        their files to the merge behind the generation."""
         if results:
             self.tracker.staged(results)
             self.unlogged += results
+            if self.behind is not None:
+                self.behind.add([p for r in results for p in r.get("paths", ())])
         if self.unlogged:
             try:
                 self.run_dir.log_stages(self.unlogged)
@@ -141,7 +153,6 @@ class Driver:
                                "its lines are kept and written once it can be")
             else:
                 self.said_once("stages.jsonl", None, since=time.time())
-        return results
 
     def final_stage_out(self) -> list[dict]:
         """Stage every shard out and close it; a failure (the run dir full, read-only or gone for
@@ -193,7 +204,8 @@ class Driver:
         # workers may still be starting (SLURM jobs): size the window for the ones asked for
         threads = sum(client.nthreads().values()) or spec.cluster.nodes * spec.cluster.workers_per_node(1)
         progress = Progress(spec.count, initial=spec.count - sum(spec.task_count(t) for t in tasks))
-        window = Window(client, spec, self.attempt, tasks, spec.cluster.in_flight(threads))
+        window = Window(client, spec, self.attempt, tasks, spec.cluster.in_flight(threads),
+                        stage=self.behind is not None)
         stages: dict = {}
         last_stage = time.monotonic()
         n_done, durations = 0, []
@@ -216,11 +228,18 @@ class Driver:
                     result.per_node[summary["node"]] = result.per_node.get(summary["node"], 0) + summary["count"]
                     progress.update(summary["count"], f"{n_done}/{len(tasks)} tasks")
                     self.tracker.task_done(summary, len(window))
+                    if summary.get("stage"):
+                        self.record_stages([summary["stage"]])
+                    elif summary.get("stage_error"):
+                        self.said_once("periodic stage-outs", f"stage-out after task {summary['task']} failed: "
+                                       f"{summary['stage_error']}; tried again later")
                     if n_done <= HINT_AFTER and len(tasks) >= HINT_MIN_TASKS:
                         durations.append(summary["seconds"])
                         if n_done == HINT_AFTER and (hint := task_size_hint(spec.task_size, durations)):
                             log.info(hint)
                 self.settle_periodic(stages, block=False)
+                if self.behind is not None:
+                    self.behind.collect()
                 if not stages and time.monotonic() - last_stage >= spec.storage.stage_every:
                     stages = self.stage_all()
                     last_stage = time.monotonic()
@@ -327,11 +346,12 @@ def run(spec: Spec, *, resume: bool = False, merge: bool = True) -> RunResult:
     """Run ``spec`` to the end: every task generated and staged, then (by default) merged.
     Progress and messages go to the ``unidask`` logger (to stderr, as the CLI shows them, where the
     caller configured no logging)."""
+    began = time.monotonic()
     with messages_shown():
-        return _started(sizing.resolve(spec), resume, merge)
+        return _started(sizing.resolve(spec), resume, merge, began)
 
 
-def _started(spec: Spec, resume: bool, merge: bool) -> RunResult:
+def _started(spec: Spec, resume: bool, merge: bool, began: float) -> RunResult:
     run_dir = RunDir(spec.run_dir)
     if merge and (done := run_dir.complete_database(spec)) is not None:   # RunResult.complete says so
         return RunResult(spec.run_dir, skipped_tasks=spec.n_tasks, complete=done)
@@ -344,7 +364,7 @@ def _started(spec: Spec, resume: bool, merge: bool) -> RunResult:
     run_dir.create()
     with run_lock(run_dir.lock_path) as lock:   # one driver per run dir: a second would do it all again
         try:
-            return _run(spec, run_dir, resume, merge, lock)
+            return _run(spec, run_dir, resume, merge, lock, began)
         except Exception:
             # a stop signal's exception raised inside a library that wrapped it in its own (Dask's
             # serialize: "Could not serialize"): what stopped the run is the signal
@@ -354,7 +374,7 @@ def _started(spec: Spec, resume: bool, merge: bool) -> RunResult:
             run_dir.live_path.unlink(missing_ok=True)   # its figures are live no more
 
 
-def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> RunResult:
+def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held, began: float) -> RunResult:
     run_dir.prepare(spec, resume)
     local = spec.cluster.mode == "local"
     if resume and local:
@@ -368,7 +388,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
             log.warning("%s: %s; set aside as %s, its tasks are generated again", path, reason,
                         run_dir.reject(path))
     tasks = plan.todo(spec, staged)
-    result = RunResult(spec.run_dir, skipped_tasks=len(staged))
+    result = RunResult(spec.run_dir, skipped_tasks=len(staged), began=began)
     if resume and staged:
         log.info("resume: %d of %d tasks already staged", len(staged), spec.n_tasks)
     if not tasks:   # every task staged before (a run with --no-merge, a merge that failed): no cluster
@@ -380,11 +400,26 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
         log.warning("cluster.security = 'none': anyone who can reach the scheduler (in local mode: "
                     "any user of this machine) can run code as you and read your shards")
     attempt = shard.new_attempt()
+    # the merged database built as tasks are staged (its shards readable from here: shared storage)
+    behind = Behind.start(run_dir, spec) if merge else None
+    try:
+        return _generated(spec, run_dir, attempt, result, staged, tasks, lock, behind, merge)
+    finally:
+        if behind is not None and result.merged is None:   # failed or stopped: nothing published
+            behind.abandon()
+
+
+def _generated(spec: Spec, run_dir: RunDir, attempt: str, result: RunResult, staged: set[int], tasks: list[int],
+               lock: Held, behind: Behind | None, merge: bool) -> RunResult:
+    local = spec.cluster.mode == "local"
     with cluster.connect(spec) as client:
         for line in cluster.dashboard_lines(client, spec):
             log.info(line)
         start = time.monotonic()  # the rate is of generating and staging, not of starting workers
-        driver = Driver(client, spec, run_dir, attempt, result, staged, lock)
+        result.start_seconds = start - result.began
+        if behind is not None:   # on other hosts a worker syncs what it writes of the database
+            behind.connect(client, sync=not local)
+        driver = Driver(client, spec, run_dir, attempt, result, staged, lock, behind)
         for redo in range(REDO_ROUNDS + 1):
             if tasks:
                 driver.generate(tasks)
@@ -406,7 +441,10 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held) -> 
         if merge:
             check_stop()
             lock.check()
+            if behind is not None:
+                result.merged = behind.finish()
             # its pages built on the run's workers where they are on other hosts; a local
             # cluster's share this machine's cores with the driver, whose threads need no transfers
-            result.merged = merge_run(spec.run_dir, client=None if local else client, lock=False)
+            if result.merged is None:
+                result.merged = merge_run(spec.run_dir, client=None if local else client, lock=False)
     return result

@@ -25,8 +25,10 @@ class Window:
     once a quarter of the window has finished (one message for many tasks: Dask's cost per task
     is less in a batch)."""
 
-    def __init__(self, client: Client, spec: Spec, attempt: str, tasks: Iterable[int], size: int):
-        self.client, self.spec, self.attempt, self.size = client, spec, attempt, size
+    def __init__(self, client: Client, spec: Spec, attempt: str, tasks: Iterable[int], size: int,
+                 stage: bool = False):
+        """``stage``: each task stages its shard out as it ends (:func:`worker.generate_task`)."""
+        self.client, self.spec, self.attempt, self.size, self.stage = client, spec, attempt, size, stage
         self.prefix = generators.get(spec.kind).label(spec.params)
         self.todo = iter(tasks)
         self.refill = max(1, size // 4)
@@ -41,7 +43,8 @@ class Window:
         batch = list(itertools.islice(self.todo, n))
         if batch:
             new = self.client.map(worker.generate_task, [self.spec] * len(batch), batch,
-                                  [self.attempt] * len(batch), key=[(self.prefix, t) for t in batch],
+                                  [self.attempt] * len(batch), [self.stage] * len(batch),
+                                  key=[(self.prefix, t) for t in batch],
                                   pure=False, retries=2)
             self.add(new, batch)
 
@@ -87,7 +90,7 @@ class Window:
             others = [w for w in workers if w != address]
             if task in self.backed_up or task not in pending or not others:
                 continue
-            backup = self.client.submit(worker.generate_task, self.spec, task, self.attempt, workers=others,
+            backup = self.client.submit(worker.generate_task, self.spec, task, self.attempt, self.stage, workers=others,
                                         allow_other_workers=False, key=(f"{self.prefix}-backup", task), pure=False,
                                         retries=2)
             self.backed_up.add(task)

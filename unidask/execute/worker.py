@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ..core import daskapi, files, malloc
+from ..core.errors import RunError
 from ..spec import generators, plan
 from ..spec.config import Spec
 from ..store import identity, shard, staging
@@ -29,8 +30,12 @@ def dask_setup(worker) -> None:
     daskapi.withstand_floods()   # a worker listens too: a flood of half-open connections must not fill it
 
 
-def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
-    """Generate task ``task`` and commit it to this process's shard; return a small summary."""
+def generate_task(spec: Spec, task: int, attempt: str, stage: bool = False) -> dict[str, Any]:
+    """Generate task ``task`` and commit it to this process's shard; return a small summary.
+    ``stage``: then stage this process's shard out once it holds ``storage.stage_behind`` bytes (a
+    segment sealed and shipped: a rename where the run dir shares the local disk's filesystem),
+    its stage-out in the summary, so the driver can merge behind the generation
+    (``store/behind.py``)."""
     malloc.tune()
     started = time.time()
     array, metas = generators.generate(spec, task)
@@ -40,8 +45,14 @@ def generate_task(spec: Spec, task: int, attempt: str) -> dict[str, Any]:
             "finished": time.time()}
     s = shard.for_task(spec, attempt, array[0].nbytes if len(array) else None)
     written = s.write_task(task, task * spec.task_size, array, metas, info)
-    return {"task": task, "count": len(array), "node": node, "written": written,
-            "nbytes": array.nbytes, "shard_bytes": s.nbytes, "seconds": time.time() - started}
+    summary = {"task": task, "count": len(array), "node": node, "written": written,
+               "nbytes": array.nbytes, "shard_bytes": s.nbytes, "seconds": time.time() - started}
+    if stage and spec.storage.shard_per == "process" and s.nbytes >= spec.storage.stage_behind:
+        try:
+            summary["stage"] = staging.stage(spec, attempt)
+        except RunError as e:   # the task is committed: a later stage-out ships it
+            summary["stage_error"] = str(e)
+    return summary
 
 
 def disk(spec: Spec) -> str:

@@ -46,6 +46,7 @@ SPELLED_OTHERWISE = {"cluster": {"queue": "partition", "processes": "workers", "
 
 # ids are task * task_size + index, SQLite's 64-bit integers: counts and sizes stay well below
 MAX_COUNT = 2 ** 53
+MAX_BYTES = 2 ** 50
 MAX_SECONDS = 10 ** 7   # about four months: a longer wait or interval is a typo
 
 
@@ -157,6 +158,7 @@ class Storage:
     local_dir: str = checked(text('"/scratch/$USER"'))
     synchronous: str = checked(one_of("NORMAL", "FULL", "OFF", upper=True))
     stage_every: float = checked(seconds)
+    stage_behind: int = checked(integer(0, MAX_BYTES))
     shard_per: str = checked(one_of("node", "process"))
     page_size: int | str = checked(page_size)
     busy_timeout: float = checked(seconds)

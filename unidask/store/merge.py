@@ -52,6 +52,7 @@ class MergeReport:
     missing: list[int] = field(default_factory=list)
     bytes_read: int = 0
     seconds: float = 0.0
+    behind: bool = False         # built while the run generated (behind.py): seconds are those after its last task
 
     @property
     def complete(self) -> bool:
@@ -60,7 +61,9 @@ class MergeReport:
     def summary(self) -> str:
         rate = self.bytes_read / self.seconds / 1e6 if self.seconds else 0.0
         text = (f"merged {len(self.shards)} shard(s) into {self.out}: {self.rows:,} unitaries, "
-                f"{self.tasks}/{self.expected_tasks} tasks, {rate:,.0f} MB/s")
+                f"{self.tasks}/{self.expected_tasks} tasks, "
+                + (f"built behind the generation, {self.seconds:.1f} s after its last task" if self.behind
+                   else f"{rate:,.0f} MB/s"))
         if self.duplicates:
             text += f", {self.duplicates} duplicate task(s) kept once"
         for path, reason in self.rejected:
@@ -143,11 +146,7 @@ def _merge(rd: RunDir, out: str | os.PathLike | None, append: bool, skip_bad: bo
             checks = {p: checker.submit(db.check, p, fingerprint, expected) for p in paths}
             _merge_sql(tmp, existing, paths, record, page_size, expected, checks, task_size, fingerprint,
                        report, sizes, skip_bad, run_dir)
-        if os.environ.get(CHECK_ENV):   # the test suite's: SQLite's own judgement of every merge too
-            with contextlib.closing(sqlite3.connect(f"file:{tmp}?mode=ro", uri=True)) as con:
-                if (result := con.execute("PRAGMA integrity_check").fetchall()) != [("ok",)]:
-                    raise RunError(f"merge into {out} failed: integrity_check says {result[:3]}")
-        files.publish(tmp, out, mode=files.shared_mode())   # meant to be shared: the umask decides
+        publish(tmp, out)
     except sqlite3.Error as e:
         full = "full" in str(e) or (getattr(e, "sqlite_errorcode", 0) & 0xFF) == 13
         raise RunError(f"merge into {out} failed: {e}" + (f" (the disk of {out.parent} is full: free space, "
@@ -164,12 +163,22 @@ def _merge(rd: RunDir, out: str | os.PathLike | None, append: bool, skip_bad: bo
     return report
 
 
+def publish(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, synced (:func:`files.publish`); under the test
+    suite (:data:`CHECK_ENV`) once SQLite's integrity_check passed too."""
+    if os.environ.get(CHECK_ENV):   # the test suite's: SQLite's own judgement of every merge too
+        with contextlib.closing(sqlite3.connect(f"file:{tmp}?mode=ro", uri=True)) as con:
+            if (result := con.execute("PRAGMA integrity_check").fetchall()) != [("ok",)]:
+                raise RunError(f"merge into {out} failed: integrity_check says {result[:3]}")
+    files.publish(tmp, out, mode=files.shared_mode())   # meant to be shared: the umask decides
+
+
 def _merge_sql(tmp: Path, existing: Path | None, paths: list[Path], record: dict, page_size: int,
                expected: Expected, checks: dict[Path, Future], task_size: int, fingerprint: str,
                report: MergeReport, sizes: dict[Path, int], skip_bad: bool, run_dir) -> None:
     """The merge by SQLite: a few attached shards at a time, their tasks' rows copied by
     ``INSERT ... SELECT`` (rows with meta, rows larger than a page, ``--append``)."""
-    with contextlib.closing(_open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
+    with contextlib.closing(open_target(tmp, existing, record, page_size, expected)) as con, files.write_behind(tmp):
         progress = Progress(sum(sizes.values()), unit="B", desc="merge")
         merged = dict(con.execute("SELECT task, checksum FROM main.tasks"))
         for i in range(0, len(paths), ATTACH_BATCH):
@@ -220,10 +229,10 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
     taken: dict[Path, set[int]] = {p: set() for p in paths}
     for task, (p, _) in owners.items():
         taken[p].add(task)
-    with contextlib.closing(_open_target(tmp, None, record, page_size, expected)) as con:
+    with contextlib.closing(open_target(tmp, None, record, page_size, expected)) as con:
         root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
     assert expected.row_bytes is not None and expected.dim is not None   # the page merge's condition
-    table = pagemerge.Table(owners, task_size, page_size, tmp.stat().st_size // page_size + 1,
+    table = pagemerge.Table(pagemerge.Table.taken(owners, task_size), page_size, tmp.stat().st_size // page_size + 1,
                             expected.row_bytes, expected.dim)
     units = table.units()
     progress = Progress(sum(sizes.values()), unit="B", desc="merge")
@@ -236,29 +245,38 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
                 fragments = _on_threads(str(tmp), table.layout, units, progress, per_row, checks)
             else:
                 fragments = _on_workers(client, str(tmp), table.layout, units, progress, per_row, checks)
-            fd = os.open(tmp, os.O_RDWR)
-            try:
-                pagemerge.write_fragments(fd, table.layout, fragments)
-                layout = pagewrite.finish_table(fd, table.layout, root, table.keys)
-            finally:
-                os.close(fd)
     finally:
         progress.close()
-    for path in paths:
-        checks[path].result()   # its BadFile: the SQL merge, which says so
+    report.shards += map(str, paths)
+    report.duplicates = duplicates
+    finish_pages(tmp, table, root, fragments, owners, [checks[p] for p in paths], expected.n_tasks, report)
+
+
+def finish_pages(tmp: Path, table: pagemerge.Table, root: int, fragments: list[pagemerge.Fragment],
+                 owners: dict[int, tuple[Path, tuple]], checks: list[Future], n_tasks: int,
+                 report: MergeReport) -> None:
+    """What the page merge does once every unit is written: the leaves the units share
+    (``fragments``), the interior pages, every shard's checks passed (``checks``: a BadFile
+    raised), the tasks rows and the meta through SQLite, then the proof of the table."""
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        pagemerge.write_fragments(fd, table.layout, fragments)
+        layout = pagewrite.finish_table(fd, table.layout, root, table.keys)
+    finally:
+        os.close(fd)
+    for check in checks:
+        check.result()   # its BadFile: the SQL merge, which says so
     # the file as this transaction leaves it: its header's change counter one up (a reader of the
     # layout trusts it only while nothing has written the file since), and its ids from 0 on
     counter = pages.change_counter(tmp) + 1
-    dense = sorted(owners) == list(range(expected.n_tasks))
+    dense = sorted(owners) == list(range(n_tasks))
     extra = {**layout.to_meta(), "layout.change_counter": str(counter), "layout.dense": str(int(dense))}
     with contextlib.closing(sqlite3.connect(tmp, isolation_level=None)) as con:
         con.execute("PRAGMA synchronous = OFF")   # publishing fsyncs the whole file
         con.execute("BEGIN")
         con.executemany(f"INSERT INTO tasks VALUES ({', '.join('?' * len(COLUMNS['tasks']))})",
                         [row for _, row in sorted(owners.values(), key=lambda o: o[1][0])])
-        report.shards += map(str, paths)
-        report.duplicates = duplicates
-        _finish(con, report, set(owners), expected.n_tasks, extra)
+        _finish(con, report, set(owners), n_tasks, extra)
         con.execute("COMMIT")
         if pages.change_counter(tmp) != counter:   # SQLite counted otherwise: read it through SQL
             con.execute("DELETE FROM meta WHERE key = 'layout.change_counter'")
@@ -269,7 +287,7 @@ def _merge_pages(tmp: Path, paths: list[Path], record: dict, page_size: int, exp
                        f"nothing published ({e})") from e
 
 
-def _raise_failed(checks: dict[Path, Future]) -> None:
+def raise_failed(checks: dict[Path, Future]) -> None:
     """A shard's check that failed stops the units at once: its BadFile (the SQL merge then says
     which shard and why), not after every unit was written."""
     for future in checks.values():
@@ -295,7 +313,7 @@ def _on_threads(target: str, layout: pages.Layout, units: list[pagemerge.Unit], 
         for unit, fragments in zip(units, pool.map(write, units)):
             out += fragments
             progress.update(unit.rows * per_row)
-            _raise_failed(checks)
+            raise_failed(checks)
     finally:
         pool.shutdown(cancel_futures=True)
         for readers in opened:
@@ -346,7 +364,7 @@ def _on_workers(client, target: str, layout: pages.Layout, units: list[pagemerge
                 except Exception as e:   # anything else of a worker's: the unit is this process's to write
                     here(unit, f"failed on a worker ({type(e).__name__}: {e})")
                 progress.update(unit.rows * per_row)
-            _raise_failed(checks)
+            raise_failed(checks)
     finally:
         client.cancel(futures)
     return out
@@ -360,7 +378,7 @@ def _first_sound(paths: list[Path], fingerprint: str) -> Path | None:
     return None
 
 
-def _open_target(tmp: Path, existing: Path | None, record: dict, page_size: int, expected: Expected
+def open_target(tmp: Path, existing: Path | None, record: dict, page_size: int, expected: Expected
                  ) -> sqlite3.Connection:
     if existing is not None:
         try:   # the same checks hold for a merged result

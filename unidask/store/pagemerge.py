@@ -65,11 +65,13 @@ class Fragment:
     data: np.ndarray
 
 
-def owners(paths: list[Path], fingerprint: str, expected: Expected) -> tuple[dict[int, tuple[Path, tuple]], int]:
+def owners(paths: list[Path], fingerprint: str, expected: Expected, found: dict[int, tuple[Path, tuple]] | None = None
+           ) -> tuple[dict[int, tuple[Path, tuple]], int]:
     """Which shard each task is taken from (task -> (shard, its tasks row)), and how many copies
     of tasks were left out as duplicates (identical checksums). A task outside the plan, or of
-    another count than the plan's, is :class:`NotPages`: the SQL merge refuses it by name."""
-    found: dict[int, tuple[Path, tuple]] = {}
+    another count than the plan's, is :class:`NotPages`: the SQL merge refuses it by name.
+    ``found``: the tasks taken from shards before (added to)."""
+    found = {} if found is None else found
     duplicates = 0
     for p in paths:
         with reading(p) as con:
@@ -95,15 +97,26 @@ def owners(paths: list[Path], fingerprint: str, expected: Expected) -> tuple[dic
 class Table:
     """The rows to lay out, in task order: each task's first row, the layout, each leaf's largest id."""
 
-    def __init__(self, taken: dict[int, tuple[Path, tuple]], task_size: int, page_size: int, first_leaf: int,
-                 row_bytes: int, dim: int):
-        self.tasks = [Task(t, str(p), t * task_size, row[2], row[-1]) for t, (p, row) in sorted(taken.items())]
+    def __init__(self, tasks: list[Task], page_size: int, first_leaf: int, row_bytes: int, dim: int):
+        """``tasks``: in task order (:meth:`taken`, or every task of the plan: :meth:`planned`)."""
+        self.tasks = tasks
         counts = np.array([t.count for t in self.tasks], np.int64)
         self.bases = np.array([t.base for t in self.tasks], np.int64)
         self.starts = np.concatenate(([0], np.cumsum(counts)))
         rows = int(self.starts[-1])
         largest = max((t.base + t.count - 1 for t in self.tasks), default=0)
         self.layout = pages.layout_for(page_size, first_leaf, row_bytes, dim, largest, rows)
+
+    @staticmethod
+    def taken(owners: dict[int, tuple[Path, tuple]], task_size: int) -> list[Task]:
+        """The tasks of :func:`owners`, each from the shard it is taken from."""
+        return [Task(t, str(p), t * task_size, row[2], row[-1]) for t, (p, row) in sorted(owners.items())]
+
+    @staticmethod
+    def planned(expected: Expected) -> list[Task]:
+        """Every task of the plan, before any is staged (the merge behind the generation): its
+        ids and count; its shard and checksum are those of the copy taken, later."""
+        return [Task(t, "", t * expected.task_size, expected.task_count(t), "") for t in range(expected.n_tasks)]
 
     def id_of(self, rows: np.ndarray) -> np.ndarray:
         task = np.searchsorted(self.starts, rows, "right") - 1
@@ -283,3 +296,22 @@ def write_fragments(fd: int, layout: pages.Layout, fragments: list[Fragment]) ->
             run = []
         if f is not None:
             run.append(f)
+
+
+def write_complete(fd: int, layout: pages.Layout, fragments: dict[int, Fragment]) -> None:
+    """Write the shared leaves whose rows have all arrived (``fragments`` by first row: the runs
+    that begin a leaf and end one, or the table), and forget them; the others wait for their
+    neighbours. Keeps what a merge built task by task holds to the leaves of tasks not yet laid."""
+    c, complete, run = layout.per_leaf, [], []
+    for first in sorted(fragments):
+        if run and first != run[-1].first_row + len(run[-1].ids):
+            run = []
+        run.append(fragments[first])
+        end = first + len(fragments[first].ids)
+        if run[0].first_row % c == 0 and (end % c == 0 or end == layout.rows):
+            complete += run
+            run = []
+    if complete:
+        write_fragments(fd, layout, complete)
+        for f in complete:
+            del fragments[f.first_row]
