@@ -204,13 +204,16 @@ class Bench:
         # the driver's process holds the local cluster's scheduler too: its own CPU per task is
         # what a SLURM job's first node spends beside its workers (issue 18: reserve a core?)
         own = psutil.Process()
-        before, start = sum(own.cpu_times()[:2]), time.monotonic()
+        before, start, written = sum(own.cpu_times()[:2]), time.monotonic(), disk_written()
         try:
             result = unidask.run(spec, merge=merge)
-            rate = count / (time.monotonic() - start) if merge else result.rate
+            wall = time.monotonic() - start
+            rate = count / wall if merge else result.rate
             cpu = sum(own.cpu_times()[:2]) - before
-            if merge:
-                return {"rate": rate, "merge_share": result.merged.seconds * rate / count}
+            if merge:   # the workers' writes counted too: their processes have ended (reaped)
+                return {"rate": rate, "merge_share": result.merged.seconds / wall, "behind": result.merged.behind,
+                        "start_share": result.start_seconds / wall,
+                        "written_x": (disk_written() - written) / (count * dim * dim * 16)}
             staged = sum(r["bytes"] for r in unidask.RunDir(spec.run_dir).read_stages())
             return {"rate": rate, "driver_ms": 1000 * cpu / spec.n_tasks, "driver_core": cpu / (time.monotonic() - start),
                     "task_size": spec.task_size, "staged_x": staged / (count * dim * dim * 16)}
@@ -252,19 +255,28 @@ class Bench:
 
         def seed_():
             p = self.shared_db()
+            written = disk_written()
             r = self.parallel(work.seed_script, workers, count // workers, 4, str(p), batch, fresh=True)
+            r["written_x"] = (disk_written() - written) / (count * 4 * 4 * 16)   # its processes ended: counted
             self.check(p.parent)
             shutil.rmtree(p.parent)
             return r
 
-        results = self.alternate({"unidask run + merge, task_size auto": lambda: self.run_unidask(count, 4, "auto", workers, merge=True),
+        ours = "unidask run + merge, task_size auto"
+        results = self.alternate({ours: lambda: self.run_unidask(count, 4, "auto", workers, merge=True),
                                   "seed's script": seed_},
-                                 "one database", f"{count / 1e6:g}M U(4), {workers} processes", "unidask run + merge, task_size auto")
-        row = {"section": "one database", "case": "the merge's share of unidask's time", "contender": "merge",
-               "rate": statistics.median(r["merge_share"] for r in results["unidask run + merge, task_size auto"]),
-               "ratio": None}
-        self.rows.append(row)
-        print(format_row(row), flush=True)
+                                 "one database", f"{count / 1e6:g}M U(4), {workers} processes", ours)
+        assert all(r["behind"] for r in results[ours]), "the database was not built behind the generation"
+        for case, key, name in (("% of unidask's time", "merge_share", "merge after the last task"),
+                                ("% of unidask's time", "start_share", "start: calibration, cluster"),
+                                ("bytes written / data", "written_x", "unidask run + merge"),
+                                ("bytes written / data", "written_x", "seed's script")):
+            rs = results["seed's script" if name == "seed's script" else ours]
+            value = statistics.median(r[key] for r in rs)
+            row = {"section": "one database", "case": case, "contender": name,
+                   "rate": 100 * value if case.startswith("%") else value, "ratio": None}
+            self.rows.append(row)
+            print(format_row(row), flush=True)
         self.clean()
 
     # 3a. what periodic stage-outs cost a node's generation: a run several times longer than
@@ -698,6 +710,15 @@ class Bench:
     def close(self) -> None:
         for pool in self.pool.values():
             pool.shutdown()
+
+
+def disk_written() -> int:
+    """Bytes this process and its ended children sent to storage (``/proc/self/io``; Linux adds a
+    child's own to its parent's once it is reaped)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("write_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
 def proof_seconds(out: Path) -> float | None:

@@ -53,6 +53,9 @@ def test_the_database_built_behind_the_generation_is_the_merge_of_its_shards(con
     assert tables(result.merged.out) == tables(tmp_path / "again.db")
     assert leftovers(spec.run_dir) == []
     assert "built behind the generation" in result.merged.summary()
+    phases = RunDir(spec.run_dir).record()["phases"]   # what the report shows
+    assert phases == {"start": result.start_seconds, "generation": result.seconds, "merge": result.merged.seconds}
+    assert all(v > 0 for v in phases.values())
 
 
 def test_a_stopped_run_publishes_nothing_and_its_resume_finishes_the_same(tmp_path):
@@ -78,6 +81,7 @@ def test_a_stopped_run_publishes_nothing_and_its_resume_finishes_the_same(tmp_pa
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "built behind the generation" in again.stdout, again.stdout
+    assert again.stdout.strip().splitlines()[-1].startswith("time: start "), again.stdout
     whole = unidask.run(unidask.load_config(cfg, {"run.run_dir": str(tmp_path / "whole")}))
     assert merged_data(spec.run_dir / "t.db") == merged_data(whole.merged.out)
 

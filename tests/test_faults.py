@@ -168,7 +168,10 @@ def test_stop_signal_lost_in_a_finalizer_still_stops(config):
 
 
 def test_node_lost_mid_run(config):
-    spec = config(**SLOW, cluster={"nodes": 2, "workers": 1}, storage={"stage_every": 2})
+    # twice SLOW's count: with packed shards SLOW's run took ~3 s, about the span its event needs
+    # (a task taken in after node2's first stage-out, seen through figures published once a second)
+    spec = config(run={**SLOW["run"], "count": 24000}, generator=SLOW["generator"], cluster={"nodes": 2, "workers": 1},
+                  storage={"stage_every": 2})
     at_loss: dict[int, float] = {}
 
     def unstaged_on_node2() -> bool:

@@ -447,4 +447,7 @@ def _generated(spec: Spec, run_dir: RunDir, attempt: str, result: RunResult, sta
             # cluster's share this machine's cores with the driver, whose threads need no transfers
             if result.merged is None:
                 result.merged = merge_run(spec.run_dir, client=None if local else client, lock=False)
+    with contextlib.suppress(OSError, InputError):   # for the report only: a run dir's hiccup costs nothing
+        run_dir.note_phases({"start": result.start_seconds, "generation": result.seconds,
+                             **({"merge": result.merged.seconds} if result.merged else {})})
     return result

@@ -156,6 +156,13 @@ class RunDir:
                       "created": time.time(), "spec": spec.to_dict()}
             files.write_atomic(self.record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
+    def note_phases(self, phases: dict[str, float]) -> None:
+        """Add to run.json where the last invocation's time went (seconds: ``start``, before the
+        first task could run; ``generation``; ``merge``, after the last task), for the report."""
+        record = self.record()
+        record["phases"] = phases
+        files.write_atomic(self.record_path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
     # -- staged shards and stage-outs ------------------------------------------------------------
 
     def entries(self) -> tuple[list[Path], dict[Path, str]]:

@@ -74,6 +74,10 @@ def summary_html(st: RunStatus, record: dict[str, Any], rows: list[tuple], n_sta
         ("staged", f"{fmt.size(st.bytes)} in {len(st.shards)} shard(s), {n_stages} stage-out(s)"),
         ("unidask", str(record.get("unidask_version", "?"))),
     ]
+    if isinstance(phases := record.get("phases"), dict):   # the last invocation's, as its last line said
+        facts.insert(5, ("phases", ", ".join(f"{what} {fmt.duration(phases[key])}" for key, what in (
+            ("start", "start"), ("generation", "generation"), ("merge", "merge after the last task"))
+            if isinstance(phases.get(key), (int, float)))))
     config = [(k, "" if v is None else str(v)) for k, v in flat(record["spec"]) if k != "run.run_dir"]
     per_node: dict[str, list] = {}
     for _, node, started, finished, count in rows:
