@@ -167,7 +167,7 @@ def merged_data(db: Path) -> list[tuple[int, bytes]]:
 
 def shard_data(con, full: bool = False) -> list[tuple]:
     """A shard's rows (``con``: a connection or a path), whatever their layout: a row per matrix
-    (table unitaries) or packed a task a row (blocks), as (id, bytes) in id order; ``full``: as
+    (table unitaries) or packed in blocks of rows, as (id, bytes) in id order; ``full``: as
     the merged table's rows, (id, dim, data, meta)."""
     import sqlite3
 
@@ -175,11 +175,10 @@ def shard_data(con, full: bool = False) -> list[tuple]:
         with contextlib.closing(sqlite3.connect(f"file:{con}?mode=ro", uri=True)) as c:
             return shard_data(c, full)
     rows = con.execute("SELECT id, dim, data, meta FROM unitaries").fetchall()
-    task_size = int(con.execute("SELECT value FROM meta WHERE key = 'task_size'").fetchone()[0])
-    for task, count, dim, data in con.execute(
-            "SELECT b.task, t.count, b.dim, b.data FROM blocks AS b JOIN tasks AS t USING (task)"):
-        step = len(data) // count
-        rows += [(task * task_size + i, dim, data[i * step:(i + 1) * step], None) for i in range(count)]
+    itemsize = np.dtype(con.execute("SELECT value FROM meta WHERE key = 'dtype'").fetchone()[0]).itemsize
+    for first, dim, data in con.execute("SELECT id, dim, data FROM blocks"):
+        step = dim * dim * itemsize
+        rows += [(first + i, dim, data[i * step:(i + 1) * step], None) for i in range(len(data) // step)]
     return sorted(rows) if full else sorted((r[0], r[2]) for r in rows)
 
 

@@ -96,9 +96,10 @@ def test_a_staged_shard_that_fails_a_check_is_refused_as_by_the_merge(config, tm
     shards = RunDir(spec.run_dir).staged_shards()
     bad = shards[-1]
     con = sqlite3.connect(bad)
-    task = con.execute("SELECT task FROM blocks LIMIT 1").fetchone()[0]
+    first = con.execute("SELECT id FROM blocks LIMIT 1").fetchone()[0]
+    task = first // 100
     con.execute("UPDATE blocks SET data = CAST(substr(data, 1, 99) || x'ff' || substr(data, 101) AS BLOB) "
-                "WHERE task = ?", (task,))
+                "WHERE id = ?", (first,))
     con.commit()
     con.close()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \

@@ -715,7 +715,8 @@ def test_a_real_run_past_4_gib_merges_sound_and_equal_to_its_shards(big_dir):
             sc = db.connect_readonly(s)
             for task, in sc.execute("SELECT task FROM tasks ORDER BY task"):
                 lo, hi = task * 4000, min((task + 1) * 4000, count)
-                want = sc.execute("SELECT data FROM blocks WHERE task = ?", (task,)).fetchone()[0]
+                want = b"".join(d for (d,) in sc.execute(
+                    "SELECT data FROM blocks WHERE id >= ? AND id < ? ORDER BY id", (lo, hi)))
                 got = b"".join(d for (d,) in con.execute(
                     "SELECT data FROM unitaries WHERE id >= ? AND id < ? ORDER BY id", (lo, hi)))
                 assert got == want and ds[lo:hi].tobytes() == want, task

@@ -10,7 +10,8 @@ import pytest
 
 import unidask
 from unidask import RunDir
-from unidask.store import db, pagemerge, shard
+from unidask.spec import generators
+from unidask.store import db, pagemerge, pages, shard
 from unidask.execute import worker
 
 from conftest import merged_data, messages, run_main, shard_data
@@ -72,6 +73,64 @@ def test_missing_tasks_are_reported(config, monkeypatch, capsys):
             ds[0:800]
 
 
+def test_a_shard_of_schema_2_merges_beside_packed_ones(config, monkeypatch, capsys):
+    """A shard staged by the unidask before packed tasks (schema 2: no blocks table, a row per
+    matrix) merges with this one's, page by page and by SQLite, to the rows of a run of one kind."""
+    spec = config()
+    RunDir(spec.run_dir).prepare(spec, resume=False)
+    with monkeypatch.context() as m:
+        m.setattr(shard, "PACK_MAX", 0)
+        old = stage(spec, "old", range(0, 10), monkeypatch)
+    _sql(old, "DROP TABLE blocks", "UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    stage(spec, "new", range(5, 20), monkeypatch)
+    whole = [(t * 100 + i, u.tobytes()) for t in range(20) for i, u in enumerate(generators.generate(spec, t)[0])]
+    report = unidask.merge(spec.run_dir)
+    assert report.complete and report.duplicates == 5 and merged_data(report.out) == whole
+    report.out.unlink()
+    monkeypatch.setattr(pages, "fits", lambda *a: False)   # SQLite's merge, as for rows over a page
+    assert run_main("merge", spec.run_dir, capsys=capsys)[0] == 0
+    assert merged_data(report.out) == whole
+
+
+TILING = {   # task 3's four blocks of 25 rows (ids 300, 325, 350, 375), changed as a forger would
+    "the last block gone": ("DELETE FROM blocks WHERE id = 375", "task 3 has 75 packed rows, it records 100"),
+    "a block gone": ("DELETE FROM blocks WHERE id = 325", r"task 3 has packed rows off its ids \(at id 350, not 325\)"),
+    "a block moved": ("UPDATE blocks SET id = 326 WHERE id = 325", r"task 3 has packed rows off its ids \(at id 326, not 325\)"),
+    "two blocks overlap": ("UPDATE blocks SET data = CAST(data || substr(data, 1, 256) AS BLOB) WHERE id = 325",
+                           r"task 3 has packed rows off its ids \(at id 350, not 351\)"),
+    "a block of part of a matrix": ("UPDATE blocks SET data = substr(data, 1, 1000) WHERE id = 375",
+                                    "task 3 has packed rows of blob 1000 bytes at id 375"),
+    "a block beyond the task": ("INSERT INTO blocks SELECT 2050, dim, data FROM blocks WHERE id = 300",
+                                r"1 block\(s\) of packed rows belong to no task"),
+}
+
+
+@pytest.mark.parametrize("kind", TILING)
+def test_blocks_that_do_not_tile_their_task_are_refused(kind, config, monkeypatch, capsys):
+    """A task's blocks must tile its ids exactly, each whole matrices: a block gone, moved,
+    overlapping, cut, or beside the tasks is refused by name (the checksum rewritten to match, as
+    a careful forger would), by the page merge and by SQLite's."""
+    import re
+
+    monkeypatch.setattr(shard, "BLOCK_BYTES", 25 * 256)
+    spec = config()
+    RunDir(spec.run_dir).prepare(spec, resume=False)
+    bad = stage(spec, "n1", range(0, 20), monkeypatch)
+    _sql(bad, TILING[kind][0])
+    con = sqlite3.connect(bad)   # the checksum of the blocks as they now are, the plan's count kept
+    data = b"".join(d for (d,) in con.execute("SELECT data FROM blocks WHERE id >= 300 AND id < 400 ORDER BY id"))
+    con.execute("UPDATE tasks SET checksum = ? WHERE task = 3", (db.checksum(data, 100),))
+    con.commit()
+    con.close()
+    for how in ("pages", "sql"):
+        with monkeypatch.context() as m:
+            if how == "sql":
+                m.setattr(pages, "fits", lambda *a: False)
+            code, _, err = run_main("merge", spec.run_dir, capsys=capsys)
+        assert code == 2 and str(bad) in err and re.search(TILING[kind][1], err), (how, err)
+        assert err.count("\n") == 1 and not (spec.run_dir / "t.db").exists()
+
+
 def test_append_adds_new_shards(config, monkeypatch, tmp_path):
     spec = config()
     RunDir(spec.run_dir).prepare(spec, resume=False)
@@ -131,23 +190,23 @@ BAD_SHARDS = {
     "a dim that disagrees": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE unitaries SET dim = 5 WHERE id = 345"),
                                              _match(p, 3)),
 }
-# the same damage to a shard whose tasks are packed a task a row (table blocks; the layout of a
+# the same damage to a shard whose tasks are packed (table blocks, a task of 100 U(4) in one; the layout of a
 # run's shards, where the rows above are a row per matrix's: rows with meta, very large tasks)
 PACKED_DAMAGE = {
     "half a task": lambda good, p: (shutil.copy(good, p), _sql(
-        p, "UPDATE blocks SET data = substr(data, 1, 50 * 256) WHERE task = 3"), _match(p, 3)),
-    "a task emptied": lambda good, p: (shutil.copy(good, p), _sql(p, "DELETE FROM blocks WHERE task = 3"), _match(p, 3)),
+        p, "UPDATE blocks SET data = substr(data, 1, 50 * 256) WHERE id = 300"), _match(p, 3)),
+    "a task emptied": lambda good, p: (shutil.copy(good, p), _sql(p, "DELETE FROM blocks WHERE id = 300"), _match(p, 3)),
     "a task outside the plan": lambda good, p: (shutil.copy(good, p), _sql(
-        p, "INSERT INTO blocks SELECT 7777, dim, data FROM blocks WHERE task = 3",
+        p, "INSERT INTO blocks SELECT 777700, dim, data FROM blocks WHERE id = 300",
         "INSERT INTO tasks SELECT 7777, seed, count, node, worker, started, finished, checksum FROM tasks WHERE task = 3")),
     "a flipped byte": lambda good, p: (shutil.copy(good, p), _sql(
-        p, "UPDATE blocks SET data = CAST(substr(data, 1, 4509) || x'ff' || substr(data, 4511) AS BLOB) WHERE task = 3")),
+        p, "UPDATE blocks SET data = CAST(substr(data, 1, 4509) || x'ff' || substr(data, 4511) AS BLOB) WHERE id = 300")),
     "a blob of the wrong length": lambda good, p: (shutil.copy(good, p), _sql(
-        p, "UPDATE blocks SET data = substr(data, 2) WHERE task = 3")),
-    "a dim that disagrees": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE blocks SET dim = 5 WHERE task = 3"),
+        p, "UPDATE blocks SET data = substr(data, 2) WHERE id = 300")),
+    "a dim that disagrees": lambda good, p: (shutil.copy(good, p), _sql(p, "UPDATE blocks SET dim = 5 WHERE id = 300"),
                                              _match(p, 3)),
     "a block of no task": lambda good, p: (shutil.copy(good, p), _sql(
-        p, "INSERT INTO blocks SELECT 12, dim, data FROM blocks WHERE task = 3")),
+        p, "INSERT INTO blocks SELECT 1250, dim, data FROM blocks WHERE id = 300")),
     "blocks in an older schema": lambda good, p: (shutil.copy(good, p),
                                                   _sql(p, "UPDATE meta SET value = '2' WHERE key = 'schema_version'")),
 }
@@ -160,10 +219,10 @@ REASONS = {"truncated": "damaged|not a readable|cannot open", "random bytes": "n
            "a task emptied": "task 3 records 0 unitaries, the plan has 100",
            "a task outside the plan": r"task 7777 is not in the run's plan \(tasks 0-19\)",
            "a flipped byte": "task 3: checksum mismatch",
-           "a blob of the wrong length": "task 3 has rows of 255, 256 bytes|task 3 has blob packed rows of 25599 bytes",
+           "a blob of the wrong length": "task 3 has rows of 255, 256 bytes|task 3 has packed rows of blob 25599 bytes",
            "a dim that disagrees": "task 3 has rows of dim 4, 5|task 3 has rows of dim 5, the run's is 4",
-           "a block of no task": r"packed rows of task\(s\) 12 belong to no task",
-           "blocks in an older schema": "table 'blocks' has columns task, dim, data in a file of schema_version 2"}
+           "a block of no task": r"1 block\(s\) of packed rows belong to no task",
+           "blocks in an older schema": "table 'blocks' has columns id, dim, data in a file of schema_version 2"}
 
 
 def _match(path, task):
@@ -171,7 +230,7 @@ def _match(path, task):
     con = sqlite3.connect(path)
     n = con.execute("SELECT count(*) FROM unitaries WHERE id >= ? AND id < ?", (task * 100, task * 100 + 100)).fetchone()[0]
     digest = db.task_checksum(con, "main", task * 100, 100)
-    if (block := con.execute("SELECT data FROM blocks WHERE task = ?", (task,)).fetchone()) is not None:
+    if (block := con.execute("SELECT data FROM blocks WHERE id = ?", (task * 100,)).fetchone()) is not None:
         n, digest = len(block[0]) // 256, db.checksum(block[0], len(block[0]) // 256)
     con.execute("UPDATE tasks SET count = ?, checksum = ? WHERE task = ?", (n, digest, task))
     con.commit()
@@ -225,7 +284,7 @@ def test_damage_only_quick_check_sees_is_refused(config, monkeypatch, capsys):
     bad = stage(spec, "n2", range(10, 20), monkeypatch)
     # tasks 15-19 deleted whole (a valid shard of tasks 10-14, with free pages), then its first
     # freelist trunk page made to point past the end of the file
-    _sql(bad, "DELETE FROM blocks WHERE task >= 15", "DELETE FROM tasks WHERE task >= 15")
+    _sql(bad, "DELETE FROM blocks WHERE id >= 1500", "DELETE FROM tasks WHERE task >= 15")
     with open(bad, "r+b") as f:
         header = f.read(100)
         page_size = int.from_bytes(header[16:18], "big")
@@ -254,7 +313,7 @@ def test_a_copy_with_its_genuine_checksum_over_wrong_rows_is_refused(staged_run,
     """Task 7 in both shards: in b its rows zeroed, its tasks row (the genuine checksum) kept. The
     merge must not keep b's copy: it refuses b by name, and --skip-bad keeps a's."""
     spec, a, b = staged_run
-    _sql(b, "UPDATE blocks SET data = zeroblob(100 * 256) WHERE task = 7")
+    _sql(b, "UPDATE blocks SET data = zeroblob(100 * 256) WHERE id = 700")
     code, _, err = run_main("merge", spec.run_dir, capsys=capsys)
     assert code == 2 and str(b) in err and "task 7: checksum mismatch" in err, err
     assert not (spec.run_dir / "t.db").exists()

@@ -203,7 +203,7 @@ def test_status_and_resume_count_only_what_the_merge_would_take(config, tmp_path
     bad, good = RunDir(spec.run_dir).staged_shards()
     con = sqlite3.connect(bad)
     [(task,)] = con.execute("SELECT task FROM tasks ORDER BY task LIMIT 1").fetchall()
-    con.execute("UPDATE blocks SET data = zeroblob(length(data)) WHERE task = ?", (task,))
+    con.execute("UPDATE blocks SET data = zeroblob(length(data)) WHERE id = ?", (task * spec.task_size,))
     con.commit()
     con.close()
     bad_tasks = {t for (t,) in sqlite3.connect(bad).execute("SELECT task FROM tasks")}

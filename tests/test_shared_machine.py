@@ -176,7 +176,7 @@ def test_a_planted_or_damaged_local_shard_is_not_staged(other_user, config, monk
     import sqlite3
     os.chown(theirs, pwd.getpwnam(name).pw_uid, -1)
     con = sqlite3.connect(damaged)
-    con.execute("UPDATE blocks SET data = zeroblob(length(data)) WHERE task = 7")
+    con.execute("UPDATE blocks SET data = zeroblob(length(data)) WHERE id >= 700 AND id < 800")
     con.commit()
     con.close()
     monkeypatch.delenv("UNIDASK_NODE")

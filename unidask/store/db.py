@@ -351,8 +351,8 @@ class Expected:
         dim = generators.matrix_dim(spec.kind, spec.params)
         if dim is None and first is not None:
             with reading(first) as con:
-                row = con.execute("SELECT dim FROM unitaries ORDER BY id LIMIT 1").fetchone() or \
-                    next(iter(packed(con).values()), None)
+                row = con.execute("SELECT dim FROM unitaries ORDER BY id LIMIT 1").fetchone() or (con.execute(
+                    "SELECT dim FROM blocks ORDER BY id LIMIT 1").fetchone() if packed(con, spec.task_size) else None)
             dim = row[0] if row and isinstance(row[0], int) else None
         return cls(spec.n_tasks, spec.task_size, spec.count, np.dtype(spec.dtype).itemsize, dim)
 
@@ -376,8 +376,8 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
     anyway (the page merge: :meth:`TaskRows.read` as it copies them). ``checked`` is told each
     task's rows as they are read (a progress bar)."""
     dim = expected.dim
-    accounted = 0
-    blocks = packed(con, schema)
+    accounted = blocks_accounted = 0
+    blocks = packed(con, expected.task_size, schema)
     for task, count, recorded in con.execute(f"SELECT task, count, checksum FROM {schema}.tasks ORDER BY task"):
         if not (isinstance(task, int) and 0 <= task < expected.n_tasks):
             yield task, f"task {task!r} is not in the run's plan (tasks 0-{expected.n_tasks - 1})"
@@ -385,20 +385,24 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
         if count != expected.task_count(task):
             yield task, f"task {task} records {count!r} unitaries, the plan has {expected.task_count(task)}"
             continue
-        block = blocks.pop(task, None)
-        if task in read_elsewhere:
-            accounted += 0 if block else count
-            continue
         base = task * expected.task_size
+        if task in blocks and task in read_elsewhere:   # the caller reads (read_block) the blocks of its ids
+            blocks_accounted += con.execute(f"SELECT count(*) FROM {schema}.blocks WHERE id >= ? AND id < ?",
+                                            (base, base + count)).fetchone()[0]
+        if task in read_elsewhere:
+            accounted += 0 if task in blocks else count
+            continue
         if dim is None:   # a plugin's: the first row checked sets it
-            first = (block[0],) if block else con.execute(
-                f"SELECT dim FROM {schema}.unitaries WHERE id >= ? ORDER BY id LIMIT 1", (base,)).fetchone()
+            first = con.execute(f"SELECT dim FROM {schema}.{'blocks' if task in blocks else 'unitaries'} "
+                                "WHERE id >= ? ORDER BY id LIMIT 1", (base,)).fetchone()
             dim = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 0
         row_bytes = dim * dim * expected.itemsize
-        if block:
+        if task in blocks:
             if checked is not None:
                 checked(count)
-            if (reason := read_block(con, schema, task, count, dim, row_bytes, recorded)[0]):
+            reason, n_blocks, _ = read_block(con, schema, task, base, count, dim, row_bytes, recorded)
+            blocks_accounted += n_blocks
+            if reason:
                 yield task, reason
             continue
         # the planned rows' ids only: any other row of the slot is counted as no task's, below (a
@@ -412,8 +416,8 @@ def task_faults(con: sqlite3.Connection, expected: Expected, schema: str = "main
     total = con.execute(f"SELECT count(*) FROM {schema}.unitaries").fetchone()[0]
     if total != accounted:
         yield None, f"{total - accounted} row(s) belong to no task of the file"
-    if blocks:
-        yield None, f"packed rows of task(s) {plan.ranges(sorted(map(int, blocks)))} belong to no task of the file"
+    if (total := sum(blocks.values())) != blocks_accounted:
+        yield None, f"{total - blocks_accounted} block(s) of packed rows belong to no task of the file"
 
 
 # A packed task's rows cut apart inside SQLite (substr of a bound BLOB is a BLOB): one call a task,
@@ -423,41 +427,49 @@ UNPACK = ("WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE 
           "FROM i")
 
 
-def packed(con: sqlite3.Connection, schema: str = "main") -> dict[int, tuple]:
-    """A shard's packed tasks (schema 3, table ``blocks``): task -> (dim, type, bytes) as stored."""
+def packed(con: sqlite3.Connection, task_size: int, schema: str = "main") -> dict[int, int]:
+    """A shard's packed tasks (schema 3, table ``blocks``): task -> how many blocks lie in its
+    slot of ids (``task_size`` each)."""
     if con.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'blocks'").fetchone() is None:
         return {}
-    return {task: rest for task, *rest in con.execute(
-        f"SELECT task, dim, typeof(data), length(data) FROM {schema}.blocks ORDER BY task")}
+    return dict(con.execute(f"SELECT id / ?, count(*) FROM {schema}.blocks GROUP BY 1", (task_size,)))
 
 
-def read_block(con: sqlite3.Connection, schema: str, task: int, count: int, dim: int, row_bytes: int,
-               recorded: str, keep: bool = False) -> tuple[str | None, bytes]:
-    """What is wrong with task ``task``'s packed rows (None: nothing), and with ``keep`` their bytes,
-    read once for both: a BLOB of ``count`` matrices of ``dim`` (:data:`ODD_ROW`'s rules), whose
-    checksum is the recorded one."""
-    found = con.execute(f"SELECT dim, typeof(data), length(data) FROM {schema}.blocks WHERE task = ?",
-                        (task,)).fetchone()
-    if found is None:
-        return f"task {task} has no packed rows", b""
-    stored_dim, kind, length = found
-    if stored_dim != dim or type(stored_dim) is not int:
-        return f"task {task} has rows of dim {stored_dim!r}, the run's is {dim}", b""
-    if kind != "blob" or length != count * row_bytes:
-        return (f"task {task} has {kind} packed rows of {length} bytes, {count} {dim}x{dim} matrices of this run "
-                f"are {count * row_bytes}"), b""
-    h, kept = xxhash.xxh3_128(), []
-    if length:
-        with con.blobopen("blocks", "data", task, readonly=True, name=schema) as blob:
-            for _ in range(0, length, CHUNK_BYTES):
-                chunk = blob.read(CHUNK_BYTES)
-                h.update(chunk)
-                if keep:
-                    kept.append(chunk)
+def read_block(con: sqlite3.Connection, schema: str, task: int, base: int, count: int, dim: int, row_bytes: int,
+               recorded: str, keep: bool = False) -> tuple[str | None, int, np.ndarray | None]:
+    """What is wrong with task ``task``'s packed rows (None: nothing), how many blocks hold them,
+    and with ``keep`` the rows, read once for all: the blocks of ids ``base ... base + count - 1``
+    tile them exactly (each starts where the one before ends), each a BLOB of whole matrices of
+    ``dim`` (:data:`ODD_ROW`'s rules), and the rows' checksum is the recorded one."""
+    where = f"FROM {schema}.blocks WHERE id >= ? AND id < ? ORDER BY id"
+    blocks = con.execute(f"SELECT id, dim, typeof(data), length(data) {where}", (base, base + count)).fetchall()
+    at = base
+    for first, stored_dim, kind, length in blocks:
+        if stored_dim != dim or type(stored_dim) is not int:
+            return f"task {task} has rows of dim {stored_dim!r}, the run's is {dim}", len(blocks), None
+        if kind != "blob" or not length or length % row_bytes:
+            return (f"task {task} has packed rows of {kind} {length} bytes at id {first}, not whole "
+                    f"{dim}x{dim} matrices of this run ({row_bytes} bytes)"), len(blocks), None
+        if first != at:
+            return f"task {task} has packed rows off its ids (at id {first}, not {at})", len(blocks), None
+        at += length // row_bytes
+    if at != base + count:
+        return f"task {task} has {at - base} packed rows, it records {count}", len(blocks), None
+    h = xxhash.xxh3_128()
+    out = np.empty((count, row_bytes), np.uint8) if keep else None
+    factory, con.text_factory = con.text_factory, bytes
+    try:
+        for first, data in con.execute(f"SELECT id, data {where}", (base, base + count)):
+            h.update(data)
+            if out is not None:
+                rows = np.frombuffer(data, np.uint8).reshape(-1, row_bytes)
+                out[first - base:first - base + len(rows)] = rows
+    finally:
+        con.text_factory = factory
     h.update(b"\0" * count)
     if h.hexdigest() != recorded:
-        return f"task {task}: checksum mismatch (its rows are damaged or altered)", b""
-    return None, kept[0] if len(kept) == 1 else b"".join(kept)
+        return f"task {task}: checksum mismatch (its rows are damaged or altered)", len(blocks), None
+    return None, len(blocks), out
 
 
 # Rows up to this size are concatenated inside SQLite (one call a chunk, not one a row); longer

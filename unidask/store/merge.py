@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..core import files, malloc
 from ..core.errors import InputError, RunError, writing
 from ..core.progress import Progress, messages_shown
@@ -199,6 +201,24 @@ def _merge_sql(tmp: Path, existing: Path | None, paths: list[Path], record: dict
             raise InputError(f"{run_dir}: no shard could be merged")
         _finish(con, report, set(merged), expected.n_tasks)
         con.execute("PRAGMA journal_mode = DELETE")
+
+
+def _unpack(con: sqlite3.Connection, schema: str, base: int, count: int, itemsize: int) -> int:
+    """Insert the packed rows of ids ``base ... base + count - 1`` of the attached shard ``schema``
+    into the merged table, a block at a time (:data:`db.UNPACK`); how many went in. A block that is
+    not whole matrices goes in as it cuts: its shard's check refuses it before anything commits."""
+    before = con.total_changes   # rowcount says -1 for a statement that begins WITH
+    factory, con.text_factory = con.text_factory, bytes   # a forged TEXT block: bytes, for its check to name
+    try:
+        blocks = con.execute(f"SELECT id, dim, data FROM {schema}.blocks WHERE id >= ? AND id < ? ORDER BY id",
+                             (base, base + count)).fetchall()
+    finally:
+        con.text_factory = factory
+    for first, dim, data in blocks:
+        step = max(1, dim * dim * itemsize) if type(dim) is int else max(1, len(data))
+        con.execute(db.UNPACK, {"count": max(1, len(data) // step), "base": first, "dim": dim, "data": data,
+                                "step": step})
+    return con.total_changes - before
 
 
 def _finish(con: sqlite3.Connection, report: MergeReport, done: set[int], n_tasks: int,
@@ -414,23 +434,25 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
     in the middle of it). Tasks already merged are skipped if identical. Returns how many were.
     Commits only when ``checks`` (pages and tasks of each shard) found them sound."""
     attached = 0
+    itemsize: list[int] = []   # each shard's, from its dtype
     try:
         for j, p in enumerate(batch):
             with blame(p):
                 con.execute(f"ATTACH DATABASE ? AS s{j}", (f"file:{p.absolute()}?mode=ro&immutable=1",))
                 attached += 1
                 # nothing of a shard is read before its schema passed (no view or trigger runs)
-                check_schema(con, p, fingerprint, schema=f"s{j}")
+                meta = check_schema(con, p, fingerprint, schema=f"s{j}")
+                itemsize.append(np.dtype(meta.get("dtype", "complex128")).itemsize)
                 # read the rows in place, not through pread into SQLite's cache: 1.08x the copy at
                 # n = 4 and 1.1x at n = 16; safe, as a staged shard is never written again
                 con.execute(f"PRAGMA s{j}.mmap_size = {MMAP_SIZE}")
-        packed: list[dict[int, tuple]] = []   # each shard's packed tasks
+        packed: list[dict[int, int]] = []   # each shard's packed tasks
         owners: dict[int, tuple[int, tuple]] = {}   # task -> (shard index, its tasks row)
         duplicates = 0
         for j, p in enumerate(batch):
             with blame(p):
                 rows = con.execute(f"SELECT {', '.join(COLUMNS['tasks'])} FROM s{j}.tasks").fetchall()
-                packed.append(db.packed(con, f"s{j}"))
+                packed.append(db.packed(con, task_size, f"s{j}"))
             differ = []
             for row in rows:
                 task, digest = row[0], row[-1]
@@ -452,18 +474,18 @@ def _merge_batch(con: sqlite3.Connection, batch: list[Path], merged: dict[int, s
         try:
             for task in sorted(owners):
                 j, row = owners[task]
-                with blame(batch[j]):
-                    copied = con.execute(f"INSERT INTO main.unitaries SELECT * FROM s{j}.unitaries "
-                                         "WHERE id >= ? AND id < ?",
-                                         (task * task_size, (task + 1) * task_size)).rowcount
-                    if not copied and task in packed[j] and row[2]:   # its rows packed: unpacked here
-                        dim, data = con.execute(f"SELECT dim, data FROM s{j}.blocks WHERE task = ?", (task,)).fetchone()
-                        before = con.total_changes   # rowcount says -1 for a statement that begins WITH
-                        con.execute(db.UNPACK, {"count": row[2], "base": task * task_size, "dim": dim, "data": data,
-                                                "step": max(1, len(data) // row[2])})
-                        copied = con.total_changes - before
-                if copied != row[2]:
-                    raise BadFile(batch[j], f"task {task} has {copied} of its {row[2]} unitaries")
+                try:
+                    with blame(batch[j]):
+                        copied = con.execute(f"INSERT INTO main.unitaries SELECT * FROM s{j}.unitaries "
+                                             "WHERE id >= ? AND id < ?",
+                                             (task * task_size, (task + 1) * task_size)).rowcount
+                        if not copied and task in packed[j] and row[2]:   # its rows packed: unpacked here
+                            copied = _unpack(con, f"s{j}", task * task_size, row[2], itemsize[j])
+                    if copied != row[2]:
+                        raise BadFile(batch[j], f"task {task} has {copied} of its {row[2]} unitaries")
+                except BadFile:
+                    checks[batch[j]].result()   # what its check found, where it found it: said first
+                    raise
             for p in batch:
                 checks[p].result()   # raises its BadFile: the batch rolls back
             con.executemany(f"INSERT INTO main.tasks VALUES ({', '.join('?' * len(COLUMNS['tasks']))})",

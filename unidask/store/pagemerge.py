@@ -150,7 +150,7 @@ class Readers:
         self.open: dict[str, tuple[sqlite3.Connection, shardread.TableReader | None]] = {}
         self.buffer = np.zeros((0, row_bytes), np.uint8)
         self.pinned: set[str] = set()   # the shards of the unit being read: never closed meanwhile
-        self.blocks: dict[str, dict[int, tuple]] = {}   # each open shard's packed tasks (db.packed)
+        self.blocks: dict[str, bool] = {}   # each open shard: whether it has packed rows (table blocks)
 
     def _shard(self, path: str) -> tuple[sqlite3.Connection, shardread.TableReader | None]:
         shard = self.open.pop(path, None)
@@ -160,14 +160,22 @@ class Readers:
             con = connect_readonly(path, check_same_thread=False)
             con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
             root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
-            self.blocks[path] = db.packed(con)
-            try:
-                shard = con, shardread.TableReader(path, root, self.row_bytes, self.dim)
-            except pages.Unreadable as e:
-                log.debug("%s read through SQL: %s", path, e)
-                shard = con, None
+            self.blocks[path] = bool(db.packed(con, 1 << 62))
+            if self.blocks[path] and not con.execute("SELECT EXISTS (SELECT 1 FROM unitaries)").fetchone()[0]:
+                shard = con, None   # every task packed: no rows in pages to read
+            else:
+                shard = self._table(path, con, root)
         self.open[path] = shard
         return shard
+
+    def _table(self, path: str, con: sqlite3.Connection, root: int) -> tuple[sqlite3.Connection,
+                                                                            shardread.TableReader | None]:
+        """The shard's rows of a row per matrix, read from its pages; SQL's where they are not as expected."""
+        try:
+            return con, shardread.TableReader(path, root, self.row_bytes, self.dim)
+        except pages.Unreadable as e:
+            log.debug("%s read through SQL: %s", path, e)
+            return con, None
 
     def unit_rows(self, unit: Unit, part_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """The unit's rows in row order, in parts (runs of tasks of ``part_rows`` rows or more,
@@ -222,12 +230,14 @@ class Readers:
         row has meta)."""
         con, _ = self._shard(t.path)
         with blame(Path(t.path)):
-            if t.task in self.blocks[t.path]:   # packed: one BLOB, read and hashed once
-                reason, data = db.read_block(con, "main", t.task, t.count, self.dim, self.row_bytes, t.checksum,
-                                             keep=True)
-                if reason:
-                    raise BadFile(Path(t.path), reason)
-                return np.frombuffer(data, np.uint8).reshape(t.count, self.row_bytes)
+            if self.blocks[t.path] and con.execute("SELECT EXISTS (SELECT 1 FROM blocks WHERE id >= ? AND id < ?)",
+                                                   (t.base, t.base + t.count)).fetchone()[0]:
+                # packed: its blocks read and hashed once
+                reason, _, rows = db.read_block(con, "main", t.task, t.base, t.count, self.dim, self.row_bytes,
+                                                t.checksum, keep=True)
+                if reason or rows is None:
+                    raise BadFile(Path(t.path), reason or f"task {t.task} has no packed rows")
+                return rows
             rows = db.TaskRows.read(con, "main", t.base, t.count, self.dim, self.row_bytes, keep=True)
             if rows.metas:
                 raise NotPages(f"{t.path}: rows with meta")

@@ -38,9 +38,12 @@ from ..core.errors import InputError, RunError
 from ..spec.config import Spec
 from . import db, identity
 
-# A task's rows go in as one packed row (table blocks) up to this size: SQLite's limit on a bound
-# blob is 10^9 (and less in some builds); a larger task, or one with meta, goes in a row per matrix
-PACK_MAX = 1 << 28
+# A task's rows go in packed (table blocks), in BLOBs of this size: each a few inserts' worth of
+# SQLite's work, and small enough that its copies stay in memory already in use (one BLOB of a
+# whole task made SQLite copy it twice into freshly mapped memory: slower than a row per matrix at
+# n = 16 and 32). Tasks over PACK_MAX, and rows with meta, go in a row per matrix.
+BLOCK_BYTES = 1 << 20
+PACK_MAX = 1 << 40
 WRITE_BEHIND_EVERY = files.WRITE_BEHIND_EVERY
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,10 @@ class Shard:
                                    f"(checksums {found[0]} and {digest})")
                 return False
             if metas is None and 0 < len(data) <= PACK_MAX:   # packed, meta left to NULL
-                self.con.execute("INSERT INTO blocks(task, dim, data) VALUES (?, ?, ?)", (task, n, data))
+                per = max(1, BLOCK_BYTES // step)   # whole matrices a block
+                self.con.executemany("INSERT INTO blocks(id, dim, data) VALUES (?, ?, ?)",
+                                     ((base_id + i, n, data[i * step:(i + per) * step])
+                                      for i in range(0, len(array), per)))
             else:
                 # rows made afresh on each attempt (a retry must not get a spent iterator)
                 ids = range(base_id, base_id + len(array))
@@ -236,9 +242,10 @@ class Shard:
                     return None
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 row_bytes = self.con.execute(
-                    "SELECT coalesce((SELECT length(data) / ? FROM blocks WHERE task = ?), "
+                    "SELECT coalesce((SELECT dim * dim FROM blocks WHERE id >= ? LIMIT 1) * ?, "
                     "(SELECT length(data) FROM unitaries WHERE id >= ? LIMIT 1))",
-                    (max(1, counts[new[0]]), new[0], new[0] * task_size)).fetchone()[0] or 1
+                    (new[0] * task_size, np.dtype(db.read_meta(self.con).get("dtype", "complex128")).itemsize,
+                     new[0] * task_size)).fetchone()[0] or 1
                 page = min(self.con.execute("PRAGMA page_size").fetchone()[0],
                            db.page_size_for(row_bytes, row_bytes * sum(counts[t] for t in new)))
                 with files.publishing(dest) as tmp:
@@ -254,8 +261,9 @@ class Shard:
                         self.con.execute("INSERT INTO delta.meta SELECT * FROM main.meta")
                         self.con.executemany("INSERT INTO delta.tasks SELECT * FROM main.tasks WHERE task = ?",
                                              ((t,) for t in new))
-                        self.con.executemany("INSERT INTO delta.blocks SELECT * FROM main.blocks WHERE task = ?",
-                                             ((t,) for t in new))
+                        self.con.executemany("INSERT INTO delta.blocks SELECT * FROM main.blocks "
+                                             "WHERE id >= ? AND id < ?",
+                                             ((t * task_size, (t + 1) * task_size) for t in new))
                         self.con.executemany("INSERT INTO delta.unitaries SELECT * FROM main.unitaries "
                                              "WHERE id >= ? AND id < ?",
                                              ((t * task_size, (t + 1) * task_size) for t in new))
