@@ -204,13 +204,14 @@ class Bench:
         # the driver's process holds the local cluster's scheduler too: its own CPU per task is
         # what a SLURM job's first node spends beside its workers (issue 18: reserve a core?)
         own = psutil.Process()
-        before, start, written = sum(own.cpu_times()[:2]), time.monotonic(), disk_written()
+        written = disk_written()   # synced first: the clock starts after
+        before, start = sum(own.cpu_times()[:2]), time.monotonic()
         try:
             result = unidask.run(spec, merge=merge)
             wall = time.monotonic() - start
             rate = count / wall if merge else result.rate
             cpu = sum(own.cpu_times()[:2]) - before
-            if merge:   # the workers' writes counted too: their processes have ended (reaped)
+            if merge:
                 return {"rate": rate, "merge_share": result.merged.seconds / wall, "behind": result.merged.behind,
                         "start_share": result.start_seconds / wall,
                         "written_x": (disk_written() - written) / (count * dim * dim * 16)}
@@ -257,7 +258,7 @@ class Bench:
             p = self.shared_db()
             written = disk_written()
             r = self.parallel(work.seed_script, workers, count // workers, 4, str(p), batch, fresh=True)
-            r["written_x"] = (disk_written() - written) / (count * 4 * 4 * 16)   # its processes ended: counted
+            r["written_x"] = (disk_written() - written) / (count * 4 * 4 * 16)   # once all it left dirty is written
             self.check(p.parent)
             shutil.rmtree(p.parent)
             return r
@@ -712,13 +713,15 @@ class Bench:
             pool.shutdown()
 
 
-def disk_written() -> int:
-    """Bytes this process and its ended children sent to storage (``/proc/self/io``; Linux adds a
-    child's own to its parent's once it is reaped)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("write_bytes:"):
-            return int(line.split()[1])
-    return 0
+def disk_written(where: Path | None = None) -> int:
+    """Bytes written to the disk that holds ``where`` (default: this benchmark's temp dir) since it
+    started, once every dirty page is written (``os.sync``; outside the timed part): the disk's own
+    count (``/sys/dev/block/MAJOR:MINOR/stat``, sectors written), which every process's writes and
+    the kernel's writeback reach alike."""
+    os.sync()
+    st = os.stat(where or os.environ.get("UNIDASK_BENCH_DIR", "/var/tmp"))
+    stat = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat")
+    return int(stat.read_text().split()[6]) * 512 if stat.exists() else 0
 
 
 def proof_seconds(out: Path) -> float | None:

@@ -352,6 +352,10 @@ def test_damaged_databases_get_one_line_everywhere(good_run, tmp_path, capsys):
                 ds[0:len(ds)], ds[r.randrange(max(1, len(ds)))]
         except (unidask.InputError, IndexError):
             pass
+        # the Dataset's own line (a file it reads through SQL) is not the next case's verify's: the
+        # merged file's bytes vary with the time of its merge, and with them which case warns
+        _, err = capsys.readouterr()
+        assert "Traceback" not in err and err.count("\n") <= 1, f"{where}: {err}"
     # status of a run dir whose shards are damaged: counts what passes, names what does not
     run = tmp_path / "run"
     shutil.copytree(spec.run_dir, run)

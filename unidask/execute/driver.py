@@ -11,6 +11,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from distributed import Client, wait
 
@@ -409,7 +410,7 @@ def _run(spec: Spec, run_dir: RunDir, resume: bool, merge: bool, lock: Held, beg
             behind.abandon()
 
 
-def _generated(spec: Spec, run_dir: RunDir, attempt: str, result: RunResult, staged: set[int], tasks: list[int],
+def _generated(spec: Spec, run_dir: RunDir, attempt: str, result: RunResult, staged: set[int], tasks: Sequence[int],
                lock: Held, behind: Behind | None, merge: bool) -> RunResult:
     local = spec.cluster.mode == "local"
     with cluster.connect(spec) as client:

@@ -158,13 +158,18 @@ class Readers:
             if len(self.open) >= self.KEEP and (old := next((p for p in self.open if p not in self.pinned), None)):
                 self._close(self.open.pop(old))
             con = connect_readonly(path, check_same_thread=False)
-            con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
-            root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
-            self.blocks[path] = bool(db.packed(con, 1 << 62))
-            if self.blocks[path] and not con.execute("SELECT EXISTS (SELECT 1 FROM unitaries)").fetchone()[0]:
-                shard = con, None   # every task packed: no rows in pages to read
-            else:
-                shard = self._table(path, con, root)
+            try:
+                with blame(Path(path)):   # a shard's damage is the shard's: named, never a crash
+                    con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
+                    root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
+                    self.blocks[path] = bool(db.packed(con, 1 << 62))
+                    only_packed = self.blocks[path] and not con.execute(
+                        "SELECT EXISTS (SELECT 1 FROM unitaries)").fetchone()[0]
+            except BaseException:
+                con.close()
+                raise
+            # every task packed: no rows in pages to read
+            shard = (con, None) if only_packed else self._table(path, con, root)
         self.open[path] = shard
         return shard
 
