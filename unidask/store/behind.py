@@ -1,6 +1,7 @@
 """The merge behind the generation: while a run goes on, each newly staged shard's tasks are laid
-into the merged database's pages (``pagemerge``) in a file beside its final name, on a thread of
-the driver; when the last task is staged only what is left remains: the last tasks' leaves, the
+into the merged database's pages (``pagemerge``) in a file beside its final name, by the run's
+workers between their generation tasks (checked on a thread of the driver); when the last task is
+staged only what is left remains: the last tasks' leaves, the
 leaves tasks share, the interior pages, the small tables and the checks, then the atomic publish.
 
 A row's place is known from the plan before the row exists (ids dense, a fixed row size and

@@ -430,9 +430,16 @@ UNPACK = ("WITH RECURSIVE i(x) AS (SELECT 0 UNION ALL SELECT x + 1 FROM i WHERE 
 def packed(con: sqlite3.Connection, task_size: int, schema: str = "main") -> dict[int, int]:
     """A shard's packed tasks (schema 3, table ``blocks``): task -> how many blocks lie in its
     slot of ids (``task_size`` each)."""
-    if con.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'blocks'").fetchone() is None:
+    if not has_blocks(con, schema):
         return {}
     return dict(con.execute(f"SELECT id / ?, count(*) FROM {schema}.blocks GROUP BY 1", (task_size,)))
+
+
+def has_blocks(con: sqlite3.Connection, schema: str = "main") -> bool:
+    """Whether a database holds packed rows (a schema 3 shard with a row in ``blocks``)."""
+    return con.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' AND name = 'blocks'"
+                       ).fetchone() is not None and \
+        con.execute(f"SELECT EXISTS (SELECT 1 FROM {schema}.blocks)").fetchone()[0] == 1
 
 
 def read_block(con: sqlite3.Connection, schema: str, task: int, base: int, count: int, dim: int, row_bytes: int,

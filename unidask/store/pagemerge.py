@@ -162,7 +162,7 @@ class Readers:
                 with blame(Path(path)):   # a shard's damage is the shard's: named, never a crash
                     con.execute(f"PRAGMA mmap_size = {MMAP_SIZE}")
                     root = con.execute("SELECT rootpage FROM sqlite_schema WHERE name = 'unitaries'").fetchone()[0]
-                    self.blocks[path] = bool(db.packed(con, 1 << 62))
+                    self.blocks[path] = db.has_blocks(con)
                     only_packed = self.blocks[path] and not con.execute(
                         "SELECT EXISTS (SELECT 1 FROM unitaries)").fetchone()[0]
             except BaseException:
